@@ -1,0 +1,176 @@
+"""Typed configuration: `params.yaml` parsed into pydantic models.
+
+`params.yaml` is the single source of configuration. CLI flags and DAG params
+override keys of it (`-S ingest.synthetic.n_interactions=1000000`); they never
+add a second config. Unknown keys and wrong types fail at start with a message
+that names the key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import ConfigError
+
+DEFAULT_PARAMS_PATH = Path("params.yaml")
+
+
+class _Strict(BaseModel):
+    # extra="forbid": an unknown (misspelt) key is an error, not silently ignored.
+    # strict=True: "5" is not accepted where an int is declared.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class SyntheticConfig(_Strict):
+    """Seeded generator of implicit-feedback sequences (see pipeline/synthetic.py)."""
+
+    n_interactions: int = Field(200_000, ge=1_000, le=100_000_000)
+    n_items: int = Field(3_000, ge=20)
+    mean_sequence_length: float = Field(50.0, ge=3.0)
+    n_topics: int = Field(20, ge=1)
+    popularity_exponent: float = Field(1.0, ge=0.0, description="Zipf exponent of item popularity")
+    sequential_strength: float = Field(
+        0.5, ge=0.0, le=1.0, description="probability the next item follows from the last one"
+    )
+    noise_rate: float = Field(0.05, ge=0.0, le=1.0, description="share of random, low-rated interactions")
+    # Dates accept ISO strings too (strict=False on the field only): YAML and CLI overrides give either.
+    start_date: dt.date = Field(dt.date(2023, 1, 1), strict=False)
+    span_days: int = Field(365, ge=1)
+    chunk_users: int = Field(20_000, ge=100, description="users generated per chunk (bounds memory)")
+
+
+class MovieLensConfig(_Strict):
+    path: str = "../shared/data/ml-100k"
+    variant: Literal["auto", "ml-100k", "ml-1m", "ml-10m", "ml-20m", "ml-25m", "ml-32m"] = "auto"
+    download: bool = False
+    base_url: str = "https://files.grouplens.org/datasets/movielens"
+
+
+class ColumnMapping(_Strict):
+    user: str = "user_id"
+    item: str = "item_id"
+    timestamp: str = "timestamp"
+    rating: str | None = None
+    event: str | None = None
+
+
+class FileConfig(_Strict):
+    path: str | None = None
+    format: Literal["auto", "csv", "parquet"] = "auto"
+    sep: str = ","
+    header: bool = True
+    columns: ColumnMapping = ColumnMapping()
+    id_type: Literal["int", "str"] = "str"
+    timestamp_unit: Literal["auto", "s", "ms", "us", "ns", "datetime"] = "auto"
+    event_weights: dict[str, float] | None = None
+
+
+class IngestConfig(_Strict):
+    source: Literal["synthetic", "movielens", "file"] = "synthetic"
+    synthetic: SyntheticConfig = SyntheticConfig()
+    movielens: MovieLensConfig = MovieLensConfig()
+    file: FileConfig = FileConfig()
+
+
+class ValidateConfig(_Strict):
+    min_rows: int = Field(1_000, ge=0)
+    min_timestamp: dt.datetime = Field(dt.datetime(1995, 1, 1, tzinfo=dt.timezone.utc), strict=False)
+    future_tolerance_s: int = Field(3600, ge=0, description="clock skew allowed beyond 'now'")
+    rating_min: float = 0.0
+    rating_max: float = 5.0
+    max_quarantine_share: float = Field(0.05, ge=0.0, le=1.0)
+    data_docs: bool = True
+
+    @model_validator(mode="after")
+    def _check_range(self) -> ValidateConfig:
+        if self.rating_min > self.rating_max:
+            raise ValueError("rating_min must be <= rating_max")
+        return self
+
+
+class SplitConfig(_Strict):
+    strategy: Literal["leave_one_out", "temporal"] = "leave_one_out"
+    valid_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    test_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+
+
+class FeaturesConfig(_Strict):
+    min_rating: float | None = Field(3.0, description="implicit-feedback threshold; null keeps every rating")
+    dedupe: Literal["first", "last", "none"] = "first"
+    min_user_interactions: int = Field(5, ge=1)
+    min_item_interactions: int = Field(5, ge=1)
+    max_kcore_iterations: int = Field(50, ge=1)
+    vocab_from: str | None = Field(None, description="features dir whose vocabularies are extended, not renumbered")
+    split: SplitConfig = SplitConfig()
+
+
+class Params(_Strict):
+    seed: int = 42
+    ingest: IngestConfig = IngestConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    features: FeaturesConfig = FeaturesConfig()
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
+
+
+def _set_dotted(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
+    node = tree
+    parts = dotted_key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted_key!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key.sub=value` with the value parsed as YAML (so `5` is an int, `null` is None)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from err
+    return key.strip(), value
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for problem in err.errors():
+        key = ".".join(str(p) for p in problem["loc"]) or "<root>"
+        if problem["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {problem['msg']} (got {problem.get('input')!r})")
+    return "\n".join(lines)
+
+
+def params_from_dict(raw: dict[str, Any] | None, overrides: list[str] | None = None, source: str = "params") -> Params:
+    tree = dict(raw or {})
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS_PATH, overrides: list[str] | None = None) -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    return params_from_dict(raw, overrides, source=str(path))

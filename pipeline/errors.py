@@ -1,0 +1,21 @@
+"""Errors a user can act on. The CLI prints their message (no traceback) and exits non-zero."""
+
+
+class PipelineError(Exception):
+    """Base class: the message says what is wrong and what to do about it."""
+
+    exit_code = 2
+
+
+class ConfigError(PipelineError):
+    """params.yaml or an override is invalid."""
+
+
+class IngestError(PipelineError):
+    """The source cannot be read as interactions (empty, wrong format, missing columns...)."""
+
+
+class ValidationFailed(PipelineError):
+    """A batch-level expectation failed; the stage stops before writing its outputs."""
+
+    exit_code = 3

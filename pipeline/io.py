@@ -1,0 +1,118 @@
+"""Atomic file writes and the standard layout of a work directory.
+
+Every stage writes to a temporary file beside its target and renames it into
+place, so a killed stage never leaves a half-written output for the next one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+PARQUET_COMPRESSION = "zstd"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each stage reads and writes, relative to one work directory.
+
+    DVC runs in the project root; each Airflow DAG run gets its own root so runs
+    never overwrite each other.
+    """
+
+    root: Path
+
+    @property
+    def raw_interactions(self) -> Path:
+        return self.root / "data" / "raw" / "interactions.parquet"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.root / "data" / "quarantine"
+
+    @property
+    def validated_interactions(self) -> Path:
+        return self.root / "data" / "validated" / "interactions.parquet"
+
+    @property
+    def features_dir(self) -> Path:
+        return self.root / "data" / "features"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.root / "reports"
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; rename it onto `target` on success only."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `target`; swap it in for `target` on success only.
+
+    A reader never sees a mix of old and new files: the old directory is moved
+    aside, the new one renamed into place, then the old one deleted.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        backup = target.with_name(f".{target.name}.old")
+        if backup.exists():
+            shutil.rmtree(backup)
+        if target.exists():
+            os.replace(target, backup)
+        os.replace(tmp, target)
+        shutil.rmtree(backup, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(data: Any, target: str | Path) -> Path:
+    with atomic_path(target) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    return Path(target)
+
+
+def write_parquet(frame: pd.DataFrame | pa.Table, target: str | Path) -> Path:
+    table = frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame, preserve_index=False)
+    with atomic_path(target) as tmp:
+        pq.write_table(table, tmp, compression=PARQUET_COMPRESSION)
+    return Path(target)
+
+
+@contextlib.contextmanager
+def parquet_stream(target: str | Path, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
+    """A ParquetWriter that appends chunks and appears at `target` only when closed cleanly."""
+    with atomic_path(target) as tmp:
+        writer = pq.ParquetWriter(tmp, schema, compression=PARQUET_COMPRESSION)
+        try:
+            yield writer
+        finally:
+            writer.close()
