@@ -170,7 +170,7 @@ def run_features(cfg: FeaturesConfig, layout: Layout) -> FeaturesResult:
 
     user_index = frame[schema.USER].map(pd.Series(user_vocab["index"].to_numpy(), index=user_vocab["id"])).to_numpy(np.int32)
     item_index = frame[schema.ITEM].map(pd.Series(item_vocab["index"].to_numpy(), index=item_vocab["id"])).to_numpy(np.int32)
-    timestamps_us = frame[schema.TIMESTAMP].dt.as_unit("us").astype("int64").to_numpy()
+    timestamps_us = frame[schema.TIMESTAMP].dt.tz_convert(None).to_numpy("datetime64[us]").astype(np.int64)
 
     # Rows grouped by user index, in time order within each user.
     order = np.lexsort((np.arange(len(frame)), timestamps_us, user_index))

@@ -34,6 +34,9 @@ from pipeline.config import SyntheticConfig
 logger = logging.getLogger(__name__)
 
 SUCCESSORS_PER_ITEM = 3
+REPEAT_REDRAWS = 3
+# The per-chunk "seen" bitmap is users x items bytes; chunks shrink so it stays under this.
+MAX_SEEN_BITMAP_BYTES = 256 * 1024 * 1024
 # Ratings of intended interactions are 3-5, of noise 1-2: a threshold of 3 keeps exactly the signal.
 SIGNAL_RATINGS = np.array([3.0, 4.0, 5.0], dtype=np.float32)
 SIGNAL_RATING_PROBS = np.array([0.2, 0.4, 0.4])
@@ -84,9 +87,11 @@ def build_catalogue(cfg: SyntheticConfig, rng: np.random.Generator) -> Catalogue
         popularity_cumsum=popularity_cumsum,
         successors=np.empty((n_items, SUCCESSORS_PER_ITEM), dtype=np.int64),
     )
-    # Successors: popularity-weighted items of the same topic (a series continues in its genre).
+    # Successors: uniform among items of the same topic (a series continues in its genre, and
+    # follow-ups reach the long tail, which popularity alone never recommends).
+    start, size = topic_start[topic_of_position], sizes[topic_of_position]
     for k in range(SUCCESSORS_PER_ITEM):
-        catalogue.successors[:, k] = catalogue.sample_in_topics(rng, topic_of_position)
+        catalogue.successors[:, k] = start + rng.integers(0, size)
     return catalogue
 
 
@@ -95,8 +100,12 @@ def n_users_for(cfg: SyntheticConfig) -> int:
     return min(n_users, cfg.n_interactions // MIN_SEQUENCE_LENGTH)
 
 
+def users_per_chunk(cfg: SyntheticConfig) -> int:
+    return max(1, min(cfg.chunk_users, MAX_SEEN_BITMAP_BYTES // cfg.n_items))
+
+
 def n_chunks_for(cfg: SyntheticConfig) -> int:
-    return -(-n_users_for(cfg) // cfg.chunk_users)
+    return -(-n_users_for(cfg) // users_per_chunk(cfg))
 
 
 def sequence_lengths(cfg: SyntheticConfig, rng: np.random.Generator) -> np.ndarray:
@@ -114,6 +123,13 @@ def sequence_lengths(cfg: SyntheticConfig, rng: np.random.Generator) -> np.ndarr
         extra[chosen] += 1
         remainder -= len(chosen)
     return extra + MIN_SEQUENCE_LENGTH
+
+
+def _sample_tastes(rng: np.random.Generator, catalogue: Catalogue, taste_cumsum: np.ndarray) -> np.ndarray:
+    """One item per user: a topic from the user's taste mixture, then an item by popularity."""
+    n_topics = taste_cumsum.shape[1]
+    topics = (taste_cumsum < rng.random(len(taste_cumsum))[:, None]).sum(axis=1).clip(max=n_topics - 1)
+    return catalogue.sample_in_topics(rng, topics)
 
 
 def _generate_chunk(
@@ -136,18 +152,27 @@ def _generate_chunk(
     is_noise = np.zeros((n_users, max_len), dtype=bool)
     active_at = np.searchsorted(-lengths_sorted, -np.arange(max_len), side="right")  # users with length > t
 
+    # Users rarely consume an item twice in these logs (as in MovieLens): a repeat is redrawn from
+    # the user's tastes a few times before it is let through (features de-duplicates what remains).
+    seen = np.zeros((n_users, cfg.n_items), dtype=bool)
     last = np.zeros(n_users, dtype=np.int64)
     for t in range(max_len):
         n = int(active_at[t])
+        rows = np.arange(n)
         draw = rng.random(n)
-        topics = (taste_cumsum[:n] < rng.random(n)[:, None]).sum(axis=1).clip(max=n_topics - 1)
-        chosen = catalogue.sample_in_topics(rng, topics)
+        chosen = _sample_tastes(rng, catalogue, taste_cumsum[:n])
         if t > 0:
             follow = draw < cfg.sequential_strength
             succ = catalogue.successors[last[:n], rng.integers(0, SUCCESSORS_PER_ITEM, n)]
             chosen = np.where(follow, succ, chosen)
+        for _ in range(REPEAT_REDRAWS):
+            repeated = np.flatnonzero(seen[rows, chosen])
+            if len(repeated) == 0:
+                break
+            chosen[repeated] = _sample_tastes(rng, catalogue, taste_cumsum[repeated])
         noise = draw > 1.0 - cfg.noise_rate
         chosen = np.where(noise, rng.integers(0, cfg.n_items, n), chosen)
+        seen[rows, chosen] = True
         positions[:n, t] = chosen
         is_noise[:n, t] = noise
         # Noise does not move the user's "last item": a mis-click is not what they follow up on.
@@ -194,8 +219,8 @@ def generate(cfg: SyntheticConfig, seed: int) -> Iterator[pa.Table]:
         cfg.n_interactions, len(lengths), cfg.n_items, n_chunks,
     )
     for index, chunk_seed in enumerate(chunks_seed.spawn(n_chunks)):
-        lo = index * cfg.chunk_users
-        hi = min(lo + cfg.chunk_users, len(lengths))
+        lo = index * users_per_chunk(cfg)
+        hi = min(lo + users_per_chunk(cfg), len(lengths))
         yield _generate_chunk(
             cfg, catalogue, lengths[lo:hi], lo + 1, np.random.default_rng(chunk_seed), start_epoch_s
         )

@@ -1,0 +1,60 @@
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import load_params, params_from_dict
+from pipeline.errors import ConfigError
+
+
+def test_repo_params_yaml_is_valid():
+    params = load_params("params.yaml")
+    assert params.ingest.source == "synthetic"
+    assert params.validate_.min_rows >= 0
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match=r"ingest\.synthetic\.n_interaction: unknown key"):
+        params_from_dict({"ingest": {"synthetic": {"n_interaction": 10}}})
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigError, match=r"features\.min_user_interactions: .*integer"):
+        params_from_dict({"features": {"min_user_interactions": "five"}})
+    # Strict: a quoted number is not silently coerced.
+    with pytest.raises(ConfigError, match=r"seed"):
+        params_from_dict({"seed": "42"})
+
+
+def test_enum_value_is_checked():
+    with pytest.raises(ConfigError, match=r"ingest\.source"):
+        params_from_dict({"ingest": {"source": "kafka"}})
+
+
+def test_overrides_parse_yaml_values():
+    params = params_from_dict({}, ["ingest.synthetic.n_interactions=20000", "features.min_rating=null", "ingest.source=file"])
+    assert params.ingest.synthetic.n_interactions == 20000
+    assert params.features.min_rating is None
+    assert params.ingest.source == "file"
+
+
+def test_override_of_unknown_key_fails():
+    with pytest.raises(ConfigError, match=r"features\.nope: unknown key"):
+        params_from_dict({}, ["features.nope=1"])
+
+
+def test_override_without_equals_fails():
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        params_from_dict({}, ["features.min_rating"])
+
+
+def test_missing_params_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_cli_reports_config_error_without_traceback(tmp_path, capsys, caplog):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("ingest:\n  source: synthetic\n  bogus: 1\n")
+    code = main(["show-params", "--params", str(bad)])
+    assert code == 2
+    assert "ingest.bogus: unknown key" in caplog.text
+    assert "Traceback" not in capsys.readouterr().err
