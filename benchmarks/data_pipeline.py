@@ -1,0 +1,129 @@
+"""Wall time and peak memory of ingest -> validate -> features.
+
+Each dataset runs in its own child process, so its peak resident memory
+(ru_maxrss of that process alone) is measured cleanly; times are per stage.
+
+    python benchmarks/data_pipeline.py                       # 1M, 10M synthetic and ML-100K
+    python benchmarks/data_pipeline.py --datasets synthetic-1m --repeats 3
+
+Results are printed as a markdown table and written to --out as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ML100K = ROOT.parent / "shared" / "data" / "ml-100k"
+
+DATASETS: dict[str, list[str]] = {
+    "synthetic-1m": ["ingest.synthetic.n_interactions=1000000", "ingest.synthetic.n_items=20000"],
+    "synthetic-10m": ["ingest.synthetic.n_interactions=10000000", "ingest.synthetic.n_items=50000"],
+    "ml-100k": [
+        "ingest.source=movielens",
+        f"ingest.movielens.path={ML100K}",
+        # MovieLens 100K: every rating is an interaction (as in SASRec papers and RecBole).
+        "features.min_rating=null",
+        "validate.min_timestamp=1990-01-01T00:00:00Z",
+    ],
+}
+
+
+def run_child(overrides: list[str], workdir: str) -> None:
+    """Runs in the child: the three stages, timed, printed as one JSON line."""
+    from pipeline.config import load_params
+    from pipeline.features import run_features
+    from pipeline.ingest import run_ingest
+    from pipeline.io import Layout
+    from pipeline.validate import run_validate
+
+    logging.basicConfig(level=logging.WARNING)
+    params = load_params(ROOT / "params.yaml", overrides)
+    layout = Layout(Path(workdir))
+    seconds = {}
+    started = time.perf_counter()
+    ingest = run_ingest(params.ingest, layout, seed=params.seed)
+    seconds["ingest"] = time.perf_counter() - started
+    mark = time.perf_counter()
+    validation = run_validate(params.validate_, layout)
+    seconds["validate"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    features = run_features(params.features, layout)
+    seconds["features"] = time.perf_counter() - mark
+    seconds["total"] = time.perf_counter() - started
+    print(json.dumps({
+        "seconds": seconds,
+        "rows_ingested": ingest.rows_written,
+        "rows_validated": validation.rows_passed,
+        "rows_quarantined": ingest.rows_quarantined + validation.rows_quarantined,
+        "features": {k: features.stats[k] for k in ("users", "items", "interactions")},
+    }))
+
+
+def measure(name: str, repeats: int) -> dict:
+    runs = []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory(prefix=f"leanrec-bench-{name}-") as workdir:
+            proc = subprocess.Popen(
+                [sys.executable, __file__, "--child", workdir, *DATASETS[name]],
+                stdout=subprocess.PIPE, text=True, cwd=ROOT,
+            )
+            out = proc.stdout.read()
+            # wait4 gives this child's own rusage: its peak resident memory, nothing else's.
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            if proc.returncode != 0:
+                raise SystemExit(f"{name}: child failed with exit code {proc.returncode}")
+            result = json.loads(out.strip().splitlines()[-1])
+            result["peak_rss_mib"] = round(usage.ru_maxrss / 1024, 1)  # ru_maxrss is KiB on Linux
+            runs.append(result)
+    totals = [r["seconds"]["total"] for r in runs]
+    return {
+        "dataset": name,
+        "repeats": repeats,
+        "median_seconds": {stage: statistics.median(r["seconds"][stage] for r in runs) for stage in runs[0]["seconds"]},
+        "all_totals": totals,
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+        **{k: runs[0][k] for k in ("rows_ingested", "rows_validated", "rows_quarantined", "features")},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_pipeline.json"))
+    parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        run_child(args.child[1:], args.child[0])
+        return
+
+    if "ml-100k" in args.datasets and not (ML100K / "u.data").exists():
+        raise SystemExit(f"{ML100K}/u.data not found: drop ml-100k from --datasets or provide the data")
+    results = [measure(name, args.repeats) for name in args.datasets]
+    machine = {"python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
+
+    print(f"\nmachine: {machine}\n")
+    print("| dataset | rows | ingest s | validate s | features s | total s | peak RSS MiB |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in results:
+        s = r["median_seconds"]
+        print(f"| {r['dataset']} | {r['rows_ingested']:,} | {s['ingest']:.1f} | {s['validate']:.1f} | "
+              f"{s['features']:.1f} | {s['total']:.1f} | {r['peak_rss_mib']:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()
