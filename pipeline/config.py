@@ -109,11 +109,70 @@ class FeaturesConfig(_Strict):
     split: SplitConfig = SplitConfig()
 
 
+class CurriculumConfig(_Strict):
+    """Progressive optimisation: train on short suffixes first, growing to max_len."""
+
+    enabled: bool = False
+    start_len: int = Field(10, ge=2)
+    epochs: int = Field(3, ge=1, description="epochs over which the length grows to max_len")
+
+
+class BPRConfig(_Strict):
+    dim: int = Field(64, ge=1)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(4096, ge=1)
+    lr: float = Field(0.01, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+
+
+class TrainConfig(_Strict):
+    model: Literal["sasrec", "popularity", "bpr"] = "sasrec"
+    preset: Literal["small", "medium", "large"] = "small"
+    # Optional shape overrides of the preset (null keeps the preset's value).
+    d_model: int | None = Field(None, ge=8)
+    n_layers: int | None = Field(None, ge=1)
+    n_heads: int | None = Field(None, ge=1)
+    max_len: int | None = Field(None, ge=2)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    loss: Literal["full_softmax", "sampled_softmax"] = "full_softmax"
+    n_negatives: int = Field(256, ge=1, description="sampled_softmax only")
+    early_stopping_patience: int = Field(3, ge=1, description="epochs without a better valid NDCG@10")
+    curriculum: CurriculumConfig = CurriculumConfig()
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    compile: bool = False
+    num_threads: int | None = Field(None, ge=1, description="CPU threads; null lets torch decide")
+    baselines: list[Literal["popularity", "bpr"]] = ["popularity", "bpr"]
+    bpr: BPRConfig = BPRConfig()
+    run_name: str = Field("main", pattern=r"^[A-Za-z0-9_.-]+$")
+
+
+class EvaluateConfig(_Strict):
+    ks: list[int] = [10, 20, 50]
+    batch_size: int = Field(512, ge=1)
+    sampled_negatives: int = Field(100, ge=1)
+    sampled_strategies: list[Literal["uniform", "popularity"]] = ["uniform", "popularity"]
+
+
+class TrackingConfig(_Strict):
+    # null: $MLFLOW_TRACKING_URI if set, else a SQLite store inside the work dir.
+    tracking_uri: str | None = None
+    experiment: str = "leanrec"
+    enabled: bool = True
+
+
 class Params(_Strict):
     seed: int = 42
     ingest: IngestConfig = IngestConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     features: FeaturesConfig = FeaturesConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
 

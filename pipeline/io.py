@@ -53,6 +53,9 @@ class Layout:
     def reports_dir(self) -> Path:
         return self.root / "reports"
 
+    def model_dir(self, run_name: str) -> Path:
+        return self.root / "models" / run_name
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
