@@ -53,7 +53,7 @@ def train_bpr(data: SequenceData, cfg: BPRConfig, seed: int, device: torch.devic
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         logger.debug("bpr epoch %d loss %.4f", epoch, total / len(users))
     return model.eval()
 

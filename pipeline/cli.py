@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import DEFAULT_PARAMS_PATH, Params, load_params
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.io import Layout
 
 logger = logging.getLogger("pipeline")
@@ -41,6 +41,22 @@ def _features(params: Params, layout: Layout) -> Any:
     return run_features(params.features, layout)
 
 
+def _train(params: Params, layout: Layout, resume: bool = False) -> Any:
+    from pipeline.train import run_train
+
+    result = run_train(params.train, params.tracking, layout, seed=params.seed, resume=resume,
+                       eval_batch_size=params.evaluate.batch_size)
+    return {k: v for k, v in vars(result).items() if k != "history"}
+
+
+def _evaluate(params: Params, layout: Layout) -> Any:
+    from pipeline.evaluate import run_evaluate
+
+    report = run_evaluate(params.evaluate, params.train, params.tracking, layout, seed=params.seed)
+    logger.info("test metrics:\n%s", report["table"])
+    return {name: {k: v for k, v in metrics.items() if k.startswith("full/")} for name, metrics in report["models"].items()}
+
+
 def _show_params(params: Params, layout: Layout) -> Any:
     return params.model_dump(mode="json", by_alias=True)
 
@@ -49,6 +65,8 @@ STAGES: dict[str, Callable[[Params, Layout], Any]] = {
     "ingest": _ingest,
     "validate": _validate,
     "features": _features,
+    "train": _train,
+    "evaluate": _evaluate,
     "show-params": _show_params,
 }
 
@@ -68,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a params key, e.g. -S ingest.synthetic.n_interactions=1000000 (repeatable)",
     )
+    parser.add_argument("--resume", action="store_true", help="train: continue from the last checkpoint")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -82,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     try:
         params = load_params(args.params, args.overrides)
-        result = STAGES[args.stage](params, Layout(Path(args.workdir)))
+        stage_kwargs = {"resume": True} if args.resume and args.stage == "train" else {}
+        if args.resume and args.stage != "train":
+            raise ConfigError("--resume only applies to the train stage")
+        result = STAGES[args.stage](params, Layout(Path(args.workdir)), **stage_kwargs)
     except PipelineError as err:
         logger.error("%s failed: %s", args.stage, err)
         return err.exit_code

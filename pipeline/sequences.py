@@ -120,6 +120,8 @@ def training_batches(
     order = np.lexsort((rng.random(len(eligible)), window))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for index in rng.permutation(len(batches)):
+        if len(batches[index]) < world_size:
+            continue  # every rank must get rows, or the collective calls would not line up
         chosen = batches[index][rank::world_size]
         rows, win = eligible[chosen], window[chosen]
         if len(rows) == 0:

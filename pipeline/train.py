@@ -277,15 +277,14 @@ def run_train(
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     checkpoint_path = run_dir / CHECKPOINT_FILE
-    state = {"epoch": -1, "best_metric": -1.0, "best_epoch": -1, "bad_epochs": 0, "finished": False, "history": []}
+    state = {"epoch": -1, "best_metric": -1.0, "best_epoch": -1, "bad_epochs": 0, "stopped_early": False, "history": []}
     if resume and checkpoint_path.exists():
         checkpoint = _load_checkpoint(checkpoint_path)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
         torch.set_rng_state(checkpoint["torch_rng"])
-        state = {k: checkpoint[k] for k in state}
-        state["history"] = json.loads(checkpoint["history_json"])
+        state = {k: checkpoint[k] for k in state if k != "history"} | {"history": json.loads(checkpoint["history_json"])}
         logger.info("resuming %s after epoch %d (best %s=%.4f)", run_dir, state["epoch"], VALID_METRIC, state["best_metric"])
     elif resume:
         logger.info("no checkpoint at %s: starting from scratch", checkpoint_path)
@@ -310,7 +309,7 @@ def run_train(
                     cfg.model, cfg.preset, f"{n_params:,}", device, amp_dtype or "fp32", world.world_size)
 
         epoch = state["epoch"] + 1
-        while cfg.model == "sasrec" and not state["finished"] and epoch < cfg.epochs:
+        while cfg.model == "sasrec" and not state["stopped_early"] and epoch < cfg.epochs:
             seq_len = curriculum_len(cfg, model_cfg.max_len, epoch)
             model.train()
             epoch_started = time.perf_counter()
@@ -368,7 +367,7 @@ def run_train(
                     state["bad_epochs"] += 1
                 stop = state["bad_epochs"] >= cfg.early_stopping_patience
                 state["epoch"] = epoch
-                state["finished"] = stop or epoch + 1 >= cfg.epochs
+                state["stopped_early"] = stop
                 _save_checkpoint(checkpoint_path, {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                     "torch_rng": torch.get_rng_state(), **{k: v for k, v in state.items() if k != "history"},

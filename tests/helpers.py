@@ -1,0 +1,33 @@
+"""Shared builders for tests that need features on disk."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from pipeline.config import params_from_dict
+from pipeline.features import run_features
+from pipeline.ingest import run_ingest
+from pipeline.io import Layout
+
+TINY = {
+    "ingest": {"synthetic": {"n_interactions": 6000, "n_items": 150, "mean_sequence_length": 20.0, "n_topics": 5}},
+    "features": {"min_user_interactions": 3, "min_item_interactions": 3},
+}
+
+
+def build_features(root: Path, overrides: dict | None = None) -> Layout:
+    """Synthetic ingest -> features under `root` (validation is skipped: the data is generated clean)."""
+    params = params_from_dict({**TINY, **(overrides or {})})
+    layout = Layout(root)
+    run_ingest(params.ingest, layout, seed=params.seed)
+    layout.validated_interactions.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(layout.raw_interactions, layout.validated_interactions)
+    run_features(params.features, layout)
+    return layout
+
+
+def copy_features(source: Layout, root: Path) -> Layout:
+    target = Layout(root)
+    shutil.copytree(source.features_dir, target.features_dir)
+    return target

@@ -1,0 +1,141 @@
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.config import params_from_dict
+from pipeline.train import CHECKPOINT_FILE, curriculum_len, run_train
+from tests.helpers import build_features, copy_features
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["train.d_model=16", "train.n_heads=2", "train.n_layers=1", "train.max_len=20", "train.batch_size=32",
+        "train.num_threads=1", "train.baselines=[popularity]"]
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory):
+    return build_features(tmp_path_factory.mktemp("features"))
+
+
+def _params(*overrides):
+    return params_from_dict({}, [*FAST, "tracking.enabled=false", *overrides])
+
+
+def _cli(workdir: Path, *overrides: str, resume: bool = False, launcher: list[str] | None = None) -> list[str]:
+    args = [*(launcher or [sys.executable]), "-m", "pipeline", "train", "--workdir", str(workdir)]
+    for o in [*FAST, "tracking.enabled=false", *overrides]:
+        args += ["-S", o]
+    return args + (["--resume"] if resume else [])
+
+
+def test_training_improves_on_untrained_model_and_keeps_best(features, tmp_path):
+    layout = copy_features(features, tmp_path)
+    p = _params("train.epochs=4", "train.early_stopping_patience=10")
+    result = run_train(p.train, p.tracking, layout, seed=1)
+    history = result.history
+    assert len(history) == 4
+    assert history[-1]["loss"] < history[0]["loss"]
+    best = max(h["valid_ndcg10"] for h in history)
+    assert result.best_valid_ndcg10 == pytest.approx(best)
+    for key in ("sequences_per_s", "tokens_per_s", "peak_memory_mib"):
+        assert history[0][key] > 0
+    run_dir = Path(result.run_dir)
+    assert (run_dir / "model.safetensors").exists() and (run_dir / "baselines" / "popularity.safetensors").exists()
+    # Checkpoints hold tensors and plain values only: they load with weights_only=True.
+    checkpoint = torch.load(run_dir / CHECKPOINT_FILE, weights_only=True)
+    assert checkpoint["epoch"] == 3 and not checkpoint["stopped_early"]
+
+
+def test_early_stopping(features, tmp_path):
+    layout = copy_features(features, tmp_path)
+    p = _params("train.epochs=50", "train.early_stopping_patience=1", "train.lr=0.05")
+    result = run_train(p.train, p.tracking, layout, seed=1)
+    assert result.epochs_run < 50
+    assert result.epochs_run == result.best_epoch + 2  # one epoch without improvement, then stop
+
+
+def test_cpu_training_is_deterministic(features, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        layout = copy_features(features, tmp_path / name)
+        p = _params("train.epochs=2")
+        runs.append(load_file(str(Path(run_train(p.train, p.tracking, layout, seed=3).run_dir) / "model.safetensors")))
+    for key in runs[0]:
+        torch.testing.assert_close(runs[0][key], runs[1][key], rtol=0, atol=0)
+
+
+def test_sampled_softmax_trains(features, tmp_path):
+    layout = copy_features(features, tmp_path)
+    p = _params("train.epochs=3", "train.loss=sampled_softmax", "train.n_negatives=20", "train.early_stopping_patience=10")
+    result = run_train(p.train, p.tracking, layout, seed=1)
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+def test_curriculum_grows_sequence_length():
+    p = params_from_dict({}, ["train.curriculum.enabled=true", "train.curriculum.start_len=10", "train.curriculum.epochs=4"])
+    assert [curriculum_len(p.train, 50, e) for e in range(6)] == [10, 20, 30, 40, 50, 50]
+    off = params_from_dict({})
+    assert curriculum_len(off.train, 50, 0) == 50
+
+
+@pytest.mark.slow
+def test_resume_after_kill_ends_where_an_uninterrupted_run_would(features, tmp_path):
+    overrides = ["train.epochs=6", "train.early_stopping_patience=10", "train.d_model=32"]
+    straight = copy_features(features, tmp_path / "straight")
+    subprocess.run(_cli(straight.root, *overrides), check=True, capture_output=True, cwd=ROOT, timeout=600)
+
+    killed = copy_features(features, tmp_path / "killed")
+    proc = subprocess.Popen(_cli(killed.root, *overrides), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = killed.model_dir("main") / CHECKPOINT_FILE
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if checkpoint.exists() and torch.load(checkpoint, weights_only=True)["epoch"] >= 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)  # a real kill: no cleanup, no atexit
+    proc.wait()
+    killed_at = torch.load(checkpoint, weights_only=True)["epoch"]
+    assert killed_at < 5
+
+    subprocess.run(_cli(killed.root, *overrides, resume=True), check=True, capture_output=True, cwd=ROOT, timeout=600)
+    a = load_file(str(straight.model_dir("main") / "model.safetensors"))
+    b = load_file(str(killed.model_dir("main") / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    history_a = json.loads((straight.model_dir("main") / "history.json").read_text())
+    history_b = json.loads((killed.model_dir("main") / "history.json").read_text())
+    assert [h["valid_ndcg10"] for h in history_a] == [h["valid_ndcg10"] for h in history_b]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_matches_single_process(features, tmp_path):
+    overrides = ["train.epochs=2", "train.dropout=0.0", "train.early_stopping_patience=10", "train.batch_size=32"]
+    single = copy_features(features, tmp_path / "single")
+    subprocess.run(_cli(single.root, *overrides), check=True, capture_output=True, cwd=ROOT, timeout=600)
+
+    ddp = copy_features(features, tmp_path / "ddp")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+                "--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(_cli(ddp.root, *overrides, launcher=launcher), capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world=2" in proc.stderr
+    a = load_file(str(single.model_dir("main") / "model.safetensors"))
+    b = load_file(str(ddp.model_dir("main") / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4)
