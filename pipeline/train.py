@@ -268,7 +268,8 @@ def run_train(
     loss_module: nn.Module = NextItemLoss(model, cfg.loss, cfg.n_negatives, logq)
     if world.world_size > 1:
         loss_module = nn.parallel.DistributedDataParallel(loss_module, device_ids=[device.index] if device.type == "cuda" else None)
-    step_module = torch.compile(loss_module) if cfg.compile else loss_module
+    # dynamic=True: bucketed batches vary in length, and one graph per length would recompile all epoch.
+    step_module = torch.compile(loss_module, dynamic=True) if cfg.compile else loss_module
 
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98), fused=device.type == "cuda",

@@ -1,36 +1,40 @@
-"""Stage `validate`: raw interactions -> validated interactions, quarantine, a report.
+"""Stage `validate`: raw interactions -> validated interactions + quarantine + report.
 
-A Great Expectations (GX Core 1.x) suite is run over `data/raw/interactions.parquet`:
+A Great Expectations (GX Core 1.x) suite runs over `data/raw/interactions.parquet`:
 
-* batch level: every column of `schema.RAW_COLUMNS` exists and has a contract type,
-  and the table holds at least `min_rows` rows;
-* row level: no null user_id/item_id/timestamp/rating, timestamp within
-  [min_timestamp, now + future_tolerance_s], rating within [rating_min, rating_max],
-  and (user_id, item_id, timestamp) unique.
+* batch level: each column of `schema.RAW_COLUMNS` exists and has a contract type, and
+  the table holds at least `min_rows` rows;
+* row level: user_id, item_id, timestamp and rating are not null (a NaN rating counts as
+  null), timestamp lies in [min_timestamp, now + future_tolerance_s], rating lies in
+  [rating_min, rating_max], and (user_id, item_id, timestamp) is unique.
 
-Batch-level failures stop the stage (`ValidationFailed`) after the JSON summary (and the
-Data Docs) are written; the validated output is then not written. Rows failing a row-level
-rule go to `data/quarantine/validate.parquet` with their first failing `reason`; the others
-go to `data/validated/interactions.parquet`, unchanged. If the quarantined share exceeds
-`max_quarantine_share` the batch fails as well (the quarantine file is still written, so a
-person can look at the rows). Every input row ends up in exactly one of the two files.
+A failed batch-level expectation stops the stage with `ValidationFailed`, after the JSON
+summary (and the Data Docs) are written; the validated output is not written then. A row
+that breaks a row-level rule goes to `data/quarantine/validate.parquet` with the first
+rule it breaks as `reason` (order: `REASONS`); for duplicates the first occurrence is kept.
+The other rows go to `data/validated/interactions.parquet` unchanged. If the quarantined
+share exceeds `max_quarantine_share` the batch fails too; the quarantine file is still
+written so a person can look at the rows. Every input row ends up in exactly one file.
 
-Which rows fail is decided by vectorised pandas masks computed on the same frame GX
-validates. For every row-level expectation, GX's `unexpected_count` must equal the count
-of the matching mask; a disagreement is a bug in one of the two and raises
-`ValidationCrossCheckError`.
+Which rows fail is decided by vectorised pandas masks over the frame GX validated, and for
+every row-level expectation GX's `unexpected_count` must equal the count of its mask: a
+disagreement is a bug on one side and raises `ValidationCrossCheckError`.
 
-Performance notes (10M rows, see the module's report in reports/validation.json "timings_s"):
+Speed (10M rows on 2 cores; "timings_s" in reports/validation.json splits each run):
 
-* GX fingerprints every pandas batch by hashing the whole frame (an MD5 batch marker, 3 to 11 s
-  at 10M rows, more with string ids). It is skipped by `_without_gx_batch_fingerprint`.
-* `ExpectColumnValuesToBeBetween` falls back to a per-element Python `map` unless the dtype
-  is exactly int64/float64 or datetime, so a float32 rating is handed to GX as float64.
-* `ExpectCompoundColumnsToBeUnique` runs `DataFrame.duplicated` over all rows (6 to 11 s at
-  10M rows). A cheap, sound pre-filter marks the rows whose (user, item, timestamp) hash
-  occurs more than once (`KEY_HASH_REPEATED`); equal keys have equal hashes, so rows outside
-  it cannot be duplicates. GX checks compound uniqueness with `row_condition` on that
-  column and pandas runs the exact `duplicated` only on those rows.
+* GX fingerprints each pandas batch with an MD5 of the whole frame, 3 s at 10M rows with
+  int ids and 11 s with string ids, for a batch marker nobody reads.
+  `_without_gx_batch_fingerprint` skips it.
+* GX's between check runs a Python function per value unless the dtype is exactly
+  int64/float64 or datetime, so a float32 rating reaches GX as float64 (exact).
+* GX's column-map checks filter the *whole* batch frame on `notnull()` several times per
+  expectation, which costs seconds when the frame holds string columns. The two range
+  expectations therefore run in a second suite over a frame of just timestamp and rating.
+* `ExpectCompoundColumnsToBeUnique` runs `DataFrame.duplicated` over every row: 6 s at 10M
+  rows with int ids, 11 s with string ids. A sort-based pre-filter marks the rows whose
+  (user, item, timestamp) hash occurs more than once (`KEY_HASH_REPEATED`; equal keys have
+  equal hashes, so the other rows cannot be duplicates). GX checks uniqueness with a
+  `row_condition` on that column, and pandas runs its exact `duplicated` on those rows only.
 """
 
 from __future__ import annotations
@@ -69,14 +73,15 @@ STAGE = "validate"
 QUARANTINE_FILE = "validate.parquet"
 SUMMARY_FILE = "validation.json"
 DATA_DOCS_DIR = "data_docs"
-SUITE_NAME = "raw_interactions"
 DATA_DOCS_SITE = "leanrec_validate"
+SUITE_TABLE = "raw_interactions"  # batch-level + not-null + uniqueness, on the whole frame
+SUITE_RANGES = "raw_interactions_value_ranges"  # the two range checks, on timestamp and rating only
 
-# Helper column added to the frame GX sees (never to an output): True where the
-# (user, item, timestamp) hash occurs more than once among rows with all three keys present.
+# Helper column of the frame GX sees (never of an output): True where the (user, item,
+# timestamp) hash occurs more than once among the rows whose three keys are all present.
 KEY_HASH_REPEATED = "_leanrec_key_hash_repeated"
 
-# Row-level reasons, in priority order: a row is quarantined with the first that applies.
+# Row-level reasons in priority order: a row is quarantined with the first that applies.
 NULL_USER = "null_user_id"
 NULL_ITEM = "null_item_id"
 NULL_TIMESTAMP = "null_timestamp"
@@ -96,18 +101,14 @@ REASONS = (
     DUPLICATE,
 )
 
-# pandas dtypes GX must observe (see `_gx_frame` for how Arrow types map onto them).
-ID_TYPES = ["Int64Dtype", "StringDtype"]  # Arrow int64 / string
-TIMESTAMP_TYPE = "Timestamp"  # any tz-aware timestamp (an unambiguous instant); naive ones fail
-RATING_TYPES = ["float32", "float64"]
+# pandas dtypes the type expectations accept; `_gx_frame` maps the Arrow types onto them.
+ID_TYPES = ["Int64Dtype", "StringDtype"]  # Arrow int64 or string / large_string
+TIMESTAMP_TYPE = "Timestamp"  # a tz-aware timestamp, any unit (an unambiguous instant); naive fails
+RATING_TYPES = ["float32", "float64"]  # Arrow floating point (integers map to Int*Dtype and fail)
 SOURCE_TYPES = ["StringDtype"]
 
-# Counts and a few examples per expectation; never GX's full unexpected value/index lists.
-_RESULT_FORMAT = {
-    "result_format": "BASIC",  # counts, no unexpected index lists
-    "partial_unexpected_count": 5,
-    "include_unexpected_rows": False,
-}
+# Counts and a few example values per expectation, never GX's full unexpected lists/indices.
+RESULT_FORMAT = {"result_format": "BASIC", "partial_unexpected_count": 5, "include_unexpected_rows": False}
 
 _ARROW_INT_TO_PANDAS = {
     pa.int8(): pd.Int8Dtype(),
@@ -131,35 +132,40 @@ class ValidationResult:
     rows_passed: int
     rows_quarantined: int
     quarantined_by_reason: dict[str, int]
-    expectations: list[dict]
+    expectations: list[dict]  # one per GX expectation, in suite order (see `_describe`)
     summary_path: Path
     data_docs_path: Path | None
 
 
 @dataclass
-class _Rule:
-    """One row-level rule: its GX expectation and the pandas mask GX's count must match."""
+class _Check:
+    """One GX expectation: its name in the report, its suite, the columns it needs, and
+    whether it is a row-level rule (whose unexpected_count is cross-checked)."""
 
-    check: str
-    expectation: Any  # a gx.expectations.Expectation
-    reasons: tuple[str, ...]  # masks whose union is what GX counts as unexpected
+    name: str
+    suite: str
+    expectation: Any
+    columns: tuple[str, ...] = ()
+    row_level: bool = False
 
 
-# --------------------------------------------------------------------------- GX plumbing
+# ------------------------------------------------------------------------------ GX plumbing
 
 
 @functools.cache
 def _gx() -> ModuleType:
-    """Import GX lazily (it is slow to import) with its analytics switched off first."""
+    """Import GX lazily (about 5 s), with its analytics off before the first import."""
     os.environ["GX_ANALYTICS_ENABLED"] = "false"
+    gx_logger = logging.getLogger("great_expectations")
+    if gx_logger.level == logging.NOTSET:  # its INFO records are internals (docs registry...)
+        gx_logger.setLevel(logging.WARNING)
     import great_expectations
 
     return great_expectations
 
 
 def _gx_context(docs_dir: Path | None) -> Any:
-    """An in-memory GX context: no analytics, no progress bars, at most one local docs site."""
-    gx = _gx()
+    """An in-memory GX context: analytics and progress bars off, at most one local docs site."""
     from great_expectations.data_context.types.base import (
         DataContextConfig,
         InMemoryStoreBackendDefaults,
@@ -171,7 +177,7 @@ def _gx_context(docs_dir: Path | None) -> Any:
         sites[DATA_DOCS_SITE] = {
             "class_name": "SiteBuilder",
             "show_how_to_buttons": False,
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir.resolve())},
             "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
         }
     config = DataContextConfig(
@@ -180,20 +186,21 @@ def _gx_context(docs_dir: Path | None) -> Any:
         analytics_enabled=False,
         progress_bars=ProgressBarsConfig(globally=False),
     )
-    return gx.get_context(mode="ephemeral", project_config=config)
+    return _gx().get_context(mode="ephemeral", project_config=config)
 
 
 @contextlib.contextmanager
 def _without_gx_batch_fingerprint() -> Iterator[None]:
-    """Skip the MD5 of the whole frame GX takes as a batch marker when loading a pandas batch.
+    """Skip the MD5 over the whole frame that GX stores as a batch marker.
 
-    GX skips it by itself for frames over HASH_THRESHOLD bytes; lowering the threshold for the
-    duration of the run skips it always. It only feeds `batch_markers.pandas_data_fingerprint`.
+    GX itself skips it for frames above `HASH_THRESHOLD` bytes; the threshold is lowered to 0
+    while our batches load. If a GX upgrade drops the constant, the hash is simply paid.
     """
+    _gx()
     from great_expectations.execution_engine import pandas_execution_engine as engine
 
-    if not hasattr(engine, "HASH_THRESHOLD"):  # a GX upgrade moved it: pay the hash, stay correct
-        logger.debug("GX has no HASH_THRESHOLD; batch fingerprint not skipped")
+    if not hasattr(engine, "HASH_THRESHOLD"):
+        logger.debug("GX has no HASH_THRESHOLD: batch fingerprint not skipped")
         yield
         return
     saved = engine.HASH_THRESHOLD
@@ -204,92 +211,96 @@ def _without_gx_batch_fingerprint() -> Iterator[None]:
         engine.HASH_THRESHOLD = saved
 
 
-def _build_suite(cfg_bounds: dict[str, Any], min_rows: int, columns: list[str]) -> tuple[list[Any], list[_Rule]]:
-    """The batch-level expectations and the row-level rules (with their expectations)."""
+def _checks(bounds: dict[str, Any], min_rows: int, present: set[str]) -> list[_Check]:
+    """The whole suite. Checks of a missing column other than its existence are left out: the
+    batch fails on the missing column anyway, and they would only repeat 'column not found'."""
     from great_expectations.expectations.row_conditions import Column
 
     E = _gx().expectations
-    batch: list[Any] = [E.ExpectColumnToExist(column=c, meta={"check": f"column_exists:{c}"}) for c in schema.RAW_COLUMNS]
-    batch += [
-        E.ExpectColumnValuesToBeInTypeList(column=schema.USER, type_list=ID_TYPES, meta={"check": "type:user_id"}),
-        E.ExpectColumnValuesToBeInTypeList(column=schema.ITEM, type_list=ID_TYPES, meta={"check": "type:item_id"}),
-        E.ExpectColumnValuesToBeOfType(column=schema.TIMESTAMP, type_=TIMESTAMP_TYPE, meta={"check": "type:timestamp"}),
-        E.ExpectColumnValuesToBeInTypeList(column=schema.RATING, type_list=RATING_TYPES, meta={"check": "type:rating"}),
-        E.ExpectColumnValuesToBeInTypeList(column=schema.SOURCE, type_list=SOURCE_TYPES, meta={"check": "type:source"}),
-        E.ExpectTableRowCountToBeBetween(min_value=min_rows, meta={"check": "min_rows"}),
-    ]
-    present = set(columns)
-    rules = [
-        _Rule("not_null:user_id", E.ExpectColumnValuesToNotBeNull(column=schema.USER), (NULL_USER,)),
-        _Rule("not_null:item_id", E.ExpectColumnValuesToNotBeNull(column=schema.ITEM), (NULL_ITEM,)),
-        _Rule("not_null:timestamp", E.ExpectColumnValuesToNotBeNull(column=schema.TIMESTAMP), (NULL_TIMESTAMP,)),
-        _Rule(
-            "range:timestamp",
-            E.ExpectColumnValuesToBeBetween(
-                column=schema.TIMESTAMP, min_value=cfg_bounds["min_timestamp"], max_value=cfg_bounds["max_timestamp"]
-            ),
-            (TIMESTAMP_BEFORE_MIN, TIMESTAMP_IN_FUTURE),
+    checks = [_Check(f"column_exists:{c}", SUITE_TABLE, E.ExpectColumnToExist(column=c)) for c in schema.RAW_COLUMNS]
+    types = {
+        schema.USER: E.ExpectColumnValuesToBeInTypeList(column=schema.USER, type_list=ID_TYPES),
+        schema.ITEM: E.ExpectColumnValuesToBeInTypeList(column=schema.ITEM, type_list=ID_TYPES),
+        schema.TIMESTAMP: E.ExpectColumnValuesToBeOfType(column=schema.TIMESTAMP, type_=TIMESTAMP_TYPE),
+        schema.RATING: E.ExpectColumnValuesToBeInTypeList(column=schema.RATING, type_list=RATING_TYPES),
+        schema.SOURCE: E.ExpectColumnValuesToBeInTypeList(column=schema.SOURCE, type_list=SOURCE_TYPES),
+    }
+    checks += [_Check(f"type:{c}", SUITE_TABLE, e, (c,)) for c, e in types.items()]
+    checks.append(_Check("min_rows", SUITE_TABLE, E.ExpectTableRowCountToBeBetween(min_value=min_rows)))
+    row_checks = [
+        _Check("not_null:user_id", SUITE_TABLE, E.ExpectColumnValuesToNotBeNull(column=schema.USER), (schema.USER,)),
+        _Check("not_null:item_id", SUITE_TABLE, E.ExpectColumnValuesToNotBeNull(column=schema.ITEM), (schema.ITEM,)),
+        _Check(
+            "not_null:timestamp", SUITE_TABLE, E.ExpectColumnValuesToNotBeNull(column=schema.TIMESTAMP), (schema.TIMESTAMP,)
         ),
-        _Rule("not_null:rating", E.ExpectColumnValuesToNotBeNull(column=schema.RATING), (NULL_RATING,)),
-        _Rule(
-            "range:rating",
-            E.ExpectColumnValuesToBeBetween(
-                column=schema.RATING, min_value=cfg_bounds["rating_min"], max_value=cfg_bounds["rating_max"]
-            ),
-            (RATING_OUT_OF_RANGE,),
-        ),
-        _Rule(
+        _Check("not_null:rating", SUITE_TABLE, E.ExpectColumnValuesToNotBeNull(column=schema.RATING), (schema.RATING,)),
+        _Check(
             "unique:user_id,item_id,timestamp",
+            SUITE_TABLE,
             E.ExpectCompoundColumnsToBeUnique(
                 column_list=list(schema.KEY_COLUMNS),
                 ignore_row_if="any_value_is_missing",
-                # Sound pre-filter (see module doc): exact check on the rows that can be duplicates.
+                # The sound pre-filter of the module docstring: only these rows can be duplicates.
                 row_condition=Column(KEY_HASH_REPEATED) == True,  # noqa: E712 (builds a GX condition)
             ),
-            (DUPLICATE,),
+            schema.KEY_COLUMNS,
+        ),
+        _Check(
+            "range:timestamp",
+            SUITE_RANGES,
+            E.ExpectColumnValuesToBeBetween(
+                column=schema.TIMESTAMP, min_value=bounds["min_timestamp"], max_value=bounds["max_timestamp"]
+            ),
+            (schema.TIMESTAMP,),
+        ),
+        _Check(
+            "range:rating",
+            SUITE_RANGES,
+            E.ExpectColumnValuesToBeBetween(
+                column=schema.RATING, min_value=bounds["rating_min"], max_value=bounds["rating_max"]
+            ),
+            (schema.RATING,),
         ),
     ]
-    # A row-level rule on a missing column only repeats "column not found"; the batch fails anyway.
-    rules = [r for r in rules if set(_expectation_columns(r.expectation)) <= present]
-    for rule in rules:
-        rule.expectation.meta = {"check": rule.check}
-    return batch, rules
+    for check in row_checks:
+        check.row_level = True
+    checks = [c for c in checks + row_checks if set(c.columns) <= present]
+    for check in checks:
+        check.expectation.meta = {"check": check.name}
+    return checks
 
 
-def _expectation_columns(expectation: Any) -> list[str]:
-    kwargs = expectation.configuration.kwargs
-    if "column" in kwargs:
-        return [kwargs["column"]]
-    return list(kwargs.get("column_list") or [])
-
-
-def _run_gx(frame: pd.DataFrame, expectations: list[Any], docs_dir: Path | None) -> tuple[Any, list[Any]]:
-    """Validate `frame` with GX; returns the context (for Data Docs) and the results in suite order."""
+def _run_gx(frames: dict[str, pd.DataFrame], checks: list[_Check], docs_dir: Path | None) -> tuple[Any, list[Any]]:
+    """Run one GX suite per frame; returns the context (for Data Docs) and one result per check."""
     gx = _gx()
     context = _gx_context(docs_dir)
-    batch_definition = (
-        context.data_sources.add_pandas("leanrec")
-        .add_dataframe_asset("raw_interactions")
-        .add_batch_definition_whole_dataframe("whole_file")
-    )
-    suite = context.suites.add(gx.ExpectationSuite(name=SUITE_NAME, expectations=expectations))
-    definition = context.validation_definitions.add(
-        gx.ValidationDefinition(name="validate_raw_interactions", data=batch_definition, suite=suite)
-    )
-    with _without_gx_batch_fingerprint():
-        run = definition.run(batch_parameters={"dataframe": frame}, result_format=_RESULT_FORMAT)
-    # GX does not return results in suite order: put them back by expectation id.
-    by_id = {r.expectation_config.id: r for r in run.results}
-    ordered = [by_id[e.id] for e in suite.expectations]
-    return context, ordered
+    source = context.data_sources.add_pandas("leanrec")
+    results: dict[int, Any] = {}
+    for suite_name, frame in frames.items():
+        members = [c for c in checks if c.suite == suite_name]
+        if not members:
+            continue
+        batch = source.add_dataframe_asset(suite_name).add_batch_definition_whole_dataframe("whole_file")
+        suite = context.suites.add(gx.ExpectationSuite(name=suite_name, expectations=[c.expectation for c in members]))
+        definition = context.validation_definitions.add(gx.ValidationDefinition(name=suite_name, data=batch, suite=suite))
+        with _without_gx_batch_fingerprint():
+            run = definition.run(batch_parameters={"dataframe": frame}, result_format=RESULT_FORMAT)
+        # GX does not return results in suite order: match them back by expectation id.
+        by_id = {r.expectation_config.id: r for r in run.results}
+        for check, added in zip(members, suite.expectations, strict=True):
+            results[id(check)] = by_id[added.id]
+    return context, [results[id(c)] for c in checks]
 
 
-def _build_data_docs(context: Any, target: Path, build_dir: Path) -> Path:
-    """Render the site GX built into `build_dir`, then swap it in for `target`."""
-    context.build_data_docs(site_names=[DATA_DOCS_SITE])
-    index = build_dir / "index.html"
-    if not index.exists():
-        raise RuntimeError(f"GX built no Data Docs index at {index}")
+def _new_site_dir(reports_dir: Path) -> Path:
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    build_dir = Path(tempfile.mkdtemp(prefix=f".{DATA_DOCS_DIR}.", dir=reports_dir))
+    build_dir.chmod(0o755)  # not mkdtemp's 0700: the directory becomes the site
+    return build_dir
+
+
+def _swap_in(build_dir: Path, target: Path) -> Path:
+    """Put the finished site `build_dir` in place of `target` (two renames, never half a site)."""
     old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
     if target.exists():
         os.replace(target, old)
@@ -298,18 +309,38 @@ def _build_data_docs(context: Any, target: Path, build_dir: Path) -> Path:
     return target / "index.html"
 
 
-# --------------------------------------------------------------------------- pandas side
+def _build_data_docs(context: Any, build_dir: Path, target: Path) -> Path:
+    """Render the GX site into `build_dir`, then swap it in for `target`."""
+    context.build_data_docs(site_names=[DATA_DOCS_SITE])
+    if not (build_dir / "index.html").exists():
+        raise RuntimeError(f"GX built no Data Docs index in {build_dir}")
+    return _swap_in(build_dir, target)
+
+
+def _data_docs_placeholder(reports_dir: Path, target: Path) -> None:
+    """With data_docs off, `target` still exists (dvc.yaml lists it as an output) and holds a
+    page saying so rather than an earlier run's site."""
+    build_dir = _new_site_dir(reports_dir)
+    (build_dir / "index.html").write_text(
+        "<!doctype html><title>LeanRec validation</title>"
+        f"<p>Data Docs were not built: validate.data_docs is false. See ../{SUMMARY_FILE}.</p>\n",
+        encoding="utf-8",
+    )
+    _swap_in(build_dir, target)
+
+
+# ------------------------------------------------------------------------------ pandas side
 
 
 def _gx_frame(table: pa.Table) -> pd.DataFrame:
-    """The pandas frame GX validates, with dtypes that keep the Arrow types distinguishable.
+    """The pandas frame GX validates, with dtypes that keep the Arrow types apart.
 
-    Integers map to nullable pandas integers (never to float64 because of nulls), strings to
-    `StringDtype`, the null type to an Arrow-backed dtype no type expectation accepts. float32
-    goes to GX as float64 (exact) because GX's between check is only vectorised for float64.
+    Integers map to nullable pandas integers (not to float64 when they hold nulls), strings
+    to `StringDtype`, the null type to an Arrow-backed dtype that no type check accepts;
+    floats reach GX as float64 (exact for float32), the one float dtype its between check
+    vectorises. Columns outside the contract are not validated and not converted.
     """
-    columns = [c for c in schema.RAW_COLUMNS if c in table.column_names]
-    sub = table.select(columns)
+    sub = table.select([c for c in schema.RAW_COLUMNS if c in table.column_names])
     for i, field in enumerate(sub.schema):
         if pa.types.is_floating(field.type) and field.type != pa.float64():
             sub = sub.set_column(i, field.name, pc.cast(sub.column(i), pa.float64()))
@@ -326,99 +357,122 @@ def _gx_frame(table: pa.Table) -> pd.DataFrame:
     return sub.to_pandas(types_mapper=mapper)
 
 
-def _key_feature(column: pa.ChunkedArray) -> np.ndarray:
-    """A uint64 per row such that equal values give equal features (nulls give garbage).
+def _string_tail_feature(chunk: pa.Array) -> np.ndarray:
+    """uint64 per string: its last (up to) 8 bytes, mixed with its byte length.
 
-    Integers and timestamps give their value; strings give their byte length (cheap,
-    hashing 10M strings costs seconds). Only used as a pre-filter for the exact check.
+    Read straight from the Arrow offsets and data buffers: a gather of 8 bytes per row,
+    where hashing every string (pandas or a dictionary encode) takes seconds at 10M rows.
+    """
+    n = len(chunk)
+    offset_type = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
+    _, offsets_buf, data_buf = chunk.buffers()
+    if n == 0 or offsets_buf is None:
+        return np.zeros(n, dtype=np.uint64)
+    offsets = np.frombuffer(offsets_buf, dtype=offset_type)[chunk.offset : chunk.offset + n + 1].astype(np.int64)
+    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, dtype=np.uint8)
+    padded = np.concatenate([np.zeros(8, dtype=np.uint8), data])  # so a window never starts before 0
+    windows = np.lib.stride_tricks.sliding_window_view(padded, 8)  # windows[e] = data[e - 8 : e]
+    end = offsets[1:]
+    length = end - offsets[:-1]
+    tail = np.ascontiguousarray(windows[end]).view("<u8").ravel()  # last byte most significant
+    kept = np.minimum(length, 8)
+    tail = np.where(kept > 0, tail >> (8 * (8 - kept)).astype(np.uint64), np.uint64(0))  # drop the previous string's bytes
+    return tail * np.uint64(0x9E3779B97F4A7C15) ^ length.astype(np.uint64)
+
+
+def _key_feature(column: pa.ChunkedArray) -> np.ndarray:
+    """uint64 per row, equal for equal values (anything under a null).
+
+    Integers and timestamps give their value, strings `_string_tail_feature`.
     """
     arrow_type = column.type
-    if pa.types.is_timestamp(arrow_type) or pa.types.is_integer(arrow_type):
-        values = pc.cast(column, pa.int64()) if not pa.types.is_integer(arrow_type) else column
+    if pa.types.is_integer(arrow_type) or pa.types.is_timestamp(arrow_type):
+        values = column if pa.types.is_integer(arrow_type) else pc.cast(column, pa.int64())
         return np.asarray(values.fill_null(0).to_numpy(), dtype=np.int64).view(np.uint64)
     if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
-        return np.asarray(pc.binary_length(column).fill_null(0).to_numpy(), dtype=np.int64).view(np.uint64)
+        parts = [_string_tail_feature(chunk) for chunk in column.chunks]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
     raise TypeError(f"no key feature for Arrow type {arrow_type}")
 
 
-_M1 = np.uint64(0x9E3779B97F4A7C15)
-_M2 = np.uint64(0xBF58476D1CE4E5B9)
-_M3 = np.uint64(0x94D049BB133111EB)
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser, in place on a uint64 array."""
-    x ^= x >> np.uint64(30)
-    x *= _M2
-    x ^= x >> np.uint64(27)
-    x *= _M3
-    x ^= x >> np.uint64(31)
-    return x
-
-
 def _key_hash_repeated(table: pa.Table, complete: np.ndarray) -> np.ndarray:
-    """True for complete-key rows whose (user, item, timestamp) hash occurs more than once.
+    """True for the complete-key rows whose (user, item, timestamp) hash is not unique.
 
-    A superset of the duplicated rows: equal keys have equal hashes. Sort-based (numpy's sort
-    of 10M uint64 takes ~0.2 s; a hash table over 10M distinct keys takes seconds).
+    A superset of the duplicated rows, since equal keys hash equal. The combination only has
+    to be deterministic; its spread just decides how few unique keys collide. Sort-based:
+    sorting 10M uint64 takes well under a second, a hash table over 10M keys seconds.
     """
-    n = table.num_rows
-    out = np.zeros(n, dtype=bool)
+    out = np.zeros(table.num_rows, dtype=bool)
     if not complete.any():
         return out
-    h = np.zeros(n, dtype=np.uint64)
-    for name in schema.KEY_COLUMNS:
-        h ^= _key_feature(table.column(name))
-        h = _mix(h + _M1)
+    user, item, ts = (_key_feature(table.column(c)) for c in schema.KEY_COLUMNS)
+    h = user * np.uint64(0xBF58476D1CE4E5B9)
+    h ^= item
+    h *= np.uint64(0x94D049BB133111EB)
+    h ^= ts
     h = h[complete]
     ordered = np.sort(h)
-    repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
     if repeated.size:
-        out[complete] = pd.Series(h).isin(repeated).to_numpy()
+        out[complete] = pd.Series(h).isin(np.unique(repeated)).to_numpy()
     return out
 
 
 def _row_masks(frame: pd.DataFrame, bounds: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Boolean mask per reason (except duplicate) over all rows, with GX's null semantics:
-    a range rule only looks at non-null values."""
+    """One boolean mask per reason except `duplicate`, over all rows, with GX's semantics:
+    a range rule only judges non-null values."""
     ts = frame[schema.TIMESTAMP]
     rating = frame[schema.RATING]
     ts_present = ts.notna().to_numpy()
     rating_present = rating.notna().to_numpy()
+
+    def flag(condition: pd.Series) -> np.ndarray:
+        return condition.to_numpy(dtype=bool, na_value=False)
+
     return {
         NULL_USER: frame[schema.USER].isna().to_numpy(),
         NULL_ITEM: frame[schema.ITEM].isna().to_numpy(),
         NULL_TIMESTAMP: ~ts_present,
-        TIMESTAMP_BEFORE_MIN: ts_present & (ts < bounds["min_timestamp"]).to_numpy(dtype=bool, na_value=False),
-        TIMESTAMP_IN_FUTURE: ts_present & (ts > bounds["max_timestamp"]).to_numpy(dtype=bool, na_value=False),
+        TIMESTAMP_BEFORE_MIN: ts_present & flag(ts < bounds["min_timestamp"]),
+        TIMESTAMP_IN_FUTURE: ts_present & flag(ts > bounds["max_timestamp"]),
         NULL_RATING: ~rating_present,
-        RATING_OUT_OF_RANGE: rating_present
-        & ((rating < bounds["rating_min"]) | (rating > bounds["rating_max"])).to_numpy(dtype=bool, na_value=False),
+        RATING_OUT_OF_RANGE: rating_present & flag((rating < bounds["rating_min"]) | (rating > bounds["rating_max"])),
     }
 
 
 def _assign_reasons(frame: pd.DataFrame, masks: dict[str, np.ndarray], candidates: np.ndarray) -> tuple[np.ndarray, int]:
-    """Reason code per row (0 = passes, i + 1 = REASONS[i]) and the GX-comparable duplicate count.
+    """Reason code per row (0 passes, i + 1 is REASONS[i]), and the duplicate count GX reports.
 
-    Duplicates are looked for among the rows that pass every other rule, keeping the first, so
-    a valid row is never dropped because an invalid copy of it came earlier.
+    Duplicates are looked for among the rows that pass every other rule, keeping the first
+    of them, so a valid row is never dropped because an invalid copy of it came earlier.
     """
-    n = len(frame)
-    codes = np.zeros(n, dtype=np.int8)
+    codes = np.zeros(len(frame), dtype=np.int8)
     for i, reason in enumerate(REASONS[:-1]):
         codes[(codes == 0) & masks[reason]] = i + 1
     keys = list(schema.KEY_COLUMNS)
-    # What GX counts: every member of a repeated key among complete rows (keep=False).
-    all_duplicated = int(frame.loc[candidates, keys].duplicated(keep=False).sum()) if candidates.any() else 0
+    # GX counts every row of a repeated key among complete rows (duplicated keep=False).
+    gx_duplicates = int(frame.loc[candidates, keys].duplicated(keep=False).sum()) if candidates.any() else 0
     eligible = candidates & (codes == 0)
     if eligible.any():
-        positions = np.flatnonzero(eligible)
         later_copy = frame.loc[eligible, keys].duplicated(keep="first").to_numpy()
-        codes[positions[later_copy]] = REASONS.index(DUPLICATE) + 1
-    return codes, all_duplicated
+        codes[np.flatnonzero(eligible)[later_copy]] = REASONS.index(DUPLICATE) + 1
+    return codes, gx_duplicates
 
 
-# --------------------------------------------------------------------------- reporting
+def _gx_expected_counts(masks: dict[str, np.ndarray], gx_duplicates: int) -> dict[str, int]:
+    """What each row-level expectation's unexpected_count must be, from the masks."""
+    return {
+        "not_null:user_id": int(masks[NULL_USER].sum()),
+        "not_null:item_id": int(masks[NULL_ITEM].sum()),
+        "not_null:timestamp": int(masks[NULL_TIMESTAMP].sum()),
+        "not_null:rating": int(masks[NULL_RATING].sum()),
+        "range:timestamp": int((masks[TIMESTAMP_BEFORE_MIN] | masks[TIMESTAMP_IN_FUTURE]).sum()),
+        "range:rating": int(masks[RATING_OUT_OF_RANGE].sum()),
+        "unique:user_id,item_id,timestamp": gx_duplicates,
+    }
+
+
+# ------------------------------------------------------------------------------ reporting
 
 
 def _jsonable(value: Any) -> Any:
@@ -439,215 +493,233 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _describe(result: Any) -> dict[str, Any]:
+_NOTES = {
+    "unique:user_id,item_id,timestamp": f"GX checks the rows where {KEY_HASH_REPEATED} is true (a sound pre-filter: "
+    "rows whose key hash is unique cannot be duplicates), so element_count counts those rows only",
+}
+
+
+def _describe(check: _Check, result: Any) -> dict[str, Any]:
     config = result.expectation_config
-    kwargs = {k: v for k, v in config.kwargs.items() if k not in ("batch_id", "column", "column_list")}
     body = result.result or {}
     exception = result.exception_info or {}
-    entry = {
-        "expectation": config.type,
-        "check": (config.meta or {}).get("check"),
-        "column": config.kwargs.get("column"),
-        "columns": config.kwargs.get("column_list"),
-        "kwargs": kwargs,
-        "success": bool(result.success),
-        "unexpected_count": body.get("unexpected_count"),
-        "element_count": body.get("element_count"),
-        "missing_count": body.get("missing_count"),
-        "unexpected_percent": body.get("unexpected_percent"),
-        "observed_value": body.get("observed_value"),
-        "partial_unexpected_list": body.get("partial_unexpected_list"),
-        "exception": exception.get("exception_message") if exception.get("raised_exception") else None,
-    }
-    return _jsonable(entry)
+    note = {"note": _NOTES[check.name]} if check.name in _NOTES else {}
+    return _jsonable(
+        note
+        | {
+            "check": check.name,
+            "suite": check.suite,
+            "expectation": config.type,
+            "column": config.kwargs.get("column"),
+            "columns": config.kwargs.get("column_list"),
+            "kwargs": {k: v for k, v in config.kwargs.items() if k not in ("batch_id", "column", "column_list")},
+            "success": bool(result.success),
+            "unexpected_count": body.get("unexpected_count"),
+            "element_count": body.get("element_count"),
+            "missing_count": body.get("missing_count"),
+            "unexpected_percent": body.get("unexpected_percent"),
+            "observed_value": body.get("observed_value"),
+            "partial_unexpected_list": body.get("partial_unexpected_list"),
+            "exception": exception.get("exception_message") if exception.get("raised_exception") else None,
+        }
+    )
 
 
 def _name(entry: dict[str, Any]) -> str:
-    target = entry["column"] or (",".join(entry["columns"]) if entry["columns"] else None)
+    target = entry["column"] or ",".join(entry["columns"] or [])
     return f"{entry['expectation']}({target})" if target else entry["expectation"]
 
 
-def _batch_failure_message(entry: dict[str, Any], rows_in: int, min_rows: int) -> str:
+def _batch_failure(entry: dict[str, Any], rows_in: int, min_rows: int) -> str:
     name = _name(entry)
     if entry["expectation"] == "expect_column_to_exist":
         return f"{name} failed: required column {entry['column']!r} is missing"
     if entry["expectation"] == "expect_table_row_count_to_be_between":
-        return f"{name} failed: {rows_in} rows, validate.min_rows is {min_rows}"
+        return f"{name} failed: {rows_in} rows < validate.min_rows {min_rows}"
     if entry["exception"]:
         return f"{name} failed: {entry['exception']}"
     expected = entry["kwargs"].get("type_list") or entry["kwargs"].get("type_")
-    return f"{name} failed: observed {entry['observed_value']!r}, expected {expected!r}"
+    return f"{name} failed: observed type {entry['observed_value']!r}, expected one of {expected!r}"
 
 
-def _ensure_utc(moment: dt.datetime) -> dt.datetime:
-    return moment.replace(tzinfo=dt.timezone.utc) if moment.tzinfo is None else moment
+def _utc(moment: dt.datetime) -> dt.datetime:
+    """Naive datetimes (e.g. an ISO string without offset in params.yaml) are read as UTC."""
+    return moment.replace(tzinfo=dt.UTC) if moment.tzinfo is None else moment
 
 
-def _remove_stale(*paths: Path) -> None:
-    for path in paths:
-        if path.exists():
-            logger.info("validate: removing the previous run's %s", path)
-            path.unlink()
+# ------------------------------------------------------------------------------ the stage
 
 
-# --------------------------------------------------------------------------- the stage
+class _Run:
+    """State of one run: paths, the summary being filled in, timings."""
+
+    def __init__(self, cfg: ValidateConfig, layout: Layout, now: dt.datetime) -> None:
+        self.cfg = cfg
+        self.started = time.perf_counter()
+        self.source = layout.raw_interactions
+        self.validated_path = layout.validated_interactions
+        self.quarantine_path = layout.quarantine_dir / QUARANTINE_FILE
+        self.summary_path = layout.reports_dir / SUMMARY_FILE
+        self.docs_target = layout.reports_dir / DATA_DOCS_DIR
+        self.bounds = {
+            "min_timestamp": _utc(cfg.min_timestamp),
+            "max_timestamp": now + dt.timedelta(seconds=cfg.future_tolerance_s),
+            "rating_min": float(cfg.rating_min),
+            "rating_max": float(cfg.rating_max),
+        }
+        self.timings: dict[str, float] = {}
+        self.summary: dict[str, Any] = {
+            "stage": STAGE,
+            "success": False,
+            "input": str(self.source),
+            "validated_at": now.isoformat(),
+            "gx_version": importlib.metadata.version("great_expectations"),
+            "thresholds": _jsonable(
+                {
+                    "min_rows": cfg.min_rows,
+                    "min_timestamp": self.bounds["min_timestamp"],
+                    "now": now,
+                    "future_tolerance_s": cfg.future_tolerance_s,
+                    "max_timestamp": self.bounds["max_timestamp"],
+                    "rating_min": cfg.rating_min,
+                    "rating_max": cfg.rating_max,
+                    "max_quarantine_share": cfg.max_quarantine_share,
+                }
+            ),
+            "rows_in": None,
+            "rows_passed": None,
+            "rows_quarantined": None,
+            "quarantine_share": None,
+            "rows_accounted_for": None,
+            "quarantined_by_reason": {},
+            "rule_violations": {},
+            "expectations": [],
+            "checks": [],
+            "failures": [],
+            "outputs": {"validated": None, "quarantine": None, "data_docs": None},
+            "timings_s": self.timings,
+        }
+
+    def lap(self, name: str, since: float) -> float:
+        now = time.perf_counter()
+        self.timings[name] = round(now - since, 3)
+        return now
+
+    def write_summary(self) -> None:
+        self.timings["total"] = round(time.perf_counter() - self.started, 3)
+        write_json(self.summary, self.summary_path)
+
+    def fail(self, failures: list[str], counts: str) -> ValidationFailed:
+        """Write the summary (success false) and return the error that stops the stage."""
+        self.summary["failures"] = failures
+        self.write_summary()
+        logger.error("validate: batch failed: %s [%s]; summary in %s", "; ".join(failures), counts, self.summary_path)
+        return ValidationFailed(
+            f"validation of {self.source} failed: {'; '.join(failures)} [{counts}]; see {self.summary_path}"
+        )
+
+
+def _read(run: _Run) -> pa.Table:
+    try:
+        return pq.read_table(run.source)
+    except FileNotFoundError:
+        problem = f"{run.source} does not exist (run the ingest stage first)"
+    except (pa.ArrowException, OSError) as err:
+        problem = f"{run.source} is not a readable Parquet file ({err})"
+    run.summary["checks"].append({"check": "readable_parquet", "success": False, "observed_value": problem})
+    raise run.fail([f"check 'readable_parquet' failed: {problem}"], "rows_in=0")
 
 
 def run_validate(cfg: ValidateConfig, layout: Layout, now: dt.datetime | None = None) -> ValidationResult:
-    """Validate `layout.raw_interactions`; see the module docstring. Raises ValidationFailed."""
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
-    now = _ensure_utc(now or dt.datetime.now(dt.timezone.utc))
-    bounds = {
-        "min_timestamp": _ensure_utc(cfg.min_timestamp),
-        "max_timestamp": now + dt.timedelta(seconds=cfg.future_tolerance_s),
-        "rating_min": float(cfg.rating_min),
-        "rating_max": float(cfg.rating_max),
-    }
-    source = layout.raw_interactions
-    validated_path = layout.validated_interactions
-    quarantine_path = layout.quarantine_dir / QUARANTINE_FILE
-    summary_path = layout.reports_dir / SUMMARY_FILE
-    docs_target = layout.reports_dir / DATA_DOCS_DIR
-    # This run's outputs are all there is afterwards: never a previous run's beside a failure.
-    _remove_stale(validated_path, quarantine_path)
+    """Validate `layout.raw_interactions` (see the module docstring); raises ValidationFailed."""
+    run = _Run(cfg, layout, _utc(now or dt.datetime.now(dt.UTC)))
+    summary = run.summary
+    # A run's outputs are what it wrote: no earlier run's file may sit beside a failed batch.
+    for stale in (run.validated_path, run.quarantine_path):
+        if stale.exists():
+            logger.debug("validate: removing the previous run's %s", stale)
+            stale.unlink()
 
-    summary: dict[str, Any] = {
-        "stage": STAGE,
-        "success": False,
-        "input": str(source),
-        "validated_at": now.isoformat(),
-        "thresholds": _jsonable(
-            {
-                "min_rows": cfg.min_rows,
-                "min_timestamp": bounds["min_timestamp"],
-                "now": now,
-                "future_tolerance_s": cfg.future_tolerance_s,
-                "max_timestamp": bounds["max_timestamp"],
-                "rating_min": cfg.rating_min,
-                "rating_max": cfg.rating_max,
-                "max_quarantine_share": cfg.max_quarantine_share,
-            }
-        ),
-        "gx_version": importlib.metadata.version("great_expectations"),
-        "rows_in": None,
-        "rows_passed": None,
-        "rows_quarantined": None,
-        "quarantine_share": None,
-        "rows_accounted_for": None,
-        "quarantined_by_reason": {},
-        "rule_violations": {},
-        "expectations": [],
-        "checks": [],
-        "failures": [],
-        "outputs": {"validated": None, "quarantine": None, "data_docs": None},
-        "timings_s": timings,
-    }
-
-    def fail(failures: list[str], counts: str) -> ValidationFailed:
-        """Write the summary (success false) and build the error that stops the stage."""
-        summary["failures"] = failures
-        timings["total"] = round(time.perf_counter() - started, 3)
-        write_json(summary, summary_path)
-        logger.error("validate: batch failed (%s); summary in %s", "; ".join(failures), summary_path)
-        message = f"validation of {source} failed: " + "; ".join(failures) + f" [{counts}]; see {summary_path}"
-        return ValidationFailed(message)
-
-    # 1. read
-    t0 = time.perf_counter()
-    try:
-        table = pq.read_table(source)
-    except FileNotFoundError:
-        summary["checks"] = [{"check": "readable_parquet", "success": False, "observed_value": "file not found"}]
-        raise fail([f"check 'readable_parquet' failed: {source} does not exist (run the ingest stage first)"],
-                   "rows_in=0") from None
-    except (pa.ArrowException, OSError) as err:
-        summary["checks"] = [{"check": "readable_parquet", "success": False, "observed_value": str(err)}]
-        raise fail([f"check 'readable_parquet' failed: {source} is not a readable Parquet file ({err})"],
-                   "rows_in=0") from None
+    # 1. read (Arrow keeps the exact input types for the outputs; pandas is what GX checks)
+    t = time.perf_counter()
+    table = _read(run)
     summary["checks"].append({"check": "readable_parquet", "success": True, "observed_value": None})
     rows_in = table.num_rows
-    summary["rows_in"] = rows_in
-    summary["schema"] = {f.name: str(f.type) for f in table.schema}
-    summary["extra_columns"] = [c for c in table.column_names if c not in schema.RAW_COLUMNS]
+    summary.update(
+        rows_in=rows_in,
+        schema={f.name: str(f.type) for f in table.schema},
+        extra_columns=[c for c in table.column_names if c not in schema.RAW_COLUMNS],
+    )
+    t = run.lap("read_parquet", t)
     frame = _gx_frame(table)
-    timings["read"] = round(time.perf_counter() - t0, 3)
+    t = run.lap("to_pandas", t)
 
-    # 2. the row-level pre-filter column GX's compound-unique check is conditioned on
-    t0 = time.perf_counter()
-    present = set(frame.columns)
-    keys_ok = set(schema.KEY_COLUMNS) <= present
+    # 2. duplicate pre-filter, which GX's uniqueness check is conditioned on
     candidates = np.zeros(rows_in, dtype=bool)
-    if keys_ok:
-        complete = ~(frame[list(schema.KEY_COLUMNS)].isna().any(axis=1).to_numpy())
+    if set(schema.KEY_COLUMNS) <= set(frame.columns):
+        complete = ~np.logical_or.reduce([frame[c].isna().to_numpy() for c in schema.KEY_COLUMNS])
         try:
             candidates = _key_hash_repeated(table, complete)
-        except TypeError:  # a key column of a type the type checks reject: the batch fails anyway
-            candidates = complete.copy()
+        except TypeError:  # a key column of a type the type checks reject; exact check on all rows
+            candidates = complete
     frame[KEY_HASH_REPEATED] = candidates
-    timings["key_prefilter"] = round(time.perf_counter() - t0, 3)
+    t = run.lap("duplicate_prefilter", t)
 
     # 3. GX
-    t0 = time.perf_counter()
-    batch_expectations, rules = _build_suite(bounds, cfg.min_rows, list(frame.columns))
-    build_dir: Path | None = None
-    if cfg.data_docs:
-        layout.reports_dir.mkdir(parents=True, exist_ok=True)
-        build_dir = Path(tempfile.mkdtemp(prefix=f".{DATA_DOCS_DIR}.", dir=layout.reports_dir))
-        build_dir.chmod(0o755)  # mkdtemp's 0700 would follow the site once it is renamed into place
+    _gx()
+    t = run.lap("gx_import", t)  # once per process
+    checks = _checks(run.bounds, cfg.min_rows, set(frame.columns))
+    ranges = [c for c in (schema.TIMESTAMP, schema.RATING) if c in frame.columns]
+    build_dir = _new_site_dir(layout.reports_dir) if cfg.data_docs else None
+    docs_index: Path | None = None
     try:
-        context, results = _run_gx(frame, batch_expectations + [r.expectation for r in rules], build_dir)
-        timings["gx"] = round(time.perf_counter() - t0, 3)
-        expectations = [_describe(r) for r in results]
-        summary["expectations"] = expectations
-        docs_index: Path | None = None
+        context, results = _run_gx({SUITE_TABLE: frame, SUITE_RANGES: frame[ranges]}, checks, build_dir)
+        entries = [_describe(c, r) for c, r in zip(checks, results, strict=True)]
+        summary["expectations"] = entries
+        t = run.lap("gx_validate", t)
         if build_dir is not None:
-            t0 = time.perf_counter()
-            docs_index = _build_data_docs(context, docs_target, build_dir)
+            docs_index = _build_data_docs(context, build_dir, run.docs_target)
             build_dir = None
             summary["outputs"]["data_docs"] = str(docs_index)
-            timings["data_docs"] = round(time.perf_counter() - t0, 3)
+            t = run.lap("gx_data_docs", t)
+        else:
+            _data_docs_placeholder(layout.reports_dir, run.docs_target)
     finally:
         if build_dir is not None:
             shutil.rmtree(build_dir, ignore_errors=True)
 
     # 4. batch-level expectations
-    batch_entries = expectations[: len(batch_expectations)]
-    rule_entries = expectations[len(batch_expectations) :]
-    failed = [_batch_failure_message(e, rows_in, cfg.min_rows) for e in batch_entries if not e["success"]]
+    failed = [
+        _batch_failure(entry, rows_in, cfg.min_rows)
+        for check, entry in zip(checks, entries, strict=True)
+        if not check.row_level and not entry["success"]
+    ]
     if failed:
-        raise fail(failed, f"rows_in={rows_in}")
+        raise run.fail(failed, f"rows_in={rows_in}")
 
-    # 5. row-level masks, cross-checked against GX
-    t0 = time.perf_counter()
-    masks = _row_masks(frame, bounds)
-    codes, all_duplicated = _assign_reasons(frame, masks, candidates)
-    gx_counts_expected = {
-        "not_null:user_id": int(masks[NULL_USER].sum()),
-        "not_null:item_id": int(masks[NULL_ITEM].sum()),
-        "not_null:timestamp": int(masks[NULL_TIMESTAMP].sum()),
-        "range:timestamp": int((masks[TIMESTAMP_BEFORE_MIN] | masks[TIMESTAMP_IN_FUTURE]).sum()),
-        "not_null:rating": int(masks[NULL_RATING].sum()),
-        "range:rating": int(masks[RATING_OUT_OF_RANGE].sum()),
-        "unique:user_id,item_id,timestamp": all_duplicated,
-    }
-    for rule, entry in zip(rules, rule_entries, strict=True):
-        expected = gx_counts_expected[rule.check]
-        if entry["exception"] or entry["unexpected_count"] != expected:
-            raise ValidationCrossCheckError(
-                f"{_name(entry)}: GX counts {entry['unexpected_count']} unexpected rows "
-                f"(exception: {entry['exception']}), the pandas mask counts {expected}"
-            )
+    # 5. row-level masks, cross-checked against GX's counts
+    masks = _row_masks(frame, run.bounds)
+    codes, gx_duplicates = _assign_reasons(frame, masks, candidates)
+    expected_counts = _gx_expected_counts(masks, gx_duplicates)
+    for check, entry in zip(checks, entries, strict=True):
+        if not check.row_level:
+            continue
+        expected = expected_counts[check.name]
         entry["mask_count"] = expected
-    summary["rule_violations"] = {r: int(masks[r].sum()) for r in REASONS[:-1]} | {
-        "duplicate_key_rows_incl_first": all_duplicated
-    }
-    counts_by_code = np.bincount(codes, minlength=len(REASONS) + 1)
-    by_reason = {REASONS[i]: int(counts_by_code[i + 1]) for i in range(len(REASONS)) if counts_by_code[i + 1]}
-    rows_passed = int(counts_by_code[0])
-    rows_quarantined = int(counts_by_code[1:].sum())
-    if rows_passed + rows_quarantined != rows_in:  # cannot happen; guards the invariant in code
-        raise ValidationCrossCheckError(f"rows_in={rows_in} != passed {rows_passed} + quarantined {rows_quarantined}")
+        if entry["exception"] is not None or entry["unexpected_count"] != expected:
+            problem = (
+                f"{_name(entry)}: GX counts {entry['unexpected_count']} unexpected rows "
+                f"(exception: {entry['exception']}), the pandas mask {expected}"
+            )
+            summary["failures"] = [f"internal cross-check failed: {problem}"]
+            run.write_summary()
+            raise ValidationCrossCheckError(problem)
+    per_code = np.bincount(codes, minlength=len(REASONS) + 1)
+    by_reason = {reason: int(per_code[i + 1]) for i, reason in enumerate(REASONS) if per_code[i + 1]}
+    rows_passed = int(per_code[0])
+    rows_quarantined = int(per_code[1:].sum())
+    if rows_passed + rows_quarantined != rows_in:  # bincount makes this impossible; kept as a guard
+        raise ValidationCrossCheckError(f"rows_in {rows_in} != passed {rows_passed} + quarantined {rows_quarantined}")
     share = rows_quarantined / rows_in if rows_in else 0.0
     summary.update(
         rows_passed=rows_passed,
@@ -655,22 +727,20 @@ def run_validate(cfg: ValidateConfig, layout: Layout, now: dt.datetime | None = 
         quarantine_share=share,
         rows_accounted_for=True,
         quarantined_by_reason=by_reason,
+        rule_violations={r: int(masks[r].sum()) for r in REASONS[:-1]} | {"duplicate_key_rows": gx_duplicates},
     )
-    timings["masks"] = round(time.perf_counter() - t0, 3)
+    t = run.lap("row_masks", t)
 
-    # 6. quarantine (written on a share failure too: it is what a person needs to look at)
-    t0 = time.perf_counter()
+    # 6. quarantine: written on a share failure too, it is what a person needs to look at
     bad = codes != 0
-    bad_codes = codes[bad]
+    reasons = pa.DictionaryArray.from_arrays(pa.array(codes[bad] - 1, type=pa.int8()), pa.array(REASONS, pa.string()))
     quarantine = table.filter(pa.array(bad))
-    reason = pa.DictionaryArray.from_arrays(
-        pa.array(bad_codes.astype(np.int8) - 1, type=pa.int8()), pa.array(REASONS, type=pa.string())
-    ).cast(pa.string())
-    quarantine = quarantine.append_column(schema.QUARANTINE_REASON, reason)
-    quarantine = quarantine.append_column(schema.QUARANTINE_STAGE, pa.repeat(pa.scalar(STAGE, pa.string()), len(bad_codes)))
-    write_parquet(quarantine, quarantine_path)
-    summary["outputs"]["quarantine"] = str(quarantine_path)
-    timings["write_quarantine"] = round(time.perf_counter() - t0, 3)
+    quarantine = quarantine.append_column(schema.QUARANTINE_REASON, reasons.cast(pa.string()))
+    stage = pa.repeat(pa.scalar(STAGE, pa.string()), rows_quarantined)
+    quarantine = quarantine.append_column(schema.QUARANTINE_STAGE, stage)
+    write_parquet(quarantine, run.quarantine_path)
+    summary["outputs"]["quarantine"] = str(run.quarantine_path)
+    t = run.lap("write_quarantine", t)
 
     share_ok = share <= cfg.max_quarantine_share
     summary["checks"].append(
@@ -682,32 +752,30 @@ def run_validate(cfg: ValidateConfig, layout: Layout, now: dt.datetime | None = 
         }
     )
     if not share_ok:
-        raise fail(
+        raise run.fail(
             [
-                f"check 'max_quarantine_share' failed: {rows_quarantined} of {rows_in} rows quarantined "
-                f"(share {share:.4f} > validate.max_quarantine_share {cfg.max_quarantine_share}); by reason {by_reason}"
+                f"check 'max_quarantine_share' failed: {rows_quarantined} of {rows_in} rows quarantined, share "
+                f"{share:.4f} > validate.max_quarantine_share {cfg.max_quarantine_share} (by reason: {by_reason})"
             ],
             f"rows_in={rows_in}, rows_passed={rows_passed}, rows_quarantined={rows_quarantined}",
         )
 
     # 7. validated output
-    t0 = time.perf_counter()
-    write_parquet(table.filter(pa.array(~bad)), validated_path)
-    summary["outputs"]["validated"] = str(validated_path)
-    timings["write_validated"] = round(time.perf_counter() - t0, 3)
+    write_parquet(table.filter(pa.array(~bad)), run.validated_path)
+    summary["outputs"]["validated"] = str(run.validated_path)
+    run.lap("write_validated", t)
     summary["success"] = True
-    timings["total"] = round(time.perf_counter() - started, 3)
-    write_json(summary, summary_path)
+    run.write_summary()
     logger.info(
         "validate: %d rows in, %d passed, %d quarantined %s in %.1fs -> %s",
-        rows_in, rows_passed, rows_quarantined, by_reason, timings["total"], validated_path,
+        rows_in, rows_passed, rows_quarantined, by_reason, run.timings["total"], run.validated_path,
     )
     return ValidationResult(
         rows_in=rows_in,
         rows_passed=rows_passed,
         rows_quarantined=rows_quarantined,
         quarantined_by_reason=by_reason,
-        expectations=expectations,
-        summary_path=summary_path,
+        expectations=entries,
+        summary_path=run.summary_path,
         data_docs_path=docs_index,
     )
