@@ -50,10 +50,10 @@ def _train(params: Params, layout: Layout, resume: bool = False) -> Any:
 
 
 def _evaluate(params: Params, layout: Layout) -> Any:
-    from pipeline.evaluate import run_evaluate
+    from pipeline.evaluate import markdown_table, run_evaluate
 
     report = run_evaluate(params.evaluate, params.train, params.tracking, layout, seed=params.seed)
-    logger.info("test metrics:\n%s", report["table"])
+    logger.info("test metrics:\n%s", markdown_table(report["models"]))
     return {name: {k: v for k, v in metrics.items() if k.startswith("full/")} for name, metrics in report["models"].items()}
 
 

@@ -136,7 +136,7 @@ class TrainConfig(_Strict):
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(128, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     loss: Literal["full_softmax", "sampled_softmax"] = "full_softmax"
     n_negatives: int = Field(256, ge=1, description="sampled_softmax only")

@@ -184,7 +184,7 @@ def run_evaluate(eval_cfg, train_cfg, tracking, layout, seed: int, split: str = 
     """Test-split metrics of the trained model and its baselines -> reports/metrics.json and MLflow."""
     import json
 
-    from pipeline.io import write_json
+    from pipeline.io import atomic_path, write_json
     from pipeline.sequences import load_sequences
     from pipeline.tracking import mlflow_run
     from pipeline.train import TrainError, select_device
@@ -202,14 +202,12 @@ def run_evaluate(eval_cfg, train_cfg, tracking, layout, seed: int, split: str = 
             sampled_negatives=eval_cfg.sampled_negatives, sampled_strategies=eval_cfg.sampled_strategies, seed=seed,
         )
         logger.info("%s: %s", name, {k: round(results[name][k], 4) for k in HEADLINE})
-    report = {
-        "split": split,
-        "protocol": "leave-one-out, full ranking over all items, user's earlier items excluded; "
-                    f"sampled_* rank the target against {eval_cfg.sampled_negatives} sampled negatives",
-        "models": results,
-        "table": markdown_table(results),
-    }
+    report = {"split": split, "models": results}
+    protocol = ("Full ranking over all items with each user's earlier items excluded (`full/*`); `sampled_*` rank the "
+                f"held-out item against {eval_cfg.sampled_negatives} sampled unseen items, for comparison with papers only.")
     write_json(report, layout.reports_dir / METRICS_REPORT)
+    with atomic_path(layout.reports_dir / "metrics.md") as tmp:
+        tmp.write_text(f"# Test metrics ({split} split)\n\n{protocol}\n\n{markdown_table(results)}\n", encoding="utf-8")
     run_info = run_dir / "run.json"
     run_id = json.loads(run_info.read_text())["mlflow_run_id"] if run_info.exists() else None
     with mlflow_run(tracking, layout.root, f"evaluate-{train_cfg.run_name}", run_id=run_id, system_metrics=False) as active:
@@ -219,4 +217,5 @@ def run_evaluate(eval_cfg, train_cfg, tracking, layout, seed: int, split: str = 
             mlflow.log_metrics({f"{split}.{name}.{metric.replace('@', '_at_')}": value
                                 for name, metrics in results.items() for metric, value in metrics.items()})
             mlflow.log_dict(report, f"reports/{METRICS_REPORT}")
+            mlflow.log_artifact(str(layout.reports_dir / "metrics.md"), "reports")
     return report
