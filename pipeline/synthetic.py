@@ -190,8 +190,15 @@ def _generate_chunk(
     user_gap = rng.lognormal(np.log(MEAN_GAP_SECONDS), 1.0, size=n_users)
     gaps = 1 + rng.exponential(1.0, size=valid.shape) * user_gap[:, None]
     gaps[:, 0] = 0
-    offsets = np.cumsum(np.where(valid, gaps, 0), axis=1)[valid].astype(np.int64)
-    user_start = rng.integers(0, max(1, int(0.8 * cfg.span_days * 86_400)), size=n_users)
+    cumulative = np.cumsum(np.where(valid, gaps, 0), axis=1)
+    span_s = cfg.span_days * 86_400
+    user_start = rng.integers(0, max(1, int(0.8 * span_s)), size=n_users)
+    # A very active user would run past the end of the span (or into the future): compress that
+    # user's gaps so every timestamp stays inside [start_date, start_date + span_days).
+    user_total = cumulative[np.arange(n_users), lengths_sorted - 1]
+    room = (span_s - 1 - user_start).astype(np.float64)
+    scale = np.minimum(1.0, room / np.maximum(user_total, 1.0))
+    offsets = (cumulative * scale[:, None])[valid].astype(np.int64)
     seconds = start_epoch_s + np.repeat(user_start, lengths_sorted) + offsets
 
     return pa.table(

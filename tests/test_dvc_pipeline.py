@@ -38,6 +38,8 @@ def repo_copy(tmp_path) -> Path:
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["ingest"]["synthetic"].update(n_interactions=20_000, n_items=500)
     params["validate"]["data_docs"] = False
+    params["train"].update(epochs=2, d_model=16, n_heads=1)
+    params["train"]["bpr"]["epochs"] = 2
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     return dest
@@ -47,12 +49,14 @@ def test_dvc_repro_runs_and_second_repro_does_nothing(repo_copy):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "GX_ANALYTICS_ENABLED": "false"}
     dvc = [sys.executable, "-m", "dvc"]
     first = _run([*dvc, "repro"], repo_copy, env)
-    for stage in ("ingest", "validate", "features"):
+    for stage in ("ingest", "validate", "features", "train", "evaluate"):
         assert f"Running stage '{stage}'" in first.stdout
     stats = json.loads((repo_copy / "reports/features.json").read_text())
     assert stats["interactions"] > 0
     validation = json.loads((repo_copy / "reports/validation.json").read_text())
     assert validation["rows_in"] == validation["rows_passed"] + validation["rows_quarantined"]
+    metrics = json.loads((repo_copy / "reports/metrics.json").read_text())
+    assert set(metrics["models"]) == {"sasrec", "popularity", "bpr"}
 
     second = _run([*dvc, "repro"], repo_copy, env)
     assert "Running stage" not in second.stdout

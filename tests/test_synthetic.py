@@ -34,9 +34,13 @@ def test_popularity_is_heavy_tailed():
     assert top_share > 0.3  # the top 10% of items take far more than 10% of interactions
 
 
-def test_timestamps_increase_per_user_and_noise_is_low_rated():
-    frame = _frame(SyntheticConfig(n_interactions=20_000, n_items=500, noise_rate=0.1))
+def test_timestamps_increase_per_user_stay_in_span_and_noise_is_low_rated():
+    cfg = SyntheticConfig(n_interactions=20_000, n_items=500, noise_rate=0.1, span_days=30, mean_sequence_length=100.0)
+    frame = _frame(cfg)
     assert frame.groupby(schema.USER)[schema.TIMESTAMP].apply(lambda s: s.is_monotonic_increasing).all()
+    start = pd.Timestamp(cfg.start_date, tz="UTC")
+    assert frame[schema.TIMESTAMP].min() >= start
+    assert frame[schema.TIMESTAMP].max() < start + pd.Timedelta(days=30)
     assert set(frame[schema.RATING].unique()) <= {1.0, 2.0, 3.0, 4.0, 5.0}
     low = (frame[schema.RATING] < 3).mean()
     assert 0.05 < low < 0.15
