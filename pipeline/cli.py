@@ -61,6 +61,13 @@ def _show_params(params: Params, layout: Layout) -> Any:
     return params.model_dump(mode="json", by_alias=True)
 
 
+def _config_reference(params: Params, layout: Layout) -> Any:
+    from pipeline.config import reference_markdown
+
+    sys.stdout.write(reference_markdown())
+    return None
+
+
 STAGES: dict[str, Callable[[Params, Layout], Any]] = {
     "ingest": _ingest,
     "validate": _validate,
@@ -68,6 +75,7 @@ STAGES: dict[str, Callable[[Params, Layout], Any]] = {
     "train": _train,
     "evaluate": _evaluate,
     "show-params": _show_params,
+    "config-reference": _config_reference,
 }
 
 
@@ -108,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as err:
         logger.error("%s failed: %s", args.stage, err)
         return err.exit_code
-    json.dump(_summary(result), sys.stdout, indent=2, default=str)
-    sys.stdout.write("\n")
+    if result is not None:
+        json.dump(_summary(result), sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
     return 0

@@ -9,6 +9,7 @@ that names the key.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,9 +46,9 @@ class SyntheticConfig(_Strict):
 
 
 class MovieLensConfig(_Strict):
-    path: str = "../shared/data/ml-100k"
+    path: str = Field("../shared/data/ml-100k", description="a directory, or a u.data / ratings.dat / ratings.csv file")
     variant: Literal["auto", "ml-100k", "ml-1m", "ml-10m", "ml-20m", "ml-25m", "ml-32m"] = "auto"
-    download: bool = False
+    download: bool = Field(False, description="fetch the official archive (MD5-checked) when the data is missing")
     base_url: str = "https://files.grouplens.org/datasets/movielens"
 
 
@@ -60,31 +61,32 @@ class ColumnMapping(_Strict):
 
 
 class FileConfig(_Strict):
-    path: str | None = None
-    format: Literal["auto", "csv", "parquet"] = "auto"
+    path: str | None = Field(None, description="CSV or Parquet file")
+    format: Literal["auto", "csv", "parquet"] = Field("auto", description="auto: from the file extension")
     sep: str = ","
     header: bool = True
     columns: ColumnMapping = ColumnMapping()
-    id_type: Literal["int", "str"] = "str"
-    timestamp_unit: Literal["auto", "s", "ms", "us", "ns", "datetime"] = "auto"
-    event_weights: dict[str, float] | None = None
+    id_type: Literal["int", "str"] = Field("str", description="int: non-numeric ids are quarantined")
+    timestamp_unit: Literal["auto", "s", "ms", "us", "ns", "datetime"] = Field(
+        "auto", description="auto: epoch unit from the magnitude of the values, or ISO date-times")
+    event_weights: dict[str, float] | None = Field(None, description="event type -> weight, with columns.event")
 
 
 class IngestConfig(_Strict):
-    source: Literal["synthetic", "movielens", "file"] = "synthetic"
+    source: Literal["synthetic", "movielens", "file"] = Field("synthetic", description="where interactions come from")
     synthetic: SyntheticConfig = SyntheticConfig()
     movielens: MovieLensConfig = MovieLensConfig()
     file: FileConfig = FileConfig()
 
 
 class ValidateConfig(_Strict):
-    min_rows: int = Field(1_000, ge=0)
+    min_rows: int = Field(1_000, ge=0, description="fewer rows fail the batch")
     min_timestamp: dt.datetime = Field(dt.datetime(1995, 1, 1, tzinfo=dt.timezone.utc), strict=False)
     future_tolerance_s: int = Field(3600, ge=0, description="clock skew allowed beyond 'now'")
-    rating_min: float = 0.0
+    rating_min: float = Field(0.0, description="ratings outside [rating_min, rating_max] are quarantined")
     rating_max: float = 5.0
-    max_quarantine_share: float = Field(0.05, ge=0.0, le=1.0)
-    data_docs: bool = True
+    max_quarantine_share: float = Field(0.05, ge=0.0, le=1.0, description="a larger quarantined share fails the batch")
+    data_docs: bool = Field(True, description="build Great Expectations Data Docs under reports/data_docs")
 
     @model_validator(mode="after")
     def _check_range(self) -> ValidateConfig:
@@ -94,14 +96,15 @@ class ValidateConfig(_Strict):
 
 
 class SplitConfig(_Strict):
-    strategy: Literal["leave_one_out", "temporal"] = "leave_one_out"
-    valid_fraction: float = Field(0.1, gt=0.0, lt=0.5)
-    test_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    strategy: Literal["leave_one_out", "temporal"] = Field(
+        "leave_one_out", description="last item test, second to last valid; or one global time cut-off")
+    valid_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="temporal only")
+    test_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="temporal only")
 
 
 class FeaturesConfig(_Strict):
     min_rating: float | None = Field(3.0, description="implicit-feedback threshold; null keeps every rating")
-    dedupe: Literal["first", "last", "none"] = "first"
+    dedupe: Literal["first", "last", "none"] = Field("first", description="which repeat of a (user, item) pair to keep")
     min_user_interactions: int = Field(5, ge=1)
     min_item_interactions: int = Field(5, ge=1)
     max_kcore_iterations: int = Field(50, ge=1)
@@ -126,8 +129,8 @@ class BPRConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    model: Literal["sasrec", "popularity", "bpr"] = "sasrec"
-    preset: Literal["small", "medium", "large"] = "small"
+    model: Literal["sasrec", "popularity", "bpr"] = Field("sasrec", description="the model this run trains")
+    preset: Literal["small", "medium", "large"] = Field("small", description="SASRec shape; the keys below override it")
     # Optional shape overrides of the preset (null keeps the preset's value).
     d_model: int | None = Field(None, ge=8)
     n_layers: int | None = Field(None, ge=1)
@@ -138,35 +141,36 @@ class TrainConfig(_Strict):
     batch_size: int = Field(128, ge=1)
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    loss: Literal["full_softmax", "sampled_softmax"] = "full_softmax"
+    loss: Literal["full_softmax", "sampled_softmax"] = Field(
+        "full_softmax", description="sampled_softmax (log-Q corrected) for catalogues too large for a full softmax")
     n_negatives: int = Field(256, ge=1, description="sampled_softmax only")
     early_stopping_patience: int = Field(3, ge=1, description="epochs without a better valid NDCG@10")
     curriculum: CurriculumConfig = CurriculumConfig()
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    compile: bool = False
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
+    compile: bool = Field(False, description="torch.compile the training step")
     num_threads: int | None = Field(None, ge=1, description="CPU threads; null lets torch decide")
-    baselines: list[Literal["popularity", "bpr"]] = ["popularity", "bpr"]
+    baselines: list[Literal["popularity", "bpr"]] = Field(["popularity", "bpr"], description="trained beside the model")
     bpr: BPRConfig = BPRConfig()
-    run_name: str = Field("main", pattern=r"^[A-Za-z0-9_.-]+$")
+    run_name: str = Field("main", pattern=r"^[A-Za-z0-9_.-]+$", description="models/<run_name>/")
 
 
 class EvaluateConfig(_Strict):
-    ks: list[int] = [10, 20, 50]
+    ks: list[int] = Field([10, 20, 50], description="cut-offs of HR/NDCG/Recall/Coverage")
     batch_size: int = Field(512, ge=1)
-    sampled_negatives: int = Field(100, ge=1)
+    sampled_negatives: int = Field(100, ge=1, description="negatives of the sampled (paper) protocols")
     sampled_strategies: list[Literal["uniform", "popularity"]] = ["uniform", "popularity"]
 
 
 class TrackingConfig(_Strict):
     # null: $MLFLOW_TRACKING_URI if set, else a SQLite store inside the work dir.
     tracking_uri: str | None = None
-    experiment: str = "leanrec"
-    enabled: bool = True
+    experiment: str = Field("leanrec", description="MLflow experiment name")
+    enabled: bool = Field(True, description="false: log nothing to MLflow")
 
 
 class Params(_Strict):
-    seed: int = 42
+    seed: int = Field(42, description="seeds data generation, batch order and initialisation")
     ingest: IngestConfig = IngestConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     features: FeaturesConfig = FeaturesConfig()
@@ -233,3 +237,44 @@ def load_params(path: str | Path = DEFAULT_PARAMS_PATH, overrides: list[str] | N
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
     return params_from_dict(raw, overrides, source=str(path))
+
+
+def _type_name(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
+    text = text or str(annotation).replace("typing.", "").replace("datetime.", "")
+    return text.replace("|", "\\|")  # a bare | would split the markdown table cell
+
+
+def reference_markdown() -> str:
+    """The configuration reference (docs/configuration.md), generated from the models above."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `pipeline/config.py` by `python -m pipeline config-reference > docs/configuration.md`;",
+        "a test fails when this page is stale. Every key lives in `params.yaml`; override one for a run",
+        "with `-S key=value` (CLI) or `dvc exp run -S key=value`.",
+        "",
+    ]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        rows, sections = [], []
+        for name, info in model.model_fields.items():
+            key = f"{prefix}{info.alias or name}"
+            annotation = info.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                sections.append((annotation, f"{key}."))
+                continue
+            default = info.get_default(call_default_factory=True)
+            symbols = {"Ge": ">=", "Gt": ">", "Le": "<=", "Lt": "<"}
+            limits = [f"{symbols[type(m).__name__]} {getattr(m, type(m).__name__.lower())}"
+                      for m in info.metadata if type(m).__name__ in symbols]
+            notes = "; ".join(filter(None, [info.description or "", ", ".join(limits)]))
+            rows.append(f"| `{key}` | `{_type_name(annotation)}` | `{json.dumps(default, default=str)}` | {notes} |")
+        if rows:
+            title = prefix.rstrip(".") or "(top level)"
+            lines.extend([f"## `{title}`", "", "| key | type | default | notes |", "| --- | --- | --- | --- |", *rows, ""])
+        for section, section_prefix in sections:
+            walk(section, section_prefix)
+
+    walk(Params, "")
+    return "\n".join(lines).rstrip() + "\n"

@@ -58,3 +58,26 @@ def test_cli_reports_config_error_without_traceback(tmp_path, capsys, caplog):
     assert code == 2
     assert "ingest.bogus: unknown key" in caplog.text
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_configuration_reference_is_up_to_date():
+    from pathlib import Path
+
+    from pipeline.config import reference_markdown
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    assert page.read_text(encoding="utf-8") == reference_markdown(), (
+        "docs/configuration.md is stale: run `python -m pipeline config-reference > docs/configuration.md`"
+    )
+
+
+def test_reference_lists_every_key_of_params_yaml():
+    from pipeline.config import reference_markdown
+    from pipeline.tracking import flatten
+
+    import yaml
+
+    reference = reference_markdown()
+    for key in flatten(yaml.safe_load(open("params.yaml", encoding="utf-8"))):
+        if not key.startswith("ingest.file.columns."):
+            assert f"`{key}`" in reference, key

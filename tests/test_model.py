@@ -57,6 +57,8 @@ def test_presets_span_small_to_large():
     with torch.device("meta"):
         assert count_parameters(build_sasrec(100_000, "large")) == large
     assert large >= 100_000_000
+    with torch.device("meta"):
+        assert count_parameters(build_sasrec(1_000, "large")) >= 100_000_000  # even on a tiny catalogue
 
 
 def test_save_and_load_round_trip(tmp_path):
