@@ -305,6 +305,7 @@ def run_train(
                 mlflow.log_params(flatten({"train": cfg.model_dump(mode="json"), "model": model_cfg.to_dict(), "seed": seed}))
                 mlflow.log_params({"data.users": len(data.users), "data.items": data.n_items, "model.parameters": n_params,
                                    "device": str(device), "precision": str(amp_dtype or "fp32"), "world_size": world.world_size})
+                mlflow.log_dict({"train": cfg.model_dump(mode="json"), "model": model_cfg.to_dict(), "seed": seed}, "config.json")
             write_json({"mlflow_run_id": mlflow_active.info.run_id}, run_info_path)
         logger.info("train: %s preset=%s, %s parameters, device=%s, precision=%s, world=%d",
                     cfg.model, cfg.preset, f"{n_params:,}", device, amp_dtype or "fp32", world.world_size)

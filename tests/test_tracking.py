@@ -39,6 +39,8 @@ def test_train_and_evaluate_log_to_a_temporary_store(tmp_path, monkeypatch):
     assert len(run.data.tags["leanrec.features.sha256"]) == 64
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     assert "model/model.safetensors" in artifacts and "model/model_config.json" in artifacts
+    config = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/config.json")
+    assert config["train"]["d_model"] == 16 and config["model"]["n_items"] > 0
     # Artifacts of the embedded store live inside the work dir.
     assert (tmp_path / "mlartifacts").is_dir()
     mlflow.set_tracking_uri(None)
