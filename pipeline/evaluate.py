@@ -83,7 +83,9 @@ def evaluate(
     ks = sorted(set(int(k) for k in ks))
     device = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
-    popularity = torch.from_numpy(data.train_item_counts()).double().to(device)
+    sampled_strategies = tuple(sampled_strategies)
+    # Only the popularity-sampled protocol needs the counts; per-epoch validation skips it.
+    popularity = torch.from_numpy(data.train_item_counts()).double().to(device) if "popularity" in sampled_strategies else None
     totals: dict[str, float] = {}
     top_items = {k: torch.zeros(data.n_items + 1, dtype=torch.bool, device=device) for k in ks}
     n_users = 0
@@ -115,7 +117,7 @@ def evaluate(
 
 
 def _sampled_ranks(
-    scores: torch.Tensor, targets: torch.Tensor, popularity: torch.Tensor, strategy: str, n_negatives: int, generator: torch.Generator
+    scores: torch.Tensor, targets: torch.Tensor, popularity: torch.Tensor | None, strategy: str, n_negatives: int, generator: torch.Generator
 ) -> torch.Tensor:
     """Rank of the target among `n_negatives` sampled items the user has not seen."""
     allowed = torch.isfinite(scores)  # seen items and padding were set to -inf
