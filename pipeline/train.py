@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,6 +220,7 @@ def _peak_memory_mib(device: torch.device) -> float:
 def train_baselines(cfg: TrainConfig, data: SequenceData, run_dir: Path, seed: int, device: torch.device) -> dict[str, float]:
     """Popularity counts and BPR-MF, saved as safetensors beside the main model."""
     out_dir = run_dir / BASELINES_DIR
+    shutil.rmtree(out_dir, ignore_errors=True)  # no stale baseline from an earlier config survives
     out_dir.mkdir(parents=True, exist_ok=True)
     seconds = {}
     names = set(cfg.baselines) | ({cfg.model} - {"sasrec"})
@@ -289,6 +291,9 @@ def run_train(
         logger.info("resuming %s after epoch %d (best %s=%.4f)", run_dir, state["epoch"], VALID_METRIC, state["best_metric"])
     elif resume:
         logger.info("no checkpoint at %s: starting from scratch", checkpoint_path)
+    else:
+        # A fresh run must not leave an older run's checkpoint behind: a later --resume would load it.
+        checkpoint_path.unlink(missing_ok=True)
 
     n_params = count_parameters(model)
     tags = lineage_tags(layout.root, layout.features_dir) if world.is_main and tracking.enabled else {}

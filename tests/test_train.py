@@ -139,3 +139,15 @@ def test_ddp_on_two_cpu_processes_matches_single_process(features, tmp_path):
     b = load_file(str(ddp.model_dir("main") / "model.safetensors"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4)
+
+
+def test_fresh_run_discards_an_older_checkpoint_and_baselines(features, tmp_path):
+    layout = copy_features(features, tmp_path)
+    first = _params("train.epochs=3", "train.early_stopping_patience=10", "train.baselines=[popularity,bpr]", "train.bpr.epochs=1")
+    run_train(first.train, first.tracking, layout, seed=1)
+    run_dir = layout.model_dir("main")
+    assert (run_dir / "baselines" / "bpr.safetensors").exists()
+    second = _params("train.epochs=1")  # FAST keeps popularity only
+    run_train(second.train, second.tracking, layout, seed=1)
+    assert torch.load(run_dir / CHECKPOINT_FILE, weights_only=True)["epoch"] == 0
+    assert not (run_dir / "baselines" / "bpr.safetensors").exists()
