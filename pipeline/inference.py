@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.model import PADDING_INDEX, SASRec, load_model
+from pipeline.model import PADDING_INDEX, SASRec
 
 MAX_K = 1000
 
@@ -27,7 +27,10 @@ class Recommender:
 
     @classmethod
     def load(cls, directory: str | Path, device: torch.device | str = "cpu") -> Recommender:
-        return cls(load_model(Path(directory), device), device)
+        """A teacher or any compressed variant directory."""
+        from pipeline.variants import load_variant
+
+        return cls(load_variant(Path(directory), device), device)
 
     def _batch(self, histories: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded inputs of each history's last max_len items, and their lengths."""

@@ -109,12 +109,16 @@ class SASRec(nn.Module):
 
     def hidden(self, items: torch.Tensor) -> torch.Tensor:
         """(batch, length) right-padded item indices -> (batch, length, d_model)."""
-        length = items.shape[1]
+        return self._encode(self.item_embedding(items))
+
+    def _encode(self, embedded: torch.Tensor) -> torch.Tensor:
+        """Item vectors (batch, length, d_model) -> hidden states; variants swap only the lookup."""
+        length = embedded.shape[1]
         if length > self.cfg.max_len:
             raise ValueError(f"sequence length {length} exceeds max_len={self.cfg.max_len}")
-        positions = torch.arange(length, device=items.device)
+        positions = torch.arange(length, device=embedded.device)
         # Scaling the item embedding by sqrt(d) as in SASRec keeps it on the scale of the positions.
-        x = self.item_embedding(items) * math.sqrt(self.cfg.d_model) + self.position_embedding(positions)
+        x = embedded * math.sqrt(self.cfg.d_model) + self.position_embedding(positions)
         x = self.drop(x)
         for block in self.blocks:
             x = block(x)

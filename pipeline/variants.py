@@ -1,0 +1,137 @@
+"""Compressed variants of a trained SASRec teacher, saved and loaded through one format.
+
+A variant directory holds `variant.json` (what kind, from which teacher, its
+settings), `model_config.json` and `model.safetensors`; `load_variant` rebuilds
+the module and `pipeline.inference.Recommender` serves any of them.
+
+Variants so far (issue 4 adds pruning, distillation and int8 Linear layers):
+- `fp16` / `bf16`: every weight stored at half precision; on CPU they are
+  computed in fp32 after loading (half-precision matmuls are not faster there),
+  so they save disk and memory at rest, not latency.
+- `int8_table` / `int4_table`: the item-embedding table quantized row-wise
+  (pipeline/quantize.py); rows are dequantized on lookup, and the output table
+  is dequantized once at load time.
+- `lowrank`: the item table factorised by truncated SVD, E ~= U V with
+  U (n_items+1, r) and V (r, d); scoring is (h V^T) U^T, fewer FLOPs than h E^T
+  when r < d.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline.io import atomic_path, write_json
+from pipeline.model import CONFIG_FILE, WEIGHTS_FILE, SASRec, SASRecConfig, load_model
+from pipeline.quantize import RowwiseQuantized, quantize_rowwise
+
+VARIANT_FILE = "variant.json"
+TABLE_KEY = "item_embedding.weight"
+KINDS = ("fp32", "fp16", "bf16", "int8_table", "int4_table", "lowrank")
+
+
+class QuantizedTableSASRec(SASRec):
+    """SASRec whose item table is stored row-wise quantized."""
+
+    def __init__(self, cfg: SASRecConfig, table: RowwiseQuantized):
+        super().__init__(cfg)
+        del self.item_embedding  # replaced by the quantized table below
+        self.table = table
+        self.register_buffer("dense_table", table.dequantize(), persistent=False)
+
+    def hidden(self, items: torch.Tensor) -> torch.Tensor:
+        return self._encode(self.dense_table[items])
+
+    def item_weights(self) -> torch.Tensor:
+        return self.dense_table
+
+
+class LowRankSASRec(SASRec):
+    """SASRec whose item table is the product of two thin factors."""
+
+    def __init__(self, cfg: SASRecConfig, rank: int):
+        super().__init__(cfg)
+        del self.item_embedding
+        self.item_factors = nn.Parameter(torch.zeros(cfg.n_items + 1, rank))
+        self.basis = nn.Parameter(torch.zeros(rank, cfg.d_model))
+
+    def hidden(self, items: torch.Tensor) -> torch.Tensor:
+        return self._encode(self.item_factors[items] @ self.basis)
+
+    def item_weights(self) -> torch.Tensor:
+        return self.item_factors @ self.basis
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return (hidden @ self.basis.T) @ self.item_factors.T
+
+
+def factorise(table: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-r approximation (truncated SVD): table ~= factors @ basis."""
+    if not 1 <= rank <= min(table.shape):
+        raise ValueError(f"rank must be between 1 and {min(table.shape)}, got {rank}")
+    u, s, vh = torch.linalg.svd(table.detach().float(), full_matrices=False)
+    return (u[:, :rank] * s[:rank]).contiguous(), vh[:rank].contiguous()
+
+
+def _other_weights(teacher: SASRec) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items() if k != TABLE_KEY}
+
+
+def build_variant_state(teacher: SASRec, kind: str, rank: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors to save and the settings that go into variant.json."""
+    table = teacher.item_embedding.weight.detach().cpu()
+    if kind == "fp32":
+        return {k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()}, {}
+    if kind in ("fp16", "bf16"):
+        dtype = torch.float16 if kind == "fp16" else torch.bfloat16
+        return {k: v.detach().cpu().to(dtype).contiguous() for k, v in teacher.state_dict().items()}, {}
+    if kind in ("int8_table", "int4_table"):
+        bits = 8 if kind == "int8_table" else 4
+        return {**_other_weights(teacher), **quantize_rowwise(table, bits).state_dict("table")}, {"bits": bits}
+    if kind == "lowrank":
+        if rank is None:
+            raise ValueError("lowrank needs a rank")
+        factors, basis = factorise(table, rank)
+        return {**_other_weights(teacher), "item_factors": factors, "basis": basis}, {"rank": rank}
+    raise ValueError(f"unknown variant kind {kind!r}; choose one of {KINDS}")
+
+
+def save_variant(teacher: SASRec, directory: Path, kind: str, rank: int | None = None) -> Path:
+    state, settings = build_variant_state(teacher, kind, rank)
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp))
+    write_json(teacher.cfg.to_dict(), directory / CONFIG_FILE)
+    write_json({"kind": kind, **settings}, directory / VARIANT_FILE)
+    return directory
+
+
+def load_variant(directory: Path, device: torch.device | str = "cpu") -> SASRec:
+    """Any saved model: a teacher directory (no variant.json) or a variant directory."""
+    if not (directory / VARIANT_FILE).exists():
+        return load_model(directory, device)
+    variant = json.loads((directory / VARIANT_FILE).read_text(encoding="utf-8"))
+    cfg = SASRecConfig(**json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8")))
+    state = load_file(str(directory / WEIGHTS_FILE))
+    kind = variant["kind"]
+    if kind in ("fp32", "fp16", "bf16"):
+        model = SASRec(cfg)
+        model.load_state_dict({k: v.float() for k, v in state.items()})
+    elif kind in ("int8_table", "int4_table"):
+        table = RowwiseQuantized.from_state_dict(state, "table", variant["bits"], cfg.d_model)
+        model = QuantizedTableSASRec(cfg, table)
+        model.load_state_dict({k: v for k, v in state.items() if not k.startswith("table.")})
+    elif kind == "lowrank":
+        model = LowRankSASRec(cfg, variant["rank"])
+        model.load_state_dict(state)
+    else:
+        raise ValueError(f"{directory}: unknown variant kind {kind!r}")
+    return model.to(device).eval()
+
+
+def size_on_disk(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
