@@ -7,9 +7,9 @@ split (full ranking) and timed with the same histories and thread count.
     python benchmarks/compression.py --datasets ml-100k
     python benchmarks/compression.py --datasets ml-100k synthetic-1m --threads 2
 
-Variants measured so far: fp16, bf16, int8 and int4 row-wise item tables, and
-low-rank item tables. Pruning, distillation and int8 Linear layers are still to
-come (issue 4).
+Variants measured so far: fp16, bf16, int8 and int4 row-wise item tables, int8
+Linear layers (torchao) with the int8 table, and low-rank item tables. Pruning
+and distillation are still to come (issue 4).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from pipeline.inference import Recommender  # noqa: E402
 from pipeline.model import WEIGHTS_FILE, load_model  # noqa: E402
 from pipeline.sequences import evaluation_batches, load_sequences  # noqa: E402
 from pipeline.train import run_train  # noqa: E402
-from pipeline.variants import load_variant, save_variant, size_on_disk  # noqa: E402
+from pipeline.variants import TORCH_WEIGHTS_FILE, load_variant, save_variant, size_on_disk  # noqa: E402
 
 
 ROUNDS = 5
@@ -45,12 +45,18 @@ ROUNDS = 5
 
 def variants_for(d_model: int) -> list[tuple[str, str, int | None]]:
     return [("teacher fp32", "fp32", None), ("fp16", "fp16", None), ("bf16", "bf16", None),
-            ("int8 table", "int8_table", None), ("int4 table", "int4_table", None),
+            ("int8 table", "int8_table", None), ("int8 (Linear + table)", "int8", None), ("int4 table", "int4_table", None),
             (f"low-rank {d_model // 2}", "lowrank", d_model // 2), (f"low-rank {d_model // 4}", "lowrank", d_model // 4)]
 
 
+def _stored_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    if (directory / TORCH_WEIGHTS_FILE).exists():
+        return torch.load(directory / TORCH_WEIGHTS_FILE, weights_only=True)
+    return load_file(str(directory / WEIGHTS_FILE))
+
+
 def table_bytes_per_item(directory: Path, n_rows: int) -> float:
-    state = load_file(str(directory / WEIGHTS_FILE))
+    state = _stored_tensors(directory)
     table_keys = [k for k in state if k.startswith(("item_embedding.", "table.", "item_factors", "basis"))]
     return sum(state[k].numel() * state[k].element_size() for k in table_keys) / n_rows
 
@@ -66,11 +72,11 @@ def run(dataset: str, threads: int, requests: int) -> dict:
         histories = [row[: int(n)].tolist() for row, n in zip(batch.inputs, batch.lengths)]
         rows, recommenders = [], []
         for name, kind, rank in variants_for(teacher.cfg.d_model):
-            directory = save_variant(teacher, Path(tmp) / "variants" / name.replace(" ", "_"), kind, rank)
+            directory = save_variant(teacher, Path(tmp) / "variants" / f"{kind}{rank or ''}", kind, rank)
             model = load_variant(directory)
             quality = evaluate(lambda b, m=model: m.score(b.inputs, b.lengths), data, "test", ks=(10,),
                                max_len=model.cfg.max_len, sampled_strategies=(), seed=params.seed, progress=False)
-            stored = load_file(str(directory / WEIGHTS_FILE))
+            stored = _stored_tensors(directory)
             recommenders.append(Recommender(model))
             rows.append({
                 "variant": name, "kind": kind, "rank": rank,

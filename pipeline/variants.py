@@ -14,11 +14,18 @@ Variants so far (issue 4 adds pruning, distillation and int8 Linear layers):
 - `lowrank`: the item table factorised by truncated SVD, E ~= U V with
   U (n_items+1, r) and V (r, d); scoring is (h V^T) U^T, fewer FLOPs than h E^T
   when r < d.
+- `int8`: the Transformer's Linear layers quantized to int8 weights with torchao
+  (`quantize_` + `Int8WeightOnlyConfig`, PyTorch's supported quantization path;
+  `torch.ao.quantization` is deprecated) plus the row-wise int8 item table. torchao
+  weights are tensor subclasses that safetensors cannot hold, so this variant is
+  saved with `torch.save` as `model.pt` and loaded with `weights_only=True`.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -30,8 +37,22 @@ from pipeline.model import CONFIG_FILE, WEIGHTS_FILE, SASRec, SASRecConfig, load
 from pipeline.quantize import RowwiseQuantized, quantize_rowwise
 
 VARIANT_FILE = "variant.json"
+TORCH_WEIGHTS_FILE = "model.pt"  # variants whose weights are tensor subclasses (torchao)
 TABLE_KEY = "item_embedding.weight"
-KINDS = ("fp32", "fp16", "bf16", "int8_table", "int4_table", "lowrank")
+KINDS = ("fp32", "fp16", "bf16", "int8_table", "int4_table", "lowrank", "int8")
+
+
+def _quantize_linears_int8(model: nn.Module) -> None:
+    """int8 weights for every Linear of the Transformer blocks, in place (torchao)."""
+    # torchao logs that its CUDA-only kernels are missing on a CPU machine: expected here, not news.
+    torchao_logger = logging.getLogger("torchao")
+    level = torchao_logger.level
+    torchao_logger.setLevel(logging.ERROR)
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    finally:
+        torchao_logger.setLevel(level)
+    quantize_(model.blocks, Int8WeightOnlyConfig())
 
 
 class QuantizedTableSASRec(SASRec):
@@ -92,6 +113,11 @@ def build_variant_state(teacher: SASRec, kind: str, rank: int | None = None) -> 
     if kind in ("int8_table", "int4_table"):
         bits = 8 if kind == "int8_table" else 4
         return {**_other_weights(teacher), **quantize_rowwise(table, bits).state_dict("table")}, {"bits": bits}
+    if kind == "int8":
+        model = copy.deepcopy(teacher).cpu().eval()
+        _quantize_linears_int8(model)
+        others = {k: v.detach() for k, v in model.state_dict().items() if k != TABLE_KEY}
+        return {**others, **quantize_rowwise(table, 8).state_dict("table")}, {"bits": 8, "linear": "torchao_int8_weight_only"}
     if kind == "lowrank":
         if rank is None:
             raise ValueError("lowrank needs a rank")
@@ -103,8 +129,12 @@ def build_variant_state(teacher: SASRec, kind: str, rank: int | None = None) -> 
 def save_variant(teacher: SASRec, directory: Path, kind: str, rank: int | None = None) -> Path:
     state, settings = build_variant_state(teacher, kind, rank)
     directory.mkdir(parents=True, exist_ok=True)
-    with atomic_path(directory / WEIGHTS_FILE) as tmp:
-        save_file(state, str(tmp))
+    if kind == "int8":
+        with atomic_path(directory / TORCH_WEIGHTS_FILE) as tmp:
+            torch.save(state, tmp)
+    else:
+        with atomic_path(directory / WEIGHTS_FILE) as tmp:
+            save_file(state, str(tmp))
     write_json(teacher.cfg.to_dict(), directory / CONFIG_FILE)
     write_json({"kind": kind, **settings}, directory / VARIANT_FILE)
     return directory
@@ -116,8 +146,11 @@ def load_variant(directory: Path, device: torch.device | str = "cpu") -> SASRec:
         return load_model(directory, device)
     variant = json.loads((directory / VARIANT_FILE).read_text(encoding="utf-8"))
     cfg = SASRecConfig(**json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8")))
-    state = load_file(str(directory / WEIGHTS_FILE))
     kind = variant["kind"]
+    if kind == "int8":
+        state = torch.load(directory / TORCH_WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    else:
+        state = load_file(str(directory / WEIGHTS_FILE))
     if kind in ("fp32", "fp16", "bf16"):
         model = SASRec(cfg)
         model.load_state_dict({k: v.float() for k, v in state.items()})
@@ -125,6 +158,11 @@ def load_variant(directory: Path, device: torch.device | str = "cpu") -> SASRec:
         table = RowwiseQuantized.from_state_dict(state, "table", variant["bits"], cfg.d_model)
         model = QuantizedTableSASRec(cfg, table)
         model.load_state_dict({k: v for k, v in state.items() if not k.startswith("table.")})
+    elif kind == "int8":
+        table = RowwiseQuantized.from_state_dict(state, "table", 8, cfg.d_model)
+        model = QuantizedTableSASRec(cfg, table)
+        _quantize_linears_int8(model)
+        model.load_state_dict({k: v for k, v in state.items() if not k.startswith("table.")}, assign=True)
     elif kind == "lowrank":
         model = LowRankSASRec(cfg, variant["rank"])
         model.load_state_dict(state)

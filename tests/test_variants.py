@@ -35,7 +35,7 @@ def _overlap_at_10(a: torch.Tensor, b: torch.Tensor) -> float:
     # Thresholds sit a little under what these variants reach on this teacher (measured: fp16 0.9997,
     # bf16 0.997, int8 0.997, int4 0.94, rank 16 of 32: 0.87), so a broken variant fails.
     [("fp32", None, 1.0), ("fp16", None, 0.99), ("bf16", None, 0.97), ("int8_table", None, 0.98),
-     ("int4_table", None, 0.85), ("lowrank", 32, 0.999), ("lowrank", 16, 0.75)],
+     ("int4_table", None, 0.85), ("lowrank", 32, 0.999), ("lowrank", 16, 0.75), ("int8", None, 0.97)],
 )
 def test_variant_top10_agrees_with_teacher(teacher, tmp_path, kind, rank, min_overlap):
     model, histories = teacher
@@ -84,3 +84,14 @@ def test_teacher_directory_loads_through_the_same_function(teacher, tmp_path):
 def test_unknown_kind_is_rejected(teacher, tmp_path):
     with pytest.raises(ValueError, match="unknown variant kind"):
         save_variant(teacher[0], tmp_path, "int2")
+
+
+def test_int8_variant_quantizes_linear_layers_and_is_smaller(teacher, tmp_path):
+    model, _ = teacher
+    int8_dir = save_variant(model, tmp_path / "int8", "int8")
+    table_dir = save_variant(model, tmp_path / "table", "int8_table")
+    fp32_dir = save_variant(model, tmp_path / "fp32", "fp32")
+    loaded = load_variant(int8_dir)
+    assert type(loaded.blocks[0].attn.qkv.weight).__name__ == "Int8Tensor"
+    assert torch.load(int8_dir / "model.pt", weights_only=True)["blocks.0.ffn.0.weight"].qdata.dtype == torch.int8
+    assert size_on_disk(int8_dir) < size_on_disk(table_dir) < size_on_disk(fp32_dir)
