@@ -109,9 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     try:
         params = load_params(args.params, args.overrides)
-        stage_kwargs = {"resume": True} if args.resume and args.stage == "train" else {}
         if args.resume and args.stage != "train":
             raise ConfigError("--resume only applies to the train stage")
+        stage_kwargs = {"resume": True} if args.resume else {}
         result = STAGES[args.stage](params, Layout(Path(args.workdir)), **stage_kwargs)
     except PipelineError as err:
         logger.error("%s failed: %s", args.stage, err)

@@ -184,11 +184,9 @@ def markdown_table(results: dict[str, dict[str, float]], columns: Iterable[str] 
 
 def run_evaluate(eval_cfg, train_cfg, tracking, layout, seed: int, split: str = "test") -> dict:
     """Test-split metrics of the trained model and its baselines -> reports/metrics.json and MLflow."""
-    import json
-
     from pipeline.io import atomic_path, write_json
     from pipeline.sequences import load_sequences
-    from pipeline.tracking import mlflow_run
+    from pipeline.tracking import mlflow_run, read_run_id
     from pipeline.train import TrainError, select_device
 
     run_dir = layout.model_dir(train_cfg.run_name)
@@ -210,8 +208,7 @@ def run_evaluate(eval_cfg, train_cfg, tracking, layout, seed: int, split: str = 
     write_json(report, layout.reports_dir / METRICS_REPORT)
     with atomic_path(layout.reports_dir / "metrics.md") as tmp:
         tmp.write_text(f"# Test metrics ({split} split)\n\n{protocol}\n\n{markdown_table(results)}\n", encoding="utf-8")
-    run_info = run_dir / "run.json"
-    run_id = json.loads(run_info.read_text())["mlflow_run_id"] if run_info.exists() else None
+    run_id = read_run_id(run_dir)
     with mlflow_run(tracking, layout.root, f"evaluate-{train_cfg.run_name}", run_id=run_id, system_metrics=False) as active:
         if active is not None:
             import mlflow

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import subprocess
@@ -21,6 +22,21 @@ import yaml
 from pipeline.config import TrackingConfig
 
 logger = logging.getLogger(__name__)
+
+
+RUN_INFO_FILE = "run.json"  # in models/<run>/: the MLflow run that trained it
+
+
+def write_run_id(run_dir: Path, run_id: str) -> None:
+    from pipeline.io import write_json
+
+    write_json({"mlflow_run_id": run_id}, run_dir / RUN_INFO_FILE)
+
+
+def read_run_id(run_dir: Path) -> str | None:
+    """The MLflow run that trained the model in `run_dir`, if it was tracked."""
+    path = run_dir / RUN_INFO_FILE
+    return json.loads(path.read_text(encoding="utf-8"))["mlflow_run_id"] if path.exists() else None
 
 
 def resolve_tracking_uri(cfg: TrackingConfig, root: Path) -> str:

@@ -44,13 +44,12 @@ from pipeline.evaluate import evaluate
 from pipeline.io import Layout, atomic_path, write_json
 from pipeline.model import PRESETS, SASRec, SASRecConfig, count_parameters, save_model
 from pipeline.sequences import SequenceData, load_sequences, n_training_batches, training_batches
-from pipeline.tracking import flatten, lineage_tags, mlflow_run
+from pipeline.tracking import RUN_INFO_FILE, flatten, lineage_tags, mlflow_run, read_run_id, write_run_id
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoints/last.pt"
 HISTORY_FILE = "history.json"
-RUN_INFO_FILE = "run.json"
 BASELINES_DIR = "baselines"
 VALID_METRIC = "full/NDCG@10"
 
@@ -297,8 +296,10 @@ def run_train(
 
     n_params = count_parameters(model)
     tags = lineage_tags(layout.root, layout.features_dir) if world.is_main and tracking.enabled else {}
-    run_info_path = run_dir / RUN_INFO_FILE
-    previous_run_id = json.loads(run_info_path.read_text())["mlflow_run_id"] if resume and run_info_path.exists() else None
+    previous_run_id = read_run_id(run_dir) if resume else None
+    if not resume:
+        (run_dir / RUN_INFO_FILE).unlink(missing_ok=True)  # an untracked fresh run has no MLflow run
+    mlflow_run_id = None
     tracking_ctx = mlflow_run(tracking, layout.root, f"train-{cfg.run_name}", run_id=previous_run_id, tags=tags) if world.is_main else contextlib.nullcontext()
 
     with tracking_ctx as mlflow_active:
@@ -311,7 +312,8 @@ def run_train(
                 mlflow.log_params({"data.users": len(data.users), "data.items": data.n_items, "model.parameters": n_params,
                                    "device": str(device), "precision": str(amp_dtype or "fp32"), "world_size": world.world_size})
                 mlflow.log_dict({"train": cfg.model_dump(mode="json"), "model": model_cfg.to_dict(), "seed": seed}, "config.json")
-            write_json({"mlflow_run_id": mlflow_active.info.run_id}, run_info_path)
+            mlflow_run_id = mlflow_active.info.run_id
+            write_run_id(run_dir, mlflow_run_id)
         logger.info("train: %s preset=%s, %s parameters, device=%s, precision=%s, world=%d",
                     cfg.model, cfg.preset, f"{n_params:,}", device, amp_dtype or "fp32", world.world_size)
 
@@ -408,7 +410,7 @@ def run_train(
     return TrainResult(
         run_dir=str(run_dir), best_epoch=state["best_epoch"], best_valid_ndcg10=state["best_metric"], epochs_run=len(state["history"]),
         seconds=round(time.perf_counter() - started, 3), parameters=n_params,
-        mlflow_run_id=json.loads(run_info_path.read_text())["mlflow_run_id"] if run_info_path.exists() else None,
+        mlflow_run_id=mlflow_run_id,
         history=state["history"],
     )
 

@@ -147,7 +147,9 @@ def test_fresh_run_discards_an_older_checkpoint_and_baselines(features, tmp_path
     run_train(first.train, first.tracking, layout, seed=1)
     run_dir = layout.model_dir("main")
     assert (run_dir / "baselines" / "bpr.safetensors").exists()
+    (run_dir / "run.json").write_text('{"mlflow_run_id": "stale"}')  # as if an earlier run was tracked
     second = _params("train.epochs=1")  # FAST keeps popularity only
-    run_train(second.train, second.tracking, layout, seed=1)
+    result = run_train(second.train, second.tracking, layout, seed=1)
+    assert result.mlflow_run_id is None and not (run_dir / "run.json").exists()
     assert torch.load(run_dir / CHECKPOINT_FILE, weights_only=True)["epoch"] == 0
     assert not (run_dir / "baselines" / "bpr.safetensors").exists()

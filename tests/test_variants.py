@@ -19,7 +19,7 @@ def teacher(tmp_path_factory):
     layout = build_features(tmp_path_factory.mktemp("teacher"))
     params = params_from_dict({}, ["train.d_model=32", "train.n_heads=2", "train.n_layers=1", "train.max_len=20",
                                    "train.epochs=4", "train.num_threads=1", "train.baselines=[]", "tracking.enabled=false"])
-    result = run_train(params.train, params.tracking, layout, seed=0)
+    run_train(params.train, params.tracking, layout, seed=0)
     data = load_sequences(layout.features_dir)
     batch = next(evaluation_batches(data, "test", 10_000, 20))
     histories = [row[: int(n)].tolist() for row, n in zip(batch.inputs, batch.lengths)]
