@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.sequences import Batch, SequenceData, evaluation_batches, seen_items
+from pipeline.sequences import Batch, SequenceData, evaluation_batches, evaluation_rows, seen_items
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def evaluate(
     top_items = {k: torch.zeros(data.n_items + 1, dtype=torch.bool, device=device) for k in ks}
     n_users = 0
     batches = evaluation_batches(data, split, batch_size, max_len)
-    n_batches = -(-int(((data.n_valid if split == "valid" else data.n_test) > 0).sum()) // batch_size)
+    n_batches = -(-len(evaluation_rows(data, split)) // batch_size)
     with torch.no_grad():
         for batch in tqdm(batches, total=n_batches, desc=f"evaluate[{split}]", unit="batch", disable=not progress or None):
             batch = batch.to(device)

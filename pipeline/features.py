@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline import schema
 from pipeline.config import FeaturesConfig
@@ -84,7 +83,8 @@ def build_vocab(ids_in_first_seen_order: pd.Series, previous: pd.DataFrame | Non
     """
     unique_ids = pd.Series(pd.unique(ids_in_first_seen_order), name="id")
     if previous is None or previous.empty:
-        return pd.DataFrame({"id": unique_ids, "index": np.arange(1, len(unique_ids) + 1, dtype=np.int32)})
+        first = PADDING_INDEX + 1
+        return pd.DataFrame({"id": unique_ids, "index": np.arange(first, first + len(unique_ids), dtype=np.int32)})
     if previous["index"].min() < 1 or previous["index"].duplicated().any():
         raise FeaturesError("previous vocabulary is corrupt: indices must be unique and >= 1")
     new_ids = unique_ids[~unique_ids.isin(previous["id"])]
@@ -227,8 +227,3 @@ def run_features(cfg: FeaturesConfig, layout: Layout) -> FeaturesResult:
         stats["interactions"], n_users, n_items, stats["density"], stats["seconds"], layout.features_dir,
     )
     return FeaturesResult(features_dir=layout.features_dir, stats=stats)
-
-
-def read_sequences(features_dir: Path) -> pa.Table:
-    """The per-user sequences table (used by training and evaluation)."""
-    return pq.read_table(features_dir / SEQUENCES_FILE)

@@ -12,12 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
 from pipeline.features import ITEM_VOCAB_FILE, SEQUENCES_FILE, USER_VOCAB_FILE
-from pipeline.model import PADDING_INDEX
 
 
 @dataclass(frozen=True)
@@ -142,11 +140,16 @@ def n_training_batches(data: SequenceData, batch_size: int) -> int:
     return -(-int((data.n_train >= 2).sum()) // batch_size)
 
 
+def evaluation_rows(data: SequenceData, split: str) -> np.ndarray:
+    """Users evaluated on `split`: they have its held-out item and some history before it."""
+    has_target = data.n_valid if split == "valid" else data.n_test
+    return np.flatnonzero((has_target > 0) & (data.prefix_length(split) > 0))
+
+
 def evaluation_batches(data: SequenceData, split: str, batch_size: int, max_len: int) -> Iterator[Batch]:
     """One example per user that has a `split` target: the last max_len items before it as input."""
     prefix = data.prefix_length(split)
-    has_target = data.n_valid if split == "valid" else data.n_test
-    eligible = np.flatnonzero((has_target > 0) & (prefix > 0))
+    eligible = evaluation_rows(data, split)
     for start in range(0, len(eligible), batch_size):
         rows = eligible[start : start + batch_size]
         ends = prefix[rows]
@@ -167,10 +170,3 @@ def seen_items(data: SequenceData, rows: np.ndarray, split: str) -> tuple[np.nda
     starts = np.repeat(data.offsets[rows], ends)
     within = np.arange(int(ends.sum())) - np.repeat(np.cumsum(ends) - ends, ends)
     return batch_rows, data.items[starts + within]
-
-
-def read_vocab(features_dir: str | Path, kind: str) -> pd.DataFrame:
-    return pd.read_parquet(Path(features_dir) / (USER_VOCAB_FILE if kind == "user" else ITEM_VOCAB_FILE))
-
-
-__all__ = ["PADDING_INDEX", "Batch", "SequenceData", "evaluation_batches", "load_sequences", "seen_items", "training_batches"]
