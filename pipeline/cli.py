@@ -52,9 +52,20 @@ def _train(params: Params, layout: Layout, resume: bool = False) -> Any:
 def _evaluate(params: Params, layout: Layout) -> Any:
     from pipeline.evaluate import markdown_table, run_evaluate
 
-    report = run_evaluate(params.evaluate, params.train, params.tracking, layout, seed=params.seed)
+    report = run_evaluate(params.evaluate, params.train, params.tracking, layout, seed=params.seed,
+                          compress_cfg=params.compress)
     logger.info("test metrics:\n%s", markdown_table(report["models"]))
-    return {name: {k: v for k, v in metrics.items() if k.startswith("full/")} for name, metrics in report["models"].items()}
+    summary = {name: {k: v for k, v in metrics.items() if k.startswith("full/")} for name, metrics in report["models"].items()}
+    if "compression" in report:
+        summary["compression"] = {name: {k: row[k] for k in ("ndcg@10", "size_bytes", "latency_p50_ms")}
+                                  for name, row in report["compression"]["models"].items()}
+    return summary
+
+
+def _compress(params: Params, layout: Layout) -> Any:
+    from pipeline.compress import run_compress
+
+    return run_compress(params.compress, layout, params.train.run_name, seed=params.seed)
 
 
 def _show_params(params: Params, layout: Layout) -> Any:
@@ -73,6 +84,7 @@ STAGES: dict[str, Callable[[Params, Layout], Any]] = {
     "validate": _validate,
     "features": _features,
     "train": _train,
+    "compress": _compress,
     "evaluate": _evaluate,
     "show-params": _show_params,
     "config-reference": _config_reference,

@@ -162,6 +162,50 @@ class EvaluateConfig(_Strict):
     sampled_strategies: list[Literal["uniform", "popularity"]] = ["uniform", "popularity"]
 
 
+VariantName = Literal["fp16", "bf16", "int8", "int4", "pruned", "distilled", "lowrank", "distilled+int8"]
+
+
+class PruningConfig(_Strict):
+    structured_sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="share of attention heads and FFN channels removed")
+    unstructured_sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="share of the remaining weights zeroed, by magnitude")
+    finetune_epochs: int = Field(3, ge=0)
+    lr: float = Field(5e-4, gt=0)
+
+
+class DistillConfig(_Strict):
+    d_model: int = Field(32, ge=8, description="student width")
+    n_layers: int = Field(1, ge=1, description="student depth")
+    n_heads: int = Field(1, ge=1)
+    epochs: int = Field(30, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    temperature: float = Field(2.0, gt=0)
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the true next item; 1 - alpha on the teacher's KL")
+    top_k: int | None = Field(None, ge=1, description="KL over the teacher's top-k items; null: the whole catalogue")
+    init_from_teacher: bool = Field(True, description="start the student table from the teacher's, SVD-projected")
+
+
+class LowRankConfig(_Strict):
+    rank: int = Field(16, ge=1, description="rank of the factorised item table")
+    finetune_epochs: int = Field(0, ge=0)
+    lr: float = Field(5e-4, gt=0)
+
+
+class CompressConfig(_Strict):
+    variants: list[VariantName] = Field(
+        ["fp16", "bf16", "int8", "int4", "pruned", "distilled", "lowrank", "distilled+int8"],
+        description="variants built from the trained teacher into models/<run>/variants/<name>/")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="for fine-tuning and distillation")
+    batch_size: int = Field(128, ge=1)
+    patience: int = Field(3, ge=1, description="fine-tune/distill epochs without a better valid NDCG@10")
+    pruning: PruningConfig = PruningConfig()
+    distill: DistillConfig = DistillConfig()
+    lowrank: LowRankConfig = LowRankConfig()
+    # Serving cost, measured by the evaluate stage for the teacher and every variant.
+    latency_requests: int = Field(200, ge=10, description="batch-1 requests timed per model (after warm-up)")
+    throughput_batch_size: int = Field(256, ge=1)
+    threads: int | None = Field(None, ge=1, description="CPU threads while timing; null: all cores torch sees")
+
+
 class TrackingConfig(_Strict):
     # null: $MLFLOW_TRACKING_URI if set, else a SQLite store inside the work dir.
     tracking_uri: str | None = None
@@ -176,6 +220,7 @@ class Params(_Strict):
     features: FeaturesConfig = FeaturesConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    compress: CompressConfig = CompressConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)

@@ -182,8 +182,12 @@ def markdown_table(results: dict[str, dict[str, float]], columns: Iterable[str] 
     return "\n".join(lines)
 
 
-def run_evaluate(eval_cfg, train_cfg, tracking, layout, seed: int, split: str = "test") -> dict:
-    """Test-split metrics of the trained model and its baselines -> reports/metrics.json and MLflow."""
+def run_evaluate(eval_cfg, train_cfg, tracking, layout, seed: int, split: str = "test", compress_cfg=None) -> dict:
+    """Test-split metrics of the trained model and its baselines -> reports/metrics.json and MLflow.
+
+    With `compress_cfg` listing variants, the teacher and those variants are also measured side by
+    side (quality, size, serving cost) -> reports/compression.{json,md,png} (pipeline/compression_report.py).
+    """
     from pipeline.io import atomic_path, write_json
     from pipeline.sequences import load_sequences
     from pipeline.tracking import mlflow_run, read_run_id
@@ -217,4 +221,8 @@ def run_evaluate(eval_cfg, train_cfg, tracking, layout, seed: int, split: str = 
                                 for name, metrics in results.items() for metric, value in metrics.items()})
             mlflow.log_dict(report, f"reports/{METRICS_REPORT}")
             mlflow.log_artifact(str(layout.reports_dir / "metrics.md"), "reports")
+    if compress_cfg is not None and compress_cfg.variants and "sasrec" in scorers:
+        from pipeline.compression_report import run_compression_report
+
+        report["compression"] = run_compression_report(compress_cfg, eval_cfg, train_cfg, tracking, layout, seed)
     return report

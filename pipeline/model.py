@@ -36,6 +36,18 @@ class SASRecConfig:
     max_len: int = 50
     ffn_multiplier: int = 4
     dropout: float = 0.2
+    # Set only by structured pruning, which removes attention heads and FFN channels;
+    # None keeps the dense shape (n_heads heads of d_model / n_heads; ffn_multiplier * d_model).
+    head_dim: int | None = None
+    ffn_dim: int | None = None
+
+    @property
+    def attention_dim(self) -> int:
+        return self.n_heads * (self.head_dim or self.d_model // self.n_heads)
+
+    @property
+    def hidden_ffn_dim(self) -> int:
+        return self.ffn_dim or self.ffn_multiplier * self.d_model
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,18 +65,20 @@ PRESETS: dict[str, dict] = {
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: SASRecConfig):
         super().__init__()
-        if cfg.d_model % cfg.n_heads:
+        if cfg.head_dim is None and cfg.d_model % cfg.n_heads:
             raise ValueError(f"d_model={cfg.d_model} must be divisible by n_heads={cfg.n_heads}")
         self.n_heads = cfg.n_heads
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
-        self.out = nn.Linear(cfg.d_model, cfg.d_model)
+        self.attention_dim = cfg.attention_dim
+        self.qkv = nn.Linear(cfg.d_model, 3 * self.attention_dim)
+        self.out = nn.Linear(self.attention_dim, cfg.d_model)
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, dim = x.shape
-        q, k, v = self.qkv(x).view(batch, length, 3, self.n_heads, dim // self.n_heads).permute(2, 0, 3, 1, 4)
+        batch, length, _ = x.shape
+        head_dim = self.attention_dim // self.n_heads
+        q, k, v = self.qkv(x).view(batch, length, 3, self.n_heads, head_dim).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
-        return self.out(y.transpose(1, 2).reshape(batch, length, dim))
+        return self.out(y.transpose(1, 2).reshape(batch, length, self.attention_dim))
 
 
 class Block(nn.Module):
@@ -74,9 +88,9 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg)
         self.norm2 = nn.LayerNorm(cfg.d_model)
         self.ffn = nn.Sequential(
-            nn.Linear(cfg.d_model, cfg.ffn_multiplier * cfg.d_model),
+            nn.Linear(cfg.d_model, cfg.hidden_ffn_dim),
             nn.GELU(),
-            nn.Linear(cfg.ffn_multiplier * cfg.d_model, cfg.d_model),
+            nn.Linear(cfg.hidden_ffn_dim, cfg.d_model),
         )
         self.drop = nn.Dropout(cfg.dropout)
 

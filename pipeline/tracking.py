@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 RUN_INFO_FILE = "run.json"  # in models/<run>/: the MLflow run that trained it
 
 
-def write_run_id(run_dir: Path, run_id: str) -> None:
+def write_run_id(run_dir: Path, run_id: str | None) -> None:
     from pipeline.io import write_json
 
     write_json({"mlflow_run_id": run_id}, run_dir / RUN_INFO_FILE)

@@ -44,7 +44,7 @@ from pipeline.evaluate import evaluate
 from pipeline.io import Layout, atomic_path, write_json
 from pipeline.model import PRESETS, SASRec, SASRecConfig, count_parameters, save_model
 from pipeline.sequences import SequenceData, load_sequences, n_training_batches, training_batches
-from pipeline.tracking import RUN_INFO_FILE, flatten, lineage_tags, mlflow_run, read_run_id, write_run_id
+from pipeline.tracking import flatten, lineage_tags, mlflow_run, read_run_id, write_run_id
 
 logger = logging.getLogger(__name__)
 
@@ -298,7 +298,7 @@ def run_train(
     tags = lineage_tags(layout.root, layout.features_dir) if world.is_main and tracking.enabled else {}
     previous_run_id = read_run_id(run_dir) if resume else None
     if not resume:
-        (run_dir / RUN_INFO_FILE).unlink(missing_ok=True)  # an untracked fresh run has no MLflow run
+        write_run_id(run_dir, None)  # an untracked fresh run has no MLflow run (and DVC expects the file)
     mlflow_run_id = None
     tracking_ctx = mlflow_run(tracking, layout.root, f"train-{cfg.run_name}", run_id=previous_run_id, tags=tags) if world.is_main else contextlib.nullcontext()
 

@@ -4,7 +4,8 @@ A variant directory holds `variant.json` (what kind, from which teacher, its
 settings), `model_config.json` and `model.safetensors`; `load_variant` rebuilds
 the module and `pipeline.inference.Recommender` serves any of them.
 
-Variants so far (issue 4 adds pruning, distillation and int8 Linear layers):
+Kinds (the compress stage, pipeline/compress.py, applies them to the teacher,
+a pruned copy or a distilled student):
 - `fp16` / `bf16`: every weight stored at half precision; on CPU they are
   computed in fp32 after loading (half-precision matmuls are not faster there),
   so they save disk and memory at rest, not latency.
@@ -19,6 +20,10 @@ Variants so far (issue 4 adds pruning, distillation and int8 Linear layers):
   `torch.ao.quantization` is deprecated) plus the row-wise int8 item table. torchao
   weights are tensor subclasses that safetensors cannot hold, so this variant is
   saved with `torch.save` as `model.pt` and loaded with `weights_only=True`.
+- `int4`: the same int8 Linear layers with the item table row-wise int4 (two
+  values per byte).
+- `pruned`: a structurally narrowed model whose thinned matrices are stored as
+  bitmask + non-zero values (pipeline/pruning.py), densified at load time.
 """
 
 from __future__ import annotations
@@ -34,12 +39,14 @@ from torch import nn
 
 from pipeline.io import atomic_path, write_json
 from pipeline.model import CONFIG_FILE, WEIGHTS_FILE, SASRec, SASRecConfig, load_model
+from pipeline.pruning import densify_state, prunable_weights, sparsify_state
 from pipeline.quantize import RowwiseQuantized, quantize_rowwise
 
 VARIANT_FILE = "variant.json"
 TORCH_WEIGHTS_FILE = "model.pt"  # variants whose weights are tensor subclasses (torchao)
 TABLE_KEY = "item_embedding.weight"
-KINDS = ("fp32", "fp16", "bf16", "int8_table", "int4_table", "lowrank", "int8")
+KINDS = ("fp32", "fp16", "bf16", "int8_table", "int4_table", "lowrank", "int8", "int4", "pruned")
+TORCHAO_KINDS = {"int8": 8, "int4": 4}  # Linear layers in torchao int8; value = bits of the item table
 
 
 def _quantize_linears_int8(model: nn.Module) -> None:
@@ -104,6 +111,11 @@ def _other_weights(teacher: SASRec) -> dict[str, torch.Tensor]:
 
 def build_variant_state(teacher: SASRec, kind: str, rank: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors to save and the settings that go into variant.json."""
+    if isinstance(teacher, LowRankSASRec):  # already factorised (and perhaps fine-tuned): saved as it is
+        if kind != "lowrank":
+            raise ValueError(f"a low-rank model can only be saved as kind 'lowrank', not {kind!r}")
+        return ({k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()},
+                {"rank": teacher.item_factors.shape[1]})
     table = teacher.item_embedding.weight.detach().cpu()
     if kind == "fp32":
         return {k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()}, {}
@@ -113,11 +125,16 @@ def build_variant_state(teacher: SASRec, kind: str, rank: int | None = None) -> 
     if kind in ("int8_table", "int4_table"):
         bits = 8 if kind == "int8_table" else 4
         return {**_other_weights(teacher), **quantize_rowwise(table, bits).state_dict("table")}, {"bits": bits}
-    if kind == "int8":
+    if kind in TORCHAO_KINDS:
+        bits = TORCHAO_KINDS[kind]
         model = copy.deepcopy(teacher).cpu().eval()
         _quantize_linears_int8(model)
         others = {k: v.detach() for k, v in model.state_dict().items() if k != TABLE_KEY}
-        return {**others, **quantize_rowwise(table, 8).state_dict("table")}, {"bits": 8, "linear": "torchao_int8_weight_only"}
+        return {**others, **quantize_rowwise(table, bits).state_dict("table")}, {"bits": bits, "linear": "torchao_int8_weight_only"}
+    if kind == "pruned":
+        state = {k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()}
+        sparse = [name for name in prunable_weights(teacher) if bool((state[name] == 0).any())]
+        return sparsify_state(state, sparse), {"sparse_tensors": sparse}
     if kind == "lowrank":
         if rank is None:
             raise ValueError("lowrank needs a rank")
@@ -126,17 +143,20 @@ def build_variant_state(teacher: SASRec, kind: str, rank: int | None = None) -> 
     raise ValueError(f"unknown variant kind {kind!r}; choose one of {KINDS}")
 
 
-def save_variant(teacher: SASRec, directory: Path, kind: str, rank: int | None = None) -> Path:
+def save_variant(teacher: SASRec, directory: Path, kind: str, rank: int | None = None, extra: dict | None = None) -> Path:
+    """`teacher` compressed as `kind` into `directory`; `extra` is recorded in variant.json."""
     state, settings = build_variant_state(teacher, kind, rank)
     directory.mkdir(parents=True, exist_ok=True)
-    if kind == "int8":
+    for stale in (WEIGHTS_FILE, TORCH_WEIGHTS_FILE):
+        (directory / stale).unlink(missing_ok=True)  # a rebuilt variant may change its weights format
+    if kind in TORCHAO_KINDS:
         with atomic_path(directory / TORCH_WEIGHTS_FILE) as tmp:
             torch.save(state, tmp)
     else:
         with atomic_path(directory / WEIGHTS_FILE) as tmp:
             save_file(state, str(tmp))
     write_json(teacher.cfg.to_dict(), directory / CONFIG_FILE)
-    write_json({"kind": kind, **settings}, directory / VARIANT_FILE)
+    write_json({"kind": kind, **settings, **(extra or {})}, directory / VARIANT_FILE)
     return directory
 
 
@@ -147,7 +167,7 @@ def load_variant(directory: Path, device: torch.device | str = "cpu") -> SASRec:
     variant = json.loads((directory / VARIANT_FILE).read_text(encoding="utf-8"))
     cfg = SASRecConfig(**json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8")))
     kind = variant["kind"]
-    if kind == "int8":
+    if kind in TORCHAO_KINDS:
         state = torch.load(directory / TORCH_WEIGHTS_FILE, map_location="cpu", weights_only=True)
     else:
         state = load_file(str(directory / WEIGHTS_FILE))
@@ -158,14 +178,18 @@ def load_variant(directory: Path, device: torch.device | str = "cpu") -> SASRec:
         table = RowwiseQuantized.from_state_dict(state, "table", variant["bits"], cfg.d_model)
         model = QuantizedTableSASRec(cfg, table)
         model.load_state_dict({k: v for k, v in state.items() if not k.startswith("table.")})
-    elif kind == "int8":
-        table = RowwiseQuantized.from_state_dict(state, "table", 8, cfg.d_model)
+    elif kind in TORCHAO_KINDS:
+        table = RowwiseQuantized.from_state_dict(state, "table", variant["bits"], cfg.d_model)
         model = QuantizedTableSASRec(cfg, table)
         _quantize_linears_int8(model)
         model.load_state_dict({k: v for k, v in state.items() if not k.startswith("table.")}, assign=True)
     elif kind == "lowrank":
         model = LowRankSASRec(cfg, variant["rank"])
         model.load_state_dict(state)
+    elif kind == "pruned":
+        model = SASRec(cfg)
+        shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
+        model.load_state_dict(densify_state(state, shapes))
     else:
         raise ValueError(f"{directory}: unknown variant kind {kind!r}")
     return model.to(device).eval()

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from pipeline.config import params_from_dict
 from pipeline.train import CHECKPOINT_FILE, curriculum_len, run_train
+from pipeline.tracking import read_run_id
 from tests.helpers import build_features, copy_features
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,6 +151,6 @@ def test_fresh_run_discards_an_older_checkpoint_and_baselines(features, tmp_path
     (run_dir / "run.json").write_text('{"mlflow_run_id": "stale"}')  # as if an earlier run was tracked
     second = _params("train.epochs=1")  # FAST keeps popularity only
     result = run_train(second.train, second.tracking, layout, seed=1)
-    assert result.mlflow_run_id is None and not (run_dir / "run.json").exists()
+    assert result.mlflow_run_id is None and read_run_id(run_dir) is None
     assert torch.load(run_dir / CHECKPOINT_FILE, weights_only=True)["epoch"] == 0
     assert not (run_dir / "baselines" / "bpr.safetensors").exists()
