@@ -217,9 +217,11 @@ def _log_child_runs(report: dict, directories: dict[str, Path], tracking: Tracki
             if name == TEACHER:
                 continue
             existing = client.search_runs([parent.info.experiment_id],
-                                          filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and tags.leanrec.variant = '{name}'")
+                                          filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`leanrec.variant` = '{name}'")
             run_id = existing[0].info.run_id if existing else None
+            # experiment_id: a new child run would otherwise land in the default experiment, not beside its parent
             with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"variant-{name}", nested=True,
+                                  experiment_id=None if run_id else parent.info.experiment_id,
                                   tags={"leanrec.variant": name, "leanrec.kind": row["kind"]}, log_system_metrics=False) as child:
                 metrics = {k.replace("@", "_at_"): float(v) for k, v in row.items() if isinstance(v, (int, float))}
                 mlflow.log_metrics(metrics)
