@@ -33,7 +33,7 @@ from pipeline.inference import Recommender
 from pipeline.io import Layout, atomic_path, write_json
 from pipeline.model import WEIGHTS_FILE
 from pipeline.sequences import evaluation_batches, load_sequences
-from pipeline.variants import TORCH_WEIGHTS_FILE, VARIANT_FILE, load_variant, size_on_disk
+from pipeline.variants import VARIANT_FILE, load_variant, size_on_disk
 
 logger = logging.getLogger(__name__)
 
@@ -46,22 +46,12 @@ TABLE_PREFIXES = ("item_embedding.", "table.", "item_factors", "basis")
 
 
 def stored_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    if (directory / TORCH_WEIGHTS_FILE).exists():
-        return torch.load(directory / TORCH_WEIGHTS_FILE, map_location="cpu", weights_only=True)
     return load_file(str(directory / WEIGHTS_FILE))
-
-
-def _tensor_bytes(tensor: torch.Tensor) -> int:
-    # torchao's quantized weights are tensor subclasses: count their inner int8 data and scales.
-    if hasattr(tensor, "__tensor_flatten__") and type(tensor) is not torch.Tensor and not isinstance(tensor, torch.nn.Parameter):
-        names, _ = tensor.__tensor_flatten__()
-        return sum(_tensor_bytes(getattr(tensor, n)) for n in names)
-    return tensor.numel() * tensor.element_size()
 
 
 def item_table_bytes(directory: Path) -> int:
     """Bytes the stored item table takes (codes, scales, offsets, factors or sparse parts alike)."""
-    return sum(_tensor_bytes(t) for k, t in stored_tensors(directory).items() if k.startswith(TABLE_PREFIXES))
+    return sum(t.numel() * t.element_size() for k, t in stored_tensors(directory).items() if k.startswith(TABLE_PREFIXES))
 
 
 def parameter_count(model: torch.nn.Module) -> int:

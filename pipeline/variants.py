@@ -17,9 +17,11 @@ a pruned copy or a distilled student):
   when r < d.
 - `int8`: the Transformer's Linear layers quantized to int8 weights with torchao
   (`quantize_` + `Int8WeightOnlyConfig`, PyTorch's supported quantization path;
-  `torch.ao.quantization` is deprecated) plus the row-wise int8 item table. torchao
-  weights are tensor subclasses that safetensors cannot hold, so this variant is
-  saved with `torch.save` as `model.pt` and loaded with `weights_only=True`.
+  `torch.ao.quantization` is deprecated) plus the row-wise int8 item table; the
+  few remaining float tensors (positions, LayerNorms, biases) are stored in
+  fp16. torchao weights are tensor subclasses, which safetensors cannot hold: their
+  inner tensors (int8 `qdata`, `scale`, `zero_point`) are stored as plain tensors
+  and copied back into freshly quantized layers at load time (no pickle).
 - `int4`: the same int8 Linear layers with the item table row-wise int4 (two
   values per byte).
 - `pruned`: a structurally narrowed model whose thinned matrices are stored as
@@ -43,7 +45,7 @@ from pipeline.pruning import densify_state, prunable_weights, sparsify_state
 from pipeline.quantize import RowwiseQuantized, quantize_rowwise
 
 VARIANT_FILE = "variant.json"
-TORCH_WEIGHTS_FILE = "model.pt"  # variants whose weights are tensor subclasses (torchao)
+INNER_SEPARATOR = ".__"  # "<weight>.__qdata": an inner tensor of a torchao quantized weight
 TABLE_KEY = "item_embedding.weight"
 KINDS = ("fp32", "fp16", "bf16", "int8_table", "int4_table", "lowrank", "int8", "int4", "pruned")
 TORCHAO_KINDS = {"int8": 8, "int4": 4}  # Linear layers in torchao int8; value = bits of the item table
@@ -105,6 +107,30 @@ def factorise(table: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     return (u[:, :rank] * s[:rank]).contiguous(), vh[:rank].contiguous()
 
 
+def _is_subclass(tensor: torch.Tensor) -> bool:
+    return type(tensor) not in (torch.Tensor, nn.Parameter) and hasattr(tensor, "__tensor_flatten__")
+
+
+@torch.no_grad()
+def _load_quantized(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy stored tensors into a model whose Linear layers were just quantized (same shapes)."""
+    expected = set()
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if name == "dense_table":
+            continue
+        if _is_subclass(tensor):
+            for inner in tensor.__tensor_flatten__()[0]:
+                key = f"{name}{INNER_SEPARATOR}{inner}"
+                getattr(tensor, inner).copy_(state[key])
+                expected.add(key)
+        else:
+            tensor.copy_(state[name].to(tensor.dtype))
+            expected.add(name)
+    unexpected = {k for k in state if not k.startswith("table.")} - expected
+    if unexpected:
+        raise ValueError(f"stored tensors the model does not have: {sorted(unexpected)[:5]}")
+
+
 def _other_weights(teacher: SASRec) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items() if k != TABLE_KEY}
 
@@ -129,7 +155,15 @@ def build_variant_state(teacher: SASRec, kind: str, rank: int | None = None) -> 
         bits = TORCHAO_KINDS[kind]
         model = copy.deepcopy(teacher).cpu().eval()
         _quantize_linears_int8(model)
-        others = {k: v.detach() for k, v in model.state_dict().items() if k != TABLE_KEY}
+        others: dict[str, torch.Tensor] = {}
+        for name, tensor in model.state_dict().items():
+            if name == TABLE_KEY:
+                continue
+            if _is_subclass(tensor):
+                inner_names, _ = tensor.__tensor_flatten__()
+                others.update({f"{name}{INNER_SEPARATOR}{inner}": getattr(tensor, inner).contiguous() for inner in inner_names})
+            else:
+                others[name] = tensor.detach().half().contiguous()  # positions, LayerNorms, biases: 2% of the bytes
         return {**others, **quantize_rowwise(table, bits).state_dict("table")}, {"bits": bits, "linear": "torchao_int8_weight_only"}
     if kind == "pruned":
         state = {k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()}
@@ -147,14 +181,8 @@ def save_variant(teacher: SASRec, directory: Path, kind: str, rank: int | None =
     """`teacher` compressed as `kind` into `directory`; `extra` is recorded in variant.json."""
     state, settings = build_variant_state(teacher, kind, rank)
     directory.mkdir(parents=True, exist_ok=True)
-    for stale in (WEIGHTS_FILE, TORCH_WEIGHTS_FILE):
-        (directory / stale).unlink(missing_ok=True)  # a rebuilt variant may change its weights format
-    if kind in TORCHAO_KINDS:
-        with atomic_path(directory / TORCH_WEIGHTS_FILE) as tmp:
-            torch.save(state, tmp)
-    else:
-        with atomic_path(directory / WEIGHTS_FILE) as tmp:
-            save_file(state, str(tmp))
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp))
     write_json(teacher.cfg.to_dict(), directory / CONFIG_FILE)
     write_json({"kind": kind, **settings, **(extra or {})}, directory / VARIANT_FILE)
     return directory
@@ -167,10 +195,7 @@ def load_variant(directory: Path, device: torch.device | str = "cpu") -> SASRec:
     variant = json.loads((directory / VARIANT_FILE).read_text(encoding="utf-8"))
     cfg = SASRecConfig(**json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8")))
     kind = variant["kind"]
-    if kind in TORCHAO_KINDS:
-        state = torch.load(directory / TORCH_WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    else:
-        state = load_file(str(directory / WEIGHTS_FILE))
+    state = load_file(str(directory / WEIGHTS_FILE))
     if kind in ("fp32", "fp16", "bf16"):
         model = SASRec(cfg)
         model.load_state_dict({k: v.float() for k, v in state.items()})
@@ -182,7 +207,7 @@ def load_variant(directory: Path, device: torch.device | str = "cpu") -> SASRec:
         table = RowwiseQuantized.from_state_dict(state, "table", variant["bits"], cfg.d_model)
         model = QuantizedTableSASRec(cfg, table)
         _quantize_linears_int8(model)
-        model.load_state_dict({k: v for k, v in state.items() if not k.startswith("table.")}, assign=True)
+        _load_quantized(model, state)
     elif kind == "lowrank":
         model = LowRankSASRec(cfg, variant["rank"])
         model.load_state_dict(state)
