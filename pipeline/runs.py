@@ -223,7 +223,7 @@ def _log_validation_summary(layout: Layout) -> None:
         logger.error("  failed: %s", failure)
     for item in summary.get("expectations", []) + summary.get("checks", []):
         if item.get("success") is False:
-            logger.error("  %s", json.dumps(item, default=str))
+            logger.error("  %s", json.dumps({k: v for k, v in item.items() if v is not None}, default=str))
 
 
 def run_stage(stage: str, root: str | Path, **kwargs: Any) -> dict[str, Any]:
