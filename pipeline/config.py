@@ -182,6 +182,9 @@ class DriftConfig(_Strict):
     max_popularity_psi: float = Field(0.25, ge=0.0, description="population stability index over popularity buckets")
     psi_buckets: int = Field(10, ge=2, le=1000, description="popularity buckets of equal reference mass (PSI)")
     action: Literal["fail", "warn"] = Field("fail", description="what a failed check does: stop the run, or log a warning")
+    reference: str | None = Field(
+        None, description="reference interactions (Parquet with user_id, item_id), e.g. the validated "
+        "interactions the champion was trained on; the drift stage needs it")
 
 
 class Params(_Strict):

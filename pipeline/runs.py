@@ -57,7 +57,7 @@ PASS_THROUGH_FIELDS = ("compression_variants", "promotion_metric", "promotion_mi
 # pipeline.variants.KINDS and the evaluate report; importing those here would load torch at DAG parse).
 COMPRESSION_VARIANTS = ("fp16", "bf16", "int8_table", "int4_table", "lowrank", "int8")
 PROMOTION_METRICS = ("full/NDCG@10", "full/HR@10", "full/Recall@10", "full/MRR")
-PATH_KEYS = ("ingest.movielens.path", "ingest.file.path", "features.vocab_from", "train.init_from")
+PATH_KEYS = ("ingest.movielens.path", "ingest.file.path", "features.vocab_from", "train.init_from", "drift.reference")
 
 
 def project_root() -> Path:

@@ -89,3 +89,19 @@ def test_bad_inputs_are_named(tmp_path):
         drift_checks(_frame([1], [1]), _frame([], []), DriftConfig())
     with pytest.raises(IngestError, match="not found"):
         run_drift(DriftConfig(), Layout(tmp_path), tmp_path / "missing.parquet")
+
+
+def test_cli_drift_stage(tmp_path, capsys):
+    from pipeline.cli import main
+
+    layout = Layout(tmp_path)
+    reference = tmp_path / "reference.parquet"
+    write_parquet(_zipf(2_000, 50, seed=1), reference)
+    write_parquet(_zipf(1_000, 50, seed=2), layout.validated_interactions)
+    params = str(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("{}\n")
+    assert main(["drift", "--params", params, "--workdir", str(tmp_path)]) == 2  # no reference configured
+    assert main(["drift", "--params", params, "--workdir", str(tmp_path), "-S", f"drift.reference={reference}"]) == 0
+    assert json.loads(capsys.readouterr().out)["success"] is True
+    assert main(["drift", "--params", params, "--workdir", str(tmp_path), "-S", f"drift.reference={reference}",
+                 "-S", "drift.max_popularity_tv=0.0"]) == DriftDetected.exit_code
