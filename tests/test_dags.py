@@ -41,13 +41,20 @@ TINY_FORM = {
 def airflow_home(tmp_path_factory) -> Path:
     """A private AIRFLOW_HOME for this process (Airflow reads its config once, at first import)."""
     home = tmp_path_factory.mktemp("airflow_home")
-    os.environ.update({
+    settings = {
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "SCARF_ANALYTICS": "false",
-    })
-    return home
+    }
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    yield home
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def _dagbag(pools: set[str] | None = None):
@@ -177,7 +184,7 @@ def test_run_key_is_a_safe_unique_directory_name():
     a, b = runs.run_key("manual__2026-01-01T00:00:00+00:00"), runs.run_key("manual__2026-01-01T00:00:00-00:00")
     assert a != b
     assert re.fullmatch(r"[A-Za-z0-9_.-]+", a) and a.startswith("manual__2026-01-01T00_00_00")
-    assert runs.run_key("../../etc") .startswith("etc-")
+    assert runs.run_key("../../etc").startswith("etc-")
 
 
 def test_prepare_run_writes_the_effective_params_and_is_idempotent(tmp_path, monkeypatch):
@@ -265,6 +272,7 @@ def _task_states(env: dict, run_id: str) -> dict[str, str]:
     return {row["task_id"]: row["state"] for row in rows}
 
 
+@pytest.mark.slow
 def test_train_dag_runs_end_to_end_through_airflow(cli_env):
     proc, state, root, run_id = _dags_test(cli_env, TINY_FORM)
     assert (proc.returncode, state) == (0, "success"), (proc.stdout + proc.stderr)[-5000:]
@@ -282,6 +290,7 @@ def test_train_dag_runs_end_to_end_through_airflow(cli_env):
     assert not (root / "mlflow.db").exists()
 
 
+@pytest.mark.slow
 def test_failed_validation_fails_its_task_with_the_gx_summary_and_stops_before_train(cli_env):
     form = {**TINY_FORM, "overrides": [*TINY_FORM["overrides"], "validate.min_rows=1000000"]}
     proc, state, root, run_id = _dags_test(cli_env, form)
