@@ -146,9 +146,19 @@ def leanrec_train() -> None:
 
     run = prepare()
     trained = train(features(validate(ingest(run))))
-    # Compression, registration and promotion go here once pipeline.compress / pipeline.registry land:
-    #   compressed = compress.partial(trained=trained).expand(variant=<list task over run["compression_variants"]>)
-    #   evaluated = evaluate(trained); compressed >> evaluated; promote(register(evaluated))
+    # Compression, registration and promotion plug in here once pipeline.compress / pipeline.registry
+    # land (checked with a scratch DAG on Airflow 3.3.2):
+    # * compress: `@task(**GPU) def compress(trained, variant)` calling
+    #   `pipeline.compress.compress_variant(params, layout, variant)` on `runs.run_params(root)` and
+    #   `Layout(root)` (or a "compress" entry in pipeline.cli.STAGES taking `variant`, then
+    #   `_stage("compress", trained["root"], variant=variant)`), mapped with
+    #   `compress.partial(trained=trained).expand(variant=variants(run))`, where
+    #   `@task def variants(run): return run["compression_variants"]`. Mapping straight over
+    #   `run["compression_variants"]` is refused ("cannot map over XCom with custom key").
+    # * an empty variant list skips the mapped task, so whatever follows it needs
+    #   `trigger_rule="none_failed"` (with the default all_success it is skipped too);
+    # * evaluate(trained, compressed) -> register(...) -> promote(...), register/promote with
+    #   retries=0 (the gate is deterministic) and the form's promotion fields from `run["root"]`'s run.json.
     evaluate(trained)
 
 
