@@ -158,7 +158,7 @@ def leanrec_train() -> None:
     # * an empty variant list skips the mapped task, so whatever follows it needs
     #   `trigger_rule="none_failed"` (with the default all_success it is skipped too);
     # * evaluate(trained, compressed) -> register(...) -> promote(...), register/promote with
-    #   retries=0 (the gate is deterministic) and the form's promotion fields from `run["root"]`'s run.json.
+    #   retries=0 (the gate is deterministic) and the form's promotion fields from `run["root"]`'s dag_run.json.
     evaluate(trained)
 
 

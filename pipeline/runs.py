@@ -2,7 +2,7 @@
 
 An Airflow DAG run never works in the project root (DVC's workspace): it gets its
 own root, `$LEANREC_RUNS_DIR/<run key>`, holding `params.yaml` (the effective
-configuration of the run, written once by `prepare_run`), `run.json` (what was
+configuration of the run, written once by `prepare_run`), `dag_run.json` (what was
 asked for) and the usual `data/`, `models/`, `reports/` of a `Layout`. Every task
 of the run reads that `params.yaml`, so a change to the project's params.yaml
 while a run is in flight does not change the run, and a retried or cleared task
@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 RUN_PARAMS_FILE = "params.yaml"  # the effective configuration of one run
-RUN_INFO_FILE = "run.json"  # the DAG run id, the form values and the overrides built from them
+RUN_INFO_FILE = "dag_run.json"  # the DAG run id, the form values and the overrides built from them
 
 # Form field -> params key. `data_path` maps to the path key of the chosen source (see below).
 FORM_KEYS: dict[str, str] = {
@@ -50,7 +50,7 @@ FORM_KEYS: dict[str, str] = {
 SOURCE_PATH_KEYS = {"movielens": "ingest.movielens.path", "file": "ingest.file.path"}
 # Keys holding paths: relative values are relative to the project root (where the CLI and DVC
 # run), so they are made absolute before a run works in its own directory.
-# Form fields that are not params.yaml keys yet: they are recorded in run.json and handed to the
+# Form fields that are not params.yaml keys yet: they are recorded in dag_run.json and handed to the
 # compress (one mapped task per variant), register and promote tasks, which own their meaning.
 PASS_THROUGH_FIELDS = ("compression_variants", "promotion_metric", "promotion_min_improvement")
 # Choices offered by the form for the pass-through fields (tests keep them in step with
