@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -226,6 +227,36 @@ def test_prepare_run_names_a_bad_override(tmp_path, monkeypatch):
 def test_run_stage_needs_a_prepared_run(tmp_path):
     with pytest.raises(ConfigError, match="prepare step has not run"):
         runs.run_stage("ingest", tmp_path)
+
+
+def test_stages_rerun_on_a_run_root_give_the_same_outputs(tmp_path, monkeypatch):
+    """A retried or cleared task reruns its stage on the same root: same outputs, no leftovers."""
+    monkeypatch.setenv("LEANREC_RUNS_DIR", str(tmp_path / "runs"))
+    root = runs.prepare_run("manual__idempotent", TINY_FORM, base_params=ROOT / "params.yaml")
+    hashes = []
+    for _ in range(2):
+        summaries = [runs.run_stage(stage, root) for stage in ("ingest", "validate", "features")]
+        # Every data file (stats.json and the reports also record timings, which differ).
+        hashes.append({str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+                       for p in (root / "data").rglob("*.parquet")})
+    assert len(hashes[0]) >= 7 and hashes[0] == hashes[1]
+    # XCom payloads: the root and small scalars only (validate's per-expectation list is left out).
+    ingest, validate, features = summaries
+    assert ingest["root"] == str(root) and ingest["result"]["rows_written"] > 0
+    assert "expectations" not in validate["result"] and validate["result"]["rows_passed"] > 0
+    assert len(json.dumps(summaries)) < 4000
+
+
+def test_pipeline_errors_fail_the_task_without_retries(airflow_home, tmp_path):
+    import importlib.util
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    spec = importlib.util.spec_from_file_location("leanrec_train_dag", DAGS / "leanrec_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(AirflowFailException, match="ingest failed: .*prepare step has not run"):
+        module._stage("ingest", str(tmp_path))
 
 
 def test_choices_reads_literal_keys():
