@@ -15,7 +15,6 @@ their stage functions land (see the marked place below).
 from __future__ import annotations
 
 import datetime as dt
-import logging
 from typing import Any
 
 from airflow.sdk import Param, dag, get_current_context, task
@@ -24,8 +23,6 @@ from airflow.sdk.exceptions import AirflowFailException
 from pipeline import runs
 from pipeline.config import load_params
 from pipeline.errors import PipelineError
-
-logger = logging.getLogger(__name__)
 
 DEFAULTS = load_params(runs.params_path())
 
@@ -41,6 +38,7 @@ GPU = {"pool": runs.gpu_pool(), "queue": runs.gpu_queue()}
 
 
 def _stage(stage: str, root: str, **kwargs: Any) -> dict[str, Any]:
+    """One pipeline stage on the run root; a PipelineError fails the task without retries."""
     try:
         return runs.run_stage(stage, root, **kwargs)
     except PipelineError as err:

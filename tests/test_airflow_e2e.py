@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import logging
 import os
 import shutil
 import signal
@@ -25,7 +24,6 @@ from tests.browser import Browser, find_chromium
 from tests.test_dags import TINY_FORM, TRAIN_ORDER
 
 pytestmark = pytest.mark.slow
-logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "dags" / "run_airflow.sh"
