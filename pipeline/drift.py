@@ -9,11 +9,13 @@ interactions are compared with the interactions the champion was trained on:
 * `popularity_tv`: total-variation distance between the item popularity distributions of the
   reference and of the batch (half the L1 distance over the union of items; 0 = identical, 1 =
   disjoint).
-* `popularity_psi`: population stability index over popularity buckets. Reference items are
-  ranked by popularity and cut into `psi_buckets` buckets holding equal shares of the reference
-  interactions; items the reference never saw form one more bucket. PSI = sum (q - p) ln(q / p)
-  over the buckets' interaction shares p (reference) and q (batch), each share floored at
-  `PSI_EPSILON`. Rule of thumb: < 0.1 stable, 0.1-0.25 moderate, > 0.25 a real shift.
+* `popularity_psi`: population stability index over popularity buckets of the items the
+  reference knows. Reference items are ranked by popularity and cut into `psi_buckets` buckets
+  holding equal shares of the reference interactions. PSI = sum (q - p) ln(q / p) over the
+  buckets' interaction shares p (reference) and q (the batch's interactions with known items),
+  each share floored at `PSI_EPSILON`. Rule of thumb: < 0.1 stable, 0.1-0.25 moderate, > 0.25 a
+  real shift. New items are left out of PSI (a bucket the reference never fills would dominate
+  it); `new_item_share` and `new_item_interaction_share` measure them.
 
 Each metric has a threshold in `params.yaml` (`drift`); `run_drift` writes reports/drift.json and,
 with `drift.action: fail`, stops with `DriftDetected` naming every check that failed.
@@ -81,10 +83,11 @@ def drift_checks(reference: pd.DataFrame, batch: pd.DataFrame, cfg: DriftConfig)
     p_items, q_items = ref_counts / ref_counts.sum(), batch_counts / batch_counts.sum()
 
     buckets = popularity_buckets(ref_counts, cfg.psi_buckets)
-    n_slots = cfg.psi_buckets + 1  # the last slot holds items the reference never saw
-    p = np.bincount(buckets.to_numpy(), weights=p_items.reindex(buckets.index).to_numpy(), minlength=n_slots)
-    q_slots = buckets.reindex(batch_counts.index).fillna(cfg.psi_buckets).astype(np.int64).to_numpy()
-    q = np.bincount(q_slots, weights=q_items.to_numpy(), minlength=n_slots)
+    p = np.bincount(buckets.to_numpy(), weights=p_items.reindex(buckets.index).to_numpy(), minlength=cfg.psi_buckets)
+    known_counts = batch_counts[~new_items_mask]
+    q = np.bincount(buckets.reindex(known_counts.index).to_numpy(), weights=known_counts.to_numpy(dtype=float),
+                    minlength=cfg.psi_buckets)
+    q = q / q.sum() if q.sum() > 0 else q  # no known item at all: every bucket at the floor
 
     metrics = {
         "new_user_share": new_users / len(batch_users),

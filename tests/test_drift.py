@@ -41,9 +41,9 @@ def test_metrics_by_hand():
     assert result.metrics["new_item_interaction_share"] == pytest.approx(0.25)
     # p = a .5, b .25, c .25; q = a .25, b .5, d .25
     assert result.metrics["popularity_tv"] == pytest.approx(0.5)
-    # Buckets of equal reference mass: {a} and {b, c}, plus the unseen-items bucket {d}.
-    eps = 1e-4
-    expected = (0.25 - 0.5) * math.log(0.25 / 0.5) + 0.0 + (0.25 - eps) * math.log(0.25 / eps)
+    # Buckets of equal reference mass: {a} and {b, c}, p = (.5, .5); the batch's known-item
+    # interactions a, b, b give q = (1/3, 2/3); the new item d is left out of PSI.
+    expected = (1 / 3 - 0.5) * math.log((1 / 3) / 0.5) + (2 / 3 - 0.5) * math.log((2 / 3) / 0.5)
     assert result.metrics["popularity_psi"] == pytest.approx(expected)
     assert result.counts == {"reference_interactions": 4, "batch_interactions": 4, "batch_users": 3, "new_users": 2,
                              "batch_items": 3, "new_items": 1}

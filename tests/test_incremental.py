@@ -72,3 +72,55 @@ def test_id_types_must_match(setup):
         select_new(layout, reference)
     with pytest.raises(IngestError, match="not found"):
         select_new(layout, reference.with_name("missing.parquet"))
+
+
+def test_incremental_flow_grows_the_vocabularies_and_warm_starts(tmp_path, monkeypatch):
+    """The building blocks in the order the incremental DAG will run them, through pipeline.runs."""
+    import torch
+    from safetensors.torch import load_file
+
+    from pipeline import runs
+    from pipeline.warmstart import TABLE_KEY
+    from tests.test_dags import ROOT, TINY_FORM
+
+    monkeypatch.setenv("LEANREC_RUNS_DIR", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    fast = ["tracking.enabled=false", "train.epochs=1", "train.baselines=[]", "train.max_len=20"]
+    first = runs.prepare_run("first", {**TINY_FORM, "overrides": [*TINY_FORM["overrides"], *fast]}, ROOT / "params.yaml")
+    for stage in ("ingest", "validate", "features", "train"):
+        runs.run_stage(stage, first)
+    reference = first / "data" / "validated" / "interactions.parquet"
+
+    def incremental(name: str, seed: int, items: int) -> tuple[Layout, bool]:
+        form = {**TINY_FORM, "synthetic_items": items, "overrides": [
+            *TINY_FORM["overrides"], *fast, f"seed={seed}", "train.lr=1.0e-12",
+            f"features.vocab_from={first / 'data' / 'features'}", f"train.init_from={first / 'models' / 'main'}",
+            f"drift.reference={reference}", "drift.action=warn"]}
+        root = runs.prepare_run(name, form, ROOT / "params.yaml")
+        layout = Layout(root)
+        runs.run_stage("ingest", root)
+        if select_new(layout, reference).empty:
+            return layout, False
+        runs.run_stage("validate", root)
+        runs.run_stage("drift", root)
+        merge_with_reference(layout, reference)
+        runs.run_stage("features", root)
+        runs.run_stage("train", root)
+        return layout, True
+
+    second, ran = incremental("second", seed=7, items=200)
+    assert ran
+    old_vocab = pd.read_parquet(first / "data" / "features" / "item_vocab.parquet")
+    new_vocab = pd.read_parquet(second.features_dir / "item_vocab.parquet")
+    assert len(new_vocab) > len(old_vocab) and new_vocab.head(len(old_vocab)).equals(old_vocab)
+    old_users = pd.read_parquet(first / "data" / "features" / "user_vocab.parquet")
+    assert len(pd.read_parquet(second.features_dir / "user_vocab.parquet")) >= len(old_users)
+    assert json.loads((second.reports_dir / "drift.json").read_text())["counts"]["new_items"] > 0
+    old_table = load_file(str(first / "models" / "main" / "model.safetensors"))[TABLE_KEY]
+    new_table = load_file(str(second.model_dir("main") / "model.safetensors"))[TABLE_KEY]
+    assert new_table.shape[0] == len(new_vocab) + 1
+    torch.testing.assert_close(new_table[: old_table.shape[0]], old_table, atol=1e-6, rtol=0)
+
+    # The same source as the reference again: nothing new, nothing to do.
+    _, ran = incremental("third", seed=42, items=TINY_FORM["synthetic_items"])
+    assert not ran
