@@ -21,7 +21,8 @@ import requests
 
 from pipeline import runs
 from tests.browser import Browser, find_chromium
-from tests.test_dags import TINY_FORM, TRAIN_ORDER
+from tests.helpers import TINY_FORM
+from tests.test_dags import TRAIN_ORDER
 
 pytestmark = pytest.mark.slow
 

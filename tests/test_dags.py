@@ -18,24 +18,12 @@ import yaml
 from pipeline import runs
 from pipeline.config import load_params
 from pipeline.errors import ConfigError
+from tests.helpers import TINY_FORM
 
 ROOT = Path(__file__).resolve().parents[1]
 DAGS = ROOT / "dags"
 LAUNCHER = DAGS / "run_airflow.sh"
 TRAIN_ORDER = ["prepare", "ingest", "validate", "features", "train", "evaluate"]
-
-# The tiny synthetic run of tests/helpers.py, as the form sends it: form fields plus `overrides`.
-TINY_FORM = {
-    "synthetic_interactions": 6000,
-    "synthetic_items": 150,
-    "epochs": 2,
-    "overrides": [
-        "ingest.synthetic.mean_sequence_length=20.0", "ingest.synthetic.n_topics=5",
-        "features.min_user_interactions=3", "features.min_item_interactions=3",
-        "validate.min_rows=100", "validate.data_docs=false",
-        "train.d_model=16", "train.n_heads=1", "train.bpr.epochs=2", "train.num_threads=1",
-    ],
-}
 
 
 @pytest.fixture(scope="module")
