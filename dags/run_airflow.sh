@@ -38,6 +38,12 @@ export AIRFLOW__CORE__AUTH_MANAGER="${AIRFLOW__CORE__AUTH_MANAGER:-airflow.api_f
 export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS="${AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS:-admin:admin}"
 export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS="${AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS:-${LEANREC_AIRFLOW_ALL_ADMINS:-False}}"
 export AIRFLOW__API__HOST="${AIRFLOW__API__HOST:-$host}"
+if [ "$(echo "$AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS" | tr '[:upper:]' '[:lower:]')" = true ]; then
+  case "$AIRFLOW__API__HOST" in
+    127.0.0.1|localhost|::1) ;;
+    *) echo "refusing all-admins mode (no login) on $AIRFLOW__API__HOST: loopback only" >&2; exit 2 ;;
+  esac
+fi
 export AIRFLOW__API__PORT="${AIRFLOW__API__PORT:-$port}"
 export AIRFLOW__API__BASE_URL="${AIRFLOW__API__BASE_URL:-http://$host:$port}"
 export AIRFLOW__CORE__EXECUTION_API_SERVER_URL="${AIRFLOW__CORE__EXECUTION_API_SERVER_URL:-http://$host:$port/execution/}"
@@ -53,7 +59,7 @@ setup() {
 
 case "${1:-}" in
   "")
-    sed -n '2,21p' "$0" >&2
+    sed -n '2,20p' "$0" >&2
     exit 2
     ;;
   setup)

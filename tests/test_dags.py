@@ -254,6 +254,13 @@ def test_choices_reads_literal_keys():
         runs.choices("train.epochs")
 
 
+def test_launcher_refuses_all_admins_mode_off_loopback(tmp_path):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "AIRFLOW_HOME": str(tmp_path), "LEANREC_AIRFLOW_ALL_ADMINS": "true", "LEANREC_AIRFLOW_HOST": "0.0.0.0"}
+    proc = subprocess.run([str(LAUNCHER), "version"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "loopback only" in proc.stderr
+
+
 # ----------------------------------------------------------------------------- through Airflow itself
 
 
