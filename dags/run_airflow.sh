@@ -50,7 +50,6 @@ export AIRFLOW__CORE__EXECUTION_API_SERVER_URL="${AIRFLOW__CORE__EXECUTION_API_S
 # No example DAGs' connections, no calls home.
 export AIRFLOW__CORE__LOAD_DEFAULT_CONNECTIONS="${AIRFLOW__CORE__LOAD_DEFAULT_CONNECTIONS:-False}"
 export SCARF_ANALYTICS=false GX_ANALYTICS_ENABLED=false
-mkdir -p "$AIRFLOW_HOME"
 
 setup() {
   airflow db migrate
