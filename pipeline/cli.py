@@ -35,6 +35,14 @@ def _validate(params: Params, layout: Layout) -> Any:
     return run_validate(params.validate_, layout)
 
 
+def _drift(params: Params, layout: Layout) -> Any:
+    from pipeline.drift import run_drift
+
+    if not params.drift.reference:
+        raise ConfigError("the drift stage compares with reference interactions: set drift.reference (a Parquet file)")
+    return run_drift(params.drift, layout, params.drift.reference)
+
+
 def _features(params: Params, layout: Layout) -> Any:
     from pipeline.features import run_features
 
@@ -82,6 +90,7 @@ def _config_reference(params: Params, layout: Layout) -> Any:
 STAGES: dict[str, Callable[[Params, Layout], Any]] = {
     "ingest": _ingest,
     "validate": _validate,
+    "drift": _drift,
     "features": _features,
     "train": _train,
     "compress": _compress,

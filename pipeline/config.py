@@ -153,6 +153,9 @@ class TrainConfig(_Strict):
     baselines: list[Literal["popularity", "bpr"]] = Field(["popularity", "bpr"], description="trained beside the model")
     bpr: BPRConfig = BPRConfig()
     run_name: str = Field("main", pattern=r"^[A-Za-z0-9_.-]+$", description="models/<run_name>/")
+    init_from: str | None = Field(
+        None, description="warm start: a SASRec model dir (models/<run>) whose weights initialise this run; its "
+        "item table grows for new items, old indices keep their rows (build features with vocab_from)")
 
 
 class EvaluateConfig(_Strict):
@@ -213,6 +216,21 @@ class TrackingConfig(_Strict):
     enabled: bool = Field(True, description="false: log nothing to MLflow")
 
 
+class DriftConfig(_Strict):
+    """Checks of new interactions against reference data (pipeline/drift.py), for incremental runs."""
+
+    max_new_user_share: float = Field(0.9, ge=0.0, le=1.0, description="share of the batch's users unseen in the reference")
+    max_new_item_share: float = Field(0.5, ge=0.0, le=1.0, description="share of the batch's items unseen in the reference")
+    max_popularity_tv: float = Field(
+        0.5, ge=0.0, le=1.0, description="total-variation distance between reference and batch item popularity")
+    max_popularity_psi: float = Field(0.25, ge=0.0, description="population stability index over popularity buckets")
+    psi_buckets: int = Field(10, ge=2, le=1000, description="popularity buckets of equal reference mass (PSI)")
+    action: Literal["fail", "warn"] = Field("fail", description="what a failed check does: stop the run, or log a warning")
+    reference: str | None = Field(
+        None, description="reference interactions (Parquet with user_id, item_id), e.g. the validated "
+        "interactions the champion was trained on; the drift stage needs it")
+
+
 class Params(_Strict):
     seed: int = Field(42, description="seeds data generation, batch order and initialisation")
     ingest: IngestConfig = IngestConfig()
@@ -222,6 +240,7 @@ class Params(_Strict):
     evaluate: EvaluateConfig = EvaluateConfig()
     compress: CompressConfig = CompressConfig()
     tracking: TrackingConfig = TrackingConfig()
+    drift: DriftConfig = DriftConfig()
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
 

@@ -19,3 +19,9 @@ class ValidationFailed(PipelineError):
     """A batch-level expectation failed; the stage stops before writing its outputs."""
 
     exit_code = 3
+
+
+class DriftDetected(PipelineError):
+    """A new batch of interactions drifted from the reference data beyond a `drift` threshold."""
+
+    exit_code = 3

@@ -262,7 +262,14 @@ def run_train(
         torch.backends.cudnn.allow_tf32 = True
 
     model_cfg = build_model_config(cfg, data.n_items)
-    model = SASRec(model_cfg).to(device)
+    model = SASRec(model_cfg)
+    if cfg.init_from:
+        if cfg.model != "sasrec":
+            raise TrainError(f"train.init_from warm-starts SASRec only; train.model is {cfg.model}")
+        from pipeline.warmstart import warm_start
+
+        warm_start(model, cfg.init_from)  # a checkpoint loaded by --resume below still wins
+    model = model.to(device)
     counts = torch.from_numpy(data.train_item_counts()).double() + 1.0
     counts[0] = 0.0
     logq = (counts / counts.sum()).log().float().to(device) if cfg.loss == "sampled_softmax" else None

@@ -15,6 +15,19 @@ TINY = {
     "features": {"min_user_interactions": 3, "min_item_interactions": 3},
 }
 
+# TINY as the DAG form sends it: form fields plus `overrides`.
+TINY_FORM = {
+    "synthetic_interactions": 6000,
+    "synthetic_items": 150,
+    "epochs": 2,
+    "overrides": [
+        "ingest.synthetic.mean_sequence_length=20.0", "ingest.synthetic.n_topics=5",
+        "features.min_user_interactions=3", "features.min_item_interactions=3",
+        "validate.min_rows=100", "validate.data_docs=false",
+        "train.d_model=16", "train.n_heads=1", "train.bpr.epochs=2", "train.num_threads=1",
+    ],
+}
+
 
 def build_features(root: Path, overrides: dict | None = None) -> Layout:
     """Synthetic ingest -> features under `root` (validation is skipped: the data is generated clean)."""

@@ -1,0 +1,163 @@
+"""DAG `leanrec_train`: train LeanRec from a form in the Airflow UI (manual trigger only).
+
+Wiring only. Each task calls a `pipeline/` function, the same ones `python -m pipeline` and
+`dvc repro` run (`pipeline.runs.run_stage` goes through the CLI's stage table), in the DAG
+run's own work directory (`pipeline.runs.prepare_run`: `$LEANREC_RUNS_DIR/<run id>`, holding the
+run's effective params.yaml). XCom carries the run directory and small summaries only.
+
+    prepare -> ingest -> validate -> features -> train -> evaluate
+
+The form's defaults come from the project's params.yaml; `overrides` takes any other key as
+`key=value`, like the CLI's `-S`. Compression, registration and promotion join the chain once
+their stage functions land (see the marked place below).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
+
+from pipeline import runs
+from pipeline.config import load_params
+from pipeline.errors import PipelineError
+
+DEFAULTS = load_params(runs.params_path())
+
+# Transient failures (a network source, a busy GPU node) are retried with exponential backoff;
+# a PipelineError (bad config, bad data) is deterministic and fails the task at once.
+RETRY = {
+    "retries": 2,
+    "retry_delay": dt.timedelta(seconds=20),
+    "retry_exponential_backoff": 2.0,
+    "max_retry_delay": dt.timedelta(minutes=10),
+}
+GPU = {"pool": runs.gpu_pool(), "queue": runs.gpu_queue()}
+
+
+def _stage(stage: str, root: str, **kwargs: Any) -> dict[str, Any]:
+    """One pipeline stage on the run root; a PipelineError fails the task without retries."""
+    try:
+        return runs.run_stage(stage, root, **kwargs)
+    except PipelineError as err:
+        raise AirflowFailException(f"{stage} failed: {err}") from err
+
+
+@dag(
+    dag_id="leanrec_train",
+    description="Ingest, validate, build features, train and evaluate LeanRec in a run directory of its own",
+    schedule=None,
+    start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+    catchup=False,
+    max_active_runs=4,
+    tags=["leanrec"],
+    doc_md=__doc__,
+    params={
+        "source": Param(
+            DEFAULTS.ingest.source, type="string", enum=runs.choices("ingest.source"),
+            title="Data source",
+            description="Where interactions come from: generated synthetic logs, a MovieLens dataset, "
+                        "or a CSV/Parquet file (column mapping from params.yaml ingest.file).",
+        ),
+        "data_path": Param(
+            None, type=["null", "string"], title="Data path",
+            description="MovieLens directory or file, or the CSV/Parquet file, for the movielens and file "
+                        "sources. Relative paths are relative to the project. Empty: the path in params.yaml.",
+        ),
+        "synthetic_interactions": Param(
+            DEFAULTS.ingest.synthetic.n_interactions, type="integer", minimum=1_000, maximum=100_000_000,
+            title="Synthetic interactions", description="Number of interactions generated (synthetic source only).",
+        ),
+        "synthetic_items": Param(
+            DEFAULTS.ingest.synthetic.n_items, type="integer", minimum=20,
+            title="Synthetic items", description="Catalogue size of the generated data (synthetic source only).",
+        ),
+        "model": Param(
+            DEFAULTS.train.model, type="string", enum=runs.choices("train.model"), title="Model",
+            description="The model this run trains; the popularity and BPR baselines are trained beside it.",
+        ),
+        "preset": Param(
+            DEFAULTS.train.preset, type="string", enum=runs.choices("train.preset"), title="Model preset",
+            description="SASRec shape: small (~0.3M parameters), medium, large (100M+).",
+        ),
+        "epochs": Param(
+            DEFAULTS.train.epochs, type="integer", minimum=1, maximum=1_000, title="Epochs",
+            description="Maximum training epochs (early stopping on validation NDCG@10 may end sooner).",
+        ),
+        "compression_variants": Param(
+            [], type="array", items={"type": "string", "enum": list(runs.COMPRESSION_VARIANTS)},
+            examples=list(runs.COMPRESSION_VARIANTS), uniqueItems=True, title="Compression variants",
+            description="Compressed variants built from the trained model, one parallel task each "
+                        "(fp16/bf16 weights, int8/int4 item table, low-rank table, int8 Linear layers).",
+        ),
+        "promotion_metric": Param(
+            runs.PROMOTION_METRICS[0], type="string", enum=list(runs.PROMOTION_METRICS), title="Promotion metric",
+            description="Test metric the promotion gate compares between the candidate and the champion.",
+        ),
+        "promotion_min_improvement": Param(
+            0.0, type="number", minimum=0.0, title="Minimum improvement",
+            description="Relative improvement of the promotion metric over the current champion needed "
+                        "to promote (0.0: at least as good).",
+        ),
+        "overrides": Param(
+            [], type="array", items={"type": "string", "pattern": r"^[A-Za-z0-9_.]+=.*$"}, title="Other overrides",
+            description="Any other params.yaml key for this run, one key=value per line "
+                        "(e.g. train.lr=0.001), exactly like the CLI's -S.",
+        ),
+    },
+)
+def leanrec_train() -> None:
+    @task
+    def prepare() -> dict[str, Any]:
+        """The run directory and its effective params.yaml (params.yaml + the form)."""
+        context = get_current_context()
+        form = dict(context["params"])
+        try:
+            root = runs.prepare_run(context["run_id"], form)
+        except PipelineError as err:
+            raise AirflowFailException(f"invalid run parameters: {err}") from err
+        return {"root": str(root), "compression_variants": list(form.get("compression_variants") or [])}
+
+    @task(**RETRY)
+    def ingest(run: dict[str, Any]) -> dict[str, Any]:
+        return _stage("ingest", run["root"])
+
+    @task(retries=0)
+    def validate(ingested: dict[str, Any]) -> dict[str, Any]:
+        return _stage("validate", ingested["root"])
+
+    @task(retries=0)
+    def features(validated: dict[str, Any]) -> dict[str, Any]:
+        return _stage("features", validated["root"])
+
+    @task(**RETRY, **GPU)
+    def train(featurized: dict[str, Any]) -> dict[str, Any]:
+        # resume: a retried or cleared train continues from its last epoch checkpoint (or starts
+        # fresh when there is none) and ends where an uninterrupted run would have.
+        return _stage("train", featurized["root"], resume=True)
+
+    @task(retries=0, **GPU)
+    def evaluate(trained: dict[str, Any]) -> dict[str, Any]:
+        return _stage("evaluate", trained["root"])
+
+    run = prepare()
+    trained = train(features(validate(ingest(run))))
+    # Compression, registration and promotion plug in here once pipeline.compress / pipeline.registry
+    # land (checked with a scratch DAG on Airflow 3.3.2):
+    # * compress: `@task(**GPU) def compress(trained, variant)` calling
+    #   `pipeline.compress.compress_variant(params, layout, variant)` on `runs.run_params(root)` and
+    #   `Layout(root)` (or a "compress" entry in pipeline.cli.STAGES taking `variant`, then
+    #   `_stage("compress", trained["root"], variant=variant)`), mapped with
+    #   `compress.partial(trained=trained).expand(variant=variants(run))`, where
+    #   `@task def variants(run): return run["compression_variants"]`. Mapping straight over
+    #   `run["compression_variants"]` is refused ("cannot map over XCom with custom key").
+    # * an empty variant list skips the mapped task, so whatever follows it needs
+    #   `trigger_rule="none_failed"` (with the default all_success it is skipped too);
+    # * evaluate(trained, compressed) -> register(...) -> promote(...), register/promote with
+    #   retries=0 (the gate is deterministic) and the form's promotion fields from `run["root"]`'s dag_run.json.
+    evaluate(trained)
+
+
+leanrec_train()

@@ -1,0 +1,331 @@
+"""The Airflow DAGs: they import, their structure (order, pools, queues, retries, form), and
+`leanrec_train` run end to end by Airflow itself (`airflow dags test`) on tiny synthetic data."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import runs
+from pipeline.config import load_params
+from pipeline.errors import ConfigError
+from tests.helpers import TINY_FORM
+
+ROOT = Path(__file__).resolve().parents[1]
+DAGS = ROOT / "dags"
+LAUNCHER = DAGS / "run_airflow.sh"
+TRAIN_ORDER = ["prepare", "ingest", "validate", "features", "train", "evaluate"]
+
+
+@pytest.fixture(scope="module")
+def airflow_home(tmp_path_factory) -> Path:
+    """A private AIRFLOW_HOME for this process (Airflow reads its config once, at first import)."""
+    home = tmp_path_factory.mktemp("airflow_home")
+    settings = {
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "SCARF_ANALYTICS": "false",
+    }
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    yield home
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _dagbag(pools: set[str] | None = None):
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(DAGS), known_pools=pools or {"default_pool", runs.gpu_pool()})
+
+
+@pytest.fixture(scope="module")
+def train_dag(airflow_home):
+    bag = _dagbag()
+    assert bag.import_errors == {}
+    return bag.dags["leanrec_train"]
+
+
+def test_every_dag_file_imports_without_errors(airflow_home):
+    bag = _dagbag()
+    assert bag.import_errors == {}, bag.import_errors
+    dag_files = {p.resolve() for p in DAGS.glob("*.py")}
+    assert dag_files, "no DAG files"
+    assert {Path(d.fileloc).resolve() for d in bag.dags.values()} == dag_files
+    assert "leanrec_train" in bag.dags
+
+
+def test_dags_use_only_known_pools(airflow_home):
+    # DagBag warns about pools outside the known ones: this is what catches a misspelt pool.
+    assert _dagbag().dag_warnings == set()
+    warnings = _dagbag(pools={"default_pool"}).dag_warnings
+    assert [w.message for w in warnings] == ["Dag 'leanrec_train' references non-existent pools: ['gpu']"]
+
+
+def test_train_dag_runs_the_stages_in_order(train_dag):
+    assert set(train_dag.task_ids) == set(TRAIN_ORDER)
+    for upstream, task_id in zip(TRAIN_ORDER, TRAIN_ORDER[1:]):
+        assert train_dag.get_task(task_id).upstream_task_ids == {upstream}
+    assert train_dag.get_task("prepare").upstream_task_ids == set()
+    assert type(train_dag.timetable).__name__ == "NullTimetable"  # manual trigger only
+
+
+def test_gpu_tasks_use_the_gpu_pool_and_queue_and_retries_where_they_help(train_dag):
+    tasks = {t: train_dag.get_task(t) for t in TRAIN_ORDER}
+    for task_id in ("train", "evaluate"):
+        assert (tasks[task_id].pool, tasks[task_id].queue) == ("gpu", "gpu")
+    for task_id in ("prepare", "ingest", "validate", "features"):
+        assert tasks[task_id].pool == "default_pool"
+        assert tasks[task_id].queue != "gpu"
+    for task_id in ("ingest", "train"):
+        assert tasks[task_id].retries >= 2
+        assert tasks[task_id].retry_exponential_backoff > 1
+        assert tasks[task_id].max_retry_delay is not None
+    assert tasks["validate"].retries == 0
+
+
+def test_gpu_pool_and_queue_come_from_the_environment(airflow_home, monkeypatch):
+    monkeypatch.setenv("LEANREC_GPU_QUEUE", "cuda-a100")
+    monkeypatch.setenv("LEANREC_GPU_POOL", "big_gpus")
+    dag = _dagbag(pools={"default_pool", "big_gpus"}).dags["leanrec_train"]
+    assert (dag.get_task("train").pool, dag.get_task("train").queue) == ("big_gpus", "cuda-a100")
+
+
+def test_form_fields_are_typed_documented_and_default_to_params_yaml(train_dag):
+    defaults = load_params(ROOT / "params.yaml")
+    schema = {name: param.schema for name, param in train_dag.params.items()}
+    for name, param in train_dag.params.items():
+        assert param.description and param.schema.get("title"), f"{name} needs a title and a description"
+    expected_types = {
+        "source": "string", "data_path": ["null", "string"], "synthetic_interactions": "integer",
+        "synthetic_items": "integer", "model": "string", "preset": "string", "epochs": "integer",
+        "compression_variants": "array", "promotion_metric": "string", "promotion_min_improvement": "number",
+        "overrides": "array",
+    }
+    assert {name: field["type"] for name, field in schema.items()} == expected_types
+    assert schema["source"]["enum"] == ["synthetic", "movielens", "file"]
+    assert schema["model"]["enum"] == ["sasrec", "popularity", "bpr"]
+    assert schema["preset"]["enum"] == ["small", "medium", "large"]
+    assert schema["compression_variants"]["items"]["enum"] == list(runs.COMPRESSION_VARIANTS)
+    assert schema["promotion_metric"]["enum"] == list(runs.PROMOTION_METRICS)
+    values = train_dag.params.dump()
+    assert values["source"] == defaults.ingest.source
+    assert values["synthetic_interactions"] == defaults.ingest.synthetic.n_interactions
+    assert values["epochs"] == defaults.train.epochs
+    assert values["preset"] == defaults.train.preset
+    # The defaults are a valid run configuration.
+    assert runs.effective_params(values)[0].train.epochs == defaults.train.epochs
+
+
+def test_form_rejects_values_outside_the_schema(train_dag):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    for name, bad in [("preset", "huge"), ("epochs", 0), ("epochs", "3"), ("compression_variants", ["zip"]),
+                      ("source", "kafka"), ("overrides", ["no equals sign"])]:
+        with pytest.raises(ParamValidationError):
+            train_dag.params.get_param(name).resolve(bad)
+
+
+def test_form_choices_match_the_pipeline():
+    from pipeline.evaluate import HEADLINE
+    from pipeline.variants import KINDS
+
+    assert set(runs.COMPRESSION_VARIANTS) == set(KINDS) - {"fp32"}
+    ks = [10, 20, 50]
+    produced = set(HEADLINE) | {f"full/{m}@{k}" for m in ("NDCG", "HR", "Recall") for k in ks}
+    assert set(runs.PROMOTION_METRICS) <= produced
+
+
+# ----------------------------------------------------------------------------- pipeline/runs.py
+
+
+def test_overrides_from_form_maps_fields_to_params_keys():
+    overrides = runs.overrides_from_form(
+        {"source": "movielens", "data_path": "data/ml 100k", "epochs": 3, "preset": None, "overrides": ["train.lr=0.001"]})
+    assert overrides == ['ingest.source="movielens"', "train.epochs=3",
+                         'ingest.movielens.path="data/ml 100k"', "train.lr=0.001"]
+
+
+@pytest.mark.parametrize("form, message", [
+    ({"epochs": 3, "epoch": 4}, "unknown form fields: ['epoch']"),
+    ({"source": "synthetic", "data_path": "x.csv"}, "reads no path"),
+    ({"overrides": "train.lr=1"}, "list of 'key=value'"),
+])
+def test_overrides_from_form_rejects_bad_forms(form, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        runs.overrides_from_form(form)
+
+
+def test_run_key_is_a_safe_unique_directory_name():
+    a, b = runs.run_key("manual__2026-01-01T00:00:00+00:00"), runs.run_key("manual__2026-01-01T00:00:00-00:00")
+    assert a != b
+    assert re.fullmatch(r"[A-Za-z0-9_.-]+", a) and a.startswith("manual__2026-01-01T00_00_00")
+    assert runs.run_key("../../etc").startswith("etc-")
+
+
+def test_prepare_run_writes_the_effective_params_and_is_idempotent(tmp_path, monkeypatch):
+    monkeypatch.setenv("LEANREC_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("LEANREC_PROJECT_DIR", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    base = tmp_path / "params.yaml"
+    base.write_text(yaml.safe_dump({"ingest": {"movielens": {"path": "data/ml-100k"}}}))
+    form = {"source": "movielens", "epochs": 3, "compression_variants": ["int8"]}
+    root = runs.prepare_run("manual__1", form, base_params=base)
+    assert root.parent == tmp_path / "runs"
+    params = runs.run_params(root)
+    assert params.train.epochs == 3
+    assert params.ingest.movielens.path == str(tmp_path / "data/ml-100k")  # project-relative -> absolute
+    info = json.loads((root / runs.RUN_INFO_FILE).read_text())
+    assert info["form"] == form and info["run_id"] == "manual__1"
+    # No tracking server: the run logs to the project's store, like the CLI.
+    assert (root / "mlflow.db").resolve() == tmp_path / "mlflow.db"
+    assert (root / "mlartifacts").resolve() == tmp_path / "mlartifacts"
+    first = (root / runs.RUN_PARAMS_FILE).read_text()
+    assert runs.prepare_run("manual__1", form, base_params=base) == root
+    assert (root / runs.RUN_PARAMS_FILE).read_text() == first
+
+
+def test_prepare_run_leaves_a_configured_tracking_store_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("LEANREC_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/elsewhere.db")
+    root = runs.prepare_run("r", {}, base_params=ROOT / "params.yaml")
+    assert not (root / "mlflow.db").exists() and not (root / "mlflow.db").is_symlink()
+
+
+def test_prepare_run_names_a_bad_override(tmp_path, monkeypatch):
+    monkeypatch.setenv("LEANREC_RUNS_DIR", str(tmp_path / "runs"))
+    with pytest.raises(ConfigError, match="train.epochz: unknown key"):
+        runs.prepare_run("r", {"overrides": ["train.epochz=3"]}, base_params=ROOT / "params.yaml")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_run_stage_needs_a_prepared_run(tmp_path):
+    with pytest.raises(ConfigError, match="prepare step has not run"):
+        runs.run_stage("ingest", tmp_path)
+
+
+def test_stages_rerun_on_a_run_root_give_the_same_outputs(tmp_path, monkeypatch):
+    """A retried or cleared task reruns its stage on the same root: same outputs, no leftovers."""
+    monkeypatch.setenv("LEANREC_RUNS_DIR", str(tmp_path / "runs"))
+    root = runs.prepare_run("manual__idempotent", TINY_FORM, base_params=ROOT / "params.yaml")
+    hashes = []
+    for _ in range(2):
+        summaries = [runs.run_stage(stage, root) for stage in ("ingest", "validate", "features")]
+        # Every data file (stats.json and the reports also record timings, which differ).
+        hashes.append({str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+                       for p in (root / "data").rglob("*.parquet")})
+    assert len(hashes[0]) >= 7 and hashes[0] == hashes[1]
+    # XCom payloads: the root and small scalars only (validate's per-expectation list is left out).
+    ingest, validate, features = summaries
+    assert ingest["root"] == str(root) and ingest["result"]["rows_written"] > 0
+    assert "expectations" not in validate["result"] and validate["result"]["rows_passed"] > 0
+    assert len(json.dumps(summaries)) < 4000
+
+
+def test_pipeline_errors_fail_the_task_without_retries(airflow_home, tmp_path):
+    import importlib.util
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    spec = importlib.util.spec_from_file_location("leanrec_train_dag", DAGS / "leanrec_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(AirflowFailException, match="ingest failed: .*prepare step has not run"):
+        module._stage("ingest", str(tmp_path))
+
+
+def test_choices_reads_literal_keys():
+    assert runs.choices("train.preset") == ["small", "medium", "large"]
+    assert runs.choices("features.split.strategy") == ["leave_one_out", "temporal"]
+    with pytest.raises(ConfigError):
+        runs.choices("train.epochs")
+
+
+def test_launcher_refuses_all_admins_mode_off_loopback(tmp_path):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "AIRFLOW_HOME": str(tmp_path), "LEANREC_AIRFLOW_ALL_ADMINS": "true", "LEANREC_AIRFLOW_HOST": "0.0.0.0"}
+    proc = subprocess.run([str(LAUNCHER), "version"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "loopback only" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- through Airflow itself
+
+
+@pytest.fixture(scope="module")
+def cli_env(tmp_path_factory) -> dict[str, str]:
+    """Environment for `dags/run_airflow.sh` on a migrated temporary AIRFLOW_HOME with its gpu pool."""
+    home = tmp_path_factory.mktemp("airflow_cli")
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "LEANREC_"))},
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "AIRFLOW_HOME": str(home),
+        "LEANREC_RUNS_DIR": str(home / "runs"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{home}/mlflow.db",
+        "GX_ANALYTICS_ENABLED": "false",
+    }
+    proc = subprocess.run([str(LAUNCHER), "setup"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return env
+
+
+def _dags_test(env: dict, form: dict) -> tuple[subprocess.CompletedProcess, str, Path]:
+    proc = subprocess.run([str(LAUNCHER), "dags", "test", "leanrec_train", "-c", json.dumps(form)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    found = re.search(r"DagRun Finished: dag_id=leanrec_train, .*?run_id=(\S+?), .*?state=(\w+)", output)
+    assert found, output[-5000:]
+    return proc, found.group(2), Path(env["LEANREC_RUNS_DIR"]) / runs.run_key(found.group(1)), found.group(1)
+
+
+def _task_states(env: dict, run_id: str) -> dict[str, str]:
+    proc = subprocess.run([str(LAUNCHER), "tasks", "states-for-dag-run", "leanrec_train", run_id, "-o", "json"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(proc.stdout[proc.stdout.index("["):])
+    return {row["task_id"]: row["state"] for row in rows}
+
+
+@pytest.mark.slow
+def test_train_dag_runs_end_to_end_through_airflow(cli_env):
+    proc, state, root, run_id = _dags_test(cli_env, TINY_FORM)
+    assert (proc.returncode, state) == (0, "success"), (proc.stdout + proc.stderr)[-5000:]
+    assert _task_states(cli_env, run_id) == {t: "success" for t in TRAIN_ORDER}
+    params = runs.run_params(root)
+    assert (params.train.epochs, params.ingest.synthetic.n_interactions, params.train.d_model) == (2, 6000, 16)
+    assert (root / "models" / "main" / "model.safetensors").exists()
+    metrics = json.loads((root / "reports" / "metrics.json").read_text())
+    assert set(metrics["models"]) == {"sasrec", "popularity", "bpr"}
+    assert set(runs.PROMOTION_METRICS) <= set(metrics["models"]["sasrec"])
+    # Tracked in the temporary MLflow store, not the project's.
+    with sqlite3.connect(Path(cli_env["AIRFLOW_HOME"]) / "mlflow.db") as db:
+        names = {row[0] for row in db.execute("select name from runs where status = 'FINISHED'")}
+    assert names, "no finished MLflow run in the temporary store"
+    assert not (root / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_failed_validation_fails_its_task_with_the_gx_summary_and_stops_before_train(cli_env):
+    form = {**TINY_FORM, "overrides": [*TINY_FORM["overrides"], "validate.min_rows=1000000"]}
+    proc, state, root, run_id = _dags_test(cli_env, form)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and state == "failed"
+    assert "Great Expectations validation failed" in output
+    assert "expect_table_row_count_to_be_between failed: 6000 rows < validate.min_rows 1000000" in output
+    states = _task_states(cli_env, run_id)
+    assert states["validate"] == "failed"
+    assert {states[t] for t in ("features", "train", "evaluate")} == {"upstream_failed"}
+    assert not (root / "models").exists()
+    assert output.count("[DAG TEST] running task <TaskInstance: leanrec_train.validate") == 1  # no retry
