@@ -5,11 +5,10 @@ Wiring only. Each task calls a `pipeline/` function, the same ones `python -m pi
 run's own work directory (`pipeline.runs.prepare_run`: `$LEANREC_RUNS_DIR/<run id>`, holding the
 run's effective params.yaml). XCom carries the run directory and small summaries only.
 
-    prepare -> ingest -> validate -> features -> train -> evaluate
+    prepare -> ingest -> validate -> features -> train -> compress (one mapped task per variant) -> evaluate
 
 The form's defaults come from the project's params.yaml; `overrides` takes any other key as
-`key=value`, like the CLI's `-S`. Compression, registration and promotion join the chain once
-their stage functions land (see the marked place below).
+`key=value`, like the CLI's `-S`.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from pipeline import runs
-from pipeline.config import load_params
+from pipeline.config import TRAINED_VARIANTS, load_params
 from pipeline.errors import PipelineError
 
 DEFAULTS = load_params(runs.params_path())
@@ -87,10 +86,12 @@ def _stage(stage: str, root: str, **kwargs: Any) -> dict[str, Any]:
             description="Maximum training epochs (early stopping on validation NDCG@10 may end sooner).",
         ),
         "compression_variants": Param(
-            [], type="array", items={"type": "string", "enum": list(runs.COMPRESSION_VARIANTS)},
+            list(DEFAULTS.compress.variants), type="array", items={"type": "string", "enum": list(runs.COMPRESSION_VARIANTS)},
             examples=list(runs.COMPRESSION_VARIANTS), uniqueItems=True, title="Compression variants",
-            description="Compressed variants built from the trained model, one parallel task each "
-                        "(fp16/bf16 weights, int8/int4 item table, low-rank table, int8 Linear layers).",
+            description="Compressed variants built from the trained model, one parallel task each: fp16/bf16 "
+                        "weights, int8/int4 (torchao int8 Linear layers + row-wise int8/int4 item table), pruned "
+                        "(heads, FFN channels and weights, fine-tuned), distilled (smaller student), lowrank "
+                        "(SVD item table), distilled+int8. The evaluate task measures each against the teacher.",
         ),
         "promotion_metric": Param(
             runs.PROMOTION_METRICS[0], type="string", enum=list(runs.PROMOTION_METRICS), title="Promotion metric",
@@ -138,26 +139,36 @@ def leanrec_train() -> None:
         # fresh when there is none) and ends where an uninterrupted run would have.
         return _stage("train", featurized["root"], resume=True)
 
-    @task(retries=0, **GPU)
+    # none_failed: an empty variant list skips the mapped compress tasks, which must not skip evaluate.
+    @task(retries=0, trigger_rule="none_failed", **GPU)
     def evaluate(trained: dict[str, Any]) -> dict[str, Any]:
         return _stage("evaluate", trained["root"])
 
+    @task
+    def post_training_variants(run: dict[str, Any]) -> list[str]:
+        return [v for v in run["compression_variants"] if v not in TRAINED_VARIANTS]
+
+    @task
+    def trained_variants(run: dict[str, Any]) -> list[str]:
+        return [v for v in run["compression_variants"] if v in TRAINED_VARIANTS]
+
+    # One mapped task per variant. Quantization and factorisation take seconds of CPU and run in
+    # parallel anywhere; pruning and distillation train, so they go to the GPU pool and queue.
+    @task(retries=0)
+    def compress(trained: dict[str, Any], variant: str) -> dict[str, Any]:
+        return _stage("compress", trained["root"], variant=variant)
+
+    @task(retries=0, **GPU)
+    def compress_with_training(trained: dict[str, Any], variant: str) -> dict[str, Any]:
+        return _stage("compress", trained["root"], variant=variant)
+
     run = prepare()
     trained = train(features(validate(ingest(run))))
-    # Compression, registration and promotion plug in here once pipeline.compress / pipeline.registry
-    # land (checked with a scratch DAG on Airflow 3.3.2):
-    # * compress: `@task(**GPU) def compress(trained, variant)` calling
-    #   `pipeline.compress.compress_variant(params, layout, variant)` on `runs.run_params(root)` and
-    #   `Layout(root)` (or a "compress" entry in pipeline.cli.STAGES taking `variant`, then
-    #   `_stage("compress", trained["root"], variant=variant)`), mapped with
-    #   `compress.partial(trained=trained).expand(variant=variants(run))`, where
-    #   `@task def variants(run): return run["compression_variants"]`. Mapping straight over
-    #   `run["compression_variants"]` is refused ("cannot map over XCom with custom key").
-    # * an empty variant list skips the mapped task, so whatever follows it needs
-    #   `trigger_rule="none_failed"` (with the default all_success it is skipped too);
-    # * evaluate(trained, compressed) -> register(...) -> promote(...), register/promote with
-    #   retries=0 (the gate is deterministic) and the form's promotion fields from `run["root"]`'s dag_run.json.
-    evaluate(trained)
-
+    compressed = [
+        compress.partial(trained=trained).expand(variant=post_training_variants(run)),
+        compress_with_training.partial(trained=trained).expand(variant=trained_variants(run)),
+    ]
+    evaluated = evaluate(trained)
+    compressed >> evaluated
 
 leanrec_train()

@@ -70,9 +70,12 @@ def _evaluate(params: Params, layout: Layout) -> Any:
     return summary
 
 
-def _compress(params: Params, layout: Layout) -> Any:
-    from pipeline.compress import run_compress
+def _compress(params: Params, layout: Layout, variant: str | None = None) -> Any:
+    """Every variant in params (DVC, CLI), or one (`variant`: one mapped Airflow task each)."""
+    from pipeline.compress import compress_variant, run_compress
 
+    if variant is not None:
+        return compress_variant(params.compress, layout, params.train.run_name, variant, seed=params.seed)
     return run_compress(params.compress, layout, params.train.run_name, seed=params.seed)
 
 

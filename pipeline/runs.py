@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import Params, load_params, params_from_dict
+from pipeline.config import Params, VariantName, load_params, params_from_dict
 from pipeline.errors import ConfigError, ValidationFailed
 from pipeline.io import Layout, atomic_path, write_json
 
@@ -46,16 +46,16 @@ FORM_KEYS: dict[str, str] = {
     "model": "train.model",
     "preset": "train.preset",
     "epochs": "train.epochs",
+    "compression_variants": "compress.variants",
 }
 SOURCE_PATH_KEYS = {"movielens": "ingest.movielens.path", "file": "ingest.file.path"}
 # Keys holding paths: relative values are relative to the project root (where the CLI and DVC
 # run), so they are made absolute before a run works in its own directory.
 # Form fields that are not params.yaml keys yet: they are recorded in dag_run.json and handed to the
 # compress (one mapped task per variant), register and promote tasks, which own their meaning.
-PASS_THROUGH_FIELDS = ("compression_variants", "promotion_metric", "promotion_min_improvement")
-# Choices offered by the form for the pass-through fields (tests keep them in step with
-# pipeline.variants.KINDS and the evaluate report; importing those here would load torch at DAG parse).
-COMPRESSION_VARIANTS = ("fp16", "bf16", "int8_table", "int4_table", "lowrank", "int8")
+PASS_THROUGH_FIELDS = ("promotion_metric", "promotion_min_improvement")
+# The variants the compress stage builds (the params schema's own list: no torch import at DAG parse).
+COMPRESSION_VARIANTS = typing.get_args(VariantName)
 PROMOTION_METRICS = ("full/NDCG@10", "full/HR@10", "full/Recall@10", "full/MRR")
 PATH_KEYS = ("ingest.movielens.path", "ingest.file.path", "features.vocab_from", "train.init_from", "drift.reference")
 

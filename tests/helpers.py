@@ -20,7 +20,10 @@ TINY_FORM = {
     "synthetic_interactions": 6000,
     "synthetic_items": 150,
     "epochs": 2,
+    "compression_variants": ["int8", "distilled"],  # one of each mapped group (CPU, GPU pool)
     "overrides": [
+        "compress.distill.epochs=1", "compress.distill.d_model=8", "compress.latency_requests=10",
+        "compress.throughput_batch_size=64",
         "ingest.synthetic.mean_sequence_length=20.0", "ingest.synthetic.n_topics=5",
         "features.min_user_interactions=3", "features.min_item_interactions=3",
         "validate.min_rows=100", "validate.data_docs=false",

@@ -75,18 +75,29 @@ def test_dags_use_only_known_pools(airflow_home):
     assert [w.message for w in warnings] == ["Dag 'leanrec_train' references non-existent pools: ['gpu']"]
 
 
+COMPRESS_TASKS = {"compress", "compress_with_training"}
+
+
 def test_train_dag_runs_the_stages_in_order(train_dag):
-    assert set(train_dag.task_ids) == set(TRAIN_ORDER)
-    for upstream, task_id in zip(TRAIN_ORDER, TRAIN_ORDER[1:]):
+    chain = ["prepare", "ingest", "validate", "features", "train"]
+    assert set(train_dag.task_ids) == {*TRAIN_ORDER, *COMPRESS_TASKS, "post_training_variants", "trained_variants"}
+    for upstream, task_id in zip(chain, chain[1:]):
         assert train_dag.get_task(task_id).upstream_task_ids == {upstream}
     assert train_dag.get_task("prepare").upstream_task_ids == set()
+    # one mapped compress task per variant, after train; evaluate waits for all of them
+    assert train_dag.get_task("compress").upstream_task_ids == {"train", "post_training_variants"}
+    assert train_dag.get_task("compress_with_training").upstream_task_ids == {"train", "trained_variants"}
+    assert train_dag.get_task("evaluate").upstream_task_ids == {"train", *COMPRESS_TASKS}
+    assert train_dag.get_task("evaluate").trigger_rule == "none_failed"  # an empty variant list skips compress
     assert type(train_dag.timetable).__name__ == "NullTimetable"  # manual trigger only
 
 
 def test_gpu_tasks_use_the_gpu_pool_and_queue_and_retries_where_they_help(train_dag):
     tasks = {t: train_dag.get_task(t) for t in TRAIN_ORDER}
-    for task_id in ("train", "evaluate"):
-        assert (tasks[task_id].pool, tasks[task_id].queue) == ("gpu", "gpu")
+    for task_id in ("train", "evaluate", "compress_with_training"):
+        task = train_dag.get_task(task_id)
+        assert (task.pool, task.queue) == ("gpu", "gpu")
+    assert train_dag.get_task("compress").queue != "gpu"  # quantization variants run in parallel on CPU workers
     for task_id in ("prepare", "ingest", "validate", "features"):
         assert tasks[task_id].pool == "default_pool"
         assert tasks[task_id].queue != "gpu"
@@ -140,10 +151,11 @@ def test_form_rejects_values_outside_the_schema(train_dag):
 
 
 def test_form_choices_match_the_pipeline():
+    from pipeline.compress import compress_variant  # noqa: F401  (the stage the mapped tasks call)
+    from pipeline.config import TRAINED_VARIANTS
     from pipeline.evaluate import HEADLINE
-    from pipeline.variants import KINDS
 
-    assert set(runs.COMPRESSION_VARIANTS) == set(KINDS) - {"fp32"}
+    assert set(TRAINED_VARIANTS) < set(runs.COMPRESSION_VARIANTS) == set(load_params(ROOT / "params.yaml").compress.variants)
     ks = [10, 20, 50]
     produced = set(HEADLINE) | {f"full/{m}@{k}" for m in ("NDCG", "HR", "Recall") for k in ks}
     assert set(runs.PROMOTION_METRICS) <= produced
@@ -302,13 +314,18 @@ def _task_states(env: dict, run_id: str) -> dict[str, str]:
 def test_train_dag_runs_end_to_end_through_airflow(cli_env):
     proc, state, root, run_id = _dags_test(cli_env, TINY_FORM)
     assert (proc.returncode, state) == (0, "success"), (proc.stdout + proc.stderr)[-5000:]
-    assert _task_states(cli_env, run_id) == {t: "success" for t in TRAIN_ORDER}
+    states = _task_states(cli_env, run_id)
+    assert states == {t: "success" for t in [*TRAIN_ORDER, *COMPRESS_TASKS, "post_training_variants", "trained_variants"]}
     params = runs.run_params(root)
     assert (params.train.epochs, params.ingest.synthetic.n_interactions, params.train.d_model) == (2, 6000, 16)
     assert (root / "models" / "main" / "model.safetensors").exists()
     metrics = json.loads((root / "reports" / "metrics.json").read_text())
     assert set(metrics["models"]) == {"sasrec", "popularity", "bpr"}
     assert set(runs.PROMOTION_METRICS) <= set(metrics["models"]["sasrec"])
+    # both mapped compress groups ran and evaluate measured exactly the chosen variants
+    compression = json.loads((root / "reports" / "compression.json").read_text())
+    assert set(compression["models"]) == {"teacher", "int8", "distilled"}
+    assert (root / "models" / "main" / "variants" / "distilled" / "variant.json").exists()
     # Tracked in the temporary MLflow store, not the project's.
     with sqlite3.connect(Path(cli_env["AIRFLOW_HOME"]) / "mlflow.db") as db:
         names = {row[0] for row in db.execute("select name from runs where status = 'FINISHED'")}
