@@ -243,10 +243,11 @@ def answer(servable: Servable, requests: list[dict]) -> pd.DataFrame:
 class LeanRecModel(mlflow.pyfunc.PythonModel):
     """Top-K raw item IDs for known users or raw histories; see the module docstring."""
 
-    def load_context(self, context: Any) -> None:
+    # No type hints on these two: MLflow would try to derive the signature from them.
+    def load_context(self, context):  # noqa: ANN001, ANN201
         self.servable = Servable.load(context.artifacts[MODEL_ARTIFACT], context.artifacts[DATA_ARTIFACT])
 
-    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> pd.DataFrame:
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
         return answer(self.servable, parse_request(model_input, self.servable))
 
 
