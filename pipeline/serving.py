@@ -95,6 +95,7 @@ class Servable:
         self._offsets = column.offsets.to_numpy()
         self._values = column.values.to_numpy()
         self.user_row = {self._key(v): row for row, v in enumerate(users.column("id").to_pylist())}
+        self.user_ids_are_int = pa.types.is_integer(users.schema.field("id").type)
 
     @classmethod
     def load(cls, model_dir: str | Path, data_dir: str | Path, device: str = "cpu") -> Servable:
@@ -191,8 +192,13 @@ def parse_request(frame: Any, servable: Servable) -> list[dict]:
             raise bad_request(f"{where}: give a user_id or a history")
         if user_id is not None and history is not None:
             raise bad_request(f"{where}: give a user_id or a history, not both")
+        if isinstance(user_id, float) and user_id.is_integer():
+            user_id = int(user_id)  # an integer column with missing values arrives as float
         if user_id is not None and not (isinstance(user_id, str) or isinstance(user_id, numbers.Integral) and not isinstance(user_id, bool)):
             raise bad_request(f"{where}: user_id must be an integer or a string, got {user_id!r} ({type(user_id).__name__})")
+        if user_id is not None and servable.user_ids_are_int != isinstance(user_id, numbers.Integral):
+            kind = "integers" if servable.user_ids_are_int else "strings"
+            raise bad_request(f"{where}: user IDs are {kind}, got {user_id!r} ({type(user_id).__name__})")
         if history is not None:
             if isinstance(history, str | bytes) or not isinstance(history, Sequence | np.ndarray):
                 raise bad_request(f"{where}: history must be a list of item IDs, got {type(history).__name__}")
@@ -253,14 +259,16 @@ class LeanRecModel(mlflow.pyfunc.PythonModel):
 
 def signature_and_example(servable: Servable) -> tuple[Any, pd.DataFrame]:
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, DataType, Schema
+    from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Schema
 
     id_type = DataType.long if servable.ids_are_int else DataType.string
-    user_type = DataType.long if servable.user_row and all(isinstance(u, int) for u in servable.user_row) else DataType.string
+    # The input columns are typed by parse_request, not by MLflow's schema: a request mixing user_id rows
+    # and history rows has missing values in every column (pandas turns them into floats), which MLflow's
+    # long / array types reject. parse_request gives each row the same checks and a message naming the row.
     inputs = Schema([
-        ColSpec(user_type, "user_id", required=False),
-        ColSpec(Array(id_type), "history", required=False),
-        ColSpec(DataType.long, "k", required=False),
+        ColSpec(AnyType(), "user_id", required=False),
+        ColSpec(AnyType(), "history", required=False),
+        ColSpec(AnyType(), "k", required=False),
     ])
     outputs = Schema([
         ColSpec(DataType.string, "user_id", required=False),
