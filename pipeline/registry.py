@@ -56,7 +56,6 @@ TAG_ROLLED_BACK = "leanrec.rolled_back_at"
 TAG_DECISION = "leanrec.promotion.decision"
 FIGURES = ("ndcg@10", "hr@10", "ndcg@10_change", "size_bytes", "parameters", "bytes_per_item",
            "latency_p50_ms", "latency_p95_ms", "throughput_users_s")
-MODEL_FILES = ("model_config.json", "model.safetensors", "model.pt", "variant.json")
 
 
 class RegistryError(PipelineError):
@@ -142,12 +141,12 @@ def select_candidate(report: dict, policy: Any) -> tuple[str, dict[str, str]]:
 
 def content_sha256(model_dir: Path, features_sha: str) -> str:
     """Hash of the model's own files and of the features it is served with."""
+    from pipeline.serving import model_files
+
     digest = hashlib.sha256()
-    for name in MODEL_FILES:
-        file = model_dir / name
-        if file.exists():
-            digest.update(name.encode())
-            digest.update(hashlib.sha256(file.read_bytes()).digest())
+    for file in model_files(model_dir):
+        digest.update(file.name.encode())
+        digest.update(hashlib.sha256(file.read_bytes()).digest())
     digest.update(features_sha.encode())
     return digest.hexdigest()
 

@@ -49,6 +49,18 @@ COLUMNS = ("user_id", "history", "k")
 REQUIREMENTS = ("mlflow", "torch", "torchao", "safetensors", "pandas", "pyarrow", "numpy")
 
 
+def model_files(directory: Path) -> list[Path]:
+    """The files `Recommender.load` reads from a teacher or variant directory (nothing else in it)."""
+    from pipeline.model import CONFIG_FILE, WEIGHTS_FILE
+    from pipeline.variants import VARIANT_FILE
+
+    names = (CONFIG_FILE, WEIGHTS_FILE, "model.pt", VARIANT_FILE)  # model.pt: torchao int8 weights (torch.save)
+    files = [Path(directory) / name for name in names if (Path(directory) / name).is_file()]
+    if not any(f.name == CONFIG_FILE for f in files):
+        raise FileNotFoundError(f"{directory} holds no saved model ({CONFIG_FILE} missing)")
+    return files
+
+
 def bad_request(message: str) -> MlflowException:
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
@@ -289,14 +301,10 @@ def log_servable(model_dir: Path, features_dir: Path, name: str = "model") -> An
     try:
         data_dir = build_serving_data(features_dir, staging / DATA_ARTIFACT)
         # Only the model's own files travel: the teacher directory also holds checkpoints and baselines.
-        from pipeline.model import CONFIG_FILE, WEIGHTS_FILE
-        from pipeline.variants import TORCH_WEIGHTS_FILE, VARIANT_FILE
-
         model_copy = staging / MODEL_ARTIFACT
         model_copy.mkdir()
-        for file in (CONFIG_FILE, WEIGHTS_FILE, TORCH_WEIGHTS_FILE, VARIANT_FILE):
-            if (model_dir / file).exists():
-                shutil.copy2(model_dir / file, model_copy / file)
+        for file in model_files(model_dir):
+            shutil.copy2(file, model_copy / file.name)
         servable = Servable.load(model_copy, data_dir)
         signature, example = signature_and_example(servable)
         requirements = [f"{package}=={metadata.version(package)}" for package in REQUIREMENTS]
