@@ -255,7 +255,10 @@ def answer(servable: Servable, requests: list[dict]) -> pd.DataFrame:
         })
     if sum(unknown_counts):
         logger.info("ignored %d unknown item(s) in %d request row(s)", sum(unknown_counts), len(requests))
-    return pd.DataFrame(rows, columns=["user_id", "items", "scores", "source", "unknown_items"])
+    frame = pd.DataFrame(rows, columns=["user_id", "items", "scores", "source", "unknown_items"])
+    # object dtype keeps None (JSON null) for history rows; a string column would hold NaN (invalid JSON).
+    frame["user_id"] = pd.Series([row["user_id"] for row in rows], dtype=object)
+    return frame
 
 
 class LeanRecModel(mlflow.pyfunc.PythonModel):

@@ -81,7 +81,7 @@ def test_a_raw_history_ignores_and_counts_unknown_items(served):
     assert clean["unknown_items"] == 0 and noisy["unknown_items"] == 2
     assert list(noisy["items"]) == list(clean["items"]) and len(clean["items"]) == 10
     assert not set(clean["items"]) & set(history)
-    assert pd.isna(clean["user_id"])
+    assert clean["user_id"] is None
 
 
 def test_one_request_mixes_known_users_and_histories(served):
@@ -90,7 +90,7 @@ def test_one_request_mixes_known_users_and_histories(served):
     mixed = served["teacher"].predict(pd.DataFrame({"user_id": [known, None], "history": [None, history], "k": [2, None]}))
     alone = served["teacher"].predict(pd.DataFrame({"user_id": [known], "k": [2]})).iloc[0]
     assert list(mixed.iloc[0]["items"]) == list(alone["items"]) and len(mixed.iloc[1]["items"]) == 10
-    assert mixed.iloc[0]["user_id"] == str(known) and pd.isna(mixed.iloc[1]["user_id"])
+    assert mixed.iloc[0]["user_id"] == str(known) and mixed.iloc[1]["user_id"] is None
 
 
 def test_unknown_users_and_all_unknown_histories_fall_back_to_popularity(served):
@@ -183,6 +183,7 @@ def test_mlflow_models_serve_answers_invocations_for_the_champion(served, tmp_pa
         first, second = body["predictions"]
         assert len(first["items"]) == 3 and first["source"] == "model"
         assert second["unknown_items"] == 1 and len(second["items"]) == 10 and not set(second["items"]) & set(history)
+        assert first["user_id"] == str(known) and second["user_id"] is None  # JSON null, not NaN
         local = served["teacher"].predict(pd.DataFrame({"user_id": [known], "k": [3]})).iloc[0]
         assert first["items"] == list(local["items"])
         for payload, message in [
