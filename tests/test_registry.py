@@ -339,3 +339,65 @@ def test_register_and_promote_against_a_tracking_server(work, tmp_path):
         assert any((tmp_path / "server-artifacts").rglob("MLmodel"))
     finally:
         _stop(proc)
+
+
+# ----------------------------------------------------------------------------- the DVC pipeline, end to end
+
+
+def _dvc_repo_copy(dest: Path) -> Path:
+    """This repository's files in a fresh git repo, at a scale that runs in a minute or two."""
+    import yaml
+
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                            cwd=ROOT, capture_output=True, text=True, check=True).stdout.split("\0")
+    for rel in filter(None, listed):
+        if (ROOT / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["ingest"]["synthetic"].update(n_interactions=20_000, n_items=500)
+    params["validate"]["data_docs"] = False
+    params["train"].update(d_model=16, n_heads=1, epochs=15)
+    params["train"]["bpr"]["epochs"] = 2
+    if "compress" in params:
+        params["compress"]["distill"].update(d_model=8, epochs=1)
+        params["compress"]["pruning"]["finetune_epochs"] = 1
+        params["compress"]["lowrank"]["rank"] = 4
+        params["compress"].update(latency_requests=10, throughput_batch_size=64)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-q", "-m", "copy"]):
+        subprocess.run(cmd, cwd=dest, check=True)
+    return dest
+
+
+@pytest.mark.slow
+def test_dvc_repro_ends_with_a_champion_and_a_worse_run_is_not_promoted(tmp_path):
+    import yaml
+
+    if "compress" not in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]:
+        pytest.skip("reports/compression.json comes from the compress stage (issue 4), not in this checkout yet")
+    repo = _dvc_repo_copy(tmp_path / "repo")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "GX_ANALYTICS_ENABLED": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+
+    def dvc(*args: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"dvc {args} failed:\n{proc.stdout}\n{proc.stderr}"
+        return proc.stdout
+
+    first = dvc("repro")
+    for stage in ("register", "promote", "recommend"):
+        assert f"Running stage '{stage}'" in first
+    tracking = TrackingConfig(tracking_uri=f"sqlite:///{repo}/mlflow.db")
+    assert _aliases(tracking) == {"challenger": "1", "champion": "1"}
+    assert json.loads((repo / "reports/promotion.json").read_text())["decision"] == "promoted"
+    assert json.loads((repo / "reports/recommend.json").read_text())["version"] == "1"
+    assert "Running stage" not in dvc("repro")  # nothing changed: no stage, no new version
+
+    dvc("exp", "run", "-S", "train.epochs=1")  # the deliberately worse config of the README
+    promotion = json.loads((repo / "reports/promotion.json").read_text())
+    assert promotion["decision"] == "rejected", promotion
+    assert promotion["challenger"]["ndcg@10"] < promotion["champion"]["ndcg@10"]
+    assert _aliases(tracking) == {"challenger": "2", "champion": "1"}
+    assert json.loads((repo / "reports/recommend.json").read_text())["version"] == "1"
