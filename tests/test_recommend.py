@@ -52,3 +52,27 @@ def test_recommend_without_a_champion_says_so(champion, tmp_path):
     layout, _, _ = champion
     with pytest.raises(RegistryError, match="no 'champion': run register and promote first"):
         run_recommend(RecommendConfig(), RegistryConfig(), TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/empty.db"), layout)
+
+
+def test_device_choice(champion, tmp_path):
+    import torch
+
+    from pipeline.recommend import select_device
+
+    assert select_device("cpu") == "cpu"
+    assert select_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RegistryError, match="no CUDA device"):
+            select_device("cuda")
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_recommendations_match_cpu(champion):
+    layout, tracking, _ = champion
+    run_recommend(RecommendConfig(k=5, device="cpu"), RegistryConfig(), tracking, layout)
+    cpu = pq.read_table(recommendations_path(layout)).to_pandas()
+    summary = run_recommend(RecommendConfig(k=5, device="cuda"), RegistryConfig(), tracking, layout)
+    gpu = pq.read_table(recommendations_path(layout)).to_pandas()
+    assert summary["device"] == "cuda"
+    agreement = (cpu["item_id"] == gpu["item_id"]).mean()
+    assert agreement > 0.98  # TF32/kernel differences may swap near-ties
