@@ -226,7 +226,7 @@ def test_failure_before_first_champion_leaves_no_champion(work, tmp_path, monkey
     assert _aliases(tracking) == {"challenger": "1"}
 
 
-def test_concurrent_promotions_never_leave_the_registry_without_a_champion(work, tmp_path):
+def test_concurrent_promotions_never_leave_the_registry_without_a_champion(work, tmp_path, monkeypatch):
     tracking = _tracking(tmp_path)
     _register_only(work, tracking, "random")
     promote(RegistryConfig(), tracking, work)
@@ -235,6 +235,15 @@ def test_concurrent_promotions_never_leave_the_registry_without_a_champion(work,
     (work.root / "models" / "copy" / "model_config.json").write_text(
         json.dumps({**json.loads((work.model_dir("main") / "model_config.json").read_text()), "dropout": 0.1}))
     versions.append(_register_only(work, tracking, "models/copy")["version"])
+    # Both promotions read the same champion and decide before either writes: the race is forced, not hoped for.
+    barrier = threading.Barrier(2, timeout=60)
+    original_decide = registry.decide
+
+    def decide_together(*args, **kwargs):
+        barrier.wait()
+        return original_decide(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "decide", decide_together)
     client = MlflowClient(tracking.tracking_uri, tracking.tracking_uri)
     seen, errors, results = [], [], {}
     done = threading.Event()
@@ -242,6 +251,7 @@ def test_concurrent_promotions_never_leave_the_registry_without_a_champion(work,
     def watch():
         while not done.is_set():
             seen.append(str(client.get_model_version_by_alias("leanrec", "champion").version))
+            time.sleep(0.005)
 
     def run(version):
         try:
@@ -263,6 +273,7 @@ def test_concurrent_promotions_never_leave_the_registry_without_a_champion(work,
     final = str(client.get_model_version_by_alias("leanrec", "champion").version)
     assert final in versions
     decisions = {v: r["decision"] for v, r in results.items()}
+    assert all(r["champion_version"] == "1" for r in results.values())  # both were gated against the same champion
     assert decisions[final] == "promoted"
     assert all(d in ("promoted", "superseded") for d in decisions.values())
 
