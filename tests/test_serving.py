@@ -174,7 +174,7 @@ def test_mlflow_models_serve_answers_invocations_for_the_champion(served, tmp_pa
         cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        _wait_for(f"http://127.0.0.1:{port}/ping", proc, seconds=180)
+        _wait_for(f"http://127.0.0.1:{port}/ping", proc)
         url = f"http://127.0.0.1:{port}/invocations"
         known = int(served["user_id"][served["data"].users[0]])
         history = [int(served["item_id"][i]) for i in _full_history(served, 3)[:4]]
