@@ -303,17 +303,32 @@ def _wait_for(url: str, proc: subprocess.Popen, seconds: float = 240) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
+            raise RuntimeError(f"server exited with {proc.returncode}: {_output(proc)}")
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
                     return
         except OSError:
             time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {seconds}s")
+    raise TimeoutError(f"{url} did not answer within {seconds}s: {_output(proc)}")
+
+
+def start_server(cmd: list[str], cwd: Path, env: dict) -> subprocess.Popen:
+    """A server in its own process group, its output to a file (a full pipe would block it)."""
+    log = open(cwd / "server.log", "w")  # noqa: SIM115 - closed by _stop
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    proc.log_path = cwd / "server.log"  # type: ignore[attr-defined]
+    proc.log_file = log  # type: ignore[attr-defined]
+    return proc
+
+
+def _output(proc: subprocess.Popen) -> str:
+    path = getattr(proc, "log_path", None)
+    return path.read_text(errors="replace")[-4000:] if path and path.exists() else ""
 
 
 def _stop(proc: subprocess.Popen) -> None:
+    """Stop the server and every process it started (its process group)."""
     if proc.poll() is None:
         os.killpg(proc.pid, 15)
         try:
@@ -321,6 +336,13 @@ def _stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
             proc.wait(timeout=10)
+    else:  # the leader exited: workers it left in the group must not outlive the test
+        try:
+            os.killpg(proc.pid, 9)
+        except ProcessLookupError:
+            pass
+    if getattr(proc, "log_file", None):
+        proc.log_file.close()
 
 
 @pytest.mark.slow
@@ -331,8 +353,7 @@ def test_register_and_promote_against_a_tracking_server(work, tmp_path):
            "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "server-artifacts"),
            "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.Popen(["bash", str(ROOT / "mlflow" / "server.sh")], cwd=tmp_path, env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_server(["bash", str(ROOT / "mlflow" / "server.sh")], tmp_path, env)
     try:
         _wait_for(f"http://127.0.0.1:{port}/health", proc)
         tracking = TrackingConfig(tracking_uri=f"http://127.0.0.1:{port}")

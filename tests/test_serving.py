@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -24,7 +23,7 @@ from pipeline.sequences import load_sequences
 from pipeline.serving import log_servable
 from pipeline.variants import save_variant
 from tests.registry_helpers import build_trained, compress
-from tests.test_registry import _free_port, _stop, _wait_for
+from tests.test_registry import _free_port, _stop, _wait_for, start_server
 
 
 @pytest.fixture(scope="module")
@@ -168,11 +167,8 @@ def test_mlflow_models_serve_answers_invocations_for_the_champion(served, tmp_pa
     port = _free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.Popen(
-        ["mlflow", "models", "serve", "-m", "models:/leanrec@champion", "--env-manager", "local",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    proc = start_server(["mlflow", "models", "serve", "-m", "models:/leanrec@champion", "--env-manager", "local",
+                         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], tmp_path, env)
     try:
         _wait_for(f"http://127.0.0.1:{port}/ping", proc)
         url = f"http://127.0.0.1:{port}/invocations"
