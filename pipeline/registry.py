@@ -277,7 +277,7 @@ def score_on_split(servable: Any, features_dir: Path, split: str = "test", seed:
             rows.append(kept[kept > 0])
         new_lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
         out = popularity.expand(len(rows), -1).clone()
-        has = torch.flatnonzero(new_lengths > 0)
+        has = torch.nonzero(new_lengths > 0).flatten()
         if len(has):
             padded = torch.zeros(len(has), int(new_lengths[has].max()), dtype=torch.long)
             for i, row in enumerate(has.tolist()):

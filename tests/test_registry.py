@@ -433,3 +433,54 @@ def test_dvc_repro_ends_with_a_champion_and_a_worse_run_is_not_promoted(tmp_path
     assert promotion["challenger"]["ndcg@10"] < promotion["champion"]["ndcg@10"]
     assert _aliases(tracking) == {"challenger": "2", "champion": "1"}
     assert json.loads((repo / "reports/recommend.json").read_text())["version"] == "1"
+
+
+def test_scoring_matches_items_by_raw_id_when_the_vocabulary_differs(trained):
+    """A champion registered on other data numbers its items differently: scores follow the raw IDs."""
+    import numpy as np
+    import pandas as pd
+    import pyarrow.parquet as pq
+    import torch
+
+    from pipeline.inference import Recommender
+    from pipeline.model import SASRec, load_model
+    from pipeline.serving import ITEMS_FILE, USERS_FILE, Servable, build_serving_data
+
+    data_dir = build_serving_data(trained.features_dir, trained.root / "serving")
+    items, users = pd.read_parquet(data_dir / ITEMS_FILE), pq.read_table(data_dir / USERS_FILE)
+    teacher = load_model(trained.model_dir("main"))
+    same = Servable(Recommender(teacher), items, users)
+
+    n = teacher.cfg.n_items
+    new_index = np.concatenate([[0], np.random.default_rng(0).permutation(n) + 1])  # old index -> new index
+    permuted = SASRec(teacher.cfg)
+    state = teacher.state_dict()
+    table = torch.zeros_like(state["item_embedding.weight"])
+    table[torch.from_numpy(new_index)] = state["item_embedding.weight"]
+    permuted.load_state_dict({**state, "item_embedding.weight": table})
+    renumbered = items.assign(index=new_index[items["index"].to_numpy()].astype(np.int32))
+    other = Servable(Recommender(permuted.eval()), renumbered, users)
+    assert other.item_index != same.item_index
+
+    expected = registry.score_on_split(same, trained.features_dir)
+    got = registry.score_on_split(other, trained.features_dir)
+    assert got["ndcg@10"] == pytest.approx(expected["ndcg@10"], abs=1e-9) and got["users"] == expected["users"]
+    assert expected["ndcg@10"] > 0.05  # a trained model, not a constant scorer
+
+    # A model that knows only half of today's items: the others are never recommended (so they cannot be
+    # hits), histories keep the known items, and users with none of them get the popularity ranking.
+    from pipeline.model import SASRecConfig
+    from pipeline.sequences import load_sequences
+
+    kept = np.arange(1, n + 1)[::2]  # old indices the smaller model keeps
+    small = SASRec(SASRecConfig(**{**teacher.cfg.to_dict(), "n_items": len(kept)}))
+    small_table = torch.cat([state["item_embedding.weight"][:1], state["item_embedding.weight"][torch.from_numpy(kept)]])
+    small.load_state_dict({**state, "item_embedding.weight": small_table})
+    subset = items.set_index("index").loc[kept].reset_index()
+    subset["index"] = np.arange(1, len(kept) + 1, dtype=np.int32)
+    half = registry.score_on_split(Servable(Recommender(small.eval()), subset, users), trained.features_dir)
+    data = load_sequences(trained.features_dir)
+    has_test = data.n_test > 0
+    targets = data.items[data.offsets[:-1][has_test] + data.n_train[has_test] + data.n_valid[has_test]]
+    known_share = np.isin(targets, kept).mean()
+    assert 0 < half["hr@10"] <= known_share
