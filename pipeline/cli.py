@@ -79,6 +79,30 @@ def _compress(params: Params, layout: Layout, variant: str | None = None) -> Any
     return run_compress(params.compress, layout, params.train.run_name, seed=params.seed)
 
 
+def _register(params: Params, layout: Layout) -> Any:
+    from pipeline.registry import register
+
+    return register(params.registry, params.tracking, layout)
+
+
+def _promote(params: Params, layout: Layout, model_version: str | None = None) -> Any:
+    from pipeline.registry import promote
+
+    return promote(params.registry, params.tracking, layout, version=model_version, seed=params.seed)
+
+
+def _rollback(params: Params, layout: Layout) -> Any:
+    from pipeline.registry import rollback
+
+    return rollback(params.registry, params.tracking, layout)
+
+
+def _recommend(params: Params, layout: Layout) -> Any:
+    from pipeline.recommend import run_recommend
+
+    return run_recommend(params.recommend, params.registry, params.tracking, layout)
+
+
 def _show_params(params: Params, layout: Layout) -> Any:
     return params.model_dump(mode="json", by_alias=True)
 
@@ -98,6 +122,10 @@ STAGES: dict[str, Callable[[Params, Layout], Any]] = {
     "train": _train,
     "compress": _compress,
     "evaluate": _evaluate,
+    "register": _register,
+    "promote": _promote,
+    "rollback": _rollback,
+    "recommend": _recommend,
     "show-params": _show_params,
     "config-reference": _config_reference,
 }
@@ -119,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a params key, e.g. -S ingest.synthetic.n_interactions=1000000 (repeatable)",
     )
     parser.add_argument("--resume", action="store_true", help="train: continue from the last checkpoint")
+    parser.add_argument("--model-version", help="promote: gate this registered version instead of the challenger")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -135,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params, args.overrides)
         if args.resume and args.stage != "train":
             raise ConfigError("--resume only applies to the train stage")
-        stage_kwargs = {"resume": True} if args.resume else {}
+        if args.model_version is not None and args.stage != "promote":
+            raise ConfigError("--model-version only applies to the promote stage")
+        stage_kwargs: dict[str, Any] = {"resume": True} if args.resume else {}
+        if args.model_version is not None:
+            stage_kwargs["model_version"] = args.model_version
         result = STAGES[args.stage](params, Layout(Path(args.workdir)), **stage_kwargs)
     except PipelineError as err:
         logger.error("%s failed: %s", args.stage, err)

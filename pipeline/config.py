@@ -233,6 +233,29 @@ class DriftConfig(_Strict):
         "interactions the champion was trained on; the drift stage needs it")
 
 
+class PolicyConfig(_Strict):
+    """How `register` picks the candidate among the teacher and its compressed variants."""
+
+    metric: Literal["ndcg@10", "hr@10"] = Field("ndcg@10", description="highest wins (ties: the smaller model)")
+    max_latency_p50_ms: float | None = Field(None, gt=0, description="CPU p50 latency budget; null: no budget")
+    max_size_bytes: int | None = Field(None, ge=1, description="size budget on disk; null: no budget")
+    candidates: list[str] = Field([], description="models of reports/compression.json to consider; empty: all")
+
+
+class RegistryConfig(_Strict):
+    model_name: str = Field("leanrec", pattern=r"^[A-Za-z0-9_.-]+$", description="registered model name")
+    policy: PolicyConfig = PolicyConfig()
+    ndcg_tolerance: float = Field(
+        0.01, ge=0.0, lt=1.0,
+        description="promote unless the challenger's NDCG@10 is below the champion's by more than this share")
+
+
+class RecommendConfig(_Strict):
+    k: int = Field(10, ge=1, le=1000, description="items per user")
+    batch_size: int = Field(1024, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")
+
+
 class Params(_Strict):
     seed: int = Field(42, description="seeds data generation, batch order and initialisation")
     ingest: IngestConfig = IngestConfig()
@@ -243,6 +266,8 @@ class Params(_Strict):
     compress: CompressConfig = CompressConfig()
     tracking: TrackingConfig = TrackingConfig()
     drift: DriftConfig = DriftConfig()
+    registry: RegistryConfig = RegistryConfig()
+    recommend: RecommendConfig = RecommendConfig()
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
 

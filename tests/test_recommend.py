@@ -1,0 +1,78 @@
+"""Batch recommendations with the registry's champion."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import RecommendConfig, RegistryConfig, TrackingConfig
+from pipeline.inference import Recommender
+from pipeline.recommend import recommendations_path, run_recommend
+from pipeline.registry import RegistryError, promote, register
+from pipeline.sequences import load_sequences
+from tests.registry_helpers import build_trained, compress
+
+
+@pytest.fixture(scope="module")
+def champion(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recommend")
+    layout = build_trained(root)
+    compress(layout, ("int8_table",))
+    tracking = TrackingConfig(tracking_uri=f"sqlite:///{root}/mlflow.db")
+    registered = register(RegistryConfig(), tracking, layout)
+    promote(RegistryConfig(), tracking, layout)
+    return layout, tracking, registered
+
+
+def test_every_known_user_gets_the_champions_top_k(champion):
+    layout, tracking, registered = champion
+    summary = run_recommend(RecommendConfig(k=7, batch_size=50, device="cpu"), RegistryConfig(), tracking, layout)
+    data = load_sequences(layout.features_dir)
+    frame = pq.read_table(recommendations_path(layout)).to_pandas()
+    assert summary["users"] == len(data.users) and summary["rows"] == len(frame) == 7 * len(data.users)
+    assert summary["version"] == registered["version"] and summary["sources"] == {"model": len(data.users), "popularity": 0}
+    assert frame.groupby("user_id")["rank"].apply(list).map(lambda r: r == list(range(1, 8))).all()
+    assert (frame.groupby("user_id")["score"].diff().dropna() <= 1e-6).all()  # best first
+
+    items = pq.read_table(layout.features_dir / "item_vocab.parquet").to_pandas()
+    users = pq.read_table(layout.features_dir / "user_vocab.parquet").to_pandas()
+    raw_item = dict(zip(items["index"], items["id"], strict=True))
+    raw_user = dict(zip(users["index"], users["id"], strict=True))
+    rec = Recommender.load(layout.root / registered["path"])
+    by_user = frame.groupby("user_id")["item_id"].apply(list)
+    for row in (0, 17, len(data.users) - 1):  # batches of 50: first, inner, and the last partial batch
+        history = data.items[data.offsets[row] : data.offsets[row + 1]].tolist()
+        expected, _ = rec.recommend([history], k=7)
+        got = by_user[raw_user[data.users[row]]]
+        assert got == [raw_item[i] for i in expected[0].tolist()]
+        assert not {i for i, r in raw_item.items() if r in got} & set(history)
+
+
+def test_recommend_without_a_champion_says_so(champion, tmp_path):
+    layout, _, _ = champion
+    with pytest.raises(RegistryError, match="no 'champion': run register and promote first"):
+        run_recommend(RecommendConfig(), RegistryConfig(), TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/empty.db"), layout)
+
+
+def test_device_choice(champion, tmp_path):
+    import torch
+
+    from pipeline.recommend import select_device
+
+    assert select_device("cpu") == "cpu"
+    assert select_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RegistryError, match="no CUDA device"):
+            select_device("cuda")
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_recommendations_match_cpu(champion):
+    layout, tracking, _ = champion
+    run_recommend(RecommendConfig(k=5, device="cpu"), RegistryConfig(), tracking, layout)
+    cpu = pq.read_table(recommendations_path(layout)).to_pandas()
+    summary = run_recommend(RecommendConfig(k=5, device="cuda"), RegistryConfig(), tracking, layout)
+    gpu = pq.read_table(recommendations_path(layout)).to_pandas()
+    assert summary["device"] == "cuda"
+    agreement = (cpu["item_id"] == gpu["item_id"]).mean()
+    assert agreement > 0.98  # TF32/kernel differences may swap near-ties

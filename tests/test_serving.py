@@ -1,0 +1,201 @@
+"""The servable pyfunc: known users, raw histories, unknown users and items, bad requests; HTTP serving (slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from mlflow.exceptions import MlflowException
+
+from pipeline.config import RegistryConfig, TrackingConfig
+from pipeline.inference import Recommender
+from pipeline.registry import promote, register
+from pipeline.sequences import load_sequences
+from pipeline.serving import log_servable
+from pipeline.variants import save_variant
+from tests.registry_helpers import build_trained, compress
+from tests.test_registry import _free_port, _stop, _wait_for, start_server
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A trained teacher and its int8_table variant, logged as pyfuncs to a SQLite store and loaded back."""
+    root = tmp_path_factory.mktemp("serving")
+    layout = build_trained(root)
+    from pipeline.model import load_model
+
+    variant_dir = save_variant(load_model(layout.model_dir("main")), layout.model_dir("main") / "variants" / "int8_table", "int8_table")
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    with mlflow.start_run():
+        teacher_info = log_servable(layout.model_dir("main"), layout.features_dir, name="teacher")
+        variant_info = log_servable(variant_dir, layout.features_dir, name="variant")
+    data = load_sequences(layout.features_dir)
+    items = pq.read_table(layout.features_dir / "item_vocab.parquet").to_pandas()
+    users = pq.read_table(layout.features_dir / "user_vocab.parquet").to_pandas()
+    return {
+        "layout": layout, "data": data, "teacher": mlflow.pyfunc.load_model(teacher_info.model_uri),
+        "variant": mlflow.pyfunc.load_model(variant_info.model_uri), "teacher_info": teacher_info,
+        "item_id": dict(zip(items["index"], items["id"], strict=True)), "item_index": dict(zip(items["id"], items["index"], strict=True)),
+        "user_id": dict(zip(users["index"], users["id"], strict=True)), "variant_dir": variant_dir,
+    }
+
+
+def _full_history(served, row: int) -> list[int]:
+    data = served["data"]
+    return data.items[data.offsets[row] : data.offsets[row + 1]].tolist()
+
+
+def test_known_users_get_the_models_top_k_of_their_whole_history(served):
+    data = served["data"]
+    rows = [0, 1, 2]
+    request = pd.DataFrame({"user_id": [int(served["user_id"][data.users[r]]) for r in rows], "k": [5, 10, 3]})
+    response = served["teacher"].predict(request)
+    assert list(response.columns) == ["user_id", "items", "scores", "source", "unknown_items"]
+    rec = Recommender.load(served["layout"].model_dir("main"))
+    for position, row in enumerate(rows):
+        history = _full_history(served, row)
+        k = int(request["k"][position])
+        expected, expected_scores = rec.recommend([history], k=k)
+        got = response.iloc[position]
+        assert got["source"] == "model" and got["unknown_items"] == 0
+        assert list(got["items"]) == [int(served["item_id"][i]) for i in expected[0].tolist()]
+        np.testing.assert_allclose(got["scores"], expected_scores[0].numpy(), rtol=1e-5)
+        assert not {served["item_index"][i] for i in got["items"]} & set(history)  # nothing already seen
+
+
+def test_a_raw_history_ignores_and_counts_unknown_items(served):
+    history = [int(served["item_id"][i]) for i in _full_history(served, 4)[:6]]
+    unknown = [10**12, 10**12 + 1]
+    response = served["teacher"].predict(pd.DataFrame({"history": [history, unknown[:1] + history + unknown[1:]]}))
+    clean, noisy = response.iloc[0], response.iloc[1]
+    assert clean["unknown_items"] == 0 and noisy["unknown_items"] == 2
+    assert list(noisy["items"]) == list(clean["items"]) and len(clean["items"]) == 10
+    assert not set(clean["items"]) & set(history)
+    assert clean["user_id"] is None
+
+
+def test_one_request_mixes_known_users_and_histories(served):
+    known = int(served["user_id"][served["data"].users[0]])
+    history = [int(served["item_id"][i]) for i in _full_history(served, 1)[:3]]
+    mixed = served["teacher"].predict(pd.DataFrame({"user_id": [known, None], "history": [None, history], "k": [2, None]}))
+    alone = served["teacher"].predict(pd.DataFrame({"user_id": [known], "k": [2]})).iloc[0]
+    assert list(mixed.iloc[0]["items"]) == list(alone["items"]) and len(mixed.iloc[1]["items"]) == 10
+    assert mixed.iloc[0]["user_id"] == str(known) and mixed.iloc[1]["user_id"] is None
+
+
+def test_unknown_users_and_all_unknown_histories_fall_back_to_popularity(served):
+    response = served["teacher"].predict(pd.DataFrame({"user_id": [-5], "k": [4]}))
+    data = served["data"]
+    counts = np.bincount(data.items, minlength=data.n_items + 1)
+    counts[0] = -1
+    top = np.argsort(-counts, kind="stable")[:4]
+    got = response.iloc[0]
+    assert got["source"] == "popularity"
+    assert list(got["items"]) == [int(served["item_id"][i]) for i in top]
+    assert list(got["scores"]) == [float(c) for c in counts[top]]
+    only_unknown = served["teacher"].predict(pd.DataFrame({"history": [[10**12, 10**12 + 7]]})).iloc[0]
+    assert only_unknown["source"] == "popularity" and only_unknown["unknown_items"] == 2
+
+
+def test_any_variant_is_servable(served):
+    request = pd.DataFrame({"user_id": [int(served["user_id"][served["data"].users[0]])]})
+    response = served["variant"].predict(request).iloc[0]
+    expected, _ = Recommender.load(served["variant_dir"]).recommend([_full_history(served, 0)], k=10)
+    assert list(response["items"]) == [int(served["item_id"][i]) for i in expected[0].tolist()]
+
+
+def test_signature_and_input_example_are_logged(served):
+    info = served["teacher_info"]
+    inputs = {c.name: c for c in info.signature.inputs.inputs}
+    assert set(inputs) == {"user_id", "history", "k"} and not any(c.required for c in inputs.values())
+    assert {c.name for c in info.signature.outputs.inputs} == {"user_id", "items", "scores", "source", "unknown_items"}
+    assert info.saved_input_example_info is not None
+
+
+@pytest.mark.parametrize(
+    ("request_frame", "message"),
+    [
+        (pd.DataFrame({"k": [3]}), "needs a user_id column"),
+        (pd.DataFrame({"user_id": ["not-a-number"]}), "user IDs are integers"),
+        (pd.DataFrame({"user_id": [True]}), "user_id must be an integer or a string"),
+        (pd.DataFrame({"history": [["a", "b"]]}), "row 0: history: item IDs are integers, got 'a'"),
+        (pd.DataFrame({"history": ["1,2"]}), "history must be a list of item IDs"),
+        (pd.DataFrame({"history": [[1, 2]], "k": [0]}), "k must be between 1 and"),
+        (pd.DataFrame({"history": [[1, 2]], "k": [10**9]}), "k must be between 1 and"),
+        (pd.DataFrame({"history": [[1, 2]], "k": [2.5]}), "k must be an integer"),
+        (pd.DataFrame({"history": [[1, 2]], "k": ["5"]}), "k must be an integer"),
+        (pd.DataFrame({"user_id": [1, None], "history": [[1], None]}), "row 0: give a user_id or a history, not both"),
+        (pd.DataFrame({"user_id": [None], "history": [None]}), "give a user_id or a history"),
+        (pd.DataFrame({"user_id": pd.Series([], dtype="int64")}), "no rows"),
+    ],
+)
+def test_bad_requests_raise_invalid_parameter_value(served, request_frame, message):
+    with pytest.raises(MlflowException, match=message) as err:
+        served["teacher"].predict(request_frame)
+    assert err.value.error_code == "INVALID_PARAMETER_VALUE"
+    assert err.value.get_http_status_code() == 400
+
+
+# ----------------------------------------------------------------------------- HTTP
+
+
+def _post(url: str, payload: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_invocations_for_the_champion(served, tmp_path):
+    layout = served["layout"]
+    compress(layout, ())
+    tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    register(RegistryConfig(), tracking, layout)
+    assert promote(RegistryConfig(), tracking, layout)["decision"] == "promoted"
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = start_server(["mlflow", "models", "serve", "-m", "models:/leanrec@champion", "--env-manager", "local",
+                         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], tmp_path, env)
+    try:
+        _wait_for(f"http://127.0.0.1:{port}/ping", proc)
+        url = f"http://127.0.0.1:{port}/invocations"
+        known = int(served["user_id"][served["data"].users[0]])
+        history = [int(served["item_id"][i]) for i in _full_history(served, 3)[:4]]
+        status, body = _post(url, {"dataframe_records": [{"user_id": known, "k": 3}, {"history": history + [10**12]}]})
+        assert status == 200, body
+        first, second = body["predictions"]
+        assert len(first["items"]) == 3 and first["source"] == "model"
+        assert second["unknown_items"] == 1 and len(second["items"]) == 10 and not set(second["items"]) & set(history)
+        assert first["user_id"] == str(known) and second["user_id"] is None  # JSON null, not NaN
+        local = served["teacher"].predict(pd.DataFrame({"user_id": [known], "k": [3]})).iloc[0]
+        assert first["items"] == list(local["items"])
+        for payload, message in [
+            ({"dataframe_records": [{"k": 3}]}, "user_id"),
+            ({"dataframe_records": [{"user_id": known, "k": 0}]}, "k must be between"),
+            ({"dataframe_records": [{"user_id": known, "k": 10**7}]}, "k must be between"),
+            ({"dataframe_records": [{"user_id": "somebody"}]}, "user IDs are integers"),
+            ({"dataframe_records": [{"history": [1, "x"]}]}, "item IDs are integers"),
+            ({"dataframe_split": {"columns": ["history"], "data": [[[1, 2]]]}, "params": {"bogus": 1}}, None),
+            ({"dataframe_records": [{"history": "not a list"}]}, "history"),
+        ]:
+            status, body = _post(url, payload)
+            if message is None:  # a well-formed request in another layout still works
+                assert status == 200 and len(body["predictions"][0]["items"]) == 10, body
+                continue
+            assert 400 <= status < 500, (payload, status, body)
+            assert message in body["message"], (payload, body)
+    finally:
+        _stop(proc)
