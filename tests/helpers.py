@@ -47,3 +47,35 @@ def copy_features(source: Layout, root: Path) -> Layout:
     target = Layout(root)
     shutil.copytree(source.features_dir, target.features_dir)
     return target
+
+
+def copy_repo(dest: Path, epochs: int = 2, commit: bool = True) -> Path:
+    """This repository's tracked and untracked (not ignored) files in a fresh git repo at `dest`,
+    with params.yaml scaled down so the whole pipeline runs in a minute or two."""
+    import subprocess
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                            cwd=root, capture_output=True, text=True, check=True).stdout.split("\0")
+    for rel in filter(None, listed):
+        if (root / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / rel, dest / rel)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["ingest"]["synthetic"].update(n_interactions=20_000, n_items=500)
+    params["validate"]["data_docs"] = False
+    params["train"].update(d_model=16, n_heads=1, epochs=epochs)
+    params["train"]["bpr"]["epochs"] = 2
+    params["compress"]["distill"].update(d_model=8, epochs=1)
+    params["compress"]["pruning"]["finetune_epochs"] = 1
+    params["compress"]["lowrank"]["rank"] = 4
+    params["compress"].update(latency_requests=10, throughput_batch_size=64)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    if commit:
+        git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+        subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+        subprocess.run([*git, "commit", "-q", "-m", "copy"], cwd=dest, check=True)
+    return dest

@@ -3,13 +3,14 @@ evaluate), writes the compression report and chart, and a second `dvc repro` wit
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.helpers import copy_repo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,29 +25,7 @@ def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def repo_copy(tmp_path) -> Path:
-    """The tracked and untracked (not ignored) files of this repo in a fresh git + DVC repo."""
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    ).stdout.split("\0")
-    dest = tmp_path / "repo"
-    for rel in filter(None, listed):
-        src = ROOT / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    params["ingest"]["synthetic"].update(n_interactions=20_000, n_items=500)
-    params["validate"]["data_docs"] = False
-    params["train"].update(epochs=2, d_model=16, n_heads=1)
-    params["train"]["bpr"]["epochs"] = 2
-    params["compress"]["distill"].update(d_model=8, epochs=1)
-    params["compress"]["pruning"]["finetune_epochs"] = 1
-    params["compress"]["lowrank"]["rank"] = 4
-    params["compress"].update(latency_requests=10, throughput_batch_size=64)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    return dest
+    return copy_repo(tmp_path / "repo", commit=False)
 
 
 def params_variants(repo: Path) -> list[str]:

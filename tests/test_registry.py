@@ -21,6 +21,7 @@ from pipeline.cli import main
 from pipeline.config import PolicyConfig, RegistryConfig, TrackingConfig
 from pipeline.registry import RegistryError, promote, register, rollback, select_candidate
 from tests.registry_helpers import build_trained, clone_workdir, compress, measure, save_random_model, write_compression
+from tests.helpers import copy_repo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -376,40 +377,9 @@ def test_register_and_promote_against_a_tracking_server(work, tmp_path):
 # ----------------------------------------------------------------------------- the DVC pipeline, end to end
 
 
-def _dvc_repo_copy(dest: Path) -> Path:
-    """This repository's files in a fresh git repo, at a scale that runs in a minute or two."""
-    import yaml
-
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-                            cwd=ROOT, capture_output=True, text=True, check=True).stdout.split("\0")
-    for rel in filter(None, listed):
-        if (ROOT / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dest / rel)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    params["ingest"]["synthetic"].update(n_interactions=20_000, n_items=500)
-    params["validate"]["data_docs"] = False
-    params["train"].update(d_model=16, n_heads=1, epochs=15)
-    params["train"]["bpr"]["epochs"] = 2
-    if "compress" in params:
-        params["compress"]["distill"].update(d_model=8, epochs=1)
-        params["compress"]["pruning"]["finetune_epochs"] = 1
-        params["compress"]["lowrank"]["rank"] = 4
-        params["compress"].update(latency_requests=10, throughput_batch_size=64)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-q", "-m", "copy"]):
-        subprocess.run(cmd, cwd=dest, check=True)
-    return dest
-
-
 @pytest.mark.slow
 def test_dvc_repro_ends_with_a_champion_and_a_worse_run_is_not_promoted(tmp_path):
-    import yaml
-
-    if "compress" not in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]:
-        pytest.skip("reports/compression.json comes from the compress stage (issue 4), not in this checkout yet")
-    repo = _dvc_repo_copy(tmp_path / "repo")
+    repo = copy_repo(tmp_path / "repo", epochs=15)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "GX_ANALYTICS_ENABLED": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
 
