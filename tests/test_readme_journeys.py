@@ -74,8 +74,9 @@ def _wait_for_dag_run(repo: Path, env: dict, timeout: float = 900) -> str:
     while time.monotonic() < deadline:
         proc = subprocess.run(["dags/run_airflow.sh", "dags", "list-runs", "leanrec_train", "-o", "json"],
                               cwd=repo, env=env, capture_output=True, text=True, timeout=120)
-        if proc.returncode == 0 and "[" in proc.stdout:
-            states = [row["state"] for row in json.loads(proc.stdout[proc.stdout.index("["):])]
+        listing = re.search(r"^\[\{.*\}\]$", proc.stdout, flags=re.M)  # the JSON line, not the log lines around it
+        if proc.returncode == 0 and listing:
+            states = [row["state"] for row in json.loads(listing.group(0))]
             if states and states[0] in ("success", "failed"):
                 return states[0]
         time.sleep(5)
