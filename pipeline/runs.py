@@ -47,16 +47,15 @@ FORM_KEYS: dict[str, str] = {
     "preset": "train.preset",
     "epochs": "train.epochs",
     "compression_variants": "compress.variants",
+    "promotion_metric": "registry.policy.metric",
+    "promotion_tolerance": "registry.ndcg_tolerance",
+    "latency_budget_ms": "registry.policy.max_latency_p50_ms",
 }
 SOURCE_PATH_KEYS = {"movielens": "ingest.movielens.path", "file": "ingest.file.path"}
-# Keys holding paths: relative values are relative to the project root (where the CLI and DVC
-# run), so they are made absolute before a run works in its own directory.
-# Form fields that are not params.yaml keys yet: they are recorded in dag_run.json and handed to the
-# compress (one mapped task per variant), register and promote tasks, which own their meaning.
-PASS_THROUGH_FIELDS = ("promotion_metric", "promotion_min_improvement")
 # The variants the compress stage builds (the params schema's own list: no torch import at DAG parse).
 COMPRESSION_VARIANTS = typing.get_args(VariantName)
-PROMOTION_METRICS = ("full/NDCG@10", "full/HR@10", "full/Recall@10", "full/MRR")
+# Keys holding paths: relative values are relative to the project root (where the CLI and DVC
+# run), so they are made absolute before a run works in its own directory.
 PATH_KEYS = ("ingest.movielens.path", "ingest.file.path", "features.vocab_from", "train.init_from", "drift.reference")
 
 
@@ -115,7 +114,7 @@ def _yaml_value(value: Any) -> str:
 
 def overrides_from_form(form: dict[str, Any]) -> list[str]:
     """`key=value` overrides for the form values that are set (None means: keep params.yaml)."""
-    known = {*FORM_KEYS, "data_path", "overrides", *PASS_THROUGH_FIELDS}
+    known = {*FORM_KEYS, "data_path", "overrides"}
     unknown = set(form) - known
     if unknown:
         raise ConfigError(f"unknown form fields: {sorted(unknown)} (known: {sorted(known)})")

@@ -23,7 +23,7 @@ from tests.helpers import TINY_FORM
 ROOT = Path(__file__).resolve().parents[1]
 DAGS = ROOT / "dags"
 LAUNCHER = DAGS / "run_airflow.sh"
-TRAIN_ORDER = ["prepare", "ingest", "validate", "features", "train", "evaluate"]
+TRAIN_ORDER = ["prepare", "ingest", "validate", "features", "train", "evaluate", "register", "promote"]
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +89,9 @@ def test_train_dag_runs_the_stages_in_order(train_dag):
     assert train_dag.get_task("compress_with_training").upstream_task_ids == {"train", "trained_variants"}
     assert train_dag.get_task("evaluate").upstream_task_ids == {"train", *COMPRESS_TASKS}
     assert train_dag.get_task("evaluate").trigger_rule == "none_failed"  # an empty variant list skips compress
+    assert train_dag.get_task("register").upstream_task_ids == {"evaluate"}
+    assert train_dag.get_task("promote").upstream_task_ids == {"register"}
+    assert train_dag.get_task("promote").downstream_task_ids == set()
     assert type(train_dag.timetable).__name__ == "NullTimetable"  # manual trigger only
 
 
@@ -106,6 +109,7 @@ def test_gpu_tasks_use_the_gpu_pool_and_queue_and_retries_where_they_help(train_
         assert tasks[task_id].retry_exponential_backoff > 1
         assert tasks[task_id].max_retry_delay is not None
     assert tasks["validate"].retries == 0
+    assert tasks["register"].retries == 0 and tasks["promote"].retries == 0  # the gate is deterministic
 
 
 def test_gpu_pool_and_queue_come_from_the_environment(airflow_home, monkeypatch):
@@ -123,20 +127,23 @@ def test_form_fields_are_typed_documented_and_default_to_params_yaml(train_dag):
     expected_types = {
         "source": "string", "data_path": ["null", "string"], "synthetic_interactions": "integer",
         "synthetic_items": "integer", "model": "string", "preset": "string", "epochs": "integer",
-        "compression_variants": "array", "promotion_metric": "string", "promotion_min_improvement": "number",
-        "overrides": "array",
+        "compression_variants": "array", "promotion_metric": "string", "promotion_tolerance": "number",
+        "latency_budget_ms": ["null", "number"], "overrides": "array",
     }
     assert {name: field["type"] for name, field in schema.items()} == expected_types
     assert schema["source"]["enum"] == ["synthetic", "movielens", "file"]
     assert schema["model"]["enum"] == ["sasrec", "popularity", "bpr"]
     assert schema["preset"]["enum"] == ["small", "medium", "large"]
     assert schema["compression_variants"]["items"]["enum"] == list(runs.COMPRESSION_VARIANTS)
-    assert schema["promotion_metric"]["enum"] == list(runs.PROMOTION_METRICS)
+    assert schema["promotion_metric"]["enum"] == ["ndcg@10", "hr@10"]
     values = train_dag.params.dump()
     assert values["source"] == defaults.ingest.source
     assert values["synthetic_interactions"] == defaults.ingest.synthetic.n_interactions
     assert values["epochs"] == defaults.train.epochs
     assert values["preset"] == defaults.train.preset
+    assert values["promotion_metric"] == defaults.registry.policy.metric
+    assert values["promotion_tolerance"] == defaults.registry.ndcg_tolerance
+    assert values["latency_budget_ms"] == defaults.registry.policy.max_latency_p50_ms
     # The defaults are a valid run configuration.
     assert runs.effective_params(values)[0].train.epochs == defaults.train.epochs
 
@@ -145,7 +152,8 @@ def test_form_rejects_values_outside_the_schema(train_dag):
     from airflow.sdk.exceptions import ParamValidationError
 
     for name, bad in [("preset", "huge"), ("epochs", 0), ("epochs", "3"), ("compression_variants", ["zip"]),
-                      ("source", "kafka"), ("overrides", ["no equals sign"])]:
+                      ("source", "kafka"), ("overrides", ["no equals sign"]), ("promotion_metric", "full/MRR"),
+                      ("promotion_tolerance", 1.0), ("promotion_tolerance", -0.1), ("latency_budget_ms", 0)]:
         with pytest.raises(ParamValidationError):
             train_dag.params.get_param(name).resolve(bad)
 
@@ -153,12 +161,17 @@ def test_form_rejects_values_outside_the_schema(train_dag):
 def test_form_choices_match_the_pipeline():
     from pipeline.compress import compress_variant  # noqa: F401  (the stage the mapped tasks call)
     from pipeline.config import TRAINED_VARIANTS
-    from pipeline.evaluate import HEADLINE
 
     assert set(TRAINED_VARIANTS) < set(runs.COMPRESSION_VARIANTS) == set(load_params(ROOT / "params.yaml").compress.variants)
-    ks = [10, 20, 50]
-    produced = set(HEADLINE) | {f"full/{m}@{k}" for m in ("NDCG", "HR", "Recall") for k in ks}
-    assert set(runs.PROMOTION_METRICS) <= produced
+
+
+def test_promotion_fields_set_the_registry_policy():
+    params, overrides = runs.effective_params(
+        {"promotion_metric": "hr@10", "promotion_tolerance": 0.05, "latency_budget_ms": 12.5})
+    assert overrides == ['registry.policy.metric="hr@10"', "registry.ndcg_tolerance=0.05",
+                         "registry.policy.max_latency_p50_ms=12.5"]
+    assert (params.registry.policy.metric, params.registry.ndcg_tolerance, params.registry.policy.max_latency_p50_ms) \
+        == ("hr@10", 0.05, 12.5)
 
 
 # ----------------------------------------------------------------------------- pipeline/runs.py
@@ -293,17 +306,23 @@ def cli_env(tmp_path_factory) -> dict[str, str]:
     return env
 
 
-def _dags_test(env: dict, form: dict) -> tuple[subprocess.CompletedProcess, str, Path]:
-    proc = subprocess.run([str(LAUNCHER), "dags", "test", "leanrec_train", "-c", json.dumps(form)],
+def _client(env: dict):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
+
+
+def _dags_test(env: dict, form: dict, dag_id: str = "leanrec_train") -> tuple[subprocess.CompletedProcess, str, Path, str]:
+    proc = subprocess.run([str(LAUNCHER), "dags", "test", dag_id, "-c", json.dumps(form)],
                           env=env, capture_output=True, text=True, timeout=600)
     output = proc.stdout + proc.stderr
-    found = re.search(r"DagRun Finished: dag_id=leanrec_train, .*?run_id=(\S+?), .*?state=(\w+)", output)
+    found = re.search(rf"DagRun Finished: dag_id={dag_id}, .*?run_id=(\S+?), .*?state=(\w+)", output)
     assert found, output[-5000:]
     return proc, found.group(2), Path(env["LEANREC_RUNS_DIR"]) / runs.run_key(found.group(1)), found.group(1)
 
 
-def _task_states(env: dict, run_id: str) -> dict[str, str]:
-    proc = subprocess.run([str(LAUNCHER), "tasks", "states-for-dag-run", "leanrec_train", run_id, "-o", "json"],
+def _task_states(env: dict, run_id: str, dag_id: str = "leanrec_train") -> dict[str, str]:
+    proc = subprocess.run([str(LAUNCHER), "tasks", "states-for-dag-run", dag_id, run_id, "-o", "json"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(proc.stdout[proc.stdout.index("["):])
@@ -321,7 +340,7 @@ def test_train_dag_runs_end_to_end_through_airflow(cli_env):
     assert (root / "models" / "main" / "model.safetensors").exists()
     metrics = json.loads((root / "reports" / "metrics.json").read_text())
     assert set(metrics["models"]) == {"sasrec", "popularity", "bpr"}
-    assert set(runs.PROMOTION_METRICS) <= set(metrics["models"]["sasrec"])
+    assert {"full/NDCG@10", "full/HR@10"} <= set(metrics["models"]["sasrec"])
     # both mapped compress groups ran and evaluate measured exactly the chosen variants
     compression = json.loads((root / "reports" / "compression.json").read_text())
     assert set(compression["models"]) == {"teacher", "int8", "distilled"}
@@ -331,6 +350,12 @@ def test_train_dag_runs_end_to_end_through_airflow(cli_env):
         names = {row[0] for row in db.execute("select name from runs where status = 'FINISHED'")}
     assert names, "no finished MLflow run in the temporary store"
     assert not (root / "mlflow.db").exists()
+    # register -> promote: the first champion, in the temporary MLflow store.
+    promotion = json.loads((root / "reports" / "promotion.json").read_text())
+    assert (promotion["decision"], promotion["champion_version"]) == ("promoted", None), promotion
+    champion = _client(cli_env).get_model_version_by_alias("leanrec", "champion")
+    assert champion.version == promotion["challenger_version"]
+    assert champion.tags["leanrec.variant"] in compression["models"]
 
 
 @pytest.mark.slow
