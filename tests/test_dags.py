@@ -354,7 +354,7 @@ def test_train_dag_runs_end_to_end_through_airflow(cli_env):
     promotion = json.loads((root / "reports" / "promotion.json").read_text())
     assert (promotion["decision"], promotion["champion_version"]) == ("promoted", None), promotion
     champion = _client(cli_env).get_model_version_by_alias("leanrec", "champion")
-    assert champion.version == promotion["challenger_version"]
+    assert str(champion.version) == promotion["challenger_version"]
     assert champion.tags["leanrec.variant"] in compression["models"]
 
 
