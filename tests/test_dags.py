@@ -176,6 +176,100 @@ def test_promotion_fields_set_the_registry_policy():
         == ("hr@10", 0.05, 12.5)
 
 
+INCREMENTAL_CHAIN = ["prepare", "ingest", "select_new", "validate", "drift", "merge_reference", "features", "train"]
+
+
+@pytest.fixture(scope="module")
+def incremental_dag(airflow_home):
+    return _dagbag().dags["leanrec_incremental"]
+
+
+@pytest.fixture(scope="module")
+def recommend_dag(airflow_home):
+    return _dagbag().dags["leanrec_recommend"]
+
+
+def test_incremental_dag_runs_the_stages_in_order(incremental_dag):
+    dag = incremental_dag
+    assert set(dag.task_ids) == {*INCREMENTAL_CHAIN, *COMPRESS_TASKS, "post_training_variants", "trained_variants",
+                                 "evaluate", "register", "promote"}
+    assert dag.get_task("prepare").upstream_task_ids == set()
+    assert dag.get_task("ingest").upstream_task_ids == {"prepare"}
+    assert dag.get_task("select_new").upstream_task_ids == {"prepare", "ingest"}
+    for upstream, task_id in zip(INCREMENTAL_CHAIN[2:], INCREMENTAL_CHAIN[3:]):
+        assert dag.get_task(task_id).upstream_task_ids == {upstream}
+    assert dag.get_task("compress").upstream_task_ids == {"train", "post_training_variants"}
+    assert dag.get_task("post_training_variants").upstream_task_ids == {"select_new"}
+    assert dag.get_task("evaluate").upstream_task_ids == {"train", *COMPRESS_TASKS}
+    assert dag.get_task("evaluate").trigger_rule == "none_failed"
+    assert dag.get_task("register").upstream_task_ids == {"evaluate"}
+    assert dag.get_task("promote").upstream_task_ids == {"register"}
+    # No new data: select_new short-circuits every task after it (whatever their trigger rule).
+    select_new = dag.get_task("select_new")
+    assert type(select_new).__name__ == "_ShortCircuitDecoratedOperator"
+    assert select_new.ignore_downstream_trigger_rules is True
+    assert set(dag.task_ids) - {"prepare", "ingest", "select_new"} == {
+        t.task_id for t in select_new.get_flat_relatives(upstream=False)}
+    for task_id in ("train", "evaluate", "compress_with_training"):
+        assert (dag.get_task(task_id).pool, dag.get_task(task_id).queue) == ("gpu", "gpu")
+    for task_id in ("prepare", "ingest", "select_new", "validate", "drift", "merge_reference", "features", "compress",
+                    "register", "promote"):
+        assert dag.get_task(task_id).pool == "default_pool" and dag.get_task(task_id).queue != "gpu"
+    for task_id in ("ingest", "train"):
+        assert dag.get_task(task_id).retries >= 2 and dag.get_task(task_id).retry_exponential_backoff > 1
+    for task_id in ("select_new", "validate", "drift", "merge_reference", "register", "promote"):
+        assert dag.get_task(task_id).retries == 0
+
+
+def test_scheduled_dags_run_daily_without_catchup_and_one_at_a_time(incremental_dag, recommend_dag):
+    for dag in (incremental_dag, recommend_dag):
+        assert dag.schedule == "@daily" and dag.timetable.expression == "0 0 * * *"
+        assert dag.catchup is False and dag.max_active_runs == 1
+
+
+def test_schedules_come_from_the_environment(airflow_home, monkeypatch):
+    monkeypatch.setenv("LEANREC_INCREMENTAL_SCHEDULE", "0 3 * * *")
+    monkeypatch.setenv("LEANREC_RECOMMEND_SCHEDULE", "none")
+    bag = _dagbag()
+    assert bag.dags["leanrec_incremental"].timetable.expression == "0 3 * * *"
+    assert type(bag.dags["leanrec_recommend"].timetable).__name__ == "NullTimetable"
+    assert type(bag.dags["leanrec_train"].timetable).__name__ == "NullTimetable"
+
+
+def test_incremental_form_matches_the_train_form_less_the_model_shape(incremental_dag, train_dag):
+    # The model and preset are the champion's (its shape must match to fine-tune it).
+    assert set(incremental_dag.params) == set(train_dag.params) - {"model", "preset"}
+    for name, param in incremental_dag.params.items():
+        assert param.description and param.schema.get("title"), f"{name} needs a title and a description"
+        assert param.schema["type"] == train_dag.params.get_param(name).schema["type"]
+        assert param.schema.get("enum") == train_dag.params.get_param(name).schema.get("enum")
+    assert incremental_dag.params.dump() == {k: v for k, v in train_dag.params.dump().items() if k in incremental_dag.params}
+
+
+def test_recommend_dag_structure_and_form(recommend_dag):
+    dag = recommend_dag
+    assert set(dag.task_ids) == {"prepare", "recommend"}
+    assert dag.get_task("recommend").upstream_task_ids == {"prepare"}
+    assert (dag.get_task("recommend").pool, dag.get_task("recommend").queue) == ("gpu", "gpu")
+    assert dag.get_task("recommend").retries >= 2
+    defaults = load_params(ROOT / "params.yaml")
+    assert dag.params.dump() == {"recommendations_per_user": defaults.recommend.k, "overrides": []}
+    for name, param in dag.params.items():
+        assert param.description and param.schema.get("title"), f"{name} needs a title and a description"
+    params, _ = runs.effective_params(dag.params.dump(), base_overrides=['recommend.histories="champion"'])
+    assert (params.recommend.k, params.recommend.histories) == (defaults.recommend.k, "champion")
+
+
+def test_schedule_reads_cron_presets_and_none(monkeypatch):
+    monkeypatch.delenv("LEANREC_X_SCHEDULE", raising=False)
+    assert runs.schedule("LEANREC_X_SCHEDULE") == "@daily"
+    monkeypatch.setenv("LEANREC_X_SCHEDULE", " @hourly ")
+    assert runs.schedule("LEANREC_X_SCHEDULE") == "@hourly"
+    for off in ("none", "None", ""):
+        monkeypatch.setenv("LEANREC_X_SCHEDULE", off)
+        assert runs.schedule("LEANREC_X_SCHEDULE") is None
+
+
 # ----------------------------------------------------------------------------- pipeline/runs.py
 
 
@@ -373,3 +467,78 @@ def test_failed_validation_fails_its_task_with_the_gx_summary_and_stops_before_t
     assert {states[t] for t in ("features", "train", "evaluate")} == {"upstream_failed"}
     assert not (root / "models").exists()
     assert output.count("[DAG TEST] running task <TaskInstance: leanrec_train.validate") == 1  # no retry
+
+
+def _versions(env: dict) -> list[str]:
+    return sorted(str(v.version) for v in _client(env).search_model_versions("name='leanrec'"))
+
+
+def _vocab(root: Path, name: str) -> dict:
+    import pandas as pd
+
+    frame = pd.read_parquet(root / "data" / "features" / name)
+    return dict(zip(frame["id"].tolist(), frame["index"].tolist(), strict=True))
+
+
+@pytest.mark.slow
+def test_incremental_and_recommend_dags_through_airflow(cli_env, tmp_path):
+    """No champion: recommend is a skipped no-op. Then train -> incremental with no new data (a
+    no-op) -> incremental with new users and items (vocabularies grow, the gate decides) ->
+    recommendations with the champion, each a DAG run of `airflow dags test` on tiny data."""
+    env = {**cli_env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "LEANREC_RUNS_DIR": str(tmp_path / "runs")}
+
+    proc, state, root, run_id = _dags_test(env, {}, "leanrec_recommend")
+    assert (proc.returncode, state) == (0, "success"), (proc.stdout + proc.stderr)[-5000:]
+    assert "no champion in the registry yet" in proc.stdout + proc.stderr
+    assert _task_states(env, run_id, "leanrec_recommend") == {"prepare": "skipped", "recommend": "skipped"}
+    assert not (root / "data" / "recommendations").exists()
+
+    form = {**TINY_FORM, "compression_variants": ["int8"]}
+    proc, state, train_root, _ = _dags_test(env, form)
+    assert (proc.returncode, state) == (0, "success"), (proc.stdout + proc.stderr)[-5000:]
+    assert _versions(env) == ["1"]
+
+    # Same source and seed: nothing new. select_new short-circuits everything after it.
+    proc, state, root, run_id = _dags_test(env, form, "leanrec_incremental")
+    assert (proc.returncode, state) == (0, "success"), (proc.stdout + proc.stderr)[-5000:]
+    states = _task_states(env, run_id, "leanrec_incremental")
+    assert {t: states.pop(t) for t in ("prepare", "ingest", "select_new")} == dict.fromkeys(
+        ("prepare", "ingest", "select_new"), "success")
+    assert set(states.values()) == {"skipped"} and {"train", "register", "promote"} <= set(states)
+    assert json.loads((root / "reports" / "incremental.json").read_text())["rows_new"] == 0
+    assert _versions(env) == ["1"]  # no new model version
+
+    # Another seed, more interactions and items: new users and items on top of the champion's data.
+    new_data = {**form, "synthetic_interactions": 8000, "synthetic_items": 200,
+                "overrides": [*form["overrides"], "seed=7", "drift.action=warn"]}
+    proc, state, root, run_id = _dags_test(env, new_data, "leanrec_incremental")
+    assert (proc.returncode, state) == (0, "success"), (proc.stdout + proc.stderr)[-5000:]
+    assert set(_task_states(env, run_id, "leanrec_incremental").values()) == {"success", "skipped"}
+    lineage = json.loads((root / "champion_lineage.json").read_text())
+    assert (lineage["version"], lineage["workdir"]) == ("1", str(train_root))
+    params = runs.run_params(root)
+    assert params.train.init_from == str(train_root / "models" / "main")
+    assert params.features.vocab_from == str(train_root / "data" / "features")
+    assert (root / "reports" / "drift.json").exists()
+    old_items, new_items = _vocab(train_root, "item_vocab.parquet"), _vocab(root, "item_vocab.parquet")
+    assert len(new_items) > len(old_items) and {i: new_items[i] for i in old_items} == old_items
+    old_users, new_users = _vocab(train_root, "user_vocab.parquet"), _vocab(root, "user_vocab.parquet")
+    assert len(new_users) > len(old_users) and {u: new_users[u] for u in old_users} == old_users
+    assert "warm start from" in proc.stdout + proc.stderr
+    promotion = json.loads((root / "reports" / "promotion.json").read_text())
+    assert (promotion["challenger_version"], promotion["champion_version"]) == ("2", "1")
+    assert promotion["decision"] in ("promoted", "rejected") and promotion["champion"] is not None
+    champion = str(_client(env).get_model_version_by_alias("leanrec", "champion").version)
+    assert champion == ("2" if promotion["decision"] == "promoted" else "1")
+    assert _versions(env) == ["1", "2"]
+
+    proc, state, root, run_id = _dags_test(env, {"recommendations_per_user": 5}, "leanrec_recommend")
+    assert (proc.returncode, state) == (0, "success"), (proc.stdout + proc.stderr)[-5000:]
+    report = json.loads((root / "reports" / "recommend.json").read_text())
+    assert (report["version"], report["histories"], report["k"]) == (champion, "champion", 5)
+    import pandas as pd
+
+    recommendations = pd.read_parquet(root / "data" / "recommendations" / "recommendations.parquet")
+    assert recommendations["user_id"].nunique() == report["users"] > 0
+    assert set(recommendations["user_id"]) <= set(old_users if champion == "1" else new_users)
+    assert len(recommendations) == report["rows"] == 5 * report["users"]
