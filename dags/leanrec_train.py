@@ -5,7 +5,12 @@ Wiring only. Each task calls a `pipeline/` function, the same ones `python -m pi
 run's own work directory (`pipeline.runs.prepare_run`: `$LEANREC_RUNS_DIR/<run id>`, holding the
 run's effective params.yaml). XCom carries the run directory and small summaries only.
 
-    prepare -> ingest -> validate -> features -> train -> compress (one mapped task per variant) -> evaluate
+    prepare -> ingest -> validate -> features -> train -> compress (one mapped task per variant)
+            -> evaluate -> register -> promote
+
+`register` registers the policy's pick (`registry.policy`) as the `challenger`; `promote` moves the
+`champion` alias to it only if it passes the gate (`registry.ndcg_tolerance`, latency budget); the
+decision is in the run's reports/promotion.json either way.
 
 The form's defaults come from the project's params.yaml; `overrides` takes any other key as
 `key=value`, like the CLI's `-S`.
@@ -94,13 +99,22 @@ def _stage(stage: str, root: str, **kwargs: Any) -> dict[str, Any]:
                         "(SVD item table), distilled+int8. The evaluate task measures each against the teacher.",
         ),
         "promotion_metric": Param(
-            runs.PROMOTION_METRICS[0], type="string", enum=list(runs.PROMOTION_METRICS), title="Promotion metric",
-            description="Test metric the promotion gate compares between the candidate and the champion.",
+            DEFAULTS.registry.policy.metric, type="string", enum=runs.choices("registry.policy.metric"),
+            title="Candidate metric",
+            description="Test metric that picks the model to register among the teacher and its compressed "
+                        "variants (highest wins among those within the latency budget; ties: the smaller model).",
         ),
-        "promotion_min_improvement": Param(
-            0.0, type="number", minimum=0.0, title="Minimum improvement",
-            description="Relative improvement of the promotion metric over the current champion needed "
-                        "to promote (0.0: at least as good).",
+        "promotion_tolerance": Param(
+            DEFAULTS.registry.ndcg_tolerance, type="number", minimum=0.0, exclusiveMaximum=1.0,
+            title="Promotion tolerance",
+            description="The gate: the registered challenger becomes champion unless its NDCG@10 on this run's "
+                        "test split is below the current champion's by more than this share (0.01: 1%).",
+        ),
+        "latency_budget_ms": Param(
+            DEFAULTS.registry.policy.max_latency_p50_ms, type=["null", "number"], exclusiveMinimum=0,
+            title="Latency budget (ms)",
+            description="CPU p50 latency budget per request: slower models are neither registered nor promoted. "
+                        "Empty: the value in params.yaml.",
         ),
         "overrides": Param(
             [], type="array", items={"type": "string", "pattern": r"^[A-Za-z0-9_.]+=.*$"}, title="Other overrides",
@@ -144,6 +158,15 @@ def leanrec_train() -> None:
     def evaluate(trained: dict[str, Any]) -> dict[str, Any]:
         return _stage("evaluate", trained["root"])
 
+    # The gate is deterministic (same figures, same decision): no retries.
+    @task(retries=0)
+    def register(evaluated: dict[str, Any]) -> dict[str, Any]:
+        return _stage("register", evaluated["root"])
+
+    @task(retries=0)
+    def promote(registered: dict[str, Any]) -> dict[str, Any]:
+        return _stage("promote", registered["root"])
+
     @task
     def post_training_variants(run: dict[str, Any]) -> list[str]:
         return [v for v in run["compression_variants"] if v not in TRAINED_VARIANTS]
@@ -170,5 +193,6 @@ def leanrec_train() -> None:
     ]
     evaluated = evaluate(trained)
     compressed >> evaluated
+    promote(register(evaluated))
 
 leanrec_train()

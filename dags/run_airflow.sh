@@ -17,6 +17,8 @@
 #   LEANREC_GPU_QUEUE             the queue of GPU tasks (default gpu; a Celery worker `-q gpu` takes them)
 #   LEANREC_RUNS_DIR              DAG run work directories (default $AIRFLOW_HOME/leanrec_runs)
 #   MLFLOW_TRACKING_URI           default: the project's mlflow.db, like the CLI
+#   LEANREC_INCREMENTAL_SCHEDULE  schedule of leanrec_incremental (cron or preset; default @daily; none: manual)
+#   LEANREC_RECOMMEND_SCHEDULE    schedule of leanrec_recommend (cron or preset; default @daily; none: manual)
 # Any AIRFLOW__SECTION__KEY set by the caller wins over the values below.
 set -euo pipefail
 
@@ -58,7 +60,7 @@ setup() {
 
 case "${1:-}" in
   "")
-    sed -n '2,20p' "$0" >&2
+    sed -n '2,22p' "$0" >&2
     exit 2
     ;;
   setup)

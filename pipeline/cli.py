@@ -43,6 +43,27 @@ def _drift(params: Params, layout: Layout) -> Any:
     return run_drift(params.drift, layout, params.drift.reference)
 
 
+def _reference(params: Params, stage: str) -> str:
+    if not params.drift.reference:
+        raise ConfigError(f"the {stage} stage compares with reference interactions: set drift.reference (a Parquet file)")
+    return params.drift.reference
+
+
+def _select_new(params: Params, layout: Layout) -> Any:
+    """Incremental runs: keep only the ingested rows drift.reference does not hold."""
+    from pipeline.incremental import select_new
+
+    result = select_new(layout, _reference(params, "select-new"))
+    return {**vars(result), "empty": result.empty}
+
+
+def _merge_reference(params: Params, layout: Layout) -> Any:
+    """Incremental runs: validated interactions := drift.reference + the new validated rows."""
+    from pipeline.incremental import merge_with_reference
+
+    return {"rows": merge_with_reference(layout, _reference(params, "merge-reference"))}
+
+
 def _features(params: Params, layout: Layout) -> Any:
     from pipeline.features import run_features
 
@@ -117,7 +138,9 @@ def _config_reference(params: Params, layout: Layout) -> Any:
 STAGES: dict[str, Callable[[Params, Layout], Any]] = {
     "ingest": _ingest,
     "validate": _validate,
+    "select-new": _select_new,
     "drift": _drift,
+    "merge-reference": _merge_reference,
     "features": _features,
     "train": _train,
     "compress": _compress,

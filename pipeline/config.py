@@ -254,6 +254,9 @@ class RecommendConfig(_Strict):
     k: int = Field(10, ge=1, le=1000, description="items per user")
     batch_size: int = Field(1024, ge=1)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")
+    histories: Literal["features", "champion"] = Field(
+        "features", description="users and histories to recommend for: features (data/features of the work dir, "
+        "mapped to the champion's items) or champion (the known users' histories registered with the champion)")
 
 
 class Params(_Strict):

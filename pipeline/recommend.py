@@ -3,7 +3,10 @@
 The champion is loaded from the MLflow registry (`models:/<name>@champion`), so the
 batch output is exactly what the served model answers. Each user's whole known
 history in the current features (every split) is the input, mapped to the
-champion's vocabulary by raw item ID; seen items are excluded. Users are scored in
+champion's vocabulary by raw item ID; seen items are excluded. With
+`recommend.histories=champion` the users and histories are those registered with
+the champion (the servable's own data): no features needed, only the registry
+(what the scheduled Airflow DAG `leanrec_recommend` runs). Users are scored in
 batches of `recommend.batch_size` on CUDA when present, and the file appears only
 when complete (atomic write).
 
@@ -53,8 +56,10 @@ def run_recommend(cfg: RecommendConfig, registry: RegistryConfig, tracking: Trac
     from pipeline.sequences import load_sequences
 
     started = time.perf_counter()
-    if not (layout.features_dir / "sequences.parquet").exists():
-        raise RegistryError(f"{layout.features_dir} has no features: run the features stage first")
+    from_features = cfg.histories == "features"
+    if from_features and not (layout.features_dir / "sequences.parquet").exists():
+        raise RegistryError(f"{layout.features_dir} has no features: run the features stage first "
+                            "(or set recommend.histories=champion)")
     client = _client(tracking, layout.root)
     champion = _alias_version(client, registry.model_name, CHAMPION)
     if champion is None:
@@ -64,19 +69,25 @@ def run_recommend(cfg: RecommendConfig, registry: RegistryConfig, tracking: Trac
     servable.recommender = Recommender(servable.recommender.model, device)
     k = min(cfg.k, servable.n_items)
 
-    data = load_sequences(layout.features_dir)
-    item_vocab = pq.read_table(layout.features_dir / ITEM_VOCAB_FILE).to_pandas()
-    user_vocab = pq.read_table(layout.features_dir / USER_VOCAB_FILE).to_pandas()
-    to_model = np.zeros(data.n_items + 1, dtype=np.int64)
-    to_model[item_vocab["index"].to_numpy()] = [servable.item_index.get(servable._key(i), 0) for i in item_vocab["id"].tolist()]
-    model_items = to_model[data.items]
-    user_ids = user_vocab.set_index("index")["id"].loc[data.users].to_numpy()
-    id_type = pa.from_numpy_dtype(user_ids.dtype) if user_ids.dtype != object else pa.string()
+    if from_features:
+        data = load_sequences(layout.features_dir)
+        item_vocab = pq.read_table(layout.features_dir / ITEM_VOCAB_FILE).to_pandas()
+        user_vocab = pq.read_table(layout.features_dir / USER_VOCAB_FILE).to_pandas()
+        to_model = np.zeros(data.n_items + 1, dtype=np.int64)
+        to_model[item_vocab["index"].to_numpy()] = [servable.item_index.get(servable._key(i), 0) for i in item_vocab["id"].tolist()]
+        model_items, offsets = to_model[data.items], data.offsets
+        user_ids = user_vocab.set_index("index")["id"].loc[data.users].to_numpy()
+        id_type = pa.from_numpy_dtype(user_ids.dtype) if user_ids.dtype != object else pa.string()
+    else:
+        # The known users' histories registered with the champion, already in its item indices.
+        model_items, offsets = servable._values.astype(np.int64), servable._offsets
+        user_ids = np.array(list(servable.user_row), dtype=np.int64 if servable.user_ids_are_int else object)
+        id_type = pa.int64() if servable.user_ids_are_int else pa.string()
     item_type = pa.int64() if servable.ids_are_int else pa.string()
     schema = pa.schema([("user_id", id_type), ("rank", pa.int16()), ("item_id", item_type),
                         ("score", pa.float32()), ("source", pa.string())])
 
-    n_users = len(data.users)
+    n_users = len(user_ids)
     n_rows = 0
     sources = {"model": 0, "popularity": 0}
     target = recommendations_path(layout)
@@ -86,7 +97,7 @@ def run_recommend(cfg: RecommendConfig, registry: RegistryConfig, tracking: Trac
             rows = range(start, min(start + cfg.batch_size, n_users))
             histories = []
             for row in rows:
-                history = model_items[data.offsets[row] : data.offsets[row + 1]]
+                history = model_items[offsets[row] : offsets[row + 1]]
                 histories.append(history[history > 0].tolist())
             results = servable.recommend_indices(histories, k)
             batch = {"user_id": [], "rank": [], "item_id": [], "score": [], "source": []}
@@ -100,7 +111,8 @@ def run_recommend(cfg: RecommendConfig, registry: RegistryConfig, tracking: Trac
             writer.write_table(pa.table(batch, schema=schema))
             n_rows += len(batch["rank"])
     summary = {
-        "model_name": registry.model_name, "version": str(champion.version), "users": n_users, "rows": n_rows, "k": k,
+        "model_name": registry.model_name, "version": str(champion.version), "histories": cfg.histories,
+        "users": n_users, "rows": n_rows, "k": k,
         "device": device, "sources": sources, "path": str(target.relative_to(layout.root)),
         "seconds": round(time.perf_counter() - started, 3),
     }

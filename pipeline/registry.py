@@ -54,6 +54,11 @@ TAG_CONTENT = "leanrec.content_sha256"
 TAG_PREVIOUS = "leanrec.previous_champion"
 TAG_ROLLED_BACK = "leanrec.rolled_back_at"
 TAG_DECISION = "leanrec.promotion.decision"
+# Where the version came from: the work dir (absolute) it was registered from, and its teacher
+# (full-precision SASRec) relative to it. Incremental runs fine-tune the champion's teacher on the
+# champion's data (pipeline/incremental.py: champion_lineage).
+TAG_WORKDIR = "leanrec.workdir"
+TAG_TEACHER = "leanrec.teacher_path"
 FIGURES = ("ndcg@10", "hr@10", "ndcg@10_change", "size_bytes", "parameters", "bytes_per_item",
            "latency_p50_ms", "latency_p95_ms", "throughput_users_s")
 
@@ -192,7 +197,8 @@ def register(cfg: RegistryConfig, tracking: TrackingConfig, layout: Layout) -> d
         created = False
         logger.info("%s: identical files already registered as version %s; reusing it", candidate, version.version)
     else:
-        teacher_dir = layout.root / report["models"].get(report.get("teacher", "teacher"), {}).get("path", entry["path"])
+        teacher_path = report["models"].get(report.get("teacher", "teacher"), {}).get("path", entry["path"])
+        teacher_dir = layout.root / teacher_path
         parent = entry.get("mlflow_run_id") or read_run_id(teacher_dir) or ""
         tags = {
             TAG_CONTENT: content,
@@ -201,6 +207,8 @@ def register(cfg: RegistryConfig, tracking: TrackingConfig, layout: Layout) -> d
             "leanrec.path": entry["path"],
             "leanrec.parent_run_id": parent,
             "leanrec.features.sha256": features_sha,
+            TAG_WORKDIR: str(layout.root.resolve()),
+            TAG_TEACHER: str(teacher_path),
             "leanrec.git_commit": git_commit(layout.root) or git_commit() or "",
             "leanrec.split": str(report.get("split", "")),
             "leanrec.device": str(report.get("device", "")),

@@ -47,16 +47,16 @@ FORM_KEYS: dict[str, str] = {
     "preset": "train.preset",
     "epochs": "train.epochs",
     "compression_variants": "compress.variants",
+    "promotion_metric": "registry.policy.metric",
+    "promotion_tolerance": "registry.ndcg_tolerance",
+    "latency_budget_ms": "registry.policy.max_latency_p50_ms",
+    "recommendations_per_user": "recommend.k",
 }
 SOURCE_PATH_KEYS = {"movielens": "ingest.movielens.path", "file": "ingest.file.path"}
-# Keys holding paths: relative values are relative to the project root (where the CLI and DVC
-# run), so they are made absolute before a run works in its own directory.
-# Form fields that are not params.yaml keys yet: they are recorded in dag_run.json and handed to the
-# compress (one mapped task per variant), register and promote tasks, which own their meaning.
-PASS_THROUGH_FIELDS = ("promotion_metric", "promotion_min_improvement")
 # The variants the compress stage builds (the params schema's own list: no torch import at DAG parse).
 COMPRESSION_VARIANTS = typing.get_args(VariantName)
-PROMOTION_METRICS = ("full/NDCG@10", "full/HR@10", "full/Recall@10", "full/MRR")
+# Keys holding paths: relative values are relative to the project root (where the CLI and DVC
+# run), so they are made absolute before a run works in its own directory.
 PATH_KEYS = ("ingest.movielens.path", "ingest.file.path", "features.vocab_from", "train.init_from", "drift.reference")
 
 
@@ -88,6 +88,13 @@ def gpu_queue() -> str:
     return os.environ.get("LEANREC_GPU_QUEUE") or "gpu"
 
 
+def schedule(variable: str, default: str = "@daily") -> str | None:
+    """A DAG's schedule from the environment variable `variable` (a cron expression or preset such as
+    @daily or @hourly); `none` (or empty) means manual triggers only."""
+    value = os.environ.get(variable, default).strip()
+    return None if value.lower() in ("", "none") else value
+
+
 def choices(dotted_key: str) -> list[Any]:
     """The allowed values of a Literal-typed params key (e.g. `train.preset`), for form enums."""
     model: Any = Params
@@ -115,7 +122,7 @@ def _yaml_value(value: Any) -> str:
 
 def overrides_from_form(form: dict[str, Any]) -> list[str]:
     """`key=value` overrides for the form values that are set (None means: keep params.yaml)."""
-    known = {*FORM_KEYS, "data_path", "overrides", *PASS_THROUGH_FIELDS}
+    known = {*FORM_KEYS, "data_path", "overrides"}
     unknown = set(form) - known
     if unknown:
         raise ConfigError(f"unknown form fields: {sorted(unknown)} (known: {sorted(known)})")
@@ -144,22 +151,25 @@ def _absolute_paths(tree: dict[str, Any], base: Path) -> dict[str, Any]:
     return tree
 
 
-def effective_params(form: dict[str, Any], base_params: Path | None = None) -> tuple[Params, list[str]]:
-    """params.yaml + the form's overrides, with project-relative paths made absolute."""
+def effective_params(form: dict[str, Any], base_params: Path | None = None,
+                     base_overrides: list[str] | None = None) -> tuple[Params, list[str]]:
+    """params.yaml + `base_overrides` + the form's overrides, with project-relative paths made absolute."""
     base_params = base_params or params_path()
-    overrides = overrides_from_form(form)
+    overrides = [*(base_overrides or []), *overrides_from_form(form)]
     params = load_params(base_params, overrides)
     tree = _absolute_paths(params.model_dump(mode="json", by_alias=True), project_root())
     return params_from_dict(tree, source=f"{base_params} + {overrides}"), overrides
 
 
-def prepare_run(run_id: str, form: dict[str, Any], base_params: Path | None = None) -> Path:
+def prepare_run(run_id: str, form: dict[str, Any], base_params: Path | None = None,
+                base_overrides: list[str] | None = None) -> Path:
     """Create (or reuse) the run root of `run_id` and write its effective params.yaml; return the root.
 
+    `base_overrides` (e.g. an incremental run's champion lineage) apply before the form's.
     Idempotent: a rerun with the same form rewrites the same files; data already produced
     by the run's stages is left in place for them to overwrite.
     """
-    params, overrides = effective_params(form, base_params)
+    params, overrides = effective_params(form, base_params, base_overrides)
     root = runs_dir() / run_key(run_id)
     root.mkdir(parents=True, exist_ok=True)
     with atomic_path(root / RUN_PARAMS_FILE) as tmp:
@@ -169,6 +179,43 @@ def prepare_run(run_id: str, form: dict[str, Any], base_params: Path | None = No
     _link_local_tracking_store(params, root)
     logger.info("run %s works in %s (overrides: %s)", run_id, root, overrides or "none")
     return root
+
+
+def prepare_incremental_run(run_id: str, form: dict[str, Any], base_params: Path | None = None) -> Path:
+    """A run root that fine-tunes the current champion on its data plus the new interactions.
+
+    The run's params get the champion's lineage (`pipeline.incremental.champion_lineage`) before
+    the form: drift.reference (the champion's training interactions, also what select-new and
+    merge compare with), features.vocab_from, train.init_from and the champion's model shape. The
+    lineage is recorded in the run root once, so a retried prepare keeps the champion it started
+    from even if `champion` moved meanwhile. No champion: a RegistryError (run leanrec_train first).
+    """
+    from pipeline.incremental import LINEAGE_FILE, ChampionLineage, champion_lineage
+    from pipeline.registry import RegistryError
+
+    root = prepare_run(run_id, form, base_params)
+    recorded = root / LINEAGE_FILE
+    if recorded.exists():
+        lineage = ChampionLineage(**json.loads(recorded.read_text(encoding="utf-8")))
+    else:
+        params = run_params(root)
+        lineage = champion_lineage(params.registry, params.tracking, root)
+        if lineage is None:
+            raise RegistryError(f"{params.registry.model_name} has no champion: an incremental run fine-tunes the "
+                                "champion, so train one first (DAG leanrec_train, or the register and promote stages)")
+        write_json(lineage.to_dict(), recorded)
+    logger.info("incremental run %s starts from %s version %s (%s)", run_id, lineage.model_name, lineage.version,
+                lineage.workdir)
+    return prepare_run(run_id, form, base_params, base_overrides=lineage.overrides())
+
+
+def champion_version(root: str | Path) -> str | None:
+    """The version the run's registry calls `champion`, or None (no champion yet)."""
+    from pipeline.registry import CHAMPION, _alias_version, _client
+
+    params = run_params(Path(root))
+    champion = _alias_version(_client(params.tracking, Path(root)), params.registry.model_name, CHAMPION)
+    return None if champion is None else str(champion.version)
 
 
 def _link_local_tracking_store(params: Params, root: Path) -> None:

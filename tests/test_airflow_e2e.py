@@ -149,7 +149,8 @@ def test_rest_api_trigger_with_the_form_payload_runs_leanrec_train(airflow):
     assert requests.get(f"{airflow.base}/api/v2/dags/{DAG}", timeout=30).status_code == 401  # auth is on
     token = airflow.token()
     details = _wait_for_dag(airflow, token)
-    assert set(details["params"]) >= {"source", "epochs", "compression_variants", "promotion_metric"}
+    assert set(details["params"]) >= {"source", "epochs", "compression_variants", "promotion_metric",
+                                      "promotion_tolerance", "latency_budget_ms"}
     assert _api(airflow, token, "PATCH", f"/dags/{DAG}", json={"is_paused": False}).status_code == 200
 
     payload = _ui_form_payload(details, {**TINY_FORM, "compression_variants": ["int8", "fp16"]})
@@ -168,7 +169,9 @@ def test_rest_api_trigger_with_the_form_payload_runs_leanrec_train(airflow):
     instances = _api(airflow, token, "GET", f"/dags/{DAG}/dagRuns/{run_id}/taskInstances").json()["task_instances"]
     summary = {t["task_id"]: (t["state"], t["pool"], t["queue"]) for t in instances}
     assert state == "success", f"{state}: {summary}\n{airflow.log_tails()}"
-    assert {t: s[0] for t, s in summary.items()} == {t: "success" for t in TRAIN_ORDER}
+    # int8 and fp16 are post-training variants: the mapped group of trained variants expands to nothing.
+    expected = {t: "success" for t in [*TRAIN_ORDER, "compress", "post_training_variants", "trained_variants"]}
+    assert {t: s[0] for t, s in summary.items()} == {**expected, "compress_with_training": "skipped"}
     assert summary["train"][1:] == ("gpu", "gpu") and summary["evaluate"][1:] == ("gpu", "gpu")
 
     root = Path(airflow.home) / "runs" / runs.run_key(run_id)
@@ -177,6 +180,9 @@ def test_rest_api_trigger_with_the_form_payload_runs_leanrec_train(airflow):
     assert runs.run_params(root).train.epochs == TINY_FORM["epochs"]
     metrics = json.loads((root / "reports" / "metrics.json").read_text())
     assert set(metrics["models"]) == {"sasrec", "popularity", "bpr"}
+    # The form's promotion fields reached the gate, and the first model became champion.
+    assert runs.run_params(root).registry.policy.metric == payload["conf"]["promotion_metric"]
+    assert json.loads((root / "reports" / "promotion.json").read_text())["decision"] == "promoted"
     xcom = _api(airflow, token, "GET", f"/dags/{DAG}/dagRuns/{run_id}/taskInstances/train/xcomEntries/return_value").json()
     assert json.loads(xcom["value"]) if isinstance(xcom["value"], str) else xcom["value"]
 

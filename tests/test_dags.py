@@ -23,7 +23,7 @@ from tests.helpers import TINY_FORM
 ROOT = Path(__file__).resolve().parents[1]
 DAGS = ROOT / "dags"
 LAUNCHER = DAGS / "run_airflow.sh"
-TRAIN_ORDER = ["prepare", "ingest", "validate", "features", "train", "evaluate"]
+TRAIN_ORDER = ["prepare", "ingest", "validate", "features", "train", "evaluate", "register", "promote"]
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +65,16 @@ def test_every_dag_file_imports_without_errors(airflow_home):
     dag_files = {p.resolve() for p in DAGS.glob("*.py")}
     assert dag_files, "no DAG files"
     assert {Path(d.fileloc).resolve() for d in bag.dags.values()} == dag_files
-    assert "leanrec_train" in bag.dags
+    assert {"leanrec_train", "leanrec_incremental", "leanrec_recommend"} <= set(bag.dags)
 
 
 def test_dags_use_only_known_pools(airflow_home):
     # DagBag warns about pools outside the known ones: this is what catches a misspelt pool.
     assert _dagbag().dag_warnings == set()
     warnings = _dagbag(pools={"default_pool"}).dag_warnings
-    assert [w.message for w in warnings] == ["Dag 'leanrec_train' references non-existent pools: ['gpu']"]
+    assert sorted(w.message for w in warnings) == [
+        f"Dag '{dag_id}' references non-existent pools: ['gpu']"
+        for dag_id in ("leanrec_incremental", "leanrec_recommend", "leanrec_train")]
 
 
 COMPRESS_TASKS = {"compress", "compress_with_training"}
@@ -89,6 +91,9 @@ def test_train_dag_runs_the_stages_in_order(train_dag):
     assert train_dag.get_task("compress_with_training").upstream_task_ids == {"train", "trained_variants"}
     assert train_dag.get_task("evaluate").upstream_task_ids == {"train", *COMPRESS_TASKS}
     assert train_dag.get_task("evaluate").trigger_rule == "none_failed"  # an empty variant list skips compress
+    assert train_dag.get_task("register").upstream_task_ids == {"evaluate"}
+    assert train_dag.get_task("promote").upstream_task_ids == {"register"}
+    assert train_dag.get_task("promote").downstream_task_ids == set()
     assert type(train_dag.timetable).__name__ == "NullTimetable"  # manual trigger only
 
 
@@ -106,6 +111,7 @@ def test_gpu_tasks_use_the_gpu_pool_and_queue_and_retries_where_they_help(train_
         assert tasks[task_id].retry_exponential_backoff > 1
         assert tasks[task_id].max_retry_delay is not None
     assert tasks["validate"].retries == 0
+    assert tasks["register"].retries == 0 and tasks["promote"].retries == 0  # the gate is deterministic
 
 
 def test_gpu_pool_and_queue_come_from_the_environment(airflow_home, monkeypatch):
@@ -123,20 +129,23 @@ def test_form_fields_are_typed_documented_and_default_to_params_yaml(train_dag):
     expected_types = {
         "source": "string", "data_path": ["null", "string"], "synthetic_interactions": "integer",
         "synthetic_items": "integer", "model": "string", "preset": "string", "epochs": "integer",
-        "compression_variants": "array", "promotion_metric": "string", "promotion_min_improvement": "number",
-        "overrides": "array",
+        "compression_variants": "array", "promotion_metric": "string", "promotion_tolerance": "number",
+        "latency_budget_ms": ["null", "number"], "overrides": "array",
     }
     assert {name: field["type"] for name, field in schema.items()} == expected_types
     assert schema["source"]["enum"] == ["synthetic", "movielens", "file"]
     assert schema["model"]["enum"] == ["sasrec", "popularity", "bpr"]
     assert schema["preset"]["enum"] == ["small", "medium", "large"]
     assert schema["compression_variants"]["items"]["enum"] == list(runs.COMPRESSION_VARIANTS)
-    assert schema["promotion_metric"]["enum"] == list(runs.PROMOTION_METRICS)
+    assert schema["promotion_metric"]["enum"] == ["ndcg@10", "hr@10"]
     values = train_dag.params.dump()
     assert values["source"] == defaults.ingest.source
     assert values["synthetic_interactions"] == defaults.ingest.synthetic.n_interactions
     assert values["epochs"] == defaults.train.epochs
     assert values["preset"] == defaults.train.preset
+    assert values["promotion_metric"] == defaults.registry.policy.metric
+    assert values["promotion_tolerance"] == defaults.registry.ndcg_tolerance
+    assert values["latency_budget_ms"] == defaults.registry.policy.max_latency_p50_ms
     # The defaults are a valid run configuration.
     assert runs.effective_params(values)[0].train.epochs == defaults.train.epochs
 
@@ -145,7 +154,8 @@ def test_form_rejects_values_outside_the_schema(train_dag):
     from airflow.sdk.exceptions import ParamValidationError
 
     for name, bad in [("preset", "huge"), ("epochs", 0), ("epochs", "3"), ("compression_variants", ["zip"]),
-                      ("source", "kafka"), ("overrides", ["no equals sign"])]:
+                      ("source", "kafka"), ("overrides", ["no equals sign"]), ("promotion_metric", "full/MRR"),
+                      ("promotion_tolerance", 1.0), ("promotion_tolerance", -0.1), ("latency_budget_ms", 0)]:
         with pytest.raises(ParamValidationError):
             train_dag.params.get_param(name).resolve(bad)
 
@@ -153,12 +163,111 @@ def test_form_rejects_values_outside_the_schema(train_dag):
 def test_form_choices_match_the_pipeline():
     from pipeline.compress import compress_variant  # noqa: F401  (the stage the mapped tasks call)
     from pipeline.config import TRAINED_VARIANTS
-    from pipeline.evaluate import HEADLINE
 
     assert set(TRAINED_VARIANTS) < set(runs.COMPRESSION_VARIANTS) == set(load_params(ROOT / "params.yaml").compress.variants)
-    ks = [10, 20, 50]
-    produced = set(HEADLINE) | {f"full/{m}@{k}" for m in ("NDCG", "HR", "Recall") for k in ks}
-    assert set(runs.PROMOTION_METRICS) <= produced
+
+
+def test_promotion_fields_set_the_registry_policy():
+    params, overrides = runs.effective_params(
+        {"promotion_metric": "hr@10", "promotion_tolerance": 0.05, "latency_budget_ms": 12.5})
+    assert overrides == ['registry.policy.metric="hr@10"', "registry.ndcg_tolerance=0.05",
+                         "registry.policy.max_latency_p50_ms=12.5"]
+    assert (params.registry.policy.metric, params.registry.ndcg_tolerance, params.registry.policy.max_latency_p50_ms) \
+        == ("hr@10", 0.05, 12.5)
+
+
+INCREMENTAL_CHAIN = ["prepare", "ingest", "select_new", "validate", "drift", "merge_reference", "features", "train"]
+
+
+@pytest.fixture(scope="module")
+def incremental_dag(airflow_home):
+    return _dagbag().dags["leanrec_incremental"]
+
+
+@pytest.fixture(scope="module")
+def recommend_dag(airflow_home):
+    return _dagbag().dags["leanrec_recommend"]
+
+
+def test_incremental_dag_runs_the_stages_in_order(incremental_dag):
+    dag = incremental_dag
+    assert set(dag.task_ids) == {*INCREMENTAL_CHAIN, *COMPRESS_TASKS, "post_training_variants", "trained_variants",
+                                 "evaluate", "register", "promote"}
+    assert dag.get_task("prepare").upstream_task_ids == set()
+    assert dag.get_task("ingest").upstream_task_ids == {"prepare"}
+    assert dag.get_task("select_new").upstream_task_ids == {"prepare", "ingest"}
+    for upstream, task_id in zip(INCREMENTAL_CHAIN[2:], INCREMENTAL_CHAIN[3:]):
+        assert dag.get_task(task_id).upstream_task_ids == {upstream}
+    assert dag.get_task("compress").upstream_task_ids == {"train", "post_training_variants"}
+    assert dag.get_task("post_training_variants").upstream_task_ids == {"select_new"}
+    assert dag.get_task("evaluate").upstream_task_ids == {"train", *COMPRESS_TASKS}
+    assert dag.get_task("evaluate").trigger_rule == "none_failed"
+    assert dag.get_task("register").upstream_task_ids == {"evaluate"}
+    assert dag.get_task("promote").upstream_task_ids == {"register"}
+    # No new data: select_new short-circuits every task after it (whatever their trigger rule).
+    select_new = dag.get_task("select_new")
+    assert type(select_new).__name__ == "_ShortCircuitDecoratedOperator"
+    assert select_new.ignore_downstream_trigger_rules is True
+    assert set(dag.task_ids) - {"prepare", "ingest", "select_new"} == {
+        t.task_id for t in select_new.get_flat_relatives(upstream=False)}
+    for task_id in ("train", "evaluate", "compress_with_training"):
+        assert (dag.get_task(task_id).pool, dag.get_task(task_id).queue) == ("gpu", "gpu")
+    for task_id in ("prepare", "ingest", "select_new", "validate", "drift", "merge_reference", "features", "compress",
+                    "register", "promote"):
+        assert dag.get_task(task_id).pool == "default_pool" and dag.get_task(task_id).queue != "gpu"
+    for task_id in ("ingest", "train"):
+        assert dag.get_task(task_id).retries >= 2 and dag.get_task(task_id).retry_exponential_backoff > 1
+    for task_id in ("select_new", "validate", "drift", "merge_reference", "register", "promote"):
+        assert dag.get_task(task_id).retries == 0
+
+
+def test_scheduled_dags_run_daily_without_catchup_and_one_at_a_time(incremental_dag, recommend_dag):
+    for dag in (incremental_dag, recommend_dag):
+        assert dag.schedule == "@daily" and dag.timetable.expression == "0 0 * * *"
+        assert dag.catchup is False and dag.max_active_runs == 1
+
+
+def test_schedules_come_from_the_environment(airflow_home, monkeypatch):
+    monkeypatch.setenv("LEANREC_INCREMENTAL_SCHEDULE", "0 3 * * *")
+    monkeypatch.setenv("LEANREC_RECOMMEND_SCHEDULE", "none")
+    bag = _dagbag()
+    assert bag.dags["leanrec_incremental"].timetable.expression == "0 3 * * *"
+    assert type(bag.dags["leanrec_recommend"].timetable).__name__ == "NullTimetable"
+    assert type(bag.dags["leanrec_train"].timetable).__name__ == "NullTimetable"
+
+
+def test_incremental_form_matches_the_train_form_less_the_model_shape(incremental_dag, train_dag):
+    # The model and preset are the champion's (its shape must match to fine-tune it).
+    assert set(incremental_dag.params) == set(train_dag.params) - {"model", "preset"}
+    for name, param in incremental_dag.params.items():
+        assert param.description and param.schema.get("title"), f"{name} needs a title and a description"
+        assert param.schema["type"] == train_dag.params.get_param(name).schema["type"]
+        assert param.schema.get("enum") == train_dag.params.get_param(name).schema.get("enum")
+    assert incremental_dag.params.dump() == {k: v for k, v in train_dag.params.dump().items() if k in incremental_dag.params}
+
+
+def test_recommend_dag_structure_and_form(recommend_dag):
+    dag = recommend_dag
+    assert set(dag.task_ids) == {"prepare", "recommend"}
+    assert dag.get_task("recommend").upstream_task_ids == {"prepare"}
+    assert (dag.get_task("recommend").pool, dag.get_task("recommend").queue) == ("gpu", "gpu")
+    assert dag.get_task("recommend").retries >= 2
+    defaults = load_params(ROOT / "params.yaml")
+    assert dag.params.dump() == {"recommendations_per_user": defaults.recommend.k, "overrides": []}
+    for name, param in dag.params.items():
+        assert param.description and param.schema.get("title"), f"{name} needs a title and a description"
+    params, _ = runs.effective_params(dag.params.dump(), base_overrides=['recommend.histories="champion"'])
+    assert (params.recommend.k, params.recommend.histories) == (defaults.recommend.k, "champion")
+
+
+def test_schedule_reads_cron_presets_and_none(monkeypatch):
+    monkeypatch.delenv("LEANREC_X_SCHEDULE", raising=False)
+    assert runs.schedule("LEANREC_X_SCHEDULE") == "@daily"
+    monkeypatch.setenv("LEANREC_X_SCHEDULE", " @hourly ")
+    assert runs.schedule("LEANREC_X_SCHEDULE") == "@hourly"
+    for off in ("none", "None", ""):
+        monkeypatch.setenv("LEANREC_X_SCHEDULE", off)
+        assert runs.schedule("LEANREC_X_SCHEDULE") is None
 
 
 # ----------------------------------------------------------------------------- pipeline/runs.py
@@ -293,17 +402,23 @@ def cli_env(tmp_path_factory) -> dict[str, str]:
     return env
 
 
-def _dags_test(env: dict, form: dict) -> tuple[subprocess.CompletedProcess, str, Path]:
-    proc = subprocess.run([str(LAUNCHER), "dags", "test", "leanrec_train", "-c", json.dumps(form)],
+def _client(env: dict):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
+
+
+def _dags_test(env: dict, form: dict, dag_id: str = "leanrec_train") -> tuple[subprocess.CompletedProcess, str, Path, str]:
+    proc = subprocess.run([str(LAUNCHER), "dags", "test", dag_id, "-c", json.dumps(form)],
                           env=env, capture_output=True, text=True, timeout=600)
     output = proc.stdout + proc.stderr
-    found = re.search(r"DagRun Finished: dag_id=leanrec_train, .*?run_id=(\S+?), .*?state=(\w+)", output)
+    found = re.search(rf"DagRun Finished: dag_id={dag_id}, .*?run_id=(\S+?), .*?state=(\w+)", output)
     assert found, output[-5000:]
     return proc, found.group(2), Path(env["LEANREC_RUNS_DIR"]) / runs.run_key(found.group(1)), found.group(1)
 
 
-def _task_states(env: dict, run_id: str) -> dict[str, str]:
-    proc = subprocess.run([str(LAUNCHER), "tasks", "states-for-dag-run", "leanrec_train", run_id, "-o", "json"],
+def _task_states(env: dict, run_id: str, dag_id: str = "leanrec_train") -> dict[str, str]:
+    proc = subprocess.run([str(LAUNCHER), "tasks", "states-for-dag-run", dag_id, run_id, "-o", "json"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(proc.stdout[proc.stdout.index("["):])
@@ -321,7 +436,7 @@ def test_train_dag_runs_end_to_end_through_airflow(cli_env):
     assert (root / "models" / "main" / "model.safetensors").exists()
     metrics = json.loads((root / "reports" / "metrics.json").read_text())
     assert set(metrics["models"]) == {"sasrec", "popularity", "bpr"}
-    assert set(runs.PROMOTION_METRICS) <= set(metrics["models"]["sasrec"])
+    assert {"full/NDCG@10", "full/HR@10"} <= set(metrics["models"]["sasrec"])
     # both mapped compress groups ran and evaluate measured exactly the chosen variants
     compression = json.loads((root / "reports" / "compression.json").read_text())
     assert set(compression["models"]) == {"teacher", "int8", "distilled"}
@@ -331,6 +446,12 @@ def test_train_dag_runs_end_to_end_through_airflow(cli_env):
         names = {row[0] for row in db.execute("select name from runs where status = 'FINISHED'")}
     assert names, "no finished MLflow run in the temporary store"
     assert not (root / "mlflow.db").exists()
+    # register -> promote: the first champion, in the temporary MLflow store.
+    promotion = json.loads((root / "reports" / "promotion.json").read_text())
+    assert (promotion["decision"], promotion["champion_version"]) == ("promoted", None), promotion
+    champion = _client(cli_env).get_model_version_by_alias("leanrec", "champion")
+    assert str(champion.version) == promotion["challenger_version"]
+    assert champion.tags["leanrec.variant"] in compression["models"]
 
 
 @pytest.mark.slow
@@ -346,3 +467,78 @@ def test_failed_validation_fails_its_task_with_the_gx_summary_and_stops_before_t
     assert {states[t] for t in ("features", "train", "evaluate")} == {"upstream_failed"}
     assert not (root / "models").exists()
     assert output.count("[DAG TEST] running task <TaskInstance: leanrec_train.validate") == 1  # no retry
+
+
+def _versions(env: dict) -> list[str]:
+    return sorted(str(v.version) for v in _client(env).search_model_versions("name='leanrec'"))
+
+
+def _vocab(root: Path, name: str) -> dict:
+    import pandas as pd
+
+    frame = pd.read_parquet(root / "data" / "features" / name)
+    return dict(zip(frame["id"].tolist(), frame["index"].tolist(), strict=True))
+
+
+@pytest.mark.slow
+def test_incremental_and_recommend_dags_through_airflow(cli_env, tmp_path):
+    """No champion: recommend is a skipped no-op. Then train -> incremental with no new data (a
+    no-op) -> incremental with new users and items (vocabularies grow, the gate decides) ->
+    recommendations with the champion, each a DAG run of `airflow dags test` on tiny data."""
+    env = {**cli_env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "LEANREC_RUNS_DIR": str(tmp_path / "runs")}
+
+    proc, state, root, run_id = _dags_test(env, {}, "leanrec_recommend")
+    assert (proc.returncode, state) == (0, "success"), (proc.stdout + proc.stderr)[-5000:]
+    assert "no champion in the registry yet" in proc.stdout + proc.stderr
+    assert _task_states(env, run_id, "leanrec_recommend") == {"prepare": "skipped", "recommend": "skipped"}
+    assert not (root / "data" / "recommendations").exists()
+
+    form = {**TINY_FORM, "compression_variants": ["int8"]}
+    proc, state, train_root, _ = _dags_test(env, form)
+    assert (proc.returncode, state) == (0, "success"), (proc.stdout + proc.stderr)[-5000:]
+    assert _versions(env) == ["1"]
+
+    # Same source and seed: nothing new. select_new short-circuits everything after it.
+    proc, state, root, run_id = _dags_test(env, form, "leanrec_incremental")
+    assert (proc.returncode, state) == (0, "success"), (proc.stdout + proc.stderr)[-5000:]
+    states = _task_states(env, run_id, "leanrec_incremental")
+    assert {t: states.pop(t) for t in ("prepare", "ingest", "select_new")} == dict.fromkeys(
+        ("prepare", "ingest", "select_new"), "success")
+    assert set(states.values()) == {"skipped"} and {"train", "register", "promote"} <= set(states)
+    assert json.loads((root / "reports" / "incremental.json").read_text())["rows_new"] == 0
+    assert _versions(env) == ["1"]  # no new model version
+
+    # Another seed, more interactions and items: new users and items on top of the champion's data.
+    new_data = {**form, "synthetic_interactions": 8000, "synthetic_items": 200,
+                "overrides": [*form["overrides"], "seed=7", "drift.action=warn"]}
+    proc, state, root, run_id = _dags_test(env, new_data, "leanrec_incremental")
+    assert (proc.returncode, state) == (0, "success"), (proc.stdout + proc.stderr)[-5000:]
+    assert set(_task_states(env, run_id, "leanrec_incremental").values()) == {"success", "skipped"}
+    lineage = json.loads((root / "champion_lineage.json").read_text())
+    assert (lineage["version"], lineage["workdir"]) == ("1", str(train_root))
+    params = runs.run_params(root)
+    assert params.train.init_from == str(train_root / "models" / "main")
+    assert params.features.vocab_from == str(train_root / "data" / "features")
+    assert (root / "reports" / "drift.json").exists()
+    old_items, new_items = _vocab(train_root, "item_vocab.parquet"), _vocab(root, "item_vocab.parquet")
+    assert len(new_items) > len(old_items) and {i: new_items[i] for i in old_items} == old_items
+    old_users, new_users = _vocab(train_root, "user_vocab.parquet"), _vocab(root, "user_vocab.parquet")
+    assert len(new_users) > len(old_users) and {u: new_users[u] for u in old_users} == old_users
+    assert "warm start from" in proc.stdout + proc.stderr
+    promotion = json.loads((root / "reports" / "promotion.json").read_text())
+    assert (promotion["challenger_version"], promotion["champion_version"]) == ("2", "1")
+    assert promotion["decision"] in ("promoted", "rejected") and promotion["champion"] is not None
+    champion = str(_client(env).get_model_version_by_alias("leanrec", "champion").version)
+    assert champion == ("2" if promotion["decision"] == "promoted" else "1")
+    assert _versions(env) == ["1", "2"]
+
+    proc, state, root, run_id = _dags_test(env, {"recommendations_per_user": 5}, "leanrec_recommend")
+    assert (proc.returncode, state) == (0, "success"), (proc.stdout + proc.stderr)[-5000:]
+    report = json.loads((root / "reports" / "recommend.json").read_text())
+    assert (report["version"], report["histories"], report["k"]) == (champion, "champion", 5)
+    import pandas as pd
+
+    recommendations = pd.read_parquet(root / "data" / "recommendations" / "recommendations.parquet")
+    assert recommendations["user_id"].nunique() == report["users"] > 0
+    assert set(recommendations["user_id"]) <= set(old_users if champion == "1" else new_users)
+    assert len(recommendations) == report["rows"] == 5 * report["users"]

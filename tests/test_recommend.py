@@ -76,3 +76,25 @@ def test_gpu_recommendations_match_cpu(champion):
     assert summary["device"] == "cuda"
     agreement = (cpu["item_id"] == gpu["item_id"]).mean()
     assert agreement > 0.98  # TF32/kernel differences may swap near-ties
+
+
+def test_champion_histories_need_only_the_registry(champion, tmp_path):
+    """recommend.histories=champion (the scheduled DAG): the users and histories registered with the
+    champion, no features in the work dir; the same recommendations as from those features."""
+    from pipeline.io import Layout
+
+    layout, tracking, registered = champion
+    run_recommend(RecommendConfig(k=5, device="cpu"), RegistryConfig(), tracking, layout)
+    from_features = pq.read_table(recommendations_path(layout)).to_pandas()
+    empty = Layout(tmp_path / "work")
+    summary = run_recommend(RecommendConfig(k=5, device="cpu", histories="champion"), RegistryConfig(), tracking, empty)
+    from_champion = pq.read_table(recommendations_path(empty)).to_pandas()
+    assert not empty.features_dir.exists()
+    assert (summary["histories"], summary["version"], summary["users"]) == ("champion", registered["version"],
+                                                                             len(load_sequences(layout.features_dir).users))
+    key = ["user_id", "rank"]
+    assert from_champion.dtypes.to_dict() == from_features.dtypes.to_dict()
+    assert from_champion.sort_values(key).reset_index(drop=True)[[*key, "item_id"]].equals(
+        from_features.sort_values(key).reset_index(drop=True)[[*key, "item_id"]])
+    with pytest.raises(RegistryError, match="or set recommend.histories=champion"):
+        run_recommend(RecommendConfig(), RegistryConfig(), tracking, empty)

@@ -1,0 +1,92 @@
+"""DAG `leanrec_recommend`: batch recommendations with the current champion (scheduled).
+
+Wiring only. `prepare` makes the DAG run's work directory and looks up the registry's `champion`;
+`recommend` runs the recommend stage there with `recommend.histories=champion`: the users and
+histories are those registered with the champion (the servable model's own data), so the run needs
+the MLflow registry only, and its output is what the served model answers for those users:
+
+    prepare -> recommend   ->  <run dir>/data/recommendations/recommendations.parquet
+
+No champion yet (nothing trained and promoted): `prepare` logs it and skips the run, which ends
+successful with nothing written, so a fresh deployment is not failing every day.
+
+Schedule: `$LEANREC_RECOMMEND_SCHEDULE` (default @daily; `none`: manual only), no catchup.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Any
+
+from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+from pipeline import runs
+from pipeline.config import load_params
+from pipeline.errors import PipelineError
+
+logger = logging.getLogger(__name__)
+DEFAULTS = load_params(runs.params_path())
+RETRY = {
+    "retries": 2,
+    "retry_delay": dt.timedelta(seconds=20),
+    "retry_exponential_backoff": 2.0,
+    "max_retry_delay": dt.timedelta(minutes=10),
+}
+GPU = {"pool": runs.gpu_pool(), "queue": runs.gpu_queue()}
+
+
+def _stage(stage: str, root: str, **kwargs: Any) -> dict[str, Any]:
+    """One pipeline stage on the run root; a PipelineError fails the task without retries."""
+    try:
+        return runs.run_stage(stage, root, **kwargs)
+    except PipelineError as err:
+        raise AirflowFailException(f"{stage} failed: {err}") from err
+
+
+@dag(
+    dag_id="leanrec_recommend",
+    description="Top-K recommendations for every known user with the registry's champion",
+    schedule=runs.schedule("LEANREC_RECOMMEND_SCHEDULE"),
+    start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+    catchup=False,
+    max_active_runs=1,
+    tags=["leanrec"],
+    doc_md=__doc__,
+    params={
+        "recommendations_per_user": Param(
+            DEFAULTS.recommend.k, type="integer", minimum=1, maximum=1_000, title="Recommendations per user",
+            description="Items recommended to each known user (recommend.k), best first, never one already seen.",
+        ),
+        "overrides": Param(
+            [], type="array", items={"type": "string", "pattern": r"^[A-Za-z0-9_.]+=.*$"}, title="Other overrides",
+            description="Any other params.yaml key for this run, one key=value per line (e.g. recommend.device=cpu).",
+        ),
+    },
+)
+def leanrec_recommend() -> None:
+    @task
+    def prepare() -> dict[str, Any]:
+        context = get_current_context()
+        try:
+            root = runs.prepare_run(context["run_id"], dict(context["params"]),
+                                    base_overrides=['recommend.histories="champion"'])
+            version = runs.champion_version(root)
+        except PipelineError as err:
+            raise AirflowFailException(f"invalid run parameters: {err}") from err
+        if version is None:
+            logger.warning("no champion in the registry yet: nothing to recommend with (train and promote one "
+                           "with the DAG leanrec_train); skipping this run")
+            raise AirflowSkipException("no champion yet")
+        logger.info("recommending with champion version %s", version)
+        return {"root": str(root), "champion_version": version}
+
+    @task(**RETRY, **GPU)
+    def recommend(run: dict[str, Any]) -> dict[str, Any]:
+        return _stage("recommend", run["root"])
+
+    recommend(prepare())
+
+
+leanrec_recommend()
