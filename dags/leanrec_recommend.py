@@ -28,21 +28,11 @@ from pipeline.errors import PipelineError
 
 logger = logging.getLogger(__name__)
 DEFAULTS = load_params(runs.params_path())
-RETRY = {
-    "retries": 2,
-    "retry_delay": dt.timedelta(seconds=20),
-    "retry_exponential_backoff": 2.0,
-    "max_retry_delay": dt.timedelta(minutes=10),
-}
-GPU = {"pool": runs.gpu_pool(), "queue": runs.gpu_queue()}
+RETRY = runs.RETRY
+GPU = runs.gpu_task_args()
 
 
-def _stage(stage: str, root: str, **kwargs: Any) -> dict[str, Any]:
-    """One pipeline stage on the run root; a PipelineError fails the task without retries."""
-    try:
-        return runs.run_stage(stage, root, **kwargs)
-    except PipelineError as err:
-        raise AirflowFailException(f"{stage} failed: {err}") from err
+_stage = runs.task_stage
 
 
 @dag(

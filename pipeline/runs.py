@@ -16,6 +16,7 @@ through the CLI's own wiring (`pipeline.cli.STAGES`), so Airflow, DVC and
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -29,7 +30,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import Params, VariantName, load_params, params_from_dict
-from pipeline.errors import ConfigError, ValidationFailed
+from pipeline.errors import ConfigError, PipelineError, ValidationFailed
 from pipeline.io import Layout, atomic_path, write_json
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,31 @@ def gpu_queue() -> str:
     """The executor queue of tasks that want a GPU ($LEANREC_GPU_QUEUE, default `gpu`): a Celery worker
     started with `-q gpu` on a GPU machine picks them up; the local executor ignores queues."""
     return os.environ.get("LEANREC_GPU_QUEUE") or "gpu"
+
+
+def gpu_task_args() -> dict[str, str]:
+    """Task arguments of a task that wants a GPU: its pool and queue."""
+    return {"pool": gpu_pool(), "queue": gpu_queue()}
+
+
+# Task arguments of the tasks where a retry can help (a network source, a busy GPU node): exponential
+# backoff. A PipelineError (bad config, bad data) is deterministic and fails at once (task_stage).
+RETRY = {
+    "retries": 2,
+    "retry_delay": dt.timedelta(seconds=20),
+    "retry_exponential_backoff": 2.0,
+    "max_retry_delay": dt.timedelta(minutes=10),
+}
+
+
+def task_stage(stage: str, root: str | Path, **kwargs: Any) -> dict[str, Any]:
+    """`run_stage` inside an Airflow task: a PipelineError fails the task without its retries."""
+    from airflow.sdk.exceptions import AirflowFailException  # only the DAGs call this
+
+    try:
+        return run_stage(stage, root, **kwargs)
+    except PipelineError as err:
+        raise AirflowFailException(f"{stage} failed: {err}") from err
 
 
 def schedule(variable: str, default: str = "@daily") -> str | None:
