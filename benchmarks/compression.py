@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.train_speed import COMMON, TRAIN_DATASETS, prepare  # noqa: E402
 from pipeline.compress import run_compress  # noqa: E402
-from pipeline.compression_report import REPORT_MD, REPORT_PNG, markdown, model_directories, measure_models, pareto_chart  # noqa: E402
+from pipeline.compression_report import REPORT_PNG, markdown, model_directories, measure_models, pareto_chart  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 from pipeline.train import run_train  # noqa: E402
 

@@ -105,7 +105,7 @@ def test_images_are_built_from_the_repo_with_the_project_pins():
     pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line)
     mlflow_dockerfile = (ROOT / "mlflow" / "Dockerfile").read_text()
     assert f'"psycopg2-binary=={pins["psycopg2-binary"]}"' in mlflow_dockerfile
-    assert f'"boto3==' in mlflow_dockerfile  # S3 artifacts on MinIO
+    assert '"boto3==' in mlflow_dockerfile  # S3 artifacts on MinIO
 
 
 def test_the_celery_executor_and_s3_remote_packages_are_installed():
