@@ -73,9 +73,7 @@ def run_recommend(cfg: RecommendConfig, registry: RegistryConfig, tracking: Trac
         data = load_sequences(layout.features_dir)
         item_vocab = pq.read_table(layout.features_dir / ITEM_VOCAB_FILE).to_pandas()
         user_vocab = pq.read_table(layout.features_dir / USER_VOCAB_FILE).to_pandas()
-        to_model = np.zeros(data.n_items + 1, dtype=np.int64)
-        to_model[item_vocab["index"].to_numpy()] = [servable.item_index.get(servable._key(i), 0) for i in item_vocab["id"].tolist()]
-        model_items, offsets = to_model[data.items], data.offsets
+        model_items, offsets = servable.index_map(item_vocab)[data.items], data.offsets
         user_ids = user_vocab.set_index("index")["id"].loc[data.users].to_numpy()
         id_type = pa.from_numpy_dtype(user_ids.dtype) if user_ids.dtype != object else pa.string()
     else:

@@ -264,9 +264,7 @@ def score_on_split(servable: Any, features_dir: Path, split: str = "test", seed:
     from pipeline.sequences import load_sequences
 
     data = load_sequences(features_dir)
-    vocab = pq.read_table(features_dir / ITEM_VOCAB_FILE).to_pandas()
-    to_model = np.zeros(data.n_items + 1, dtype=np.int64)
-    to_model[vocab["index"].to_numpy()] = [servable.item_index.get(servable._key(i), 0) for i in vocab["id"].tolist()]
+    to_model = servable.index_map(pq.read_table(features_dir / ITEM_VOCAB_FILE).to_pandas())
     identical = bool(np.array_equal(to_model, np.arange(data.n_items + 1))) and servable.n_items == data.n_items
     to_model_t = torch.from_numpy(to_model)
     unknown_columns = to_model_t == 0
@@ -339,15 +337,14 @@ def promote(cfg: RegistryConfig, tracking: TrackingConfig, layout: Layout, versi
         if challenger is None:
             raise RegistryError(f"{name} has no {CHALLENGER!r} alias: run the register stage first")
     champion = _alias_version(client, name, CHAMPION)
+    from pipeline.tracking import directory_sha256
+
     report: dict[str, Any] = {
         "model_name": name, "challenger_version": str(challenger.version),
         "champion_version": None if champion is None else str(champion.version),
-        "split": "test", "features_sha256": None, "at": _now(),
+        "split": "test", "features_sha256": directory_sha256(layout.features_dir), "at": _now(),
         "ndcg_tolerance": cfg.ndcg_tolerance, "max_latency_p50_ms": cfg.policy.max_latency_p50_ms,
     }
-    from pipeline.tracking import directory_sha256
-
-    report["features_sha256"] = directory_sha256(layout.features_dir)
     if champion is not None and str(champion.version) == str(challenger.version):
         report.update(decision="unchanged", promoted=False, reasons=["the challenger is already the champion"],
                       champion_after=str(champion.version))

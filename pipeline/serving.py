@@ -54,7 +54,7 @@ def model_files(directory: Path) -> list[Path]:
     from pipeline.model import CONFIG_FILE, WEIGHTS_FILE
     from pipeline.variants import VARIANT_FILE
 
-    names = (CONFIG_FILE, WEIGHTS_FILE, "model.pt", VARIANT_FILE)  # model.pt: torchao int8 weights (torch.save)
+    names = (CONFIG_FILE, WEIGHTS_FILE, VARIANT_FILE)
     files = [Path(directory) / name for name in names if (Path(directory) / name).is_file()]
     if not any(f.name == CONFIG_FILE for f in files):
         raise FileNotFoundError(f"{directory} holds no saved model ({CONFIG_FILE} missing)")
@@ -152,11 +152,20 @@ class Servable:
             for row, row_items, row_scores in zip(rows, items.tolist(), scores.tolist(), strict=True):
                 keep = [(i, s) for i, s in zip(row_items, row_scores, strict=True) if s != float("-inf")]
                 out[row] = ([i for i, _ in keep], [s for _, s in keep], "model")
-        for row in (i for i, h in enumerate(histories) if not len(h)):
+        empty = [i for i, h in enumerate(histories) if not len(h)]
+        if empty:  # one popularity ranking for every history with no known item
             top = np.argsort(-self.popularity, kind="stable")[:k]
             top = top[np.isfinite(self.popularity[top])]
-            out[row] = (top.tolist(), self.popularity[top].tolist(), "popularity")
+            fallback = (top.tolist(), self.popularity[top].tolist(), "popularity")
+            for row in empty:
+                out[row] = (list(fallback[0]), list(fallback[1]), fallback[2])
         return out  # type: ignore[return-value]
+
+    def index_map(self, item_vocab: pd.DataFrame) -> np.ndarray:
+        """Index in a features vocabulary (id, index) -> this model's index of the same raw ID; 0: unknown here."""
+        mapping = np.zeros(int(item_vocab["index"].to_numpy().max(initial=0)) + 1, dtype=np.int64)
+        mapping[item_vocab["index"].to_numpy()] = [self.item_index.get(self._key(i), 0) for i in item_vocab["id"].tolist()]
+        return mapping
 
     def raw_ids(self, indices: Sequence[int]) -> list[Any]:
         return [self._key(v) for v in self.item_ids[np.asarray(indices, dtype=np.int64) - 1]] if len(indices) else []
