@@ -19,7 +19,6 @@ The T^2 factor keeps the gradient scale of the soft term independent of T
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -149,7 +148,3 @@ def build_student(teacher: SASRec, d_model: int, n_layers: int, n_heads: int, in
             student.item_embedding.weight.copy_(projected)
             student.item_embedding.weight[0].zero_()
     return student
-
-
-def student_config_summary(cfg: SASRecConfig) -> dict:
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k in ("d_model", "n_layers", "n_heads", "max_len")}
