@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from pipeline.compress import VARIANTS_DIR
+from pipeline.compress import variants_dir
 from pipeline.config import CompressConfig, EvaluateConfig, TrackingConfig, TrainConfig
 from pipeline.efficiency import measure_serving
 from pipeline.errors import PipelineError
@@ -76,7 +76,7 @@ def model_directories(cfg: CompressConfig, layout: Layout, run_name: str) -> dic
         raise PipelineError(f"no SASRec teacher in {run_dir}: run the train stage first")
     directories = {TEACHER: run_dir}
     for name in cfg.variants:
-        directory = run_dir / VARIANTS_DIR / name
+        directory = variants_dir(layout, run_name) / name
         if not (directory / VARIANT_FILE).exists():
             raise PipelineError(f"variant {name!r} not found in {directory}: run the compress stage first")
         directories[name] = directory
