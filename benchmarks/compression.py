@@ -2,9 +2,9 @@
 
 The same code as `dvc repro` (train -> compress -> evaluate), on a benchmark
 dataset: the teacher (SASRec small) is trained once, every variant in
-params.yaml `compress.variants` is built from it (pipeline/compress.py), and
+params.yaml `compress.variants` is built from it (pipeline/compression/compress.py), and
 all are measured in one process on the same test split and histories with the
-same thread count (pipeline/compression_report.py): full-ranking NDCG@10/HR@10,
+same thread count (pipeline/evaluation/compression_report.py): full-ranking NDCG@10/HR@10,
 bytes on disk, bytes per item embedding, batch-1 latency p50/p95 and
 throughput at batch 256, CPU (and CUDA when present).
 
@@ -32,10 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.train_speed import COMMON, TRAIN_DATASETS, prepare  # noqa: E402
-from pipeline.compress import run_compress  # noqa: E402
-from pipeline.compression_report import REPORT_PNG, markdown, model_directories, measure_models, pareto_chart  # noqa: E402
-from pipeline.config import load_params  # noqa: E402
-from pipeline.train import run_train  # noqa: E402
+from pipeline.compression.compress import run_compress  # noqa: E402
+from pipeline.evaluation.compression_report import REPORT_PNG, markdown, model_directories, measure_models, pareto_chart  # noqa: E402
+from pipeline.core.config import load_params  # noqa: E402
+from pipeline.training.train import run_train  # noqa: E402
 
 
 def run(dataset: str, threads: int, overrides: list[str], out_dir: Path) -> dict:

@@ -41,11 +41,11 @@ DATASETS: dict[str, list[str]] = {
 
 def run_child(overrides: list[str], workdir: str) -> None:
     """Runs in the child: the three stages, timed, printed as one JSON line."""
-    from pipeline.config import load_params
-    from pipeline.features import run_features
-    from pipeline.ingest import run_ingest
-    from pipeline.io import Layout
-    from pipeline.validate import run_validate
+    from pipeline.core.config import load_params
+    from pipeline.data.features import run_features
+    from pipeline.data.ingest import run_ingest
+    from pipeline.core.io import Layout
+    from pipeline.data.validate import run_validate
 
     logging.basicConfig(level=logging.WARNING)
     params = load_params(ROOT / "params.yaml", overrides)

@@ -1,8 +1,8 @@
 """DAG `leanrec_train`: train LeanRec from a form in the Airflow UI (manual trigger only).
 
 Wiring only. Each task calls a `pipeline/` function, the same ones `python -m pipeline` and
-`dvc repro` run (`pipeline.runs.run_stage` goes through the CLI's stage table), in the DAG
-run's own work directory (`pipeline.runs.prepare_run`: `$LEANREC_RUNS_DIR/<run id>`, holding the
+`dvc repro` run (`pipeline.orchestration.runs.run_stage` goes through the CLI's stage table), in the DAG
+run's own work directory (`pipeline.orchestration.runs.prepare_run`: `$LEANREC_RUNS_DIR/<run id>`, holding the
 run's effective params.yaml). XCom carries the run directory and small summaries only.
 
     prepare -> ingest -> validate -> features -> train -> compress (one mapped task per variant)
@@ -24,9 +24,9 @@ from typing import Any
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from pipeline import runs
-from pipeline.config import TRAINED_VARIANTS, load_params
-from pipeline.errors import PipelineError
+from pipeline.orchestration import runs
+from pipeline.core.config import TRAINED_VARIANTS, load_params
+from pipeline.core.errors import PipelineError
 
 DEFAULTS = load_params(runs.params_path())
 

@@ -5,8 +5,8 @@ import pytest
 # Tests never let Great Expectations (or anything else) reach for the network.
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
-from pipeline.config import Params, params_from_dict  # noqa: E402
-from pipeline.io import Layout  # noqa: E402
+from pipeline.core.config import Params, params_from_dict  # noqa: E402
+from pipeline.core.io import Layout  # noqa: E402
 
 
 @pytest.fixture

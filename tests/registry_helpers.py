@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import TrackingConfig, params_from_dict
-from pipeline.evaluate import evaluate
-from pipeline.inference import Recommender
-from pipeline.io import Layout, write_json
-from pipeline.model import SASRec, SASRecConfig, count_parameters, save_model
-from pipeline.sequences import load_sequences
-from pipeline.train import run_train
-from pipeline.variants import save_variant, size_on_disk
+from pipeline.core.config import TrackingConfig, params_from_dict
+from pipeline.evaluation.evaluate import evaluate
+from pipeline.models.recommender import Recommender
+from pipeline.core.io import Layout, write_json
+from pipeline.models.sasrec import SASRec, SASRecConfig, count_parameters, save_model
+from pipeline.data.sequences import load_sequences
+from pipeline.training.train import run_train
+from pipeline.models.variants import save_variant, size_on_disk
 from tests.helpers import build_features
 
 TRAIN = {"epochs": 4, "d_model": 16, "n_heads": 1, "max_len": 20, "dropout": 0.0, "batch_size": 64, "lr": 0.01,
@@ -80,7 +80,7 @@ def write_compression(layout: Layout, models: dict[str, dict], teacher: str = "t
 
 def compress(layout: Layout, kinds: tuple[str, ...] = ("int8_table",)) -> dict[str, dict]:
     """Variants of models/main saved like the compress stage does, and their measured figures."""
-    from pipeline.model import load_model
+    from pipeline.models.sasrec import load_model
 
     teacher_dir = layout.model_dir("main")
     teacher = load_model(teacher_dir)

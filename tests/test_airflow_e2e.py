@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from pipeline import runs
+from pipeline.orchestration import runs
 from tests.browser import Browser, find_chromium
 from tests.helpers import TINY_FORM
 from tests.test_dags import TRAIN_ORDER

@@ -5,16 +5,16 @@ import json
 import pytest
 import torch
 
-from pipeline.compress import CompressError, compress_variant, run_compress
-from pipeline.compression_report import REPORT_JSON, REPORT_PNG, run_compression_report
-from pipeline.config import params_from_dict
-from pipeline.distill import build_student, distillation_loss
-from pipeline.inference import Recommender
-from pipeline.model import SASRec, SASRecConfig, load_model
-from pipeline.pruning import densify_state, magnitude_masks, prune_structured, sparsify_state
-from pipeline.sequences import evaluation_batches, load_sequences, training_batches
-from pipeline.train import run_train
-from pipeline.variants import VARIANT_FILE, load_variant, save_variant, size_on_disk
+from pipeline.compression.compress import CompressError, compress_variant, run_compress
+from pipeline.evaluation.compression_report import REPORT_JSON, REPORT_PNG, run_compression_report
+from pipeline.core.config import params_from_dict
+from pipeline.compression.distill import build_student, distillation_loss
+from pipeline.models.recommender import Recommender
+from pipeline.models.sasrec import SASRec, SASRecConfig, load_model
+from pipeline.compression.pruning import densify_state, magnitude_masks, prune_structured, sparsify_state
+from pipeline.data.sequences import evaluation_batches, load_sequences, training_batches
+from pipeline.training.train import run_train
+from pipeline.models.variants import VARIANT_FILE, load_variant, save_variant, size_on_disk
 from tests.helpers import build_features
 
 TINY_TRAIN = ["train.d_model=32", "train.n_heads=2", "train.n_layers=2", "train.max_len=20", "train.epochs=6",

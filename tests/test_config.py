@@ -1,8 +1,8 @@
 import pytest
 
-from pipeline.cli import main
-from pipeline.config import load_params, params_from_dict
-from pipeline.errors import ConfigError
+from pipeline.orchestration.cli import main
+from pipeline.core.config import load_params, params_from_dict
+from pipeline.core.errors import ConfigError
 
 
 def test_repo_params_yaml_is_valid():
@@ -63,7 +63,7 @@ def test_cli_reports_config_error_without_traceback(tmp_path, capsys, caplog):
 def test_configuration_reference_is_up_to_date():
     from pathlib import Path
 
-    from pipeline.config import reference_markdown
+    from pipeline.core.config import reference_markdown
 
     page = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
     assert page.read_text(encoding="utf-8") == reference_markdown(), (
@@ -72,8 +72,8 @@ def test_configuration_reference_is_up_to_date():
 
 
 def test_reference_lists_every_key_of_params_yaml():
-    from pipeline.config import reference_markdown
-    from pipeline.tracking import flatten
+    from pipeline.core.config import reference_markdown
+    from pipeline.core.tracking import flatten
 
     import yaml
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import runs
-from pipeline.config import load_params
-from pipeline.errors import ConfigError
+from pipeline.orchestration import runs
+from pipeline.core.config import load_params
+from pipeline.core.errors import ConfigError
 from tests.helpers import TINY_FORM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,8 +161,8 @@ def test_form_rejects_values_outside_the_schema(train_dag):
 
 
 def test_form_choices_match_the_pipeline():
-    from pipeline.compress import compress_variant  # noqa: F401  (the stage the mapped tasks call)
-    from pipeline.config import TRAINED_VARIANTS
+    from pipeline.compression.compress import compress_variant  # noqa: F401  (the stage the mapped tasks call)
+    from pipeline.core.config import TRAINED_VARIANTS
 
     assert set(TRAINED_VARIANTS) < set(runs.COMPRESSION_VARIANTS) == set(load_params(ROOT / "params.yaml").compress.variants)
 
@@ -270,7 +270,7 @@ def test_schedule_reads_cron_presets_and_none(monkeypatch):
         assert runs.schedule("LEANREC_X_SCHEDULE") is None
 
 
-# ----------------------------------------------------------------------------- pipeline/runs.py
+# ----------------------------------------------------------------------------- pipeline/orchestration/runs.py
 
 
 def test_overrides_from_form_maps_fields_to_params_keys():

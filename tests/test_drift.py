@@ -1,4 +1,4 @@
-"""Drift checks of new interactions against reference data (pipeline/drift.py)."""
+"""Drift checks of new interactions against reference data (pipeline/data/drift.py)."""
 
 import json
 import math
@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.config import DriftConfig, params_from_dict
-from pipeline.drift import drift_checks, popularity_buckets, psi, run_drift
-from pipeline.errors import DriftDetected, IngestError
-from pipeline.io import Layout, write_parquet
+from pipeline.core.config import DriftConfig, params_from_dict
+from pipeline.data.drift import drift_checks, popularity_buckets, psi, run_drift
+from pipeline.core.errors import DriftDetected, IngestError
+from pipeline.core.io import Layout, write_parquet
 
 
 def _frame(users, items) -> pd.DataFrame:
@@ -92,7 +92,7 @@ def test_bad_inputs_are_named(tmp_path):
 
 
 def test_cli_drift_stage(tmp_path, capsys):
-    from pipeline.cli import main
+    from pipeline.orchestration.cli import main
 
     layout = Layout(tmp_path)
     reference = tmp_path / "reference.parquet"

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from pipeline.efficiency import _percentile, measure_serving
-from pipeline.inference import Recommender
-from pipeline.model import SASRec, SASRecConfig
+from pipeline.evaluation.serving_cost import _percentile, measure_serving
+from pipeline.models.recommender import Recommender
+from pipeline.models.sasrec import SASRec, SASRecConfig
 
 
 def test_measure_serving_reports_and_restores_threads():

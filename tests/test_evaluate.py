@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.evaluate import evaluate, metrics_from_ranks, popularity_scores, target_ranks
-from pipeline.sequences import SequenceData
+from pipeline.evaluation.evaluate import evaluate, metrics_from_ranks, popularity_scores, target_ranks
+from pipeline.data.sequences import SequenceData
 
 
 def test_metrics_against_hand_computed_values():

@@ -3,9 +3,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import FeaturesConfig
-from pipeline.features import FeaturesError, apply_kcore, run_features
-from pipeline.io import Layout, write_parquet
+from pipeline.core.config import FeaturesConfig
+from pipeline.data.features import FeaturesError, apply_kcore, run_features
+from pipeline.core.io import Layout, write_parquet
 
 T0 = pd.Timestamp("2024-01-01", tz="UTC")
 

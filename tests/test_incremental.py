@@ -1,4 +1,4 @@
-"""Incremental building blocks: new rows by key, merge with the reference (pipeline/incremental.py)."""
+"""Incremental building blocks: new rows by key, merge with the reference (pipeline/data/incremental.py)."""
 
 import json
 import shutil
@@ -7,9 +7,9 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from pipeline.errors import IngestError
-from pipeline.incremental import merge_with_reference, select_new
-from pipeline.io import Layout, write_parquet
+from pipeline.core.errors import IngestError
+from pipeline.data.incremental import merge_with_reference, select_new
+from pipeline.core.io import Layout, write_parquet
 
 
 def _rows(*keys, source="synthetic") -> pd.DataFrame:
@@ -75,12 +75,12 @@ def test_id_types_must_match(setup):
 
 
 def test_incremental_flow_grows_the_vocabularies_and_warm_starts(tmp_path, monkeypatch):
-    """The building blocks in the order the incremental DAG will run them, through pipeline.runs."""
+    """The building blocks in the order the incremental DAG will run them, through pipeline.orchestration.runs."""
     import torch
     from safetensors.torch import load_file
 
-    from pipeline import runs
-    from pipeline.warmstart import TABLE_KEY
+    from pipeline.orchestration import runs
+    from pipeline.training.warmstart import TABLE_KEY
     from tests.helpers import TINY_FORM
     from tests.test_dags import ROOT
 
@@ -131,11 +131,11 @@ def test_champion_lineage_from_the_registry_tags(tmp_path, monkeypatch):
     """An incremental run starts from the champion's work dir: its data, vocabularies and teacher."""
     import yaml
 
-    from pipeline import runs
-    from pipeline.config import RegistryConfig, TrackingConfig
-    from pipeline.errors import ConfigError
-    from pipeline.incremental import champion_lineage
-    from pipeline.registry import RegistryError, promote, register
+    from pipeline.orchestration import runs
+    from pipeline.core.config import RegistryConfig, TrackingConfig
+    from pipeline.core.errors import ConfigError
+    from pipeline.data.incremental import champion_lineage
+    from pipeline.registry.registry import RegistryError, promote, register
     from tests.registry_helpers import build_trained, compress
 
     tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")

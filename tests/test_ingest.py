@@ -3,9 +3,9 @@ import json
 import pandas as pd
 import pyarrow.parquet as pq
 
-from pipeline import schema
-from pipeline.cli import main
-from pipeline.ingest import run_ingest
+from pipeline.core import schema
+from pipeline.orchestration.cli import main
+from pipeline.data.ingest import run_ingest
 
 
 def test_synthetic_ingest_writes_raw_schema_and_report(tiny_params, layout):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.model import PRESETS, SASRec, SASRecConfig, build_sasrec, count_parameters, load_model, save_model
+from pipeline.models.sasrec import PRESETS, SASRec, SASRecConfig, build_sasrec, count_parameters, load_model, save_model
 
 
 def _model(**kw) -> SASRec:

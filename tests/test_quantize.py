@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.quantize import pack_int4, quantize_rowwise, unpack_int4
+from pipeline.models.quantize import pack_int4, quantize_rowwise, unpack_int4
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -1,4 +1,4 @@
-"""pipeline.readers: MovieLens formats, any CSV/Parquet file, and every kind of bad input.
+"""pipeline.data.readers: MovieLens formats, any CSV/Parquet file, and every kind of bad input.
 
 Each test writes its own tiny files in the official formats into tmp_path.
 """
@@ -21,9 +21,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import readers, schema
-from pipeline.config import ColumnMapping, FileConfig, MovieLensConfig
-from pipeline.errors import IngestError
+from pipeline.data import readers
+
+from pipeline.core import schema
+from pipeline.core.config import ColumnMapping, FileConfig, MovieLensConfig
+from pipeline.core.errors import IngestError
 
 UTC = dt.timezone.utc
 REAL_ML_100K = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "ml-100k"

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import RecommendConfig, RegistryConfig, TrackingConfig
-from pipeline.inference import Recommender
-from pipeline.recommend import recommendations_path, run_recommend
-from pipeline.registry import RegistryError, promote, register
-from pipeline.sequences import load_sequences
+from pipeline.core.config import RecommendConfig, RegistryConfig, TrackingConfig
+from pipeline.models.recommender import Recommender
+from pipeline.serving.batch import recommendations_path, run_recommend
+from pipeline.registry.registry import RegistryError, promote, register
+from pipeline.data.sequences import load_sequences
 from tests.registry_helpers import build_trained, compress
 
 
@@ -57,7 +57,7 @@ def test_recommend_without_a_champion_says_so(champion, tmp_path):
 def test_device_choice(champion, tmp_path):
     import torch
 
-    from pipeline.recommend import select_device
+    from pipeline.serving.batch import select_device
 
     assert select_device("cpu") == "cpu"
     assert select_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -81,7 +81,7 @@ def test_gpu_recommendations_match_cpu(champion):
 def test_champion_histories_need_only_the_registry(champion, tmp_path):
     """recommend.histories=champion (the scheduled DAG): the users and histories registered with the
     champion, no features in the work dir; the same recommendations as from those features."""
-    from pipeline.io import Layout
+    from pipeline.core.io import Layout
 
     layout, tracking, registered = champion
     run_recommend(RecommendConfig(k=5, device="cpu"), RegistryConfig(), tracking, layout)

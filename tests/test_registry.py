@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from pipeline import registry
-from pipeline.cli import main
-from pipeline.config import PolicyConfig, RegistryConfig, TrackingConfig
-from pipeline.registry import RegistryError, promote, register, rollback, select_candidate
+from pipeline.registry import registry
+from pipeline.orchestration.cli import main
+from pipeline.core.config import PolicyConfig, RegistryConfig, TrackingConfig
+from pipeline.registry.registry import RegistryError, promote, register, rollback, select_candidate
 from tests.registry_helpers import build_trained, clone_workdir, compress, measure, save_random_model, write_compression
 from tests.helpers import copy_repo
 
@@ -412,9 +412,9 @@ def test_scoring_matches_items_by_raw_id_when_the_vocabulary_differs(trained):
     import pyarrow.parquet as pq
     import torch
 
-    from pipeline.inference import Recommender
-    from pipeline.model import SASRec, load_model
-    from pipeline.serving import ITEMS_FILE, USERS_FILE, Servable, build_serving_data
+    from pipeline.models.recommender import Recommender
+    from pipeline.models.sasrec import SASRec, load_model
+    from pipeline.serving.pyfunc import ITEMS_FILE, USERS_FILE, Servable, build_serving_data
 
     data_dir = build_serving_data(trained.features_dir, trained.root / "serving")
     items, users = pd.read_parquet(data_dir / ITEMS_FILE), pq.read_table(data_dir / USERS_FILE)
@@ -439,8 +439,8 @@ def test_scoring_matches_items_by_raw_id_when_the_vocabulary_differs(trained):
 
     # A model that knows only half of today's items: the others are never recommended (so they cannot be
     # hits), histories keep the known items, and users with none of them get the popularity ranking.
-    from pipeline.model import SASRecConfig
-    from pipeline.sequences import load_sequences
+    from pipeline.models.sasrec import SASRecConfig
+    from pipeline.data.sequences import load_sequences
 
     kept = np.arange(1, n + 1)[::2]  # old indices the smaller model keeps
     small = SASRec(SASRecConfig(**{**teacher.cfg.to_dict(), "n_items": len(kept)}))

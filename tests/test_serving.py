@@ -16,12 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.exceptions import MlflowException
 
-from pipeline.config import RegistryConfig, TrackingConfig
-from pipeline.inference import Recommender
-from pipeline.registry import promote, register
-from pipeline.sequences import load_sequences
-from pipeline.serving import log_servable
-from pipeline.variants import save_variant
+from pipeline.core.config import RegistryConfig, TrackingConfig
+from pipeline.models.recommender import Recommender
+from pipeline.registry.registry import promote, register
+from pipeline.data.sequences import load_sequences
+from pipeline.serving.pyfunc import log_servable
+from pipeline.models.variants import save_variant
 from tests.registry_helpers import build_trained, compress
 from tests.test_registry import _free_port, _stop, _wait_for, start_server
 
@@ -31,7 +31,7 @@ def served(tmp_path_factory):
     """A trained teacher and its int8_table variant, logged as pyfuncs to a SQLite store and loaded back."""
     root = tmp_path_factory.mktemp("serving")
     layout = build_trained(root)
-    from pipeline.model import load_model
+    from pipeline.models.sasrec import load_model
 
     variant_dir = save_variant(load_model(layout.model_dir("main")), layout.model_dir("main") / "variants" / "int8_table", "int8_table")
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")

@@ -2,9 +2,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from pipeline import schema
-from pipeline.config import SyntheticConfig
-from pipeline.synthetic import build_catalogue, generate, sequence_lengths
+from pipeline.core import schema
+from pipeline.core.config import SyntheticConfig
+from pipeline.data.synthetic import build_catalogue, generate, sequence_lengths
 
 
 def _frame(cfg: SyntheticConfig, seed: int = 7) -> pd.DataFrame:

@@ -4,10 +4,10 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import params_from_dict
-from pipeline.evaluate import run_evaluate
-from pipeline.tracking import dvc_locked_hash, flatten, resolve_tracking_uri
-from pipeline.train import run_train
+from pipeline.core.config import params_from_dict
+from pipeline.evaluation.evaluate import run_evaluate
+from pipeline.core.tracking import dvc_locked_hash, flatten, resolve_tracking_uri
+from pipeline.training.train import run_train
 from tests.helpers import build_features
 
 FAST = ["train.d_model=16", "train.n_heads=2", "train.n_layers=1", "train.max_len=20", "train.batch_size=64",

@@ -1,4 +1,4 @@
-"""Tests of the validate stage (pipeline/validate.py) on small frames written to a tmp Layout.
+"""Tests of the validate stage (pipeline/data/validate.py) on small frames written to a tmp Layout.
 
 Each row carries a unique `source` ("row7"), so a test can tell exactly which rows went where.
 """
@@ -16,12 +16,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import validate
-from pipeline.config import ValidateConfig
-from pipeline.errors import ValidationFailed
-from pipeline.io import Layout, write_parquet
-from pipeline.schema import RAW_COLUMNS, raw_schema
-from pipeline.validate import ValidationCrossCheckError, run_validate
+from pipeline.data import validate
+from pipeline.core.config import ValidateConfig
+from pipeline.core.errors import ValidationFailed
+from pipeline.core.io import Layout, write_parquet
+from pipeline.core.schema import RAW_COLUMNS, raw_schema
+from pipeline.data.validate import ValidationCrossCheckError, run_validate
 
 UTC = dt.UTC
 NOW = dt.datetime(2024, 1, 1, tzinfo=UTC)

@@ -1,4 +1,4 @@
-"""Warm start of SASRec from a model with a smaller catalogue (pipeline/warmstart.py, train.init_from)."""
+"""Warm start of SASRec from a model with a smaller catalogue (pipeline/training/warmstart.py, train.init_from)."""
 
 from pathlib import Path
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.config import params_from_dict
-from pipeline.model import SASRec, SASRecConfig, save_model
-from pipeline.train import TrainError, run_train
-from pipeline.warmstart import TABLE_KEY, grow_state, warm_start
+from pipeline.core.config import params_from_dict
+from pipeline.models.sasrec import SASRec, SASRecConfig, save_model
+from pipeline.training.train import TrainError, run_train
+from pipeline.training.warmstart import TABLE_KEY, grow_state, warm_start
 from tests.helpers import build_features
 
 FAST = ["train.d_model=16", "train.n_heads=2", "train.n_layers=1", "train.max_len=20", "train.batch_size=32",

@@ -1,0 +1,160 @@
+"""Stage `compress`: the trained teacher -> smaller variants in models/<run>/variants/<name>/.
+
+Each variant is one call of `compress_variant`, independent of the others, so
+Airflow can map one task per variant; `run_compress` builds every variant that
+params list (what DVC and the CLI run). Every variant directory loads through
+`pipeline.models.variants.load_variant` / `pipeline.models.recommender.Recommender`.
+
+    fp16, bf16        half-precision weights
+    int8              torchao int8 Linear layers + row-wise int8 item table
+    int4              torchao int8 Linear layers + row-wise int4 item table
+    pruned            structured (heads, FFN channels) + unstructured magnitude pruning, fine-tuned,
+                      stored narrowed and sparse
+    distilled         a shallower, narrower student trained on the teacher's outputs
+    lowrank           item table factorised by truncated SVD, optionally fine-tuned
+    distilled+int8    the distilled student in int8
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.core.config import CompressConfig
+from pipeline.compression.distill import build_student, distillation_loss, fit, next_item_loss
+from pipeline.core.errors import PipelineError
+from pipeline.core.io import Layout
+from pipeline.models.sasrec import WEIGHTS_FILE, SASRec, load_model
+from pipeline.compression.pruning import apply_masks, magnitude_masks, prune_structured, sparsity_of
+from pipeline.data.sequences import SequenceData, load_sequences
+from pipeline.models.variants import VARIANT_FILE, LowRankSASRec, factorise, load_variant, save_variant, size_on_disk
+
+logger = logging.getLogger(__name__)
+
+VARIANTS_DIR = "variants"
+
+
+class CompressError(PipelineError):
+    pass
+
+
+def variants_dir(layout: Layout, run_name: str) -> Path:
+    return layout.model_dir(run_name) / VARIANTS_DIR
+
+
+def _device(cfg: CompressConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise CompressError("compress.device=cuda but CUDA is not available")
+    return torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fit_kwargs(cfg: CompressConfig, seed: int, device: torch.device) -> dict:
+    return {"batch_size": cfg.batch_size, "seed": seed, "device": device, "patience": cfg.patience}
+
+
+def _distilled_student(teacher: SASRec, data: SequenceData, cfg: CompressConfig, seed: int, device: torch.device,
+                       out_dir: Path, fingerprint: dict) -> tuple[SASRec, dict]:
+    """The distilled student: reused from variants/distilled when built from the same teacher and settings."""
+    cached = out_dir / "distilled"
+    if (cached / VARIANT_FILE).exists():
+        recorded = json.loads((cached / VARIANT_FILE).read_text(encoding="utf-8"))
+        if recorded.get("fingerprint") == fingerprint:
+            logger.info("distilled student reused from %s", cached)
+            return load_variant(cached), {"history": recorded.get("history", []), "reused": str(cached)}
+    d = cfg.distill
+    student = build_student(teacher, d.d_model, d.n_layers, d.n_heads, d.init_from_teacher)
+    history = fit(student, data, distillation_loss(teacher.to(device), d.temperature, d.alpha, d.top_k),
+                  epochs=d.epochs, lr=d.lr, desc="distill", **_fit_kwargs(cfg, seed, device))
+    return student.cpu().eval(), {"history": history}
+
+
+def compress_variant(cfg: CompressConfig, layout: Layout, run_name: str, name: str, seed: int) -> dict:
+    """Build variant `name` of the teacher in models/<run_name>/ -> models/<run_name>/variants/<name>/."""
+    run_dir = layout.model_dir(run_name)
+    if not (run_dir / WEIGHTS_FILE).exists():
+        raise CompressError(f"no SASRec teacher in {run_dir}: run the train stage (train.model=sasrec) first")
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    teacher = load_model(run_dir)
+    device = _device(cfg)
+    out_dir = variants_dir(layout, run_name)
+    settings = cfg.model_dump(mode="json")
+    # What the variant depends on: a rebuilt teacher or changed settings must not reuse old work.
+    fingerprint = {"teacher_sha256": _file_sha256(run_dir / WEIGHTS_FILE), "seed": seed,
+                   **{key: settings[key] for key in ("distill", "batch_size", "patience")}}
+    extra: dict = {"name": name, "teacher": str(run_dir)}
+    needs_data = name in ("pruned", "distilled", "distilled+int8") or (name == "lowrank" and cfg.lowrank.finetune_epochs)
+    data = load_sequences(layout.features_dir) if needs_data else None
+
+    if name in ("fp16", "bf16", "int8", "int4"):
+        model, kind, rank = teacher, name, None
+    elif name == "lowrank":
+        table_rank = cfg.lowrank.rank
+        if table_rank >= teacher.cfg.d_model:
+            raise CompressError(f"compress.lowrank.rank={table_rank} must be below the teacher's d_model={teacher.cfg.d_model}")
+        model, kind, rank = LowRankSASRec(teacher.cfg, table_rank), "lowrank", None  # rank comes from the model
+        factors, basis = factorise(teacher.item_embedding.weight, table_rank)
+        state = {k: v for k, v in teacher.state_dict().items() if k != "item_embedding.weight"}
+        model.load_state_dict({**state, "item_factors": factors, "basis": basis})
+        if cfg.lowrank.finetune_epochs:
+            extra["history"] = fit(model, data, next_item_loss, epochs=cfg.lowrank.finetune_epochs, lr=cfg.lowrank.lr,
+                                   desc="lowrank", **_fit_kwargs(cfg, seed, device))
+        model = model.cpu()
+    elif name == "pruned":
+        p = cfg.pruning
+        model = prune_structured(teacher, p.structured_sparsity)
+        masks = magnitude_masks(model, p.unstructured_sparsity)
+        apply_masks(model, masks)
+        if p.finetune_epochs:
+            device_masks = {k: m.to(device) for k, m in masks.items()}
+            extra["history"] = fit(model, data, next_item_loss, epochs=p.finetune_epochs, lr=p.lr, desc="prune-finetune",
+                                   after_step=lambda m: apply_masks(m, device_masks), **_fit_kwargs(cfg, seed, device))
+        model = model.cpu()
+        extra.update(structured_sparsity=p.structured_sparsity, unstructured_sparsity=p.unstructured_sparsity,
+                     measured_sparsity=round(sparsity_of(model), 4))
+        kind, rank = "pruned", None
+    elif name in ("distilled", "distilled+int8"):
+        model, info = _distilled_student(teacher, data, cfg, seed, device, out_dir, fingerprint)
+        extra.update(info, student=cfg.distill.model_dump(mode="json"))
+        kind, rank = ("fp32" if name == "distilled" else "int8"), None
+    else:
+        raise CompressError(f"unknown variant {name!r}")
+    extra["fingerprint"] = fingerprint
+
+    # Build into a temporary sibling, then swap: a failed build never leaves half a variant behind.
+    target = out_dir / name
+    staging = out_dir / f".{name}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    save_variant(model, staging, kind, rank, extra=extra)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    result = {"name": name, "kind": kind, "path": str(target), "size_bytes": size_on_disk(target),
+              "seconds": round(time.perf_counter() - started, 2)}
+    logger.info("variant %s: %s bytes in %.1fs", name, f"{result['size_bytes']:,}", result["seconds"])
+    return result
+
+
+def run_compress(cfg: CompressConfig, layout: Layout, run_name: str, seed: int) -> dict:
+    """Every variant in `cfg.variants`; distilled before distilled+int8 so the student is trained once."""
+    order = sorted(cfg.variants, key=lambda n: n == "distilled+int8")
+    out_dir = variants_dir(layout, run_name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {name: compress_variant(cfg, layout, run_name, name, seed) for name in order}
+    for stale in out_dir.iterdir():  # variants no longer listed in params would be reported as current
+        if stale.is_dir() and stale.name not in results:
+            shutil.rmtree(stale)
+    return results

@@ -1,0 +1,374 @@
+"""Typed configuration: `params.yaml` parsed into pydantic models.
+
+`params.yaml` is the single source of configuration. CLI flags and DAG params
+override keys of it (`-S ingest.synthetic.n_interactions=1000000`); they never
+add a second config. Unknown keys and wrong types fail at start with a message
+that names the key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.core.errors import ConfigError
+
+DEFAULT_PARAMS_PATH = Path("params.yaml")
+
+
+class _Strict(BaseModel):
+    # extra="forbid": an unknown (misspelt) key is an error, not silently ignored.
+    # strict=True: "5" is not accepted where an int is declared.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class SyntheticConfig(_Strict):
+    """Seeded generator of implicit-feedback sequences (see pipeline/data/synthetic.py)."""
+
+    n_interactions: int = Field(200_000, ge=1_000, le=100_000_000)
+    n_items: int = Field(3_000, ge=20)
+    mean_sequence_length: float = Field(50.0, ge=3.0)
+    n_topics: int = Field(20, ge=1)
+    popularity_exponent: float = Field(1.0, ge=0.0, description="Zipf exponent of item popularity")
+    sequential_strength: float = Field(
+        0.5, ge=0.0, le=1.0, description="probability the next item follows from the last one"
+    )
+    noise_rate: float = Field(0.05, ge=0.0, le=1.0, description="share of random, low-rated interactions")
+    # Dates accept ISO strings too (strict=False on the field only): YAML and CLI overrides give either.
+    start_date: dt.date = Field(dt.date(2023, 1, 1), strict=False)
+    span_days: int = Field(365, ge=1)
+    chunk_users: int = Field(20_000, ge=100, description="users generated per chunk (bounds memory)")
+
+
+class MovieLensConfig(_Strict):
+    path: str = Field("../shared/data/ml-100k", description="a directory, or a u.data / ratings.dat / ratings.csv file")
+    variant: Literal["auto", "ml-100k", "ml-1m", "ml-10m", "ml-20m", "ml-25m", "ml-32m"] = "auto"
+    download: bool = Field(False, description="fetch the official archive (MD5-checked) when the data is missing")
+    base_url: str = "https://files.grouplens.org/datasets/movielens"
+
+
+class ColumnMapping(_Strict):
+    user: str = "user_id"
+    item: str = "item_id"
+    timestamp: str = "timestamp"
+    rating: str | None = None
+    event: str | None = None
+
+
+class FileConfig(_Strict):
+    path: str | None = Field(None, description="CSV or Parquet file")
+    format: Literal["auto", "csv", "parquet"] = Field("auto", description="auto: from the file extension")
+    sep: str = ","
+    header: bool = True
+    columns: ColumnMapping = ColumnMapping()
+    id_type: Literal["int", "str"] = Field("str", description="int: non-numeric ids are quarantined")
+    timestamp_unit: Literal["auto", "s", "ms", "us", "ns", "datetime"] = Field(
+        "auto", description="auto: epoch unit from the magnitude of the values, or ISO date-times")
+    event_weights: dict[str, float] | None = Field(None, description="event type -> weight, with columns.event")
+
+
+class IngestConfig(_Strict):
+    source: Literal["synthetic", "movielens", "file"] = Field("synthetic", description="where interactions come from")
+    synthetic: SyntheticConfig = SyntheticConfig()
+    movielens: MovieLensConfig = MovieLensConfig()
+    file: FileConfig = FileConfig()
+
+
+class ValidateConfig(_Strict):
+    min_rows: int = Field(1_000, ge=0, description="fewer rows fail the batch")
+    min_timestamp: dt.datetime = Field(dt.datetime(1995, 1, 1, tzinfo=dt.timezone.utc), strict=False)
+    future_tolerance_s: int = Field(3600, ge=0, description="clock skew allowed beyond 'now'")
+    rating_min: float = Field(0.0, description="ratings outside [rating_min, rating_max] are quarantined")
+    rating_max: float = 5.0
+    max_quarantine_share: float = Field(0.05, ge=0.0, le=1.0, description="a larger quarantined share fails the batch")
+    data_docs: bool = Field(True, description="build Great Expectations Data Docs under reports/data_docs")
+
+    @model_validator(mode="after")
+    def _check_range(self) -> ValidateConfig:
+        if self.rating_min > self.rating_max:
+            raise ValueError("rating_min must be <= rating_max")
+        return self
+
+
+class SplitConfig(_Strict):
+    strategy: Literal["leave_one_out", "temporal"] = Field(
+        "leave_one_out", description="last item test, second to last valid; or one global time cut-off")
+    valid_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="temporal only")
+    test_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="temporal only")
+
+
+class FeaturesConfig(_Strict):
+    min_rating: float | None = Field(3.0, description="implicit-feedback threshold; null keeps every rating")
+    dedupe: Literal["first", "last", "none"] = Field("first", description="which repeat of a (user, item) pair to keep")
+    min_user_interactions: int = Field(5, ge=1)
+    min_item_interactions: int = Field(5, ge=1)
+    max_kcore_iterations: int = Field(50, ge=1)
+    vocab_from: str | None = Field(None, description="features dir whose vocabularies are extended, not renumbered")
+    split: SplitConfig = SplitConfig()
+
+
+class CurriculumConfig(_Strict):
+    """Progressive optimisation: train on short suffixes first, growing to max_len."""
+
+    enabled: bool = False
+    start_len: int = Field(10, ge=2)
+    epochs: int = Field(3, ge=1, description="epochs over which the length grows to max_len")
+
+
+class BPRConfig(_Strict):
+    dim: int = Field(64, ge=1)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(4096, ge=1)
+    lr: float = Field(0.01, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+
+
+class TrainConfig(_Strict):
+    model: Literal["sasrec", "popularity", "bpr"] = Field("sasrec", description="the model this run trains")
+    preset: Literal["small", "medium", "large"] = Field("small", description="SASRec shape; the keys below override it")
+    # Optional shape overrides of the preset (null keeps the preset's value).
+    d_model: int | None = Field(None, ge=8)
+    n_layers: int | None = Field(None, ge=1)
+    n_heads: int | None = Field(None, ge=1)
+    max_len: int | None = Field(None, ge=2)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    loss: Literal["full_softmax", "sampled_softmax"] = Field(
+        "full_softmax", description="sampled_softmax (log-Q corrected) for catalogues too large for a full softmax")
+    n_negatives: int = Field(256, ge=1, description="sampled_softmax only")
+    early_stopping_patience: int = Field(3, ge=1, description="epochs without a better valid NDCG@10")
+    curriculum: CurriculumConfig = CurriculumConfig()
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
+    compile: bool = Field(False, description="torch.compile the training step")
+    num_threads: int | None = Field(None, ge=1, description="CPU threads; null lets torch decide")
+    baselines: list[Literal["popularity", "bpr"]] = Field(["popularity", "bpr"], description="trained beside the model")
+    bpr: BPRConfig = BPRConfig()
+    run_name: str = Field("main", pattern=r"^[A-Za-z0-9_.-]+$", description="models/<run_name>/")
+    init_from: str | None = Field(
+        None, description="warm start: a SASRec model dir (models/<run>) whose weights initialise this run; its "
+        "item table grows for new items, old indices keep their rows (build features with vocab_from)")
+
+
+class EvaluateConfig(_Strict):
+    ks: list[int] = Field([10, 20, 50], description="cut-offs of HR/NDCG/Recall/Coverage")
+    batch_size: int = Field(512, ge=1)
+    sampled_negatives: int = Field(100, ge=1, description="negatives of the sampled (paper) protocols")
+    sampled_strategies: list[Literal["uniform", "popularity"]] = ["uniform", "popularity"]
+
+
+VariantName = Literal["fp16", "bf16", "int8", "int4", "pruned", "distilled", "lowrank", "distilled+int8"]
+# Variants that train (fine-tune or distil) and so want the GPU; the others are seconds of CPU work.
+TRAINED_VARIANTS = ("pruned", "distilled", "distilled+int8")
+
+
+class PruningConfig(_Strict):
+    structured_sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="share of attention heads and FFN channels removed")
+    unstructured_sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="share of the remaining weights zeroed, by magnitude")
+    finetune_epochs: int = Field(3, ge=0)
+    lr: float = Field(5e-4, gt=0)
+
+
+class DistillConfig(_Strict):
+    d_model: int = Field(32, ge=8, description="student width")
+    n_layers: int = Field(1, ge=1, description="student depth")
+    n_heads: int = Field(1, ge=1)
+    epochs: int = Field(30, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    temperature: float = Field(2.0, gt=0)
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the true next item; 1 - alpha on the teacher's KL")
+    top_k: int | None = Field(None, ge=1, description="KL over the teacher's top-k items; null: the whole catalogue")
+    init_from_teacher: bool = Field(True, description="start the student table from the teacher's, SVD-projected")
+
+
+class LowRankConfig(_Strict):
+    rank: int = Field(16, ge=1, description="rank of the factorised item table")
+    finetune_epochs: int = Field(0, ge=0)
+    lr: float = Field(5e-4, gt=0)
+
+
+class CompressConfig(_Strict):
+    variants: list[VariantName] = Field(
+        ["fp16", "bf16", "int8", "int4", "pruned", "distilled", "lowrank", "distilled+int8"],
+        description="variants built from the trained teacher into models/<run>/variants/<name>/")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="for fine-tuning and distillation")
+    batch_size: int = Field(128, ge=1)
+    patience: int = Field(3, ge=1, description="fine-tune/distill epochs without a better valid NDCG@10")
+    pruning: PruningConfig = PruningConfig()
+    distill: DistillConfig = DistillConfig()
+    lowrank: LowRankConfig = LowRankConfig()
+    # Serving cost, measured by the evaluate stage for the teacher and every variant.
+    latency_requests: int = Field(200, ge=10, description="batch-1 requests timed per model (after warm-up)")
+    throughput_batch_size: int = Field(256, ge=1)
+    threads: int | None = Field(None, ge=1, description="CPU threads while timing; null: all cores torch sees")
+
+
+class TrackingConfig(_Strict):
+    # null: $MLFLOW_TRACKING_URI if set, else a SQLite store inside the work dir.
+    tracking_uri: str | None = None
+    experiment: str = Field("leanrec", description="MLflow experiment name")
+    enabled: bool = Field(True, description="false: log nothing to MLflow")
+
+
+class DriftConfig(_Strict):
+    """Checks of new interactions against reference data (pipeline/data/drift.py), for incremental runs."""
+
+    max_new_user_share: float = Field(0.9, ge=0.0, le=1.0, description="share of the batch's users unseen in the reference")
+    max_new_item_share: float = Field(0.5, ge=0.0, le=1.0, description="share of the batch's items unseen in the reference")
+    max_popularity_tv: float = Field(
+        0.5, ge=0.0, le=1.0, description="total-variation distance between reference and batch item popularity")
+    max_popularity_psi: float = Field(0.25, ge=0.0, description="population stability index over popularity buckets")
+    psi_buckets: int = Field(10, ge=2, le=1000, description="popularity buckets of equal reference mass (PSI)")
+    action: Literal["fail", "warn"] = Field("fail", description="what a failed check does: stop the run, or log a warning")
+    reference: str | None = Field(
+        None, description="reference interactions (Parquet with user_id, item_id), e.g. the validated "
+        "interactions the champion was trained on; the drift stage needs it")
+
+
+class PolicyConfig(_Strict):
+    """How `register` picks the candidate among the teacher and its compressed variants."""
+
+    metric: Literal["ndcg@10", "hr@10"] = Field("ndcg@10", description="highest wins (ties: the smaller model)")
+    max_latency_p50_ms: float | None = Field(None, gt=0, description="CPU p50 latency budget; null: no budget")
+    max_size_bytes: int | None = Field(None, ge=1, description="size budget on disk; null: no budget")
+    candidates: list[str] = Field([], description="models of reports/compression.json to consider; empty: all")
+
+
+class RegistryConfig(_Strict):
+    model_name: str = Field("leanrec", pattern=r"^[A-Za-z0-9_.-]+$", description="registered model name")
+    policy: PolicyConfig = PolicyConfig()
+    ndcg_tolerance: float = Field(
+        0.01, ge=0.0, lt=1.0,
+        description="promote unless the challenger's NDCG@10 is below the champion's by more than this share")
+
+
+class RecommendConfig(_Strict):
+    k: int = Field(10, ge=1, le=1000, description="items per user")
+    batch_size: int = Field(1024, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")
+    histories: Literal["features", "champion"] = Field(
+        "features", description="users and histories to recommend for: features (data/features of the work dir, "
+        "mapped to the champion's items) or champion (the known users' histories registered with the champion)")
+
+
+class Params(_Strict):
+    seed: int = Field(42, description="seeds data generation, batch order and initialisation")
+    ingest: IngestConfig = IngestConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    features: FeaturesConfig = FeaturesConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    compress: CompressConfig = CompressConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    drift: DriftConfig = DriftConfig()
+    registry: RegistryConfig = RegistryConfig()
+    recommend: RecommendConfig = RecommendConfig()
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
+
+
+def _set_dotted(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
+    node = tree
+    parts = dotted_key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted_key!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key.sub=value` with the value parsed as YAML (so `5` is an int, `null` is None)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from err
+    return key.strip(), value
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for problem in err.errors():
+        key = ".".join(str(p) for p in problem["loc"]) or "<root>"
+        if problem["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {problem['msg']} (got {problem.get('input')!r})")
+    return "\n".join(lines)
+
+
+def params_from_dict(raw: dict[str, Any] | None, overrides: list[str] | None = None, source: str = "params") -> Params:
+    tree = dict(raw or {})
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS_PATH, overrides: list[str] | None = None) -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    return params_from_dict(raw, overrides, source=str(path))
+
+
+def _type_name(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
+    text = text or str(annotation).replace("typing.", "").replace("datetime.", "")
+    return text.replace("|", "\\|")  # a bare | would split the markdown table cell
+
+
+def reference_markdown() -> str:
+    """The configuration reference (docs/configuration.md), generated from the models above."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `pipeline/core/config.py` by `python -m pipeline config-reference > docs/configuration.md`;",
+        "a test fails when this page is stale. Every key lives in `params.yaml`; override one for a run",
+        "with `-S key=value` (CLI) or `dvc exp run -S key=value`.",
+        "",
+    ]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        rows, sections = [], []
+        for name, info in model.model_fields.items():
+            key = f"{prefix}{info.alias or name}"
+            annotation = info.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                sections.append((annotation, f"{key}."))
+                continue
+            default = info.get_default(call_default_factory=True)
+            symbols = {"Ge": ">=", "Gt": ">", "Le": "<=", "Lt": "<"}
+            limits = [f"{symbols[type(m).__name__]} {getattr(m, type(m).__name__.lower())}"
+                      for m in info.metadata if type(m).__name__ in symbols]
+            notes = "; ".join(filter(None, [info.description or "", ", ".join(limits)]))
+            rows.append(f"| `{key}` | `{_type_name(annotation)}` | `{json.dumps(default, default=str)}` | {notes} |")
+        if rows:
+            title = prefix.rstrip(".") or "(top level)"
+            lines.extend([f"## `{title}`", "", "| key | type | default | notes |", "| --- | --- | --- | --- |", *rows, ""])
+        for section, section_prefix in sections:
+            walk(section, section_prefix)
+
+    walk(Params, "")
+    return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,241 @@
+"""Quality, size and serving cost of the teacher and every compressed variant, side by side.
+
+Part of the evaluate stage: one process, one machine, one test split. Each
+model is evaluated with full ranking (the training protocol) and timed through
+`pipeline.models.recommender.Recommender` (the serving path): batch-1 latency p50/p95 and
+throughput at a fixed batch size, top-10 over the whole catalogue, after
+warm-up, with the thread count pinned and recorded. Timing runs in interleaved
+rounds, each in a rotated order, so drift of a shared machine falls on every
+model alike; the figures are medians over rounds.
+
+Outputs: reports/compression.json (DVC metrics), reports/compression.md,
+reports/compression.png (Pareto chart: NDCG@10 against batch-1 latency, point
+area proportional to bytes on disk), and one MLflow child run per variant under
+the training run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from pipeline.compression.compress import variants_dir
+from pipeline.core.config import CompressConfig, EvaluateConfig, TrackingConfig, TrainConfig
+from pipeline.evaluation.serving_cost import measure_serving
+from pipeline.core.errors import PipelineError
+from pipeline.evaluation.evaluate import evaluate
+from pipeline.models.recommender import Recommender
+from pipeline.core.io import Layout, atomic_path, write_json
+from pipeline.models.sasrec import WEIGHTS_FILE
+from pipeline.data.sequences import evaluation_batches, load_sequences
+from pipeline.models.variants import VARIANT_FILE, load_variant, size_on_disk
+
+logger = logging.getLogger(__name__)
+
+REPORT_JSON = "compression.json"
+REPORT_MD = "compression.md"
+REPORT_PNG = "compression.png"
+TEACHER = "teacher"
+ROUNDS = 5
+TABLE_PREFIXES = ("item_embedding.", "table.", "item_factors", "basis")
+
+
+def stored_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / WEIGHTS_FILE))
+
+
+def item_table_bytes(directory: Path) -> int:
+    """Bytes the stored item table takes (codes, scales, offsets, factors or sparse parts alike)."""
+    return sum(t.numel() * t.element_size() for k, t in stored_tensors(directory).items() if k.startswith(TABLE_PREFIXES))
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Weights the model holds, however stored (a row-wise quantized table is kept outside state_dict)."""
+    count = sum(t.numel() for t in model.state_dict().values())
+    return count + (model.dense_table.numel() if hasattr(model, "dense_table") else 0)
+
+
+def nonzero_parameters(model: torch.nn.Module) -> int:
+    total = 0
+    for tensor in model.state_dict().values():
+        if hasattr(tensor, "__tensor_flatten__") and type(tensor) is not torch.Tensor:
+            total += tensor.numel()  # quantized: zeros are not stored specially
+        else:
+            total += int((tensor != 0).sum())
+    return total + (int((model.dense_table != 0).sum()) if hasattr(model, "dense_table") else 0)
+
+
+def model_directories(cfg: CompressConfig, layout: Layout, run_name: str) -> dict[str, Path]:
+    run_dir = layout.model_dir(run_name)
+    if not (run_dir / WEIGHTS_FILE).exists():
+        raise PipelineError(f"no SASRec teacher in {run_dir}: run the train stage first")
+    directories = {TEACHER: run_dir}
+    for name in cfg.variants:
+        directory = variants_dir(layout, run_name) / name
+        if not (directory / VARIANT_FILE).exists():
+            raise PipelineError(f"variant {name!r} not found in {directory}: run the compress stage first")
+        directories[name] = directory
+    return directories
+
+
+def _timed(recommenders: dict[str, Recommender], histories: list[list[int]], cfg: CompressConfig) -> dict[str, dict]:
+    names = list(recommenders)
+    costs: dict[str, list] = {name: [] for name in names}
+    requests = max(1, cfg.latency_requests // ROUNDS)
+    for round_index in range(ROUNDS):
+        for offset in range(len(names)):
+            name = names[(round_index + offset) % len(names)]
+            costs[name].append(measure_serving(recommenders[name], histories, requests=requests, warmup=10,
+                                               batch_size=cfg.throughput_batch_size, threads=cfg.threads))
+    timed = {}
+    for name, runs in costs.items():
+        timed[name] = {
+            "latency_p50_ms": statistics.median(c.latency_p50_ms for c in runs),
+            "latency_p95_ms": statistics.median(c.latency_p95_ms for c in runs),
+            "throughput_users_s": statistics.median(c.throughput_users_per_s for c in runs),
+            "threads": runs[0].threads,
+        }
+    return timed
+
+
+def measure_models(directories: dict[str, Path], layout: Layout, cfg: CompressConfig, eval_cfg: EvaluateConfig,
+                   seed: int, split: str = "test") -> dict:
+    """Every model's quality, size and serving cost (CPU, and CUDA when present)."""
+    data = load_sequences(layout.features_dir)
+    models = {name: load_variant(directory) for name, directory in directories.items()}
+    max_len = models[TEACHER].cfg.max_len
+    batch = next(evaluation_batches(data, split, 1 << 30, max_len))
+    histories = [row[: int(n)].tolist() for row, n in zip(batch.inputs, batch.lengths)]
+    rows: dict[str, dict] = {}
+    for name, model in models.items():
+        quality = evaluate(lambda b, m=model: m.score(b.inputs, b.lengths), data, split, ks=(10,),
+                           batch_size=eval_cfg.batch_size, max_len=model.cfg.max_len, sampled_strategies=(), seed=seed,
+                           progress=False)
+        directory = directories[name]
+        variant = json.loads((directory / VARIANT_FILE).read_text()) if (directory / VARIANT_FILE).exists() else {"kind": "fp32"}
+        rows[name] = {
+            "path": str(directory.relative_to(layout.root)) if directory.is_relative_to(layout.root) else str(directory),
+            "kind": variant["kind"],
+            "ndcg@10": quality["full/NDCG@10"], "hr@10": quality["full/HR@10"],
+            "size_bytes": size_on_disk(directory),
+            "parameters": parameter_count(model),
+            "nonzero_parameters": nonzero_parameters(model),
+            "bytes_per_item": item_table_bytes(directory) / (model.cfg.n_items + 1),
+        }
+        logger.info("%s: NDCG@10 %.4f, %s bytes", name, rows[name]["ndcg@10"], f"{rows[name]['size_bytes']:,}")
+    timed = _timed({name: Recommender(model) for name, model in models.items()}, histories, cfg)
+    if torch.cuda.is_available():
+        cuda = _timed({name: Recommender(model, "cuda") for name, model in models.items()}, histories, cfg)
+        for name, values in cuda.items():
+            timed[name].update({f"cuda_{key}": value for key, value in values.items() if key != "threads"})
+    teacher = rows[TEACHER]
+    for name, row in rows.items():
+        row.update(timed[name])
+        row["ndcg@10_change"] = row["ndcg@10"] / teacher["ndcg@10"] - 1 if teacher["ndcg@10"] else 0.0
+        row["size_ratio"] = teacher["size_bytes"] / row["size_bytes"]
+        row["latency_speedup"] = teacher["latency_p50_ms"] / row["latency_p50_ms"]
+    return {"split": split, "device": "cpu", "threads": timed[TEACHER]["threads"], "users": len(histories),
+            "teacher": TEACHER, "models": rows}
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"# Compression ({report['split']} split, {report['users']} users, {report['threads']} CPU threads)",
+        "",
+        "NDCG@10/HR@10 by full ranking; latency = one user per request, top-10 over the whole catalogue; "
+        "throughput at the configured batch size; medians over interleaved rounds.",
+        "",
+        "| model | kind | NDCG@10 | change | HR@10 | size KiB | smaller | bytes/item | params | p50 ms | p95 ms | speed-up | users/s |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in report["models"].items():
+        lines.append(
+            f"| {name} | {r['kind']} | {r['ndcg@10']:.4f} | {r['ndcg@10_change']:+.2%} | {r['hr@10']:.4f} | "
+            f"{r['size_bytes'] / 1024:,.1f} | {r['size_ratio']:.2f}x | {r['bytes_per_item']:.1f} | "
+            f"{r['nonzero_parameters']:,} | {r['latency_p50_ms']:.3f} | {r['latency_p95_ms']:.3f} | "
+            f"{r['latency_speedup']:.2f}x | {r['throughput_users_s']:,.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def pareto_chart(report: dict, target: Path) -> Path:
+    """NDCG@10 against batch-1 latency; marker area proportional to bytes on disk."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    models = report["models"]
+    largest = max(r["size_bytes"] for r in models.values())
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for name, r in models.items():
+        ax.scatter(r["latency_p50_ms"], r["ndcg@10"], s=40 + 900 * r["size_bytes"] / largest, alpha=0.6,
+                   color="tab:red" if name == TEACHER else "tab:blue", edgecolors="black", linewidths=0.5)
+        ax.annotate(f"{name}\n{r['size_bytes'] / 1024:,.0f} KiB", (r["latency_p50_ms"], r["ndcg@10"]), fontsize=7,
+                    xytext=(6, 4), textcoords="offset points")
+    ax.set_xlabel(f"batch-1 latency p50, ms (CPU, {report['threads']} threads)")
+    ax.set_ylabel(f"NDCG@10 ({report['split']}, full ranking)")
+    ax.set_title("Teacher and compressed variants (marker area ~ bytes on disk)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return target
+
+
+def _log_child_runs(report: dict, directories: dict[str, Path], tracking: TrackingConfig, layout: Layout,
+                    parent_run_id: str | None) -> None:
+    """One MLflow child run per variant under the training run; reruns update the same child runs."""
+    from pipeline.core.tracking import mlflow_run
+
+    with mlflow_run(tracking, layout.root, "compression", run_id=parent_run_id, system_metrics=False) as parent:
+        if parent is None:
+            return
+        import mlflow
+
+        parent_id = parent.info.run_id
+        mlflow.log_artifact(str(layout.reports_dir / REPORT_PNG), "reports")
+        mlflow.log_artifact(str(layout.reports_dir / REPORT_MD), "reports")
+        mlflow.log_dict(report, f"reports/{REPORT_JSON}")
+        client = mlflow.MlflowClient()
+        for name, row in report["models"].items():
+            if name == TEACHER:
+                continue
+            existing = client.search_runs([parent.info.experiment_id],
+                                          filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`leanrec.variant` = '{name}'")
+            run_id = existing[0].info.run_id if existing else None
+            # experiment_id: a new child run would otherwise land in the default experiment, not beside its parent
+            with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"variant-{name}", nested=True,
+                                  experiment_id=None if run_id else parent.info.experiment_id,
+                                  tags={"leanrec.variant": name, "leanrec.kind": row["kind"]}, log_system_metrics=False) as child:
+                metrics = {k.replace("@", "_at_"): float(v) for k, v in row.items() if isinstance(v, (int, float))}
+                mlflow.log_metrics(metrics)
+                if run_id is None:
+                    variant = json.loads((directories[name] / VARIANT_FILE).read_text())
+                    mlflow.log_params({k: str(v)[:500] for k, v in variant.items() if k not in ("history", "fingerprint")})
+                    mlflow.log_artifacts(str(directories[name]), "model")
+                row["mlflow_run_id"] = child.info.run_id
+        report["models"][TEACHER]["mlflow_run_id"] = parent_id
+
+
+def run_compression_report(cfg: CompressConfig, eval_cfg: EvaluateConfig, train_cfg: TrainConfig,
+                           tracking: TrackingConfig, layout: Layout, seed: int) -> dict:
+    from pipeline.core.tracking import read_run_id
+
+    directories = model_directories(cfg, layout, train_cfg.run_name)
+    report = measure_models(directories, layout, cfg, eval_cfg, seed)
+    for row in report["models"].values():
+        row["mlflow_run_id"] = None
+    layout.reports_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(layout.reports_dir / REPORT_MD) as tmp:
+        tmp.write_text(markdown(report), encoding="utf-8")
+    pareto_chart(report, layout.reports_dir / REPORT_PNG)
+    _log_child_runs(report, directories, tracking, layout, read_run_id(layout.model_dir(train_cfg.run_name)))
+    write_json(report, layout.reports_dir / REPORT_JSON)
+    logger.info("compression:\n%s", markdown(report))
+    return report

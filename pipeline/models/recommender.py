@@ -1,0 +1,75 @@
+"""One inference interface: top-K items over the full catalogue for a batch of user histories.
+
+Evaluation, batch recommendations and serving all go through `Recommender`, so
+a model is scored the same way everywhere. Histories are item vocabulary
+indices (1..n_items) in time order; mapping raw IDs to indices is the caller's
+job (the vocabularies live in data/features/).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from pipeline.models.sasrec import PADDING_INDEX, SASRec
+
+MAX_K = 1000
+
+
+class Recommender:
+    def __init__(self, model: SASRec, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.n_items = model.cfg.n_items
+        self.max_len = model.cfg.max_len
+
+    @classmethod
+    def load(cls, directory: str | Path, device: torch.device | str = "cpu") -> Recommender:
+        """A teacher or any compressed variant directory."""
+        from pipeline.models.variants import load_variant
+
+        return cls(load_variant(Path(directory), device), device)
+
+    def _batch(self, histories: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded inputs of each history's last max_len items, and their lengths."""
+        if not histories:
+            raise ValueError("histories is empty: pass at least one user history")
+        recent = [list(history)[-self.max_len :] for history in histories]
+        lengths = [len(items) for items in recent]
+        if min(lengths) == 0:
+            raise ValueError("every history needs at least one item (unknown users need a fallback)")
+        for row, items in enumerate(recent):  # plain Python: cheaper than tensor reductions for short lists
+            if min(items) < 1 or max(items) > self.n_items:
+                raise ValueError(f"history {row} has item indices outside 1..{self.n_items}")
+        width = max(lengths)
+        inputs = torch.tensor([items + [PADDING_INDEX] * (width - len(items)) for items in recent], dtype=torch.long)
+        return inputs, torch.tensor(lengths, dtype=torch.long)
+
+    @torch.inference_mode()  # cheaper than no_grad: no version counters or view tracking per op
+    def scores(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
+        """(B, n_items + 1) next-item scores; column 0 (padding) is -inf."""
+        inputs, lengths = self._batch(histories)
+        scores = self.model.score(inputs.to(self.device), lengths.to(self.device)).float()
+        scores[:, PADDING_INDEX] = float("-inf")
+        return scores
+
+    @torch.inference_mode()
+    def recommend(
+        self, histories: Sequence[Sequence[int]], k: int = 10, exclude_seen: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k item indices and scores per history, best first; seen items excluded by default."""
+        if not 1 <= k <= min(MAX_K, self.n_items):
+            raise ValueError(f"k must be between 1 and {min(MAX_K, self.n_items)}, got {k}")
+        inputs, lengths = self._batch(histories)
+        scores = self.model.score(inputs.to(self.device), lengths.to(self.device)).float()
+        # Padding and (optionally) seen items masked in one indexed fill over the flattened scores:
+        # at batch 1 the number of ops, not their size, is the cost.
+        width = scores.shape[1]
+        masked = [row * width + PADDING_INDEX for row in range(len(histories))]
+        if exclude_seen:
+            masked += [row * width + item for row, history in enumerate(histories) for item in history]
+        scores.view(-1).index_fill_(0, torch.tensor(masked, dtype=torch.long, device=self.device), float("-inf"))
+        top = torch.topk(scores, k, dim=1)
+        return top.indices.cpu(), top.values.cpu()

@@ -1,0 +1,224 @@
+"""Compressed variants of a trained SASRec teacher, saved and loaded through one format.
+
+A variant directory holds `variant.json` (what kind, from which teacher, its
+settings), `model_config.json` and `model.safetensors`; `load_variant` rebuilds
+the module and `pipeline.models.recommender.Recommender` serves any of them.
+
+Kinds (the compress stage, pipeline/compression/compress.py, applies them to the teacher,
+a pruned copy or a distilled student):
+- `fp16` / `bf16`: every weight stored at half precision; on CPU they are
+  computed in fp32 after loading (half-precision matmuls are not faster there),
+  so they save disk and memory at rest, not latency.
+- `int8_table` / `int4_table`: the item-embedding table quantized row-wise
+  (pipeline/models/quantize.py); rows are dequantized on lookup, and the output table
+  is dequantized once at load time.
+- `lowrank`: the item table factorised by truncated SVD, E ~= U V with
+  U (n_items+1, r) and V (r, d); scoring is (h V^T) U^T, fewer FLOPs than h E^T
+  when r < d.
+- `int8`: the Transformer's Linear layers quantized to int8 weights with torchao
+  (`quantize_` + `Int8WeightOnlyConfig`, PyTorch's supported quantization path;
+  `torch.ao.quantization` is deprecated) plus the row-wise int8 item table; the
+  few remaining float tensors (positions, LayerNorms, biases) are stored in
+  fp16. torchao weights are tensor subclasses, which safetensors cannot hold: their
+  inner tensors (int8 `qdata`, `scale`, `zero_point`) are stored as plain tensors
+  and copied back into freshly quantized layers at load time (no pickle).
+- `int4`: the same int8 Linear layers with the item table row-wise int4 (two
+  values per byte).
+- `pruned`: a structurally narrowed model whose thinned matrices are stored as
+  bitmask + non-zero values (pipeline/compression/pruning.py), densified at load time.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline.core.io import atomic_path, write_json
+from pipeline.models.sasrec import CONFIG_FILE, WEIGHTS_FILE, SASRec, SASRecConfig, load_model
+from pipeline.compression.pruning import densify_state, prunable_weights, sparsify_state
+from pipeline.models.quantize import RowwiseQuantized, quantize_rowwise
+
+VARIANT_FILE = "variant.json"
+INNER_SEPARATOR = ".__"  # "<weight>.__qdata": an inner tensor of a torchao quantized weight
+TABLE_KEY = "item_embedding.weight"
+KINDS = ("fp32", "fp16", "bf16", "int8_table", "int4_table", "lowrank", "int8", "int4", "pruned")
+TORCHAO_KINDS = {"int8": 8, "int4": 4}  # Linear layers in torchao int8; value = bits of the item table
+
+
+def _quantize_linears_int8(model: nn.Module) -> None:
+    """int8 weights for every Linear of the Transformer blocks, in place (torchao)."""
+    # torchao logs that its CUDA-only kernels are missing on a CPU machine: expected here, not news.
+    torchao_logger = logging.getLogger("torchao")
+    level = torchao_logger.level
+    torchao_logger.setLevel(logging.ERROR)
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    finally:
+        torchao_logger.setLevel(level)
+    quantize_(model.blocks, Int8WeightOnlyConfig())
+
+
+class QuantizedTableSASRec(SASRec):
+    """SASRec whose item table is stored row-wise quantized."""
+
+    def __init__(self, cfg: SASRecConfig, table: RowwiseQuantized):
+        super().__init__(cfg)
+        del self.item_embedding  # replaced by the quantized table below
+        self.table = table
+        self.register_buffer("dense_table", table.dequantize(), persistent=False)
+
+    def hidden(self, items: torch.Tensor) -> torch.Tensor:
+        return self._encode(self.dense_table[items])
+
+    def item_weights(self) -> torch.Tensor:
+        return self.dense_table
+
+
+class LowRankSASRec(SASRec):
+    """SASRec whose item table is the product of two thin factors."""
+
+    def __init__(self, cfg: SASRecConfig, rank: int):
+        super().__init__(cfg)
+        del self.item_embedding
+        self.item_factors = nn.Parameter(torch.zeros(cfg.n_items + 1, rank))
+        self.basis = nn.Parameter(torch.zeros(rank, cfg.d_model))
+
+    def hidden(self, items: torch.Tensor) -> torch.Tensor:
+        return self._encode(self.item_factors[items] @ self.basis)
+
+    def item_weights(self) -> torch.Tensor:
+        return self.item_factors @ self.basis
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return (hidden @ self.basis.T) @ self.item_factors.T
+
+
+def factorise(table: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-r approximation (truncated SVD): table ~= factors @ basis."""
+    if not 1 <= rank <= min(table.shape):
+        raise ValueError(f"rank must be between 1 and {min(table.shape)}, got {rank}")
+    u, s, vh = torch.linalg.svd(table.detach().float(), full_matrices=False)
+    return (u[:, :rank] * s[:rank]).contiguous(), vh[:rank].contiguous()
+
+
+def _is_subclass(tensor: torch.Tensor) -> bool:
+    return type(tensor) not in (torch.Tensor, nn.Parameter) and hasattr(tensor, "__tensor_flatten__")
+
+
+@torch.no_grad()
+def _load_quantized(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy stored tensors into a model whose Linear layers were just quantized (same shapes)."""
+    expected = set()
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if name == "dense_table":
+            continue
+        if _is_subclass(tensor):
+            for inner in tensor.__tensor_flatten__()[0]:
+                key = f"{name}{INNER_SEPARATOR}{inner}"
+                getattr(tensor, inner).copy_(state[key])
+                expected.add(key)
+        else:
+            tensor.copy_(state[name].to(tensor.dtype))
+            expected.add(name)
+    unexpected = {k for k in state if not k.startswith("table.")} - expected
+    if unexpected:
+        raise ValueError(f"stored tensors the model does not have: {sorted(unexpected)[:5]}")
+
+
+def _other_weights(teacher: SASRec) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items() if k != TABLE_KEY}
+
+
+def build_variant_state(teacher: SASRec, kind: str, rank: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors to save and the settings that go into variant.json."""
+    if isinstance(teacher, LowRankSASRec):  # already factorised (and perhaps fine-tuned): saved as it is
+        if kind != "lowrank":
+            raise ValueError(f"a low-rank model can only be saved as kind 'lowrank', not {kind!r}")
+        return ({k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()},
+                {"rank": teacher.item_factors.shape[1]})
+    table = teacher.item_embedding.weight.detach().cpu()
+    if kind == "fp32":
+        return {k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()}, {}
+    if kind in ("fp16", "bf16"):
+        dtype = torch.float16 if kind == "fp16" else torch.bfloat16
+        return {k: v.detach().cpu().to(dtype).contiguous() for k, v in teacher.state_dict().items()}, {}
+    if kind in ("int8_table", "int4_table"):
+        bits = 8 if kind == "int8_table" else 4
+        return {**_other_weights(teacher), **quantize_rowwise(table, bits).state_dict("table")}, {"bits": bits}
+    if kind in TORCHAO_KINDS:
+        bits = TORCHAO_KINDS[kind]
+        model = copy.deepcopy(teacher).cpu().eval()
+        _quantize_linears_int8(model)
+        others: dict[str, torch.Tensor] = {}
+        for name, tensor in model.state_dict().items():
+            if name == TABLE_KEY:
+                continue
+            if _is_subclass(tensor):
+                inner_names, _ = tensor.__tensor_flatten__()
+                others.update({f"{name}{INNER_SEPARATOR}{inner}": getattr(tensor, inner).contiguous() for inner in inner_names})
+            else:
+                others[name] = tensor.detach().half().contiguous()  # positions, LayerNorms, biases: 2% of the bytes
+        return {**others, **quantize_rowwise(table, bits).state_dict("table")}, {"bits": bits, "linear": "torchao_int8_weight_only"}
+    if kind == "pruned":
+        state = {k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()}
+        sparse = [name for name in prunable_weights(teacher) if bool((state[name] == 0).any())]
+        return sparsify_state(state, sparse), {"sparse_tensors": sparse}
+    if kind == "lowrank":
+        if rank is None:
+            raise ValueError("lowrank needs a rank")
+        factors, basis = factorise(table, rank)
+        return {**_other_weights(teacher), "item_factors": factors, "basis": basis}, {"rank": rank}
+    raise ValueError(f"unknown variant kind {kind!r}; choose one of {KINDS}")
+
+
+def save_variant(teacher: SASRec, directory: Path, kind: str, rank: int | None = None, extra: dict | None = None) -> Path:
+    """`teacher` compressed as `kind` into `directory`; `extra` is recorded in variant.json."""
+    state, settings = build_variant_state(teacher, kind, rank)
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp))
+    write_json(teacher.cfg.to_dict(), directory / CONFIG_FILE)
+    write_json({"kind": kind, **settings, **(extra or {})}, directory / VARIANT_FILE)
+    return directory
+
+
+def load_variant(directory: Path, device: torch.device | str = "cpu") -> SASRec:
+    """Any saved model: a teacher directory (no variant.json) or a variant directory."""
+    if not (directory / VARIANT_FILE).exists():
+        return load_model(directory, device)
+    variant = json.loads((directory / VARIANT_FILE).read_text(encoding="utf-8"))
+    cfg = SASRecConfig(**json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8")))
+    kind = variant["kind"]
+    state = load_file(str(directory / WEIGHTS_FILE))
+    if kind in ("fp32", "fp16", "bf16"):
+        model = SASRec(cfg)
+        model.load_state_dict({k: v.float() for k, v in state.items()})
+    elif kind in ("int8_table", "int4_table"):
+        table = RowwiseQuantized.from_state_dict(state, "table", variant["bits"], cfg.d_model)
+        model = QuantizedTableSASRec(cfg, table)
+        model.load_state_dict({k: v for k, v in state.items() if not k.startswith("table.")})
+    elif kind in TORCHAO_KINDS:
+        table = RowwiseQuantized.from_state_dict(state, "table", variant["bits"], cfg.d_model)
+        model = QuantizedTableSASRec(cfg, table)
+        _quantize_linears_int8(model)
+        _load_quantized(model, state)
+    elif kind == "lowrank":
+        model = LowRankSASRec(cfg, variant["rank"])
+        model.load_state_dict(state)
+    elif kind == "pruned":
+        model = SASRec(cfg)
+        shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
+        model.load_state_dict(densify_state(state, shapes))
+    else:
+        raise ValueError(f"{directory}: unknown variant kind {kind!r}")
+    return model.to(device).eval()
+
+
+def size_on_disk(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.iterdir() if p.is_file())

@@ -1,0 +1,120 @@
+"""Stage `recommend`: top-K items for every known user with the registry's champion -> Parquet.
+
+The champion is loaded from the MLflow registry (`models:/<name>@champion`), so the
+batch output is exactly what the served model answers. Each user's whole known
+history in the current features (every split) is the input, mapped to the
+champion's vocabulary by raw item ID; seen items are excluded. With
+`recommend.histories=champion` the users and histories are those registered with
+the champion (the servable's own data): no features needed, only the registry
+(what the scheduled Airflow DAG `leanrec_recommend` runs). Users are scored in
+batches of `recommend.batch_size` on CUDA when present, and the file appears only
+when complete (atomic write).
+
+Output `data/recommendations/recommendations.parquet`, one row per (user, rank):
+user_id, rank (1 = best), item_id, score, source (`model`, or `popularity` for a
+user none of whose items the champion knows).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from pipeline.core.config import RecommendConfig, RegistryConfig, TrackingConfig
+from pipeline.core.io import Layout, parquet_stream, write_json
+
+logger = logging.getLogger(__name__)
+
+RECOMMENDATIONS_FILE = "recommendations.parquet"
+REPORT = "recommend.json"
+
+
+def recommendations_path(layout: Layout) -> Path:
+    return layout.root / "data" / "recommendations" / RECOMMENDATIONS_FILE
+
+
+def select_device(choice: str) -> str:
+    import torch
+
+    from pipeline.registry.registry import RegistryError
+
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RegistryError("recommend.device=cuda but no CUDA device is available; use auto or cpu")
+    return "cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu"
+
+
+def run_recommend(cfg: RecommendConfig, registry: RegistryConfig, tracking: TrackingConfig, layout: Layout) -> dict:
+    from pipeline.data.features import ITEM_VOCAB_FILE, USER_VOCAB_FILE
+    from pipeline.models.recommender import Recommender
+    from pipeline.registry.registry import CHAMPION, RegistryError, _alias_version, _client, load_servable
+    from pipeline.data.sequences import load_sequences
+
+    started = time.perf_counter()
+    from_features = cfg.histories == "features"
+    if from_features and not (layout.features_dir / "sequences.parquet").exists():
+        raise RegistryError(f"{layout.features_dir} has no features: run the features stage first "
+                            "(or set recommend.histories=champion)")
+    client = _client(tracking, layout.root)
+    champion = _alias_version(client, registry.model_name, CHAMPION)
+    if champion is None:
+        raise RegistryError(f"{registry.model_name} has no {CHAMPION!r}: run register and promote first")
+    servable = load_servable(registry.model_name, champion.version)
+    device = select_device(cfg.device)
+    servable.recommender = Recommender(servable.recommender.model, device)
+    k = min(cfg.k, servable.n_items)
+
+    if from_features:
+        data = load_sequences(layout.features_dir)
+        item_vocab = pq.read_table(layout.features_dir / ITEM_VOCAB_FILE).to_pandas()
+        user_vocab = pq.read_table(layout.features_dir / USER_VOCAB_FILE).to_pandas()
+        model_items, offsets = servable.index_map(item_vocab)[data.items], data.offsets
+        user_ids = user_vocab.set_index("index")["id"].loc[data.users].to_numpy()
+        id_type = pa.from_numpy_dtype(user_ids.dtype) if user_ids.dtype != object else pa.string()
+    else:
+        # The known users' histories registered with the champion, already in its item indices.
+        model_items, offsets = servable._values.astype(np.int64), servable._offsets
+        user_ids = np.array(list(servable.user_row), dtype=np.int64 if servable.user_ids_are_int else object)
+        id_type = pa.int64() if servable.user_ids_are_int else pa.string()
+    item_type = pa.int64() if servable.ids_are_int else pa.string()
+    schema = pa.schema([("user_id", id_type), ("rank", pa.int16()), ("item_id", item_type),
+                        ("score", pa.float32()), ("source", pa.string())])
+
+    n_users = len(user_ids)
+    n_rows = 0
+    sources = {"model": 0, "popularity": 0}
+    target = recommendations_path(layout)
+    with parquet_stream(target, schema) as writer:
+        for start in tqdm(range(0, n_users, cfg.batch_size), total=-(-n_users // cfg.batch_size), desc="recommend",
+                          unit="batch", disable=None):
+            rows = range(start, min(start + cfg.batch_size, n_users))
+            histories = []
+            for row in rows:
+                history = model_items[offsets[row] : offsets[row + 1]]
+                histories.append(history[history > 0].tolist())
+            results = servable.recommend_indices(histories, k)
+            batch = {"user_id": [], "rank": [], "item_id": [], "score": [], "source": []}
+            for row, (indices, scores, source) in zip(rows, results, strict=True):
+                sources[source] += 1
+                batch["user_id"].extend([user_ids[row]] * len(indices))
+                batch["rank"].extend(range(1, len(indices) + 1))
+                batch["item_id"].extend(servable.raw_ids(indices))
+                batch["score"].extend(scores)
+                batch["source"].extend([source] * len(indices))
+            writer.write_table(pa.table(batch, schema=schema))
+            n_rows += len(batch["rank"])
+    summary = {
+        "model_name": registry.model_name, "version": str(champion.version), "histories": cfg.histories,
+        "users": n_users, "rows": n_rows, "k": k,
+        "device": device, "sources": sources, "path": str(target.relative_to(layout.root)),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    write_json(summary, layout.reports_dir / REPORT)
+    logger.info("recommend: %d users x top-%d with %s version %s on %s -> %s", n_users, k, registry.model_name,
+                champion.version, device, target)
+    return summary

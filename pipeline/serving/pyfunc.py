@@ -1,0 +1,333 @@
+"""The servable model: any saved variant (teacher or compressed) with its vocabularies, as an MLflow pyfunc.
+
+Request: a DataFrame, one row per request, with `user_id` (a known user: the
+history comes from the features the model was registered with) or `history`
+(a list of raw item IDs, oldest first), and an optional `k`. Response: one row
+per request with the top-K raw item IDs (`items`) and their `scores`, best
+first, never an item of the history; `source` says whether the model
+(`model`) or the popularity fallback (`popularity`: an unknown user, or a
+history with no known item) answered, and `unknown_items` counts the history
+items that are not in the catalogue (they are ignored).
+
+A malformed request raises `MlflowException` with INVALID_PARAMETER_VALUE, so
+`mlflow models serve` answers HTTP 400 with the message.
+
+This module imports only what the pyfunc needs (pandas, numpy, pyarrow, mlflow,
+and torch through `pipeline.models.recommender` when the model loads).
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import shutil
+import tempfile
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+logger = logging.getLogger(__name__)
+
+MODEL_ARTIFACT = "model"  # the variant (or teacher) directory
+DATA_ARTIFACT = "serving_data"  # vocabularies, popularity and known users' histories
+ITEMS_FILE = "items.parquet"  # id, index, popularity (interactions in the features)
+USERS_FILE = "users.parquet"  # id, items (the user's item indices, oldest first)
+DEFAULT_K = 10
+MAX_ROWS = 10_000  # rows per request
+CHUNK = 512  # histories scored at once
+COLUMNS = ("user_id", "history", "k")
+# Packages the pyfunc imports; pinned to the versions installed where the model is logged.
+REQUIREMENTS = ("mlflow", "torch", "torchao", "safetensors", "pandas", "pyarrow", "numpy")
+
+
+def model_files(directory: Path) -> list[Path]:
+    """The files `Recommender.load` reads from a teacher or variant directory (nothing else in it)."""
+    from pipeline.models.sasrec import CONFIG_FILE, WEIGHTS_FILE
+    from pipeline.models.variants import VARIANT_FILE
+
+    names = (CONFIG_FILE, WEIGHTS_FILE, VARIANT_FILE)
+    files = [Path(directory) / name for name in names if (Path(directory) / name).is_file()]
+    if not any(f.name == CONFIG_FILE for f in files):
+        raise FileNotFoundError(f"{directory} holds no saved model ({CONFIG_FILE} missing)")
+    return files
+
+
+def bad_request(message: str) -> MlflowException:
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+# ----------------------------------------------------------------------------- serving data
+
+
+def build_serving_data(features_dir: Path, target: Path) -> Path:
+    """items.parquet and users.parquet from a features directory (every split: serving sees all history)."""
+    from pipeline.data.features import ITEM_VOCAB_FILE, USER_VOCAB_FILE
+    from pipeline.data.sequences import load_sequences
+
+    data = load_sequences(features_dir)
+    item_vocab = pq.read_table(features_dir / ITEM_VOCAB_FILE).to_pandas()
+    user_vocab = pq.read_table(features_dir / USER_VOCAB_FILE).to_pandas()
+    counts = np.bincount(data.items, minlength=data.n_items + 1)
+    items = pd.DataFrame({"id": item_vocab["id"].to_numpy(), "index": item_vocab["index"].to_numpy(np.int32),
+                          "popularity": counts[item_vocab["index"].to_numpy()].astype(np.int64)})
+    user_ids = pd.Series(user_vocab["id"].to_numpy(), index=user_vocab["index"].to_numpy())
+    histories = pa.ListArray.from_arrays(pa.array(data.offsets.astype(np.int32)), pa.array(data.items.astype(np.int32)))
+    users = pa.table({"id": pa.array(user_ids.loc[data.users].to_numpy()), "items": histories})
+    target.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pandas(items, preserve_index=False), target / ITEMS_FILE)
+    pq.write_table(users, target / USERS_FILE)
+    return target
+
+
+class Servable:
+    """A Recommender plus the raw-ID vocabularies: what both the pyfunc and batch recommendations call."""
+
+    def __init__(self, recommender: Any, items: pd.DataFrame, users: pa.Table):
+        self.recommender = recommender
+        n_items = recommender.n_items
+        if len(items) != n_items or set(items["index"]) != set(range(1, n_items + 1)):
+            raise ValueError(f"the item vocabulary has {len(items)} entries but the model scores {n_items} items")
+        self.ids_are_int = pd.api.types.is_integer_dtype(items["id"])
+        order = np.argsort(items["index"].to_numpy())
+        self.item_ids = items["id"].to_numpy()[order]  # position i -> raw id of index i + 1
+        self.item_index = {self._key(v): int(i) for v, i in zip(items["id"].tolist(), items["index"].tolist(), strict=True)}
+        self.popularity = np.zeros(n_items + 1, dtype=np.float64)
+        self.popularity[items["index"].to_numpy()] = items["popularity"].to_numpy()
+        self.popularity[0] = -np.inf
+        column = users.column("items").combine_chunks()
+        self._offsets = column.offsets.to_numpy()
+        self._values = column.values.to_numpy()
+        self.user_row = {self._key(v): row for row, v in enumerate(users.column("id").to_pylist())}
+        self.user_ids_are_int = pa.types.is_integer(users.schema.field("id").type)
+
+    @classmethod
+    def load(cls, model_dir: str | Path, data_dir: str | Path, device: str = "cpu") -> Servable:
+        from pipeline.models.recommender import Recommender
+
+        data_dir = Path(data_dir)
+        return cls(Recommender.load(model_dir, device), pd.read_parquet(data_dir / ITEMS_FILE), pq.read_table(data_dir / USERS_FILE))
+
+    @staticmethod
+    def _key(value: Any) -> Any:
+        return int(value) if isinstance(value, numbers.Integral) else value
+
+    @property
+    def n_items(self) -> int:
+        return self.recommender.n_items
+
+    def user_history(self, user_id: Any) -> np.ndarray | None:
+        row = self.user_row.get(self._key(user_id))
+        return None if row is None else self._values[self._offsets[row] : self._offsets[row + 1]]
+
+    def item_indices(self, raw_items: Sequence[Any]) -> tuple[list[int], int]:
+        """Known items' indices (in order) and how many were unknown."""
+        known = [self.item_index.get(self._key(item)) for item in raw_items]
+        indices = [i for i in known if i is not None]
+        return indices, len(known) - len(indices)
+
+    def check_item_type(self, value: Any, where: str) -> None:
+        is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        if self.ids_are_int and not is_int:
+            raise bad_request(f"{where}: item IDs are integers, got {value!r} ({type(value).__name__})")
+        if not self.ids_are_int and not isinstance(value, str):
+            raise bad_request(f"{where}: item IDs are strings, got {value!r} ({type(value).__name__})")
+
+    def recommend_indices(self, histories: Sequence[Sequence[int]], k: int) -> list[tuple[list[int], list[float], str]]:
+        """Top-k (indices, scores, source) per history of item indices; empty history: popularity."""
+        out: list[tuple[list[int], list[float], str] | None] = [None] * len(histories)
+        with_items = [i for i, h in enumerate(histories) if len(h)]
+        for start in range(0, len(with_items), CHUNK):
+            rows = with_items[start : start + CHUNK]
+            top_k = min(k, self.n_items)
+            items, scores = self.recommender.recommend([list(histories[r]) for r in rows], k=top_k, exclude_seen=True)
+            for row, row_items, row_scores in zip(rows, items.tolist(), scores.tolist(), strict=True):
+                keep = [(i, s) for i, s in zip(row_items, row_scores, strict=True) if s != float("-inf")]
+                out[row] = ([i for i, _ in keep], [s for _, s in keep], "model")
+        empty = [i for i, h in enumerate(histories) if not len(h)]
+        if empty:  # one popularity ranking for every history with no known item
+            top = np.argsort(-self.popularity, kind="stable")[:k]
+            top = top[np.isfinite(self.popularity[top])]
+            fallback = (top.tolist(), self.popularity[top].tolist(), "popularity")
+            for row in empty:
+                out[row] = (list(fallback[0]), list(fallback[1]), fallback[2])
+        return out  # type: ignore[return-value]
+
+    def index_map(self, item_vocab: pd.DataFrame) -> np.ndarray:
+        """Index in a features vocabulary (id, index) -> this model's index of the same raw ID; 0: unknown here."""
+        mapping = np.zeros(int(item_vocab["index"].to_numpy().max(initial=0)) + 1, dtype=np.int64)
+        mapping[item_vocab["index"].to_numpy()] = [self.item_index.get(self._key(i), 0) for i in item_vocab["id"].tolist()]
+        return mapping
+
+    def raw_ids(self, indices: Sequence[int]) -> list[Any]:
+        return [self._key(v) for v in self.item_ids[np.asarray(indices, dtype=np.int64) - 1]] if len(indices) else []
+
+
+# ----------------------------------------------------------------------------- the pyfunc
+
+
+def _is_missing(value: Any) -> bool:
+    if value is None:
+        return True
+    try:
+        return bool(pd.isna(value)) if np.ndim(value) == 0 else False
+    except (TypeError, ValueError):
+        return False
+
+
+def parse_request(frame: Any, servable: Servable) -> list[dict]:
+    """Validate a request DataFrame: each row -> {user_id, history (raw), k}. Raises bad_request."""
+    if isinstance(frame, dict):
+        try:
+            frame = pd.DataFrame(frame)
+        except ValueError as err:
+            raise bad_request(f"the request is not a table: {err}") from None
+    if not isinstance(frame, pd.DataFrame):
+        raise bad_request(f"the request must be a table (DataFrame) with a user_id or history column, got {type(frame).__name__}")
+    unknown = [c for c in frame.columns if c not in COLUMNS]
+    if unknown:
+        raise bad_request(f"unknown column(s) {unknown}; a request has user_id or history, and optionally k")
+    if "user_id" not in frame.columns and "history" not in frame.columns:
+        raise bad_request("the request needs a user_id column (known users) or a history column (a list of item IDs)")
+    if len(frame) == 0:
+        raise bad_request("the request has no rows")
+    if len(frame) > MAX_ROWS:
+        raise bad_request(f"at most {MAX_ROWS} rows per request, got {len(frame)}")
+    max_k = min(1000, servable.n_items)
+    requests = []
+    for position, row in enumerate(frame.to_dict("records")):
+        where = f"row {position}"
+        user_id = row.get("user_id")
+        history = row.get("history")
+        user_id = None if _is_missing(user_id) else user_id
+        history = None if _is_missing(history) else history
+        if user_id is None and history is None:
+            raise bad_request(f"{where}: give a user_id or a history")
+        if user_id is not None and history is not None:
+            raise bad_request(f"{where}: give a user_id or a history, not both")
+        if isinstance(user_id, float) and user_id.is_integer():
+            user_id = int(user_id)  # an integer column with missing values arrives as float
+        if user_id is not None and not (isinstance(user_id, str) or isinstance(user_id, numbers.Integral) and not isinstance(user_id, bool)):
+            raise bad_request(f"{where}: user_id must be an integer or a string, got {user_id!r} ({type(user_id).__name__})")
+        if user_id is not None and servable.user_ids_are_int != isinstance(user_id, numbers.Integral):
+            kind = "integers" if servable.user_ids_are_int else "strings"
+            raise bad_request(f"{where}: user IDs are {kind}, got {user_id!r} ({type(user_id).__name__})")
+        if history is not None:
+            if isinstance(history, str | bytes) or not isinstance(history, Sequence | np.ndarray):
+                raise bad_request(f"{where}: history must be a list of item IDs, got {type(history).__name__}")
+            history = list(history)
+            for item in history:
+                servable.check_item_type(item, f"{where}: history")
+        k = row.get("k")
+        if _is_missing(k):
+            k = DEFAULT_K
+        elif isinstance(k, float) and k.is_integer():
+            k = int(k)  # a column with missing values arrives as float
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+            raise bad_request(f"{where}: k must be an integer, got {k!r} ({type(k).__name__})")
+        if not 1 <= int(k) <= max_k:
+            raise bad_request(f"{where}: k must be between 1 and {max_k}, got {k}")
+        requests.append({"user_id": user_id, "history": history, "k": int(k)})
+    return requests
+
+
+def answer(servable: Servable, requests: list[dict]) -> pd.DataFrame:
+    histories: list[list[int]] = []
+    unknown_counts: list[int] = []
+    for request in requests:
+        if request["history"] is not None:
+            indices, unknown = servable.item_indices(request["history"])
+        else:
+            known = servable.user_history(request["user_id"])
+            indices, unknown = ([] if known is None else known.tolist()), 0
+        histories.append(indices)
+        unknown_counts.append(unknown)
+    results = servable.recommend_indices(histories, max(r["k"] for r in requests))
+    rows = []
+    for request, unknown, (indices, scores, source) in zip(requests, unknown_counts, results, strict=True):
+        k = request["k"]
+        user_id = request["user_id"]
+        rows.append({
+            "user_id": None if user_id is None else str(user_id),
+            "items": servable.raw_ids(indices[:k]),
+            "scores": [float(s) for s in scores[:k]],
+            "source": source,
+            "unknown_items": unknown,
+        })
+    if sum(unknown_counts):
+        logger.info("ignored %d unknown item(s) in %d request row(s)", sum(unknown_counts), len(requests))
+    frame = pd.DataFrame(rows, columns=["user_id", "items", "scores", "source", "unknown_items"])
+    # object dtype keeps None (JSON null) for history rows; a string column would hold NaN (invalid JSON).
+    frame["user_id"] = pd.Series([row["user_id"] for row in rows], dtype=object)
+    return frame
+
+
+class LeanRecModel(mlflow.pyfunc.PythonModel):
+    """Top-K raw item IDs for known users or raw histories; see the module docstring."""
+
+    # No type hints on these two: MLflow would try to derive the signature from them.
+    def load_context(self, context):  # noqa: ANN001, ANN201
+        self.servable = Servable.load(context.artifacts[MODEL_ARTIFACT], context.artifacts[DATA_ARTIFACT])
+
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+        return answer(self.servable, parse_request(model_input, self.servable))
+
+
+def signature_and_example(servable: Servable) -> tuple[Any, pd.DataFrame]:
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Schema
+
+    id_type = DataType.long if servable.ids_are_int else DataType.string
+    # The input columns are typed by parse_request, not by MLflow's schema: a request mixing user_id rows
+    # and history rows has missing values in every column (pandas turns them into floats), which MLflow's
+    # long / array types reject. parse_request gives each row the same checks and a message naming the row.
+    inputs = Schema([
+        ColSpec(AnyType(), "user_id", required=False),
+        ColSpec(AnyType(), "history", required=False),
+        ColSpec(AnyType(), "k", required=False),
+    ])
+    outputs = Schema([
+        ColSpec(DataType.string, "user_id", required=False),
+        ColSpec(Array(id_type), "items"),
+        ColSpec(Array(DataType.double), "scores"),
+        ColSpec(DataType.string, "source"),
+        ColSpec(DataType.long, "unknown_items"),
+    ])
+    history = servable.raw_ids(list(range(1, min(3, servable.n_items) + 1)))
+    example = pd.DataFrame({"history": [history], "k": [5]})
+    return ModelSignature(inputs=inputs, outputs=outputs), example
+
+
+def log_servable(model_dir: Path, features_dir: Path, name: str = "model") -> Any:
+    """Log the pyfunc (model directory + serving data) to the active run; returns MLflow's ModelInfo."""
+    model_dir, features_dir = Path(model_dir), Path(features_dir)
+    staging = Path(tempfile.mkdtemp(prefix="leanrec-serving-"))
+    try:
+        data_dir = build_serving_data(features_dir, staging / DATA_ARTIFACT)
+        # Only the model's own files travel: the teacher directory also holds checkpoints and baselines.
+        model_copy = staging / MODEL_ARTIFACT
+        model_copy.mkdir()
+        for file in model_files(model_dir):
+            shutil.copy2(file, model_copy / file.name)
+        servable = Servable.load(model_copy, data_dir)
+        signature, example = signature_and_example(servable)
+        requirements = [f"{package}=={metadata.version(package)}" for package in REQUIREMENTS]
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=LeanRecModel(),
+            artifacts={MODEL_ARTIFACT: str(model_copy), DATA_ARTIFACT: str(data_dir)},
+            code_paths=[str(Path(__file__).resolve().parents[1])],
+            signature=signature,
+            input_example=example,
+            pip_requirements=requirements,
+        )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
