@@ -23,7 +23,7 @@ from pipeline.registry.registry import RegistryError, promote, register, rollbac
 from tests.registry_helpers import build_trained, clone_workdir, compress, measure, save_random_model, write_compression
 from tests.helpers import copy_repo
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -65,7 +65,7 @@ def test_configuration_reference_is_up_to_date():
 
     from pipeline.core.config import reference_markdown
 
-    page = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    page = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
     assert page.read_text(encoding="utf-8") == reference_markdown(), (
         "docs/configuration.md is stale: run `python -m pipeline config-reference > docs/configuration.md`"
     )

@@ -22,11 +22,11 @@ import requests
 from pipeline.orchestration import runs
 from tests.browser import Browser, find_chromium
 from tests.helpers import TINY_FORM
-from tests.test_dags import TRAIN_ORDER
+from tests.dags.test_dags import TRAIN_ORDER
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER = ROOT / "dags" / "run_airflow.sh"
 COMPONENTS = ("api-server", "scheduler", "dag-processor")
 DAG = "leanrec_train"

@@ -23,7 +23,7 @@ from pipeline.data.sequences import load_sequences
 from pipeline.serving.pyfunc import log_servable
 from pipeline.models.variants import save_variant
 from tests.registry_helpers import build_trained, compress
-from tests.test_registry import _free_port, _stop, _wait_for, start_server
+from tests.registry.test_registry import _free_port, _stop, _wait_for, start_server
 
 
 @pytest.fixture(scope="module")

@@ -82,7 +82,7 @@ def test_incremental_flow_grows_the_vocabularies_and_warm_starts(tmp_path, monke
     from pipeline.orchestration import runs
     from pipeline.training.warmstart import TABLE_KEY
     from tests.helpers import TINY_FORM
-    from tests.test_dags import ROOT
+    from tests.dags.test_dags import ROOT
 
     monkeypatch.setenv("LEANREC_RUNS_DIR", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -16,7 +16,7 @@ from pipeline.training.train import CHECKPOINT_FILE, curriculum_len, run_train
 from pipeline.core.tracking import read_run_id
 from tests.helpers import build_features, copy_features
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FAST = ["train.d_model=16", "train.n_heads=2", "train.n_layers=1", "train.max_len=20", "train.batch_size=32",
         "train.num_threads=1", "train.baselines=[popularity]"]
 

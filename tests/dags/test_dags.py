@@ -20,7 +20,7 @@ from pipeline.core.config import load_params
 from pipeline.core.errors import ConfigError
 from tests.helpers import TINY_FORM
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DAGS = ROOT / "dags"
 LAUNCHER = DAGS / "run_airflow.sh"
 TRAIN_ORDER = ["prepare", "ingest", "validate", "features", "train", "evaluate", "register", "promote"]

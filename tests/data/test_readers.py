@@ -28,7 +28,7 @@ from pipeline.core.config import ColumnMapping, FileConfig, MovieLensConfig
 from pipeline.core.errors import IngestError
 
 UTC = dt.timezone.utc
-REAL_ML_100K = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "ml-100k"
+REAL_ML_100K = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "ml-100k"
 
 U_DATA = "196\t242\t3\t881250949\n186\t302\t3\t891717742\n22\t377\t1\t878887116\n"
 RATINGS_DAT = "1::1193::5::978300760\n1::661::3::978302109\n2::1357::5::978298709\n"
