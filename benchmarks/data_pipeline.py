@@ -42,9 +42,9 @@ DATASETS: dict[str, list[str]] = {
 def run_child(overrides: list[str], workdir: str) -> None:
     """Runs in the child: the three stages, timed, printed as one JSON line."""
     from pipeline.core.config import load_params
+    from pipeline.core.io import Layout
     from pipeline.data.features import run_features
     from pipeline.data.ingest import run_ingest
-    from pipeline.core.io import Layout
     from pipeline.data.validate import run_validate
 
     logging.basicConfig(level=logging.WARNING)

@@ -2,7 +2,7 @@
 
 Wiring only: every task calls a `pipeline/` function through `pipeline.orchestration.runs`, in the DAG run's own
 work directory. `prepare` finds the current champion and what it was trained on from its registry
-tags (`pipeline.data.incremental.champion_lineage`): the reference interactions, the vocabularies, the
+tags (`pipeline.registry.lineage.champion_lineage`): the reference interactions, the vocabularies, the
 teacher model and its shape; then
 
     prepare -> ingest -> select_new -> validate -> drift -> merge_reference -> features -> train
@@ -28,9 +28,9 @@ from typing import Any
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from pipeline.orchestration import runs
 from pipeline.core.config import TRAINED_VARIANTS, load_params
 from pipeline.core.errors import PipelineError
+from pipeline.orchestration import runs
 
 logger = logging.getLogger(__name__)
 DEFAULTS = load_params(runs.params_path())

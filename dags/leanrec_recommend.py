@@ -22,9 +22,9 @@ from typing import Any
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from pipeline.orchestration import runs
 from pipeline.core.config import load_params
 from pipeline.core.errors import PipelineError
+from pipeline.orchestration import runs
 
 logger = logging.getLogger(__name__)
 DEFAULTS = load_params(runs.params_path())

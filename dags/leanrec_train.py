@@ -24,9 +24,9 @@ from typing import Any
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from pipeline.orchestration import runs
 from pipeline.core.config import TRAINED_VARIANTS, load_params
 from pipeline.core.errors import PipelineError
+from pipeline.orchestration import runs
 
 DEFAULTS = load_params(runs.params_path())
 

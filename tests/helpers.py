@@ -6,9 +6,9 @@ import shutil
 from pathlib import Path
 
 from pipeline.core.config import params_from_dict
+from pipeline.core.io import Layout
 from pipeline.data.features import run_features
 from pipeline.data.ingest import run_ingest
-from pipeline.core.io import Layout
 
 TINY = {
     "ingest": {"synthetic": {"n_interactions": 6000, "n_items": 150, "mean_sequence_length": 20.0, "n_topics": 5}},

@@ -12,13 +12,13 @@ import numpy as np
 import torch
 
 from pipeline.core.config import TrackingConfig, params_from_dict
-from pipeline.evaluation.evaluate import evaluate
-from pipeline.models.recommender import Recommender
 from pipeline.core.io import Layout, write_json
-from pipeline.models.sasrec import SASRec, SASRecConfig, count_parameters, save_model
 from pipeline.data.sequences import load_sequences
-from pipeline.training.train import run_train
+from pipeline.evaluation.metrics import evaluate
+from pipeline.models.recommender import Recommender
+from pipeline.models.sasrec import SASRec, SASRecConfig, count_parameters, save_model
 from pipeline.models.variants import save_variant, size_on_disk
+from pipeline.training.train import run_train
 from tests.helpers import build_features
 
 TRAIN = {"epochs": 4, "d_model": 16, "n_heads": 1, "max_len": 20, "dropout": 0.0, "batch_size": 64, "lr": 0.01,

@@ -110,10 +110,10 @@ def test_images_are_built_from_the_repo_with_the_project_pins():
 
 def test_the_celery_executor_and_s3_remote_packages_are_installed():
     # What the Airflow image installs (the `stack` extra) resolves with the project's pins and imports.
-    from airflow.providers.celery.executors.celery_executor import CeleryExecutor  # noqa: F401
     import dvc_s3  # noqa: F401
     import psycopg2  # noqa: F401
     import redis  # noqa: F401
+    from airflow.providers.celery.executors.celery_executor import CeleryExecutor  # noqa: F401
 
     env = _compose()["x-airflow-common"]["environment"]
     assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"

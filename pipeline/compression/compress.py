@@ -26,32 +26,18 @@ from pathlib import Path
 
 import torch
 
-from pipeline.core.config import CompressConfig
 from pipeline.compression.distill import build_student, distillation_loss, fit, next_item_loss
-from pipeline.core.errors import PipelineError
-from pipeline.core.io import Layout
-from pipeline.models.sasrec import WEIGHTS_FILE, SASRec, load_model
 from pipeline.compression.pruning import apply_masks, magnitude_masks, prune_structured, sparsity_of
+from pipeline.core.config import CompressConfig
+from pipeline.core.devices import select_device
+from pipeline.core.errors import CompressError
+from pipeline.core.io import Layout
 from pipeline.data.sequences import SequenceData, load_sequences
-from pipeline.models.variants import VARIANT_FILE, LowRankSASRec, factorise, load_variant, save_variant, size_on_disk
+from pipeline.models.sasrec import WEIGHTS_FILE, SASRec, load_model
+from pipeline.models.variants import VARIANT_FILE, LowRankSASRec, factorise, load_variant, save_variant, size_on_disk, variants_dir
 
 logger = logging.getLogger(__name__)
 
-VARIANTS_DIR = "variants"
-
-
-class CompressError(PipelineError):
-    pass
-
-
-def variants_dir(layout: Layout, run_name: str) -> Path:
-    return layout.model_dir(run_name) / VARIANTS_DIR
-
-
-def _device(cfg: CompressConfig) -> torch.device:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise CompressError("compress.device=cuda but CUDA is not available")
-    return torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 def _file_sha256(path: Path) -> str:
@@ -90,7 +76,7 @@ def compress_variant(cfg: CompressConfig, layout: Layout, run_name: str, name: s
     started = time.perf_counter()
     torch.manual_seed(seed)
     teacher = load_model(run_dir)
-    device = _device(cfg)
+    device = select_device(cfg.device, "compress.device")
     out_dir = variants_dir(layout, run_name)
     settings = cfg.model_dump(mode="json")
     # What the variant depends on: a rebuilt teacher or changed settings must not reuse old work.

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.evaluation.evaluate import evaluate
-from pipeline.models.sasrec import SASRec, SASRecConfig
 from pipeline.data.sequences import Batch, SequenceData, n_training_batches, training_batches
+from pipeline.evaluation.metrics import evaluate
+from pipeline.models.sasrec import SASRec, SASRecConfig
 
 logger = logging.getLogger(__name__)
 

@@ -8,25 +8,19 @@ every block, so the result is again a plain SASRec, only narrower
 (`head_dim`/`ffn_dim` in its config): fewer FLOPs and fewer bytes, no masks.
 
 Unstructured: within each remaining weight matrix (the Linear layers and the
-item table), the smallest-magnitude share is set to zero. Such a matrix is
-stored as a bitmask (1 bit per entry) plus its non-zero values, so at 50%
-sparsity an fp32 matrix takes 4.125 instead of 8 bytes per pair of entries;
-at load time it is expanded back to a dense tensor (sparse kernels only pay
-off at much higher sparsity than the quality allows).
+item table), the smallest-magnitude share is set to zero; such a matrix is
+stored as a bitmask plus its non-zero values (pipeline/models/sparse.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from pipeline.models.sasrec import SASRec
-
-MASK_SUFFIX = ".__mask"
-VALUES_SUFFIX = ".__values"
+from pipeline.models.sparse import prunable_weights
 
 
 def _kept_count(total: int, sparsity: float) -> int:
@@ -71,12 +65,6 @@ def prune_structured(model: SASRec, sparsity: float) -> SASRec:
     return pruned.eval()
 
 
-def prunable_weights(model: SASRec) -> dict[str, nn.Parameter]:
-    """Weight matrices that unstructured pruning thins: every Linear weight and the item table."""
-    return {name: p for name, p in model.named_parameters()
-            if p.dim() == 2 and (name.endswith(".weight") and ("blocks." in name or name == "item_embedding.weight"))}
-
-
 @torch.no_grad()
 def magnitude_masks(model: SASRec, sparsity: float) -> dict[str, torch.Tensor]:
     """Per matrix, True where a weight survives: all but the `sparsity` share of smallest magnitudes."""
@@ -99,46 +87,6 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     parameters = dict(model.named_parameters())
     for name, mask in masks.items():
         parameters[name].mul_(mask.to(parameters[name].device))
-
-
-def sparsify_state(state: dict[str, torch.Tensor], names: Iterable[str]) -> dict[str, torch.Tensor]:
-    """`names` stored as bitmask + non-zero values; everything else unchanged."""
-    names = set(names)
-    stored = {}
-    for name, tensor in state.items():
-        if name not in names:
-            stored[name] = tensor
-            continue
-        mask = tensor != 0
-        flat = mask.flatten()
-        padded = torch.zeros(-(-flat.numel() // 8) * 8, dtype=torch.bool)
-        padded[: flat.numel()] = flat
-        weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-        stored[name + MASK_SUFFIX] = (padded.view(-1, 8).to(torch.uint8) * weights).sum(1).to(torch.uint8)
-        stored[name + VALUES_SUFFIX] = tensor[mask].contiguous()
-    return stored
-
-
-def densify_state(stored: dict[str, torch.Tensor], shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
-    """Inverse of `sparsify_state`: `shapes` gives each sparse tensor's dense shape."""
-    state = {}
-    for name, tensor in stored.items():
-        if name.endswith(VALUES_SUFFIX):
-            continue
-        if not name.endswith(MASK_SUFFIX):
-            state[name] = tensor
-            continue
-        base = name[: -len(MASK_SUFFIX)]
-        shape = shapes[base]
-        bits = (tensor.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1
-        mask = bits.flatten()[: shape.numel()].bool().view(shape)
-        values = stored[base + VALUES_SUFFIX]
-        if int(mask.sum()) != values.numel():
-            raise ValueError(f"{base}: mask has {int(mask.sum())} entries but {values.numel()} values are stored")
-        dense = torch.zeros(shape, dtype=values.dtype)
-        dense[mask] = values
-        state[base] = dense
-    return state
 
 
 def sparsity_of(model: SASRec) -> float:

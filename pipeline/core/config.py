@@ -81,7 +81,7 @@ class IngestConfig(_Strict):
 
 class ValidateConfig(_Strict):
     min_rows: int = Field(1_000, ge=0, description="fewer rows fail the batch")
-    min_timestamp: dt.datetime = Field(dt.datetime(1995, 1, 1, tzinfo=dt.timezone.utc), strict=False)
+    min_timestamp: dt.datetime = Field(dt.datetime(1995, 1, 1, tzinfo=dt.UTC), strict=False)
     future_tolerance_s: int = Field(3600, ge=0, description="clock skew allowed beyond 'now'")
     rating_min: float = Field(0.0, description="ratings outside [rating_min, rating_max] are quarantined")
     rating_max: float = 5.0

@@ -25,3 +25,27 @@ class DriftDetected(PipelineError):
     """A new batch of interactions drifted from the reference data beyond a `drift` threshold."""
 
     exit_code = 3
+
+
+class FeaturesError(PipelineError):
+    """The interactions cannot be turned into features (nothing left after filtering, bad vocabulary...)."""
+
+
+class TrainError(PipelineError):
+    """Training cannot start or continue (no features, bad checkpoint, invalid shape)."""
+
+
+class CompressError(PipelineError):
+    """A variant cannot be built (no teacher, unknown variant, invalid compression setting)."""
+
+
+class EvaluateError(PipelineError):
+    """Nothing to evaluate (no trained model, no features)."""
+
+
+class RegistryError(PipelineError):
+    """Nothing to register or promote, no candidate within budget, no champion to roll back to..."""
+
+
+class ServingError(PipelineError):
+    """Batch recommendations cannot run (no histories to recommend for)."""

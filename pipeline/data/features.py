@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from pipeline.core import schema
 from pipeline.core.config import FeaturesConfig
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import FeaturesError
 from pipeline.core.io import Layout, atomic_dir, write_json, write_parquet
 
 logger = logging.getLogger(__name__)
@@ -42,8 +42,6 @@ STATS_FILE = "stats.json"
 SPLITS = ("train", "valid", "test")
 
 
-class FeaturesError(PipelineError):
-    """The interactions cannot be turned into features (nothing left after filtering, bad vocabulary...)."""
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ interaction.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +88,10 @@ class Batch:
 
     def pin_memory(self) -> Batch:
         return Batch(self.rows, self.inputs.pin_memory(), self.lengths.pin_memory(), self.targets.pin_memory(), self.users.pin_memory())
+
+
+# What every model offers evaluation and serving: a batch -> (B, n_items + 1) item scores, on any device.
+ScoreFn = Callable[[Batch], torch.Tensor]
 
 
 def _windows(data: SequenceData, rows: np.ndarray, ends: np.ndarray, window: np.ndarray) -> np.ndarray:

@@ -24,16 +24,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from pipeline.compression.compress import variants_dir
 from pipeline.core.config import CompressConfig, EvaluateConfig, TrackingConfig, TrainConfig
-from pipeline.evaluation.serving_cost import measure_serving
 from pipeline.core.errors import PipelineError
-from pipeline.evaluation.evaluate import evaluate
-from pipeline.models.recommender import Recommender
 from pipeline.core.io import Layout, atomic_path, write_json
-from pipeline.models.sasrec import WEIGHTS_FILE
 from pipeline.data.sequences import evaluation_batches, load_sequences
-from pipeline.models.variants import VARIANT_FILE, load_variant, size_on_disk
+from pipeline.evaluation.metrics import evaluate
+from pipeline.evaluation.serving_cost import measure_serving
+from pipeline.models.recommender import Recommender
+from pipeline.models.sasrec import WEIGHTS_FILE
+from pipeline.models.variants import VARIANT_FILE, load_variant, size_on_disk, variants_dir
 
 logger = logging.getLogger(__name__)
 

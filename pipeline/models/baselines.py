@@ -11,8 +11,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.core.config import BPRConfig
-from pipeline.evaluation.evaluate import ScoreFn
-from pipeline.data.sequences import Batch, SequenceData
+from pipeline.data.sequences import Batch, ScoreFn, SequenceData
 
 logger = logging.getLogger(__name__)
 
@@ -61,5 +60,14 @@ def train_bpr(data: SequenceData, cfg: BPRConfig, seed: int, device: torch.devic
 def bpr_scores(model: BPRMF) -> ScoreFn:
     def score(batch: Batch) -> torch.Tensor:
         return model.score_users(batch.users)
+
+    return score
+
+
+def popularity_scores(counts: np.ndarray) -> ScoreFn:
+    table = torch.from_numpy(counts.astype(np.float32))
+
+    def score(batch: Batch) -> torch.Tensor:
+        return table.to(batch.inputs.device).expand(len(batch.rows), -1)
 
     return score

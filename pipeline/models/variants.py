@@ -39,12 +39,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.core.io import atomic_path, write_json
-from pipeline.models.sasrec import CONFIG_FILE, WEIGHTS_FILE, SASRec, SASRecConfig, load_model
-from pipeline.compression.pruning import densify_state, prunable_weights, sparsify_state
+from pipeline.core.io import Layout, atomic_path, write_json
 from pipeline.models.quantize import RowwiseQuantized, quantize_rowwise
+from pipeline.models.sasrec import CONFIG_FILE, WEIGHTS_FILE, SASRec, SASRecConfig, load_model
+from pipeline.models.sparse import densify_state, prunable_weights, sparsify_state
 
 VARIANT_FILE = "variant.json"
+VARIANTS_DIR = "variants"  # models/<run>/variants/<name>/: one directory per variant
+
+
+def variants_dir(layout: Layout, run_name: str) -> Path:
+    return layout.model_dir(run_name) / VARIANTS_DIR
 INNER_SEPARATOR = ".__"  # "<weight>.__qdata": an inner tensor of a torchao quantized weight
 TABLE_KEY = "item_embedding.weight"
 KINDS = ("fp32", "fp16", "bf16", "int8_table", "int4_table", "lowrank", "int8", "int4", "pruned")

@@ -101,27 +101,30 @@ def _compress(params: Params, layout: Layout, variant: str | None = None) -> Any
 
 
 def _register(params: Params, layout: Layout) -> Any:
-    from pipeline.registry.registry import register
+    from pipeline.registry.register import register
 
     return register(params.registry, params.tracking, layout)
 
 
 def _promote(params: Params, layout: Layout, model_version: str | None = None) -> Any:
-    from pipeline.registry.registry import promote
+    from pipeline.registry.promote import promote
 
     return promote(params.registry, params.tracking, layout, version=model_version, seed=params.seed)
 
 
 def _rollback(params: Params, layout: Layout) -> Any:
-    from pipeline.registry.registry import rollback
+    from pipeline.registry.promote import rollback
 
     return rollback(params.registry, params.tracking, layout)
 
 
 def _recommend(params: Params, layout: Layout) -> Any:
-    from pipeline.serving.batch import run_recommend
+    from pipeline.registry.store import load_champion
+    from pipeline.serving.batch import check_histories, run_recommend
 
-    return run_recommend(params.recommend, params.registry, params.tracking, layout)
+    check_histories(params.recommend, layout)  # before the champion is downloaded
+    servable, version = load_champion(params.registry, params.tracking, layout.root)
+    return run_recommend(params.recommend, servable, layout, model_name=params.registry.model_name, version=version)
 
 
 def _show_params(params: Params, layout: Layout) -> Any:

@@ -210,14 +210,14 @@ def prepare_run(run_id: str, form: dict[str, Any], base_params: Path | None = No
 def prepare_incremental_run(run_id: str, form: dict[str, Any], base_params: Path | None = None) -> Path:
     """A run root that fine-tunes the current champion on its data plus the new interactions.
 
-    The run's params get the champion's lineage (`pipeline.data.incremental.champion_lineage`) before
+    The run's params get the champion's lineage (`pipeline.registry.lineage.champion_lineage`) before
     the form: drift.reference (the champion's training interactions, also what select-new and
     merge compare with), features.vocab_from, train.init_from and the champion's model shape. The
     lineage is recorded in the run root once, so a retried prepare keeps the champion it started
     from even if `champion` moved meanwhile. No champion: a RegistryError (run leanrec_train first).
     """
-    from pipeline.data.incremental import LINEAGE_FILE, ChampionLineage, champion_lineage
-    from pipeline.registry.registry import RegistryError
+    from pipeline.core.errors import RegistryError
+    from pipeline.registry.lineage import LINEAGE_FILE, ChampionLineage, champion_lineage
 
     root = prepare_run(run_id, form, base_params)
     recorded = root / LINEAGE_FILE
@@ -237,10 +237,10 @@ def prepare_incremental_run(run_id: str, form: dict[str, Any], base_params: Path
 
 def champion_version(root: str | Path) -> str | None:
     """The version the run's registry calls `champion`, or None (no champion yet)."""
-    from pipeline.registry.registry import CHAMPION, _alias_version, _client
+    from pipeline.registry.store import champion_version as registry_champion
 
     params = run_params(Path(root))
-    champion = _alias_version(_client(params.tracking, Path(root)), params.registry.model_name, CHAMPION)
+    champion = registry_champion(params.registry, params.tracking, Path(root))
     return None if champion is None else str(champion.version)
 
 

@@ -1,7 +1,8 @@
-"""Stage `recommend`: top-K items for every known user with the registry's champion -> Parquet.
+"""Stage `recommend`: top-K items for every known user with a registered model -> Parquet.
 
-The champion is loaded from the MLflow registry (`models:/<name>@champion`), so the
-batch output is exactly what the served model answers. Each user's whole known
+The model is the registered pyfunc's Servable (the CLI passes the champion, loaded from
+the MLflow registry by `pipeline.registry.store.load_champion`), so the batch output is
+exactly what the served model answers. Each user's whole known
 history in the current features (every split) is the input, mapped to the
 champion's vocabulary by raw item ID; seen items are excluded. With
 `recommend.histories=champion` the users and histories are those registered with
@@ -26,8 +27,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline.core.config import RecommendConfig, RegistryConfig, TrackingConfig
+from pipeline.core.config import RecommendConfig
+from pipeline.core.devices import select_device
+from pipeline.core.errors import ServingError
 from pipeline.core.io import Layout, parquet_stream, write_json
+from pipeline.data.features import ITEM_VOCAB_FILE, SEQUENCES_FILE, USER_VOCAB_FILE
+from pipeline.data.sequences import load_sequences
+from pipeline.models.recommender import Recommender
+from pipeline.serving.pyfunc import Servable
 
 logger = logging.getLogger(__name__)
 
@@ -39,33 +46,22 @@ def recommendations_path(layout: Layout) -> Path:
     return layout.root / "data" / "recommendations" / RECOMMENDATIONS_FILE
 
 
-def select_device(choice: str) -> str:
-    import torch
-
-    from pipeline.registry.registry import RegistryError
-
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RegistryError("recommend.device=cuda but no CUDA device is available; use auto or cpu")
-    return "cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu"
+def check_histories(cfg: RecommendConfig, layout: Layout) -> None:
+    """Fail before any model is loaded when the histories to recommend for are not there."""
+    if cfg.histories == "features" and not (layout.features_dir / SEQUENCES_FILE).exists():
+        raise ServingError(f"{layout.features_dir} has no features: run the features stage first "
+                           "(or set recommend.histories=champion)")
 
 
-def run_recommend(cfg: RecommendConfig, registry: RegistryConfig, tracking: TrackingConfig, layout: Layout) -> dict:
-    from pipeline.data.features import ITEM_VOCAB_FILE, USER_VOCAB_FILE
-    from pipeline.models.recommender import Recommender
-    from pipeline.registry.registry import CHAMPION, RegistryError, _alias_version, _client, load_servable
-    from pipeline.data.sequences import load_sequences
+def run_recommend(cfg: RecommendConfig, servable: Servable, layout: Layout, *, model_name: str, version: str) -> dict:
+    """Top-k for every user of the features (or of the histories registered with the model) -> Parquet + report.
 
+    `servable` is the registered model (the registry's `load_champion` gives the champion's).
+    """
+    check_histories(cfg, layout)
     started = time.perf_counter()
     from_features = cfg.histories == "features"
-    if from_features and not (layout.features_dir / "sequences.parquet").exists():
-        raise RegistryError(f"{layout.features_dir} has no features: run the features stage first "
-                            "(or set recommend.histories=champion)")
-    client = _client(tracking, layout.root)
-    champion = _alias_version(client, registry.model_name, CHAMPION)
-    if champion is None:
-        raise RegistryError(f"{registry.model_name} has no {CHAMPION!r}: run register and promote first")
-    servable = load_servable(registry.model_name, champion.version)
-    device = select_device(cfg.device)
+    device = select_device(cfg.device, "recommend.device")
     servable.recommender = Recommender(servable.recommender.model, device)
     k = min(cfg.k, servable.n_items)
 
@@ -109,12 +105,11 @@ def run_recommend(cfg: RecommendConfig, registry: RegistryConfig, tracking: Trac
             writer.write_table(pa.table(batch, schema=schema))
             n_rows += len(batch["rank"])
     summary = {
-        "model_name": registry.model_name, "version": str(champion.version), "histories": cfg.histories,
+        "model_name": model_name, "version": str(version), "histories": cfg.histories,
         "users": n_users, "rows": n_rows, "k": k,
-        "device": device, "sources": sources, "path": str(target.relative_to(layout.root)),
+        "device": str(device), "sources": sources, "path": str(target.relative_to(layout.root)),
         "seconds": round(time.perf_counter() - started, 3),
     }
     write_json(summary, layout.reports_dir / REPORT)
-    logger.info("recommend: %d users x top-%d with %s version %s on %s -> %s", n_users, k, registry.model_name,
-                champion.version, device, target)
+    logger.info("recommend: %d users x top-%d with %s version %s on %s -> %s", n_users, k, model_name, version, device, target)
     return summary

@@ -37,14 +37,15 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.models import baselines
 from pipeline.core.config import TrackingConfig, TrainConfig
-from pipeline.core.errors import PipelineError
-from pipeline.evaluation.evaluate import evaluate
+from pipeline.core.devices import select_device
+from pipeline.core.errors import TrainError
 from pipeline.core.io import Layout, atomic_path, write_json
-from pipeline.models.sasrec import PRESETS, SASRec, SASRecConfig, count_parameters, save_model
-from pipeline.data.sequences import SequenceData, load_sequences, n_training_batches, training_batches
 from pipeline.core.tracking import flatten, lineage_tags, mlflow_run, read_run_id, write_run_id
+from pipeline.data.sequences import SequenceData, load_sequences, n_training_batches, training_batches
+from pipeline.evaluation.metrics import evaluate
+from pipeline.models import baselines
+from pipeline.models.sasrec import PRESETS, SASRec, SASRecConfig, count_parameters, save_model
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +55,6 @@ BASELINES_DIR = "baselines"
 VALID_METRIC = "full/NDCG@10"
 
 
-class TrainError(PipelineError):
-    """Training cannot start or continue (no features, bad checkpoint, invalid shape)."""
 
 
 @dataclass
@@ -71,15 +70,6 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------- devices
-
-
-def select_device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise TrainError("train.device=cuda but no CUDA device is available; use auto or cpu")
-    if cfg.device == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    return torch.device("cuda", local_rank)
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -250,7 +240,7 @@ def run_train(
         raise TrainError(f"{layout.features_dir}/sequences.parquet not found: run the features stage first")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    device = select_device(cfg)
+    device = select_device(cfg.device, "train.device")
     world = init_distributed(device)
     data = load_sequences(layout.features_dir)
     run_dir = layout.model_dir(cfg.run_name)

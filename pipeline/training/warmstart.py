@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from pipeline.training.train import TrainError
+from pipeline.core.errors import TrainError
 from pipeline.models.sasrec import CONFIG_FILE, WEIGHTS_FILE, SASRec
 
 logger = logging.getLogger(__name__)

@@ -5,16 +5,18 @@ import json
 import pytest
 import torch
 
-from pipeline.compression.compress import CompressError, compress_variant, run_compress
-from pipeline.evaluation.compression_report import REPORT_JSON, REPORT_PNG, run_compression_report
-from pipeline.core.config import params_from_dict
+from pipeline.compression.compress import compress_variant, run_compress
 from pipeline.compression.distill import build_student, distillation_loss
+from pipeline.compression.pruning import magnitude_masks, prune_structured
+from pipeline.models.sparse import densify_state, sparsify_state
+from pipeline.core.config import params_from_dict
+from pipeline.core.errors import CompressError
+from pipeline.data.sequences import evaluation_batches, load_sequences, training_batches
+from pipeline.evaluation.compression_report import REPORT_JSON, REPORT_PNG, run_compression_report
 from pipeline.models.recommender import Recommender
 from pipeline.models.sasrec import SASRec, SASRecConfig, load_model
-from pipeline.compression.pruning import densify_state, magnitude_masks, prune_structured, sparsify_state
-from pipeline.data.sequences import evaluation_batches, load_sequences, training_batches
-from pipeline.training.train import run_train
 from pipeline.models.variants import VARIANT_FILE, load_variant, save_variant, size_on_disk
+from pipeline.training.train import run_train
 from tests.helpers import build_features
 
 TINY_TRAIN = ["train.d_model=32", "train.n_heads=2", "train.n_layers=2", "train.max_len=20", "train.epochs=6",

@@ -1,8 +1,8 @@
 import pytest
 
-from pipeline.orchestration.cli import main
 from pipeline.core.config import load_params, params_from_dict
 from pipeline.core.errors import ConfigError
+from pipeline.orchestration.cli import main
 
 
 def test_repo_params_yaml_is_valid():
@@ -72,10 +72,10 @@ def test_configuration_reference_is_up_to_date():
 
 
 def test_reference_lists_every_key_of_params_yaml():
+    import yaml
+
     from pipeline.core.config import reference_markdown
     from pipeline.core.tracking import flatten
-
-    import yaml
 
     reference = reference_markdown()
     for key in flatten(yaml.safe_load(open("params.yaml", encoding="utf-8"))):

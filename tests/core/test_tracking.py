@@ -1,12 +1,12 @@
 import json
 
-import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
+import mlflow
 from pipeline.core.config import params_from_dict
-from pipeline.evaluation.evaluate import run_evaluate
 from pipeline.core.tracking import dvc_locked_hash, flatten, resolve_tracking_uri
+from pipeline.evaluation.evaluate import run_evaluate
 from pipeline.training.train import run_train
 from tests.helpers import build_features
 

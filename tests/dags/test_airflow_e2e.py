@@ -21,8 +21,8 @@ import requests
 
 from pipeline.orchestration import runs
 from tests.browser import Browser, find_chromium
-from tests.helpers import TINY_FORM
 from tests.dags.test_dags import TRAIN_ORDER
+from tests.helpers import TINY_FORM
 
 pytestmark = pytest.mark.slow
 

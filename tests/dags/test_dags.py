@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.orchestration import runs
 from pipeline.core.config import load_params
 from pipeline.core.errors import ConfigError
+from pipeline.orchestration import runs
 from tests.helpers import TINY_FORM
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 
 from pipeline.core.config import DriftConfig, params_from_dict
-from pipeline.data.drift import drift_checks, popularity_buckets, psi, run_drift
 from pipeline.core.errors import DriftDetected, IngestError
 from pipeline.core.io import Layout, write_parquet
+from pipeline.data.drift import drift_checks, popularity_buckets, psi, run_drift
 
 
 def _frame(users, items) -> pd.DataFrame:

@@ -4,8 +4,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.core.config import FeaturesConfig
-from pipeline.data.features import FeaturesError, apply_kcore, run_features
+from pipeline.core.errors import FeaturesError
 from pipeline.core.io import Layout, write_parquet
+from pipeline.data.features import apply_kcore, run_features
 
 T0 = pd.Timestamp("2024-01-01", tz="UTC")
 

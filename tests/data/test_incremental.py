@@ -8,8 +8,8 @@ import pyarrow as pa
 import pytest
 
 from pipeline.core.errors import IngestError
-from pipeline.data.incremental import merge_with_reference, select_new
 from pipeline.core.io import Layout, write_parquet
+from pipeline.data.incremental import merge_with_reference, select_new
 
 
 def _rows(*keys, source="synthetic") -> pd.DataFrame:
@@ -81,8 +81,8 @@ def test_incremental_flow_grows_the_vocabularies_and_warm_starts(tmp_path, monke
 
     from pipeline.orchestration import runs
     from pipeline.training.warmstart import TABLE_KEY
-    from tests.helpers import TINY_FORM
     from tests.dags.test_dags import ROOT
+    from tests.helpers import TINY_FORM
 
     monkeypatch.setenv("LEANREC_RUNS_DIR", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -125,50 +125,3 @@ def test_incremental_flow_grows_the_vocabularies_and_warm_starts(tmp_path, monke
     # The same source as the reference again: nothing new, nothing to do.
     _, ran = incremental("third", seed=42, items=TINY_FORM["synthetic_items"])
     assert not ran
-
-
-def test_champion_lineage_from_the_registry_tags(tmp_path, monkeypatch):
-    """An incremental run starts from the champion's work dir: its data, vocabularies and teacher."""
-    import yaml
-
-    from pipeline.orchestration import runs
-    from pipeline.core.config import RegistryConfig, TrackingConfig
-    from pipeline.core.errors import ConfigError
-    from pipeline.data.incremental import champion_lineage
-    from pipeline.registry.registry import RegistryError, promote, register
-    from tests.registry_helpers import build_trained, compress
-
-    tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    assert champion_lineage(RegistryConfig(), tracking, tmp_path) is None
-    base = tmp_path / "params.yaml"
-    base.write_text(yaml.safe_dump({"tracking": {"tracking_uri": tracking.tracking_uri}}))
-    monkeypatch.setenv("LEANREC_RUNS_DIR", str(tmp_path / "runs"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    with pytest.raises(RegistryError, match="has no champion: an incremental run fine-tunes the champion"):
-        runs.prepare_incremental_run("scheduled__1", {}, base_params=base)
-
-    layout = build_trained(tmp_path / "trained")
-    compress(layout, ("int8_table",))
-    register(RegistryConfig(), tracking, layout)
-    promote(RegistryConfig(), tracking, layout)
-    lineage = champion_lineage(RegistryConfig(), tracking, tmp_path)
-    root = layout.root.resolve()
-    assert (lineage.version, lineage.workdir) == ("1", str(root))
-    assert lineage.reference == str(root / "data/validated/interactions.parquet")
-    assert lineage.features_dir == str(root / "data/features")
-    config = json.loads((root / "models/main/model_config.json").read_text())
-    assert lineage.model_dir == str(root / "models/main")  # the teacher, whichever variant was registered
-    assert lineage.shape == {k: config[k] for k in ("d_model", "n_layers", "n_heads", "max_len")}
-
-    run_root = runs.prepare_incremental_run("scheduled__2", {"epochs": 1}, base_params=base)
-    params = runs.run_params(run_root)
-    assert (params.drift.reference, params.features.vocab_from, params.train.init_from) == (
-        lineage.reference, lineage.features_dir, lineage.model_dir)
-    assert (params.train.d_model, params.train.epochs) == (config["d_model"], 1)
-
-    # A work dir overwritten since registration is refused, not silently used.
-    (layout.features_dir / "stats.json").write_text("{}")
-    with pytest.raises(ConfigError, match="changed since registration"):
-        champion_lineage(RegistryConfig(), tracking, tmp_path)
-    # The run recorded its lineage: a retried prepare keeps the champion it started from.
-    assert runs.prepare_incremental_run("scheduled__2", {"epochs": 1}, base_params=base) == run_root

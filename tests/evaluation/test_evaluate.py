@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.evaluation.evaluate import evaluate, metrics_from_ranks, popularity_scores, target_ranks
 from pipeline.data.sequences import SequenceData
+from pipeline.evaluation.metrics import evaluate, metrics_from_ranks, target_ranks
+from pipeline.models.baselines import popularity_scores
 
 
 def test_metrics_against_hand_computed_values():

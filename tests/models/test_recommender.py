@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from pipeline.evaluation.evaluate import evaluate
+from pipeline.data.sequences import evaluation_batches, load_sequences
+from pipeline.evaluation.metrics import evaluate
 from pipeline.models.recommender import Recommender
 from pipeline.models.sasrec import SASRec, SASRecConfig, save_model
-from pipeline.data.sequences import evaluation_batches, load_sequences
 from tests.helpers import build_features
 
 

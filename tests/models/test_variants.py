@@ -5,11 +5,11 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.core.config import params_from_dict
+from pipeline.data.sequences import evaluation_batches, load_sequences
 from pipeline.models.recommender import Recommender
 from pipeline.models.sasrec import WEIGHTS_FILE, load_model
-from pipeline.data.sequences import evaluation_batches, load_sequences
-from pipeline.training.train import run_train
 from pipeline.models.variants import VARIANT_FILE, factorise, load_variant, save_variant, size_on_disk
+from pipeline.training.train import run_train
 from tests.helpers import build_features
 
 

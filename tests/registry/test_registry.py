@@ -14,14 +14,16 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from mlflow import MlflowClient
 
-from pipeline.registry import registry
-from pipeline.orchestration.cli import main
+from mlflow import MlflowClient
 from pipeline.core.config import PolicyConfig, RegistryConfig, TrackingConfig
-from pipeline.registry.registry import RegistryError, promote, register, rollback, select_candidate
-from tests.registry_helpers import build_trained, clone_workdir, compress, measure, save_random_model, write_compression
+from pipeline.core.errors import RegistryError
+from pipeline.orchestration.cli import main
+from pipeline.registry import promote as promotion
+from pipeline.registry.promote import promote, rollback
+from pipeline.registry.register import register, select_candidate
 from tests.helpers import copy_repo
+from tests.registry_helpers import build_trained, clone_workdir, compress, measure, save_random_model, write_compression
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -201,7 +203,7 @@ def test_failure_mid_promotion_leaves_aliases_as_they_were(work, tmp_path, monke
         original = MlflowClient.set_model_version_tag
 
         def failing(self, name, version, key, value):
-            if key == registry.TAG_DECISION:
+            if key == promotion.TAG_DECISION:
                 raise RuntimeError("store went away")
             return original(self, name, version, key, value)
 
@@ -210,7 +212,7 @@ def test_failure_mid_promotion_leaves_aliases_as_they_were(work, tmp_path, monke
         def failing_write(data, target):
             raise OSError("disk full")
 
-        monkeypatch.setattr(registry, "write_json", failing_write)
+        monkeypatch.setattr(promotion, "write_json", failing_write)
     with pytest.raises(RegistryError, match="aliases left as they were"):
         promote(RegistryConfig(), tracking, work)
     assert _aliases(tracking) == before
@@ -221,7 +223,7 @@ def test_failure_mid_promotion_leaves_aliases_as_they_were(work, tmp_path, monke
 def test_failure_before_first_champion_leaves_no_champion(work, tmp_path, monkeypatch):
     tracking = _tracking(tmp_path)
     _register_only(work, tracking, "main")
-    monkeypatch.setattr(registry, "write_json", lambda data, target: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(promotion, "write_json", lambda data, target: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(RegistryError):
         promote(RegistryConfig(), tracking, work)
     assert _aliases(tracking) == {"challenger": "1"}
@@ -238,13 +240,13 @@ def test_concurrent_promotions_never_leave_the_registry_without_a_champion(work,
     versions.append(_register_only(work, tracking, "models/copy")["version"])
     # Both promotions read the same champion and decide before either writes: the race is forced, not hoped for.
     barrier = threading.Barrier(2, timeout=60)
-    original_decide = registry.decide
+    original_decide = promotion.decide
 
     def decide_together(*args, **kwargs):
         barrier.wait()
         return original_decide(*args, **kwargs)
 
-    monkeypatch.setattr(registry, "decide", decide_together)
+    monkeypatch.setattr(promotion, "decide", decide_together)
     client = MlflowClient(tracking.tracking_uri, tracking.tracking_uri)
     seen, errors, results = [], [], {}
     done = threading.Event()
@@ -432,15 +434,15 @@ def test_scoring_matches_items_by_raw_id_when_the_vocabulary_differs(trained):
     other = Servable(Recommender(permuted.eval()), renumbered, users)
     assert other.item_index != same.item_index
 
-    expected = registry.score_on_split(same, trained.features_dir)
-    got = registry.score_on_split(other, trained.features_dir)
+    expected = promotion.score_on_split(same, trained.features_dir)
+    got = promotion.score_on_split(other, trained.features_dir)
     assert got["ndcg@10"] == pytest.approx(expected["ndcg@10"], abs=1e-9) and got["users"] == expected["users"]
     assert expected["ndcg@10"] > 0.05  # a trained model, not a constant scorer
 
     # A model that knows only half of today's items: the others are never recommended (so they cannot be
     # hits), histories keep the known items, and users with none of them get the popularity ranking.
-    from pipeline.models.sasrec import SASRecConfig
     from pipeline.data.sequences import load_sequences
+    from pipeline.models.sasrec import SASRecConfig
 
     kept = np.arange(1, n + 1)[::2]  # old indices the smaller model keeps
     small = SASRec(SASRecConfig(**{**teacher.cfg.to_dict(), "n_items": len(kept)}))
@@ -448,7 +450,7 @@ def test_scoring_matches_items_by_raw_id_when_the_vocabulary_differs(trained):
     small.load_state_dict({**state, "item_embedding.weight": small_table})
     subset = items.set_index("index").loc[kept].reset_index()
     subset["index"] = np.arange(1, len(kept) + 1, dtype=np.int32)
-    half = registry.score_on_split(Servable(Recommender(small.eval()), subset, users), trained.features_dir)
+    half = promotion.score_on_split(Servable(Recommender(small.eval()), subset, users), trained.features_dir)
     data = load_sequences(trained.features_dir)
     has_test = data.n_test > 0
     targets = data.items[data.offsets[:-1][has_test] + data.n_train[has_test] + data.n_valid[has_test]]

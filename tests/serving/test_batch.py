@@ -1,4 +1,4 @@
-"""Batch recommendations with the registry's champion."""
+"""Batch recommendations with the registry's champion (serving/batch.py, fed by registry/store.py:load_champion)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,23 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.core.config import RecommendConfig, RegistryConfig, TrackingConfig
-from pipeline.models.recommender import Recommender
-from pipeline.serving.batch import recommendations_path, run_recommend
-from pipeline.registry.registry import RegistryError, promote, register
+from pipeline.core.devices import select_device
+from pipeline.core.errors import ConfigError, RegistryError, ServingError
 from pipeline.data.sequences import load_sequences
+from pipeline.models.recommender import Recommender
+from pipeline.registry.promote import promote
+from pipeline.registry.register import register
+from pipeline.registry.store import load_champion
+from pipeline.serving.batch import check_histories, recommendations_path, run_recommend
 from tests.registry_helpers import build_trained, compress
+
+
+def recommend(cfg: RecommendConfig, tracking: TrackingConfig, layout, registry: RegistryConfig | None = None) -> dict:
+    """The recommend stage as the CLI wires it: histories checked, champion loaded, users scored."""
+    registry = registry or RegistryConfig()
+    check_histories(cfg, layout)
+    servable, version = load_champion(registry, tracking, layout.root)
+    return run_recommend(cfg, servable, layout, model_name=registry.model_name, version=version)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +38,7 @@ def champion(tmp_path_factory):
 
 def test_every_known_user_gets_the_champions_top_k(champion):
     layout, tracking, registered = champion
-    summary = run_recommend(RecommendConfig(k=7, batch_size=50, device="cpu"), RegistryConfig(), tracking, layout)
+    summary = recommend(RecommendConfig(k=7, batch_size=50, device="cpu"), tracking, layout)
     data = load_sequences(layout.features_dir)
     frame = pq.read_table(recommendations_path(layout)).to_pandas()
     assert summary["users"] == len(data.users) and summary["rows"] == len(frame) == 7 * len(data.users)
@@ -51,29 +63,29 @@ def test_every_known_user_gets_the_champions_top_k(champion):
 def test_recommend_without_a_champion_says_so(champion, tmp_path):
     layout, _, _ = champion
     with pytest.raises(RegistryError, match="no 'champion': run register and promote first"):
-        run_recommend(RecommendConfig(), RegistryConfig(), TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/empty.db"), layout)
+        recommend(RecommendConfig(), TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/empty.db"), layout)
 
 
 def test_device_choice(champion, tmp_path):
     import torch
 
-    from pipeline.serving.batch import select_device
-
-    assert select_device("cpu") == "cpu"
-    assert select_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert select_device("cpu", "recommend.device") == torch.device("cpu")
+    assert select_device("auto", "recommend.device").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(RegistryError, match="no CUDA device"):
-            select_device("cuda")
+        with pytest.raises(ConfigError, match="recommend.device=cuda but no CUDA device"):
+            select_device("cuda", "recommend.device")
+    with pytest.raises(ConfigError, match="choose auto, cpu or cuda"):
+        select_device("gpu", "recommend.device")
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_recommendations_match_cpu(champion):
     layout, tracking, _ = champion
-    run_recommend(RecommendConfig(k=5, device="cpu"), RegistryConfig(), tracking, layout)
+    recommend(RecommendConfig(k=5, device="cpu"), tracking, layout)
     cpu = pq.read_table(recommendations_path(layout)).to_pandas()
-    summary = run_recommend(RecommendConfig(k=5, device="cuda"), RegistryConfig(), tracking, layout)
+    summary = recommend(RecommendConfig(k=5, device="cuda"), tracking, layout)
     gpu = pq.read_table(recommendations_path(layout)).to_pandas()
-    assert summary["device"] == "cuda"
+    assert summary["device"].startswith("cuda")
     agreement = (cpu["item_id"] == gpu["item_id"]).mean()
     assert agreement > 0.98  # TF32/kernel differences may swap near-ties
 
@@ -84,10 +96,10 @@ def test_champion_histories_need_only_the_registry(champion, tmp_path):
     from pipeline.core.io import Layout
 
     layout, tracking, registered = champion
-    run_recommend(RecommendConfig(k=5, device="cpu"), RegistryConfig(), tracking, layout)
+    recommend(RecommendConfig(k=5, device="cpu"), tracking, layout)
     from_features = pq.read_table(recommendations_path(layout)).to_pandas()
     empty = Layout(tmp_path / "work")
-    summary = run_recommend(RecommendConfig(k=5, device="cpu", histories="champion"), RegistryConfig(), tracking, empty)
+    summary = recommend(RecommendConfig(k=5, device="cpu", histories="champion"), tracking, empty)
     from_champion = pq.read_table(recommendations_path(empty)).to_pandas()
     assert not empty.features_dir.exists()
     assert (summary["histories"], summary["version"], summary["users"]) == ("champion", registered["version"],
@@ -96,5 +108,5 @@ def test_champion_histories_need_only_the_registry(champion, tmp_path):
     assert from_champion.dtypes.to_dict() == from_features.dtypes.to_dict()
     assert from_champion.sort_values(key).reset_index(drop=True)[[*key, "item_id"]].equals(
         from_features.sort_values(key).reset_index(drop=True)[[*key, "item_id"]])
-    with pytest.raises(RegistryError, match="or set recommend.histories=champion"):
-        run_recommend(RecommendConfig(), RegistryConfig(), tracking, empty)
+    with pytest.raises(ServingError, match="or set recommend.histories=champion"):
+        recommend(RecommendConfig(), tracking, empty)

@@ -9,21 +9,22 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from mlflow.exceptions import MlflowException
 
+import mlflow
 from pipeline.core.config import RegistryConfig, TrackingConfig
-from pipeline.models.recommender import Recommender
-from pipeline.registry.registry import promote, register
 from pipeline.data.sequences import load_sequences
-from pipeline.serving.pyfunc import log_servable
+from pipeline.models.recommender import Recommender
 from pipeline.models.variants import save_variant
-from tests.registry_helpers import build_trained, compress
+from pipeline.registry.promote import promote
+from pipeline.registry.register import register
+from pipeline.serving.pyfunc import log_servable
 from tests.registry.test_registry import _free_port, _stop, _wait_for, start_server
+from tests.registry_helpers import build_trained, compress
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.core.config import params_from_dict
-from pipeline.training.train import CHECKPOINT_FILE, curriculum_len, run_train
 from pipeline.core.tracking import read_run_id
+from pipeline.training.train import CHECKPOINT_FILE, curriculum_len, run_train
 from tests.helpers import build_features, copy_features
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,8 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.core.config import params_from_dict
+from pipeline.core.errors import TrainError
 from pipeline.models.sasrec import SASRec, SASRecConfig, save_model
-from pipeline.training.train import TrainError, run_train
+from pipeline.training.train import run_train
 from pipeline.training.warmstart import TABLE_KEY, grow_state, warm_start
 from tests.helpers import build_features
 

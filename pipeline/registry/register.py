@@ -1,0 +1,162 @@
+"""MLflow model registry: register the policy's candidate, gate its promotion, roll back.
+
+- `register`: among the teacher and its variants in reports/compression.json, the
+  candidate is the best by `registry.policy.metric` within the latency and size
+  budgets; it is logged as the servable pyfunc (pipeline/serving/pyfunc.py), registered
+  as a new version of `registry.model_name` with its figures and lineage as tags,
+  and aliased `challenger`. A version whose files (model + features) have the
+  same content hash is reused instead of duplicated, so re-running is safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.config import RegistryConfig, TrackingConfig
+from pipeline.core.errors import RegistryError
+from pipeline.core.io import Layout, write_json
+from pipeline.registry.store import (
+    CHALLENGER,
+    COMPRESSION_REPORT,
+    FIGURES,
+    REGISTRATION_REPORT,
+    TAG_CONTENT,
+    TAG_TEACHER,
+    TAG_WORKDIR,
+    registry_client,
+    tag_key,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def read_compression(layout: Layout) -> dict:
+    path = layout.reports_dir / COMPRESSION_REPORT
+    if not path.exists():
+        raise RegistryError(f"{path} not found: run the compress and evaluate stages first")
+    report = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(report.get("models"), dict) or not report["models"]:
+        raise RegistryError(f"{path} lists no models")
+    return report
+
+
+def select_candidate(report: dict, policy: Any) -> tuple[str, dict[str, str]]:
+    """The policy's pick and, for every model, why it was or was not eligible."""
+    models = report["models"]
+    unknown = [name for name in policy.candidates if name not in models]
+    if unknown:
+        raise RegistryError(f"registry.policy.candidates {unknown} are not in {COMPRESSION_REPORT} (it has {sorted(models)})")
+    names = policy.candidates or list(models)
+    reasons: dict[str, str] = {}
+    eligible = []
+    for name in names:
+        entry = models[name]
+        latency, size, score = entry.get("latency_p50_ms"), entry.get("size_bytes"), entry.get(policy.metric)
+        if score is None:
+            reasons[name] = f"no {policy.metric}"
+        elif policy.max_latency_p50_ms is not None and (latency is None or latency > policy.max_latency_p50_ms):
+            reasons[name] = f"latency_p50_ms {latency} over the budget {policy.max_latency_p50_ms}"
+        elif policy.max_size_bytes is not None and (size is None or size > policy.max_size_bytes):
+            reasons[name] = f"size_bytes {size} over the budget {policy.max_size_bytes}"
+        else:
+            reasons[name] = "eligible"
+            eligible.append(name)
+    if not eligible:
+        raise RegistryError("no model meets the registry policy: " + "; ".join(f"{n}: {r}" for n, r in reasons.items()))
+    # Best metric; ties go to the smaller model, then to the name (deterministic).
+    best = max(eligible, key=lambda n: (models[n][policy.metric], -(models[n].get("size_bytes") or 0), n))
+    reasons[best] = "selected"
+    return best, reasons
+
+
+def content_sha256(model_dir: Path, features_sha: str) -> str:
+    """Hash of the model's own files and of the features it is served with."""
+    from pipeline.serving.pyfunc import model_files
+
+    digest = hashlib.sha256()
+    for file in model_files(model_dir):
+        digest.update(file.name.encode())
+        digest.update(hashlib.sha256(file.read_bytes()).digest())
+    digest.update(features_sha.encode())
+    return digest.hexdigest()
+
+
+def _ensure_registered_model(client: Any, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        try:
+            client.create_registered_model(name, description="LeanRec SASRec recommender (teacher or compressed variant)")
+        except MlflowException as create_err:  # created meanwhile by a concurrent register
+            if create_err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+
+
+def register(cfg: RegistryConfig, tracking: TrackingConfig, layout: Layout) -> dict:
+    """Register the policy's candidate (or reuse its identical version) and alias it `challenger`."""
+    from pipeline.core.tracking import directory_sha256, git_commit, mlflow_run, read_run_id
+
+    report = read_compression(layout)
+    candidate, reasons = select_candidate(report, cfg.policy)
+    entry = report["models"][candidate]
+    model_dir = layout.root / entry["path"]
+    if not model_dir.is_dir():
+        raise RegistryError(f"{candidate}: {model_dir} does not exist (compression.json paths are relative to the work dir)")
+    if not (layout.features_dir / "sequences.parquet").exists():
+        raise RegistryError(f"{layout.features_dir} has no features: run the features stage first")
+    features_sha = directory_sha256(layout.features_dir)
+    content = content_sha256(model_dir, features_sha)
+    client = registry_client(tracking, layout.root)
+    _ensure_registered_model(client, cfg.model_name)
+
+    existing = [v for v in client.search_model_versions(f"name='{cfg.model_name}'") if v.tags.get(TAG_CONTENT) == content]
+    if existing:
+        version = min(existing, key=lambda v: int(v.version))
+        created = False
+        logger.info("%s: identical files already registered as version %s; reusing it", candidate, version.version)
+    else:
+        teacher_path = report["models"].get(report.get("teacher", "teacher"), {}).get("path", entry["path"])
+        teacher_dir = layout.root / teacher_path
+        parent = entry.get("mlflow_run_id") or read_run_id(teacher_dir) or ""
+        tags = {
+            TAG_CONTENT: content,
+            "leanrec.variant": candidate,
+            "leanrec.kind": str(entry.get("kind", "")),
+            "leanrec.path": entry["path"],
+            "leanrec.parent_run_id": parent,
+            "leanrec.features.sha256": features_sha,
+            TAG_WORKDIR: str(layout.root.resolve()),
+            TAG_TEACHER: str(teacher_path),
+            "leanrec.git_commit": git_commit(layout.root) or git_commit() or "",
+            "leanrec.split": str(report.get("split", "")),
+            "leanrec.device": str(report.get("device", "")),
+            **{tag_key(f): str(entry[f]) for f in FIGURES if entry.get(f) is not None},
+        }
+        import mlflow
+        from pipeline.serving.pyfunc import log_servable
+
+        with mlflow_run(tracking, layout.root, f"register-{candidate}", tags={k: v for k, v in tags.items() if v},
+                        system_metrics=False):
+            mlflow.log_dict(report, f"reports/{COMPRESSION_REPORT}")
+            mlflow.log_metrics({tag_key(f).removeprefix("leanrec.metric."): float(entry[f])
+                                for f in FIGURES if isinstance(entry.get(f), int | float)})
+            info = log_servable(model_dir, layout.features_dir)
+            version = mlflow.register_model(info.model_uri, cfg.model_name, tags={k: v for k, v in tags.items() if v})
+        created = True
+        logger.info("registered %s as %s version %s", candidate, cfg.model_name, version.version)
+    client.set_registered_model_alias(cfg.model_name, CHALLENGER, version.version)
+    result = {
+        "model_name": cfg.model_name, "version": str(version.version), "alias": CHALLENGER, "candidate": candidate,
+        "kind": entry.get("kind"), "path": entry["path"], "created": created, "content_sha256": content,
+        "figures": {f: entry.get(f) for f in FIGURES}, "policy": cfg.policy.model_dump(mode="json"), "considered": reasons,
+    }
+    write_json(result, layout.reports_dir / REGISTRATION_REPORT)
+    return result
