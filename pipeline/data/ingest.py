@@ -16,10 +16,9 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from pipeline.core import schema
-
-from pipeline.data import synthetic
 from pipeline.core.config import IngestConfig
 from pipeline.core.io import Layout, parquet_stream, write_json, write_parquet
+from pipeline.data.sources import synthetic
 
 logger = logging.getLogger(__name__)
 
