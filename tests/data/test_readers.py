@@ -1,4 +1,4 @@
-"""pipeline.data.readers: MovieLens formats, any CSV/Parquet file, and every kind of bad input.
+"""pipeline.data.sources readers: MovieLens formats, any CSV/Parquet file, and every kind of bad input.
 
 Each test writes its own tiny files in the official formats into tmp_path.
 """
@@ -11,6 +11,7 @@ import functools
 import hashlib
 import io
 import threading
+import typing
 import zipfile
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,11 +22,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data import readers
-
 from pipeline.core import schema
 from pipeline.core.config import ColumnMapping, FileConfig, MovieLensConfig
 from pipeline.core.errors import IngestError
+from pipeline.data.sources import convert, download, files, movielens, parse, text
 
 UTC = dt.timezone.utc
 REAL_ML_100K = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "ml-100k"
@@ -59,11 +59,11 @@ def rows(table: pa.Table) -> list[tuple]:
     return list(zip(*(table[name].to_pylist() for name in schema.RAW_COLUMNS[:4])))
 
 
-def quarantined(result: readers.ReadResult) -> list[tuple[int, str]]:
+def quarantined(result: convert.ReadResult) -> list[tuple[int, str]]:
     return list(zip(result.quarantine["line"].tolist(), result.quarantine["reason"].tolist()))
 
 
-def assert_accounts_for_every_row(result: readers.ReadResult, data_lines: int) -> None:
+def assert_accounts_for_every_row(result: convert.ReadResult, data_lines: int) -> None:
     assert result.details["rows_read"] == result.table.num_rows + len(result.quarantine) == data_lines
 
 
@@ -71,7 +71,7 @@ def assert_accounts_for_every_row(result: readers.ReadResult, data_lines: int) -
 
 
 def test_ml_100k_u_data_values(tmp_path):
-    result = readers.read_movielens(ml_config(write(tmp_path / "ml-100k" / "u.data", U_DATA).parent))
+    result = movielens.read_movielens(ml_config(write(tmp_path / "ml-100k" / "u.data", U_DATA).parent))
 
     assert result.table.schema == schema.raw_schema(pa.int64())
     assert rows(result.table) == [
@@ -86,7 +86,7 @@ def test_ml_100k_u_data_values(tmp_path):
 
 
 def test_ml_1m_ratings_dat_values(tmp_path):
-    result = readers.read_movielens(ml_config(write(tmp_path / "ml-1m" / "ratings.dat", RATINGS_DAT).parent))
+    result = movielens.read_movielens(ml_config(write(tmp_path / "ml-1m" / "ratings.dat", RATINGS_DAT).parent))
 
     assert rows(result.table) == [
         (1, 1193, utc(978300760), 5.0),
@@ -101,14 +101,14 @@ def test_ml_10m_found_in_archive_subfolder_with_half_stars(tmp_path):
     # ml-10m.zip unpacks into ml-10M100K/; ML-10M has half-star ratings.
     write(tmp_path / "ml-10m" / "ml-10M100K" / "ratings.dat", "1::122::2.5::838985046\n")
 
-    result = readers.read_movielens(ml_config(tmp_path / "ml-10m"))
+    result = movielens.read_movielens(ml_config(tmp_path / "ml-10m"))
 
     assert rows(result.table) == [(1, 122, utc(838985046), 2.5)]
     assert result.table["source"].to_pylist() == ["movielens:ml-10m"]
 
 
 def test_ml_20m_ratings_csv_values(tmp_path):
-    result = readers.read_movielens(ml_config(write(tmp_path / "ml-20m" / "ratings.csv", RATINGS_CSV).parent))
+    result = movielens.read_movielens(ml_config(write(tmp_path / "ml-20m" / "ratings.csv", RATINGS_CSV).parent))
 
     assert rows(result.table) == [
         (1, 296, utc(1147880044), 5.0),
@@ -122,8 +122,8 @@ def test_ml_20m_ratings_csv_values(tmp_path):
 def test_directory_and_file_path_give_the_same_table(tmp_path):
     ratings = write(tmp_path / "ml-1m" / "ratings.dat", RATINGS_DAT)
 
-    from_directory = readers.read_movielens(ml_config(ratings.parent))
-    from_file = readers.read_movielens(ml_config(ratings))
+    from_directory = movielens.read_movielens(ml_config(ratings.parent))
+    from_file = movielens.read_movielens(ml_config(ratings))
 
     assert from_directory.table.equals(from_file.table)
     assert from_file.details["path"] == str(ratings)
@@ -132,7 +132,7 @@ def test_directory_and_file_path_give_the_same_table(tmp_path):
 def test_format_of_a_renamed_file_is_sniffed_from_its_first_line(tmp_path):
     renamed = write(tmp_path / "export.txt", RATINGS_DAT)
 
-    result = readers.read_movielens(ml_config(renamed))
+    result = movielens.read_movielens(ml_config(renamed))
 
     assert result.details["format"] == "ratings.dat"
     assert result.table["item_id"].to_pylist() == [1193, 661, 1357]
@@ -142,14 +142,14 @@ def test_variant_must_match_the_file_found(tmp_path):
     write(tmp_path / "data" / "u.data", U_DATA)
 
     with pytest.raises(IngestError, match=r"ratings\.dat"):
-        readers.read_movielens(ml_config(tmp_path / "data", variant="ml-1m"))
+        movielens.read_movielens(ml_config(tmp_path / "data", variant="ml-1m"))
 
 
 def test_u_data_written_with_commas_is_a_clear_error(tmp_path):
     comma_separated = write(tmp_path / "ml-100k" / "u.data", U_DATA.replace("\t", ","))
 
     with pytest.raises(IngestError) as error:
-        readers.read_movielens(ml_config(comma_separated.parent))
+        movielens.read_movielens(ml_config(comma_separated.parent))
 
     message = str(error.value)
     assert "tab-separated" in message  # what was expected
@@ -161,31 +161,31 @@ def test_unrecognised_file_names_the_expected_formats(tmp_path):
 
     expected = r"not a MovieLens ratings file.*u\.data.*ratings\.dat.*ratings\.csv.*semicolon"
     with pytest.raises(IngestError, match=expected):
-        readers.read_movielens(ml_config(semicolons))
+        movielens.read_movielens(ml_config(semicolons))
 
 
 def test_directory_without_ratings_file(tmp_path):
     write(tmp_path / "ml-100k" / "u.item", "1|Toy Story (1995)\n")
 
     with pytest.raises(IngestError, match=r"no MovieLens ratings file in .*u\.data"):
-        readers.read_movielens(ml_config(tmp_path / "ml-100k"))
+        movielens.read_movielens(ml_config(tmp_path / "ml-100k"))
 
 
 def test_missing_movielens_path_suggests_download(tmp_path):
     with pytest.raises(IngestError, match="download"):
-        readers.read_movielens(ml_config(tmp_path / "absent"))
+        movielens.read_movielens(ml_config(tmp_path / "absent"))
 
 
 def test_empty_u_data_is_an_error(tmp_path):
     with pytest.raises(IngestError, match=r"u\.data is empty"):
-        readers.read_movielens(ml_config(write(tmp_path / "u.data", b"")))
+        movielens.read_movielens(ml_config(write(tmp_path / "u.data", b"")))
 
 
 def test_header_only_ratings_csv_is_an_error(tmp_path):
     header_only = write(tmp_path / "ratings.csv", "userId,movieId,rating,timestamp\n")
 
     with pytest.raises(IngestError, match=r"ratings\.csv is empty: it holds only the header"):
-        readers.read_movielens(ml_config(header_only))
+        movielens.read_movielens(ml_config(header_only))
 
 
 def test_ratings_dat_with_a_single_colon_is_quarantined(tmp_path):
@@ -193,7 +193,7 @@ def test_ratings_dat_with_a_single_colon_is_quarantined(tmp_path):
     # filler between two '::' is not empty: the line is malformed.
     ratings = write(tmp_path / "ratings.dat", "1::10::5::978300760\n1:9::5::978300760::\n2:x:3::4::978300760\n")
 
-    result = readers.read_movielens(ml_config(ratings))
+    result = movielens.read_movielens(ml_config(ratings))
 
     assert rows(result.table) == [(1, 10, utc(978300760), 5.0)]
     assert quarantined(result) == [(2, "extra_fields"), (3, "malformed_separator")]
@@ -205,11 +205,20 @@ def test_lines_after_a_malformed_one_keep_their_line_numbers(tmp_path):
         tmp_path / "ratings.dat", "1::9::5::978300760\n2:x:3::4::978300760\n1::10::5::978300760\n1::11::5::soon\n"
     )
 
-    result = readers.read_movielens(ml_config(ratings))
+    result = movielens.read_movielens(ml_config(ratings))
 
     assert quarantined(result) == [(2, "malformed_separator"), (4, "non_numeric_timestamp")]
     assert result.quarantine["raw"][1] == "1::11::5::soon"
     assert result.table["item_id"].to_pylist() == [9, 10]
+
+
+def test_download_variants_are_the_formats_variants_and_the_configs():
+    # download owns the list (movielens imports it); the formats and the config's choices must name the same archives.
+    from_formats = tuple(variant for fmt in movielens.MOVIELENS_FORMATS for variant in fmt.variants)
+    from_config = typing.get_args(MovieLensConfig.model_fields["variant"].annotation)
+
+    assert download.MOVIELENS_VARIANTS == from_formats
+    assert ("auto", *download.MOVIELENS_VARIANTS) == from_config
 
 
 # --------------------------------------------------------------------------- download
@@ -261,7 +270,7 @@ def test_download_verifies_checksum_and_extracts_atomically(tmp_path, no_proxy):
     target = tmp_path / "data" / "ml-100k"
 
     with serve(tmp_path / "site") as base_url:
-        result = readers.read_movielens(ml_config(target, download=True, base_url=base_url))
+        result = movielens.read_movielens(ml_config(target, download=True, base_url=base_url))
 
     assert sorted(p.name for p in target.iterdir()) == ["README", "u.data"]
     assert (target / "u.data").read_text() == U_DATA
@@ -275,7 +284,7 @@ def test_download_with_bad_checksum_leaves_nothing(tmp_path, no_proxy):
     target = tmp_path / "data" / "ml-100k"
 
     with serve(tmp_path / "site") as base_url, pytest.raises(IngestError, match="checksum mismatch"):
-        readers.download_movielens("ml-100k", target, base_url, timeout_s=10)
+        download.download_movielens("ml-100k", target, base_url, timeout_s=10)
 
     assert not target.exists()
     assert list(target.parent.iterdir()) == []
@@ -286,14 +295,14 @@ def test_download_of_unpublished_variant_is_a_clear_error(tmp_path, no_proxy):
     publish_ml_100k(tmp_path / "site")
 
     with serve(tmp_path / "site") as base_url, pytest.raises(IngestError, match=r"cannot download .*ml-1m\.zip\.md5"):
-        readers.download_movielens("ml-1m", tmp_path / "data" / "ml-1m", base_url, timeout_s=10)
+        download.download_movielens("ml-1m", tmp_path / "data" / "ml-1m", base_url, timeout_s=10)
 
 
 def test_present_data_is_not_downloaded_again(tmp_path):
     ratings = write(tmp_path / "ml-100k" / "u.data", U_DATA)
 
     # An unreachable base_url proves no request is made.
-    result = readers.read_movielens(ml_config(ratings.parent, download=True, base_url="http://127.0.0.1:9"))
+    result = movielens.read_movielens(ml_config(ratings.parent, download=True, base_url="http://127.0.0.1:9"))
 
     assert result.table.num_rows == 3
 
@@ -313,7 +322,7 @@ def test_csv_with_column_mapping(tmp_path):
     path = write(tmp_path / "ratings.csv", "when,who,what,stars\n1700000000,7,42,4.5\n1700000060,8,43,2\n")
     columns = ColumnMapping(user="who", item="what", timestamp="when", rating="stars")
 
-    result = readers.read_file(file_config(path, columns=columns, id_type="int"))
+    result = files.read_file(file_config(path, columns=columns, id_type="int"))
 
     assert result.table.schema == schema.raw_schema(pa.int64())
     assert rows(result.table) == [(7, 42, utc(1700000000), 4.5), (8, 43, utc(1700000060), 2.0)]
@@ -325,7 +334,7 @@ def test_csv_without_header_maps_columns_by_position(tmp_path):
     path = write(tmp_path / "log.tsv", "7\t42\t1700000000\n")
     columns = ColumnMapping(user="0", item="1", timestamp="2")
 
-    result = readers.read_file(file_config(path, sep="\t", header=False, columns=columns, id_type="int"))
+    result = files.read_file(file_config(path, sep="\t", header=False, columns=columns, id_type="int"))
 
     assert rows(result.table) == [(7, 42, utc(1700000000), 1.0)]
 
@@ -345,7 +354,7 @@ def test_parquet_with_column_mapping_and_native_timestamps(tmp_path):
     )
     columns = ColumnMapping(user="customer", item="sku", timestamp="at", rating="score")
 
-    result = readers.read_file(file_config(path, columns=columns, id_type="str"))
+    result = files.read_file(file_config(path, columns=columns, id_type="str"))
 
     assert result.table.schema == schema.raw_schema(pa.string())
     assert rows(result.table) == [
@@ -361,7 +370,7 @@ def test_parquet_non_numeric_id_is_quarantined_by_row_index(tmp_path):
         pa.table({"user_id": ["1", "bob", "3"], "item_id": [10, 11, 12], "timestamp": [1700000000] * 3}), path
     )
 
-    result = readers.read_file(file_config(path, id_type="int"))
+    result = files.read_file(file_config(path, id_type="int"))
 
     assert result.table["user_id"].to_pylist() == [1, 3]
     assert quarantined(result) == [(1, "non_numeric_user_id")]  # 0-based row index
@@ -375,7 +384,7 @@ def test_parquet_float_ids_convert_and_nan_is_a_null_key(tmp_path):
         pa.table({"user_id": [1.0, float("nan"), 2.5], "item_id": [10, 11, 12], "timestamp": [1700000000] * 3}), path
     )
 
-    result = readers.read_file(file_config(path, id_type="int"))
+    result = files.read_file(file_config(path, id_type="int"))
 
     assert result.table["user_id"].to_pylist() == [1, None]
     assert quarantined(result) == [(2, "non_numeric_user_id")]
@@ -384,7 +393,7 @@ def test_parquet_float_ids_convert_and_nan_is_a_null_key(tmp_path):
 def test_string_ids_are_kept_as_strings(tmp_path):
     path = write(tmp_path / "log.csv", "user_id,item_id,timestamp\nu-007,sku 42,1700000000\n0042,17,1700000001\n")
 
-    result = readers.read_file(file_config(path, id_type="str"))
+    result = files.read_file(file_config(path, id_type="str"))
 
     assert result.table.schema.field("user_id").type == pa.string()
     assert result.table["user_id"].to_pylist() == ["u-007", "0042"]  # leading zeros kept
@@ -395,7 +404,7 @@ def test_event_weights_give_ratings_and_unknown_events_are_quarantined(tmp_path)
     path = write(tmp_path / "events.csv", EVENTS_CSV)
     weights = {"view": 1.0, "addtocart": 3.0}
 
-    result = readers.read_file(file_config(path, columns=EVENT_COLUMNS, id_type="int", event_weights=weights))
+    result = files.read_file(file_config(path, columns=EVENT_COLUMNS, id_type="int", event_weights=weights))
 
     assert rows(result.table) == [
         (257597, 355908, dt.datetime(2015, 6, 2, 5, 2, 12, 117000, tzinfo=UTC), 1.0),
@@ -409,7 +418,7 @@ def test_event_weights_give_ratings_and_unknown_events_are_quarantined(tmp_path)
 def test_without_rating_or_weights_every_event_counts_once(tmp_path):
     path = write(tmp_path / "events.csv", EVENTS_CSV)
 
-    result = readers.read_file(file_config(path, columns=EVENT_COLUMNS, id_type="int"))
+    result = files.read_file(file_config(path, columns=EVENT_COLUMNS, id_type="int"))
 
     assert result.table["rating"].to_pylist() == [1.0, 1.0, 1.0]
     assert result.table.schema.field("rating").type == pa.float32()
@@ -419,7 +428,7 @@ def test_event_weights_without_event_column_is_an_error(tmp_path):
     path = write(tmp_path / "log.csv", "user_id,item_id,timestamp\n1,2,1700000000\n")
 
     with pytest.raises(IngestError, match="columns.event"):
-        readers.read_file(file_config(path, event_weights={"view": 1.0}))
+        files.read_file(file_config(path, event_weights={"view": 1.0}))
 
 
 # --------------------------------------------------------------------------- bad input
@@ -427,14 +436,14 @@ def test_event_weights_without_event_column_is_an_error(tmp_path):
 
 def test_empty_file_is_an_error(tmp_path):
     with pytest.raises(IngestError, match=r"log\.csv is empty"):
-        readers.read_file(file_config(write(tmp_path / "log.csv", b"")))
+        files.read_file(file_config(write(tmp_path / "log.csv", b"")))
 
 
 def test_header_only_file_is_an_error(tmp_path):
     path = write(tmp_path / "log.csv", "user_id,item_id,timestamp\n")
 
     with pytest.raises(IngestError, match=r"log\.csv is empty: it holds only the header line"):
-        readers.read_file(file_config(path))
+        files.read_file(file_config(path))
 
 
 def test_empty_parquet_is_an_error(tmp_path):
@@ -443,14 +452,14 @@ def test_empty_parquet_is_an_error(tmp_path):
                              "timestamp": pa.array([], pa.int64())}), path)
 
     with pytest.raises(IngestError, match=r"log\.parquet is empty"):
-        readers.read_file(file_config(path))
+        files.read_file(file_config(path))
 
 
 def test_missing_columns_are_named_with_the_columns_found(tmp_path):
     path = write(tmp_path / "log.csv", "user,item_id,time\n1,2,1700000000\n")
 
     with pytest.raises(IngestError) as error:
-        readers.read_file(file_config(path))
+        files.read_file(file_config(path))
 
     message = str(error.value)
     assert "['user_id', 'timestamp']" in message  # missing
@@ -461,7 +470,7 @@ def test_wrong_separator_is_named(tmp_path):
     path = write(tmp_path / "log.csv", "user_id;item_id;timestamp\n1;2;1700000000\n")
 
     with pytest.raises(IngestError, match=r"single column with sep=',': the separator is probably wrong"):
-        readers.read_file(file_config(path))
+        files.read_file(file_config(path))
 
 
 def test_non_numeric_ids_are_quarantined_when_ids_are_int(tmp_path):
@@ -471,7 +480,7 @@ def test_non_numeric_ids_are_quarantined_when_ids_are_int(tmp_path):
         "1,10,1700000000,4\nalice,11,1700000001,4\n3,x12,1700000002,4\n4,13.0,1700000003,4\n",
     )
 
-    result = readers.read_file(file_config(path, id_type="int", columns=ColumnMapping(rating="rating")))
+    result = files.read_file(file_config(path, id_type="int", columns=ColumnMapping(rating="rating")))
 
     assert rows(result.table) == [(1, 10, utc(1700000000), 4.0), (4, 13, utc(1700000003), 4.0)]
     assert quarantined(result) == [(3, "non_numeric_user_id"), (4, "non_numeric_item_id")]
@@ -482,7 +491,7 @@ def test_non_numeric_ids_are_quarantined_when_ids_are_int(tmp_path):
 def test_non_numeric_timestamp_and_rating_are_quarantined(tmp_path):
     ratings = write(tmp_path / "u.data", "1\t2\t3\t881250949\n1\t3\tgood\t881250949\n1\t4\t5\tyesterday\n")
 
-    result = readers.read_movielens(ml_config(ratings))
+    result = movielens.read_movielens(ml_config(ratings))
 
     assert result.table["item_id"].to_pylist() == [2]
     assert quarantined(result) == [(2, "non_numeric_rating"), (3, "non_numeric_timestamp")]
@@ -491,7 +500,7 @@ def test_non_numeric_timestamp_and_rating_are_quarantined(tmp_path):
 def test_empty_key_fields_pass_through_as_null(tmp_path):
     path = write(tmp_path / "log.csv", "user_id,item_id,timestamp\n,10,1700000000\n2,,1700000001\n3,12,\n")
 
-    result = readers.read_file(file_config(path, id_type="int"))
+    result = files.read_file(file_config(path, id_type="int"))
 
     assert result.quarantine.empty  # nulls are validate's to quarantine
     assert result.table["user_id"].to_pylist() == [None, 2, 3]
@@ -500,7 +509,7 @@ def test_empty_key_fields_pass_through_as_null(tmp_path):
 
 
 def test_empty_key_in_u_data_passes_through_as_null(tmp_path):
-    result = readers.read_movielens(ml_config(write(tmp_path / "u.data", "1\t\t3\t881250949\n")))
+    result = movielens.read_movielens(ml_config(write(tmp_path / "u.data", "1\t\t3\t881250949\n")))
 
     assert rows(result.table) == [(1, None, utc(881250949), 3.0)]
 
@@ -509,7 +518,7 @@ def test_undecodable_bytes_quarantine_only_their_line(tmp_path):
     content = U_DATA.encode() + b"7\t8\xff\xfe\t4\t881250949\n" + b"9\t10\t5\t881250950\n"
     ratings = write(tmp_path / "u.data", content)
 
-    result = readers.read_movielens(ml_config(ratings))
+    result = movielens.read_movielens(ml_config(ratings))
 
     assert result.table["user_id"].to_pylist() == [196, 186, 22, 9]
     assert quarantined(result) == [(4, "invalid_utf8")]
@@ -520,7 +529,7 @@ def test_undecodable_bytes_quarantine_only_their_line(tmp_path):
 def test_undecodable_first_line_does_not_fail_format_detection(tmp_path):
     ratings = write(tmp_path / "u.data", b"1\t\xe9\t3\t881250949\n" + U_DATA.encode())
 
-    result = readers.read_movielens(ml_config(ratings))
+    result = movielens.read_movielens(ml_config(ratings))
 
     assert quarantined(result) == [(1, "invalid_utf8")]
     assert result.table.num_rows == 3
@@ -529,7 +538,7 @@ def test_undecodable_first_line_does_not_fail_format_detection(tmp_path):
 def test_truncated_last_line_is_quarantined(tmp_path):
     ratings = write(tmp_path / "u.data", U_DATA + "5\t6")  # cut off mid-line, no newline
 
-    result = readers.read_movielens(ml_config(ratings))
+    result = movielens.read_movielens(ml_config(ratings))
 
     assert result.table.num_rows == 3
     assert quarantined(result) == [(4, "missing_fields")]
@@ -542,7 +551,7 @@ def test_extra_fields_are_quarantined(tmp_path):
         tmp_path / "log.csv", "user_id,item_id,timestamp\n1,2,1700000000\n3,4,1700000001,oops\n5,6,1700000002\n"
     )
 
-    result = readers.read_file(file_config(path, id_type="int"))
+    result = files.read_file(file_config(path, id_type="int"))
 
     assert result.table["user_id"].to_pylist() == [1, 5]
     assert quarantined(result) == [(3, "extra_fields")]
@@ -552,7 +561,7 @@ def test_extra_fields_are_quarantined(tmp_path):
 def test_duplicated_rows_are_kept_for_validate(tmp_path):
     ratings = write(tmp_path / "u.data", "1\t2\t3\t881250949\n" * 3)
 
-    result = readers.read_movielens(ml_config(ratings))
+    result = movielens.read_movielens(ml_config(ratings))
 
     assert rows(result.table) == [(1, 2, utc(881250949), 3.0)] * 3
 
@@ -560,7 +569,7 @@ def test_duplicated_rows_are_kept_for_validate(tmp_path):
 def test_unbalanced_quote_does_not_swallow_the_following_lines(tmp_path):
     path = write(tmp_path / "log.csv", 'user_id,item_id,timestamp\n1,"2,1700000000\n3,4,1700000001\n5,6,1700000002\n')
 
-    result = readers.read_file(file_config(path, id_type="int"))
+    result = files.read_file(file_config(path, id_type="int"))
 
     assert result.table["user_id"].to_pylist() == [3, 5]
     assert quarantined(result) == [(2, "non_numeric_item_id")]
@@ -570,7 +579,7 @@ def test_unbalanced_quote_does_not_swallow_the_following_lines(tmp_path):
 def test_quoted_fields_are_unquoted(tmp_path):
     path = write(tmp_path / "log.csv", 'user_id,item_id,timestamp\n"a,b","say ""hi""",1700000000\n')
 
-    result = readers.read_file(file_config(path))
+    result = files.read_file(file_config(path))
 
     assert result.table["user_id"].to_pylist() == ["a,b"]
     assert result.table["item_id"].to_pylist() == ['say "hi"']
@@ -579,7 +588,7 @@ def test_quoted_fields_are_unquoted(tmp_path):
 def test_blank_lines_are_skipped_and_line_numbers_stay_right(tmp_path):
     ratings = write(tmp_path / "u.data", "1\t2\t3\t881250949\r\n\r\n\n1\t3\t3\tx\r\n")
 
-    result = readers.read_movielens(ml_config(ratings))
+    result = movielens.read_movielens(ml_config(ratings))
 
     assert quarantined(result) == [(4, "non_numeric_timestamp")]
     assert result.quarantine["raw"][0] == "1\t3\t3\tx"
@@ -597,7 +606,7 @@ def test_timestamp_unit_is_detected_and_units_give_identical_timestamps(tmp_path
     lines = "".join(f"1,{i},{seconds * scale}\n" for i, seconds in enumerate(EPOCH_SECONDS))
     path = write(tmp_path / f"log_{unit}.csv", "user_id,item_id,timestamp\n" + lines)
 
-    result = readers.read_file(file_config(path))
+    result = files.read_file(file_config(path))
 
     assert result.table["timestamp"].to_pylist() == [utc(s) for s in EPOCH_SECONDS]
     assert result.details["timestamp_unit"] == unit
@@ -608,8 +617,8 @@ def test_same_events_in_ms_and_s_are_identical(tmp_path):
     millis = write(tmp_path / "ms.csv", "user_id,item_id,timestamp\n1,2,1433221332117\n1,3,1433224214000\n")
     seconds = write(tmp_path / "s.csv", "user_id,item_id,timestamp\n1,2,1433221332.117\n1,3,1433224214\n")
 
-    from_millis = readers.read_file(file_config(millis)).table["timestamp"]
-    from_seconds = readers.read_file(file_config(seconds)).table["timestamp"]
+    from_millis = files.read_file(file_config(millis)).table["timestamp"]
+    from_seconds = files.read_file(file_config(seconds)).table["timestamp"]
 
     assert from_millis.equals(from_seconds)
     assert from_millis[0].as_py() == dt.datetime(2015, 6, 2, 5, 2, 12, 117000, tzinfo=UTC)
@@ -620,7 +629,7 @@ def test_same_events_in_ms_and_s_are_identical(tmp_path):
     [(9.9e10, "s"), (1.1e11, "ms"), (9.9e13, "ms"), (1.1e14, "us"), (9.9e16, "us"), (1.1e17, "ns")],
 )
 def test_timestamp_unit_thresholds(median, unit):
-    assert readers.detect_timestamp_unit(pa.chunked_array([pa.array([median / 2, median, median * 1.001])])) == unit
+    assert parse.detect_timestamp_unit(pa.chunked_array([pa.array([median / 2, median, median * 1.001])])) == unit
 
 
 def test_timestamp_overflowing_microseconds_is_quarantined(tmp_path):
@@ -628,7 +637,7 @@ def test_timestamp_overflowing_microseconds_is_quarantined(tmp_path):
         tmp_path / "log.csv", "user_id,item_id,timestamp\n1,2,1700000000\n1,3,99999999999999999\n1,4,1700000001\n"
     )
 
-    result = readers.read_file(file_config(path))
+    result = files.read_file(file_config(path))
 
     assert result.table["item_id"].to_pylist() == ["2", "4"]
     assert quarantined(result) == [(3, "timestamp_out_of_range")]
@@ -637,7 +646,7 @@ def test_timestamp_overflowing_microseconds_is_quarantined(tmp_path):
 def test_configured_unit_overrides_detection(tmp_path):
     path = write(tmp_path / "log.csv", "user_id,item_id,timestamp\n1,2,1433221332117\n")
 
-    result = readers.read_file(file_config(path, timestamp_unit="ms"))
+    result = files.read_file(file_config(path, timestamp_unit="ms"))
 
     assert result.table["timestamp"].to_pylist() == [dt.datetime(2015, 6, 2, 5, 2, 12, 117000, tzinfo=UTC)]
     assert result.details["timestamp_unit_detected"] is False
@@ -650,7 +659,7 @@ def test_iso_datetimes_are_parsed_to_utc(tmp_path):
         "1,2,2024-03-01T12:00:00Z\n1,3,2024-03-01 14:00:00+02:00\n1,4,2024-03-01T12:00:00\n1,5,not a date\n",
     )
 
-    result = readers.read_file(file_config(path, timestamp_unit="datetime"))
+    result = files.read_file(file_config(path, timestamp_unit="datetime"))
 
     assert result.table["timestamp"].to_pylist() == [dt.datetime(2024, 3, 1, 12, tzinfo=UTC)] * 3
     assert quarantined(result) == [(5, "unparseable_datetime")]
@@ -659,7 +668,7 @@ def test_iso_datetimes_are_parsed_to_utc(tmp_path):
 def test_iso_datetimes_are_detected_in_auto_mode(tmp_path):
     path = write(tmp_path / "log.csv", "user_id,item_id,timestamp\n1,2,2024-03-01T12:00:00Z\n")
 
-    result = readers.read_file(file_config(path))
+    result = files.read_file(file_config(path))
 
     assert result.table["timestamp"].to_pylist() == [dt.datetime(2024, 3, 1, 12, tzinfo=UTC)]
     assert result.details["timestamp_unit"] == "datetime"
@@ -677,9 +686,9 @@ def test_small_chunks_give_the_same_result_and_line_numbers(tmp_path, monkeypatc
     content = content.replace(b"250\t5\t1", b"250\t\xff\t1")  # undecodable
     ratings = write(tmp_path / "u.data", content)
 
-    whole = readers.read_movielens(ml_config(ratings))
-    monkeypatch.setattr(readers, "CHUNK_BYTES", 100)  # ~4 lines a chunk, cutting lines across reads
-    chunked = readers.read_movielens(ml_config(ratings))
+    whole = movielens.read_movielens(ml_config(ratings))
+    monkeypatch.setattr(text, "CHUNK_BYTES", 100)  # ~4 lines a chunk, cutting lines across reads
+    chunked = movielens.read_movielens(ml_config(ratings))
 
     expected = [(41, "non_numeric_item_id"), (100, "extra_fields"), (200, "missing_fields"), (250, "invalid_utf8")]
     assert quarantined(whole) == quarantined(chunked) == expected
@@ -689,10 +698,10 @@ def test_small_chunks_give_the_same_result_and_line_numbers(tmp_path, monkeypatc
 
 
 def test_line_longer_than_arrow_block_is_still_parsed(tmp_path, monkeypatch):
-    monkeypatch.setattr(readers, "ARROW_BLOCK_BYTES", 16)
+    monkeypatch.setattr(text, "ARROW_BLOCK_BYTES", 16)
     ratings = write(tmp_path / "u.data", U_DATA + "1\t2\t3\t4" + "\t5" * 50 + "\n")
 
-    result = readers.read_movielens(ml_config(ratings))
+    result = movielens.read_movielens(ml_config(ratings))
 
     assert result.table.num_rows == 3
     assert quarantined(result) == [(4, "extra_fields")]
@@ -700,7 +709,7 @@ def test_line_longer_than_arrow_block_is_still_parsed(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not (REAL_ML_100K / "u.data").is_file(), reason=f"real MovieLens 100K not found at {REAL_ML_100K}")
 def test_real_ml_100k_loads_completely():
-    result = readers.read_movielens(ml_config(REAL_ML_100K))
+    result = movielens.read_movielens(ml_config(REAL_ML_100K))
 
     assert result.table.num_rows == 100_000
     assert pc.count_distinct(result.table["user_id"]).as_py() == 943
