@@ -28,7 +28,7 @@ class _Strict(BaseModel):
 
 
 class SyntheticConfig(_Strict):
-    """Seeded generator of implicit-feedback sequences (see pipeline/data/synthetic.py)."""
+    """Seeded generator of implicit-feedback sequences (see pipeline/data/sources/synthetic.py)."""
 
     n_interactions: int = Field(200_000, ge=1_000, le=100_000_000)
     n_items: int = Field(3_000, ge=20)

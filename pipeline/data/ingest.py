@@ -16,10 +16,9 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from pipeline.core import schema
-
-from pipeline.data import synthetic
 from pipeline.core.config import IngestConfig
 from pipeline.core.io import Layout, parquet_stream, write_json, write_parquet
+from pipeline.data.sources import synthetic
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +59,12 @@ def _ingest_synthetic(cfg: IngestConfig, layout: Layout, seed: int) -> tuple[int
 
 def _ingest_from_reader(cfg: IngestConfig, layout: Layout) -> tuple[int, pd.DataFrame, dict]:
     # Imported here so the synthetic path does not pay for the readers' imports.
-    from pipeline.data import readers
+    from pipeline.data.sources import files, movielens
 
     if cfg.source == "movielens":
-        result = readers.read_movielens(cfg.movielens)
+        result = movielens.read_movielens(cfg.movielens)
     else:
-        result = readers.read_file(cfg.file)
+        result = files.read_file(cfg.file)
     write_parquet(result.table, layout.raw_interactions)
     return result.table.num_rows, result.quarantine, result.details
 

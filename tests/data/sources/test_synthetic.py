@@ -4,7 +4,7 @@ import pyarrow as pa
 
 from pipeline.core import schema
 from pipeline.core.config import SyntheticConfig
-from pipeline.data.synthetic import build_catalogue, generate, sequence_lengths
+from pipeline.data.sources.synthetic import build_catalogue, generate, sequence_lengths
 
 
 def _frame(cfg: SyntheticConfig, seed: int = 7) -> pd.DataFrame:

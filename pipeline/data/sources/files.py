@@ -1,0 +1,142 @@
+"""Any CSV or Parquet file of interactions -> the raw interactions table (`read_file`).
+
+Columns are mapped by `FileConfig.columns`; CSV goes through `text`, Parquet is
+read in batches of PARQUET_BATCH_ROWS, and both are converted by `convert.Converter`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.core.config import ColumnMapping, FileConfig
+from pipeline.core.errors import IngestError
+from pipeline.data.sources.convert import Converter, Locate, Quarantine, ReadResult, finish, mapped_columns
+from pipeline.data.sources.text import Delimited, bom_length, describe_line, peek_first_line, read_delimited
+
+logger = logging.getLogger(__name__)
+
+PARQUET_BATCH_ROWS = 1_000_000
+PARQUET_SUFFIXES = {".parquet", ".pq", ".parq"}
+
+
+def _file_format(path: Path, configured: str) -> str:
+    with open(path, "rb") as stream:
+        magic = stream.read(4)
+    if magic[:2] == b"\x1f\x8b" or magic == b"PK\x03\x04":
+        raise IngestError(f"{path} is a compressed archive (gzip/zip); decompress it first")
+    if configured != "auto":
+        return configured
+    return "parquet" if path.suffix.lower() in PARQUET_SUFFIXES or magic == b"PAR1" else "csv"
+
+
+def _check_mapped_columns(path: Path, columns: ColumnMapping, found: list[str], hint: str = "") -> None:
+    mapped = mapped_columns(columns)
+    missing = [name for name in mapped if name not in found]
+    if missing:
+        raise IngestError(
+            f"{path}: column(s) {missing} named in ingest.file.columns are missing; the file has {found}{hint}"
+        )
+
+
+def _read_csv(
+    path: Path, cfg: FileConfig, converter: Converter, quarantine: Quarantine
+) -> tuple[list[pa.Table], dict]:
+    quoted = len(cfg.sep) == 1
+    first_line, first_line_end = peek_first_line(path)
+    fields = Delimited(("probe",), cfg.sep, quoted).split(first_line)
+    if cfg.header:
+        names = [name.strip() for name in fields]
+        data_start, first_data_line = first_line_end, 2
+        hint = ""
+    else:
+        names = [str(position) for position in range(len(fields))]
+        data_start, first_data_line = bom_length(path), 1
+        hint = " (header is false, so columns are named by position: '0', '1', ...)"
+    if len(names) == 1 and len(mapped_columns(cfg.columns)) > 1:
+        hint += (
+            f". The first line parses as a single column with sep={cfg.sep!r}: the separator is probably wrong "
+            f"(first line: {describe_line(first_line)})"
+        )
+    _check_mapped_columns(path, cfg.columns, names, hint)
+    duplicated = sorted({name for name in names if names.count(name) > 1})
+    if duplicated:
+        raise IngestError(f"{path}: the header repeats column name(s) {duplicated}; names must be unique")
+    layout = Delimited(tuple(names), cfg.sep, quoted)
+    tables, counts = read_delimited(
+        path, layout, data_start=data_start, first_line=first_data_line, converter=converter, quarantine=quarantine
+    )
+    return tables, {"separator": cfg.sep, "header": cfg.header, **counts}
+
+
+def _parquet_locator(rows_table: pa.Table, offset: int) -> Locate:
+    """Rows of a batch -> their row index in the file and the row as JSON (its `raw`)."""
+
+    def locate(rows: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        records = rows_table.take(pa.array(rows)).to_pylist()
+        return offset + rows, [json.dumps(record, default=str, ensure_ascii=False) for record in records]
+
+    return locate
+
+
+def _read_parquet(path: Path, converter: Converter) -> tuple[list[pa.Table], dict]:
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise IngestError(f"{path} is not a readable Parquet file: {err}") from None
+    _check_mapped_columns(path, converter.columns, parquet.schema_arrow.names)
+    wanted = mapped_columns(converter.columns)
+    tables: list[pa.Table] = []
+    offset = 0
+    try:
+        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=wanted):
+            rows_table = pa.Table.from_batches([batch])
+            columns = {name: rows_table[name] for name in wanted}
+            tables.append(converter.convert(columns, _parquet_locator(rows_table, offset)))
+            offset += batch.num_rows
+    except (pa.ArrowInvalid, OSError) as err:
+        raise IngestError(f"{path}: cannot read Parquet rows after row {offset}: {err}") from None
+    return tables, {"data_lines": offset, "blank_lines": 0, "row_groups": parquet.num_row_groups}
+
+
+def read_file(cfg: FileConfig) -> ReadResult:
+    """Read interactions from a CSV or Parquet file, columns mapped by `cfg.columns`.
+
+    Without a header, columns are named by 0-based position ("0", "1", ...).
+    Ratings: the `rating` column if mapped; else the `event_weights` weight of
+    the `event` column; else 1.0 (implicit feedback). With `event_weights`, an
+    event missing from them is quarantined ("unknown_event").
+    """
+    started = time.perf_counter()
+    if cfg.path is None:
+        raise IngestError("ingest.file.path is not set: point it at a CSV or Parquet file of interactions")
+    path = Path(cfg.path)
+    if not path.is_file():
+        raise IngestError(f"interactions file not found: {path}")
+    if path.stat().st_size == 0:
+        raise IngestError(f"{path} is empty (0 bytes)")
+    if cfg.event_weights is not None and cfg.columns.event is None:
+        raise IngestError("ingest.file.event_weights is set but ingest.file.columns.event is not: map the event column")
+    file_format = _file_format(path, cfg.format)
+
+    quarantine = Quarantine()
+    converter = Converter(
+        cfg.columns, id_type=cfg.id_type, timestamp_unit=cfg.timestamp_unit, event_weights=cfg.event_weights,
+        source=f"file:{path.name}", quarantine=quarantine,
+    )
+    logger.info("reading %s as %s", path, file_format)
+    if file_format == "parquet":
+        tables, counts = _read_parquet(path, converter)
+        empty_message = f"{path} is empty: it holds no rows"
+    else:
+        tables, counts = _read_csv(path, cfg, converter, quarantine)
+        only = "it holds only the header line" if cfg.header else "it holds no data lines"
+        empty_message = f"{path} is empty: {only}"
+    details = {"format": file_format, "path": str(path), "id_type": cfg.id_type, **counts}
+    return finish(tables, quarantine, converter, details, started=started, empty_message=empty_message)
