@@ -4,8 +4,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from pipeline.core import schema
-from pipeline.orchestration.cli import main
 from pipeline.data.ingest import run_ingest
+from pipeline.orchestration.cli import main
 
 
 def test_synthetic_ingest_writes_raw_schema_and_report(tiny_params, layout):

@@ -16,11 +16,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data import validate
 from pipeline.core.config import ValidateConfig
 from pipeline.core.errors import ValidationFailed
 from pipeline.core.io import Layout, write_parquet
 from pipeline.core.schema import RAW_COLUMNS, raw_schema
+from pipeline.data import validate
 from pipeline.data.validate import ValidationCrossCheckError, run_validate
 
 UTC = dt.UTC

@@ -219,7 +219,7 @@ def generate(cfg: SyntheticConfig, seed: int) -> Iterator[pa.Table]:
     catalogue_seed, lengths_seed, chunks_seed = root.spawn(3)
     catalogue = build_catalogue(cfg, np.random.default_rng(catalogue_seed))
     lengths = sequence_lengths(cfg, np.random.default_rng(lengths_seed))
-    start_epoch_s = int(dt.datetime.combine(cfg.start_date, dt.time(), tzinfo=dt.timezone.utc).timestamp())
+    start_epoch_s = int(dt.datetime.combine(cfg.start_date, dt.time(), tzinfo=dt.UTC).timestamp())
     n_chunks = n_chunks_for(cfg)
     logger.info(
         "synthetic: %d interactions, %d users, %d items, %d chunk(s)",

@@ -11,7 +11,7 @@ from pipeline.core import schema
 from pipeline.core.config import FileConfig, MovieLensConfig
 from pipeline.data.sources import convert
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 U_DATA = "196\t242\t3\t881250949\n186\t302\t3\t891717742\n22\t377\t1\t878887116\n"
 RATINGS_DAT = "1::1193::5::978300760\n1::661::3::978302109\n2::1357::5::978298709\n"
 RATINGS_CSV = "userId,movieId,rating,timestamp\n1,296,5.0,1147880044\n1,306,3.5,1147868817\n2,307,5.0,1147868828\n"
