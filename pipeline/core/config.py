@@ -237,7 +237,7 @@ class PolicyConfig(_Strict):
     """How `register` picks the candidate among the teacher and its compressed variants."""
 
     metric: Literal["ndcg@10", "hr@10"] = Field("ndcg@10", description="highest wins (ties: the smaller model)")
-    max_latency_p50_ms: float | None = Field(None, gt=0, description="CPU p50 latency budget; null: no budget")
+    max_latency_p50_ms: float | None = Field(50.0, gt=0, description="CPU p50 latency budget per request; null: no budget")
     max_size_bytes: int | None = Field(None, ge=1, description="size budget on disk; null: no budget")
     candidates: list[str] = Field([], description="models of reports/compression.json to consider; empty: all")
 

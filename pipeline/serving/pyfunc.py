@@ -47,6 +47,14 @@ CHUNK = 512  # histories scored at once
 COLUMNS = ("user_id", "history", "k")
 # Packages the pyfunc imports; pinned to the versions installed where the model is logged.
 REQUIREMENTS = ("mlflow", "torch", "torchao", "safetensors", "pandas", "pyarrow", "numpy")
+# The modules of `pipeline` the served model imports (tests/serving/test_pyfunc.py checks this against the
+# import graph): the registered model ships only these, not the readers, validation, training or registry.
+SERVED_MODULES = (
+    "core/config.py", "core/devices.py", "core/errors.py", "core/io.py", "core/schema.py",
+    "data/features.py", "data/sequences.py",
+    "models/quantize.py", "models/recommender.py", "models/sasrec.py", "models/sparse.py", "models/variants.py",
+    "serving/pyfunc.py",
+)
 
 
 def model_files(directory: Path) -> list[Path]:
@@ -306,6 +314,20 @@ def signature_and_example(servable: Servable) -> tuple[Any, pd.DataFrame]:
     return ModelSignature(inputs=inputs, outputs=outputs), example
 
 
+def served_code(target: Path) -> Path:
+    """A copy of the `pipeline` package cut down to SERVED_MODULES (and their packages' __init__.py) at target/pipeline."""
+    source = Path(__file__).resolve().parents[1]
+    package = target / "pipeline"
+    for relative in SERVED_MODULES:
+        for parent in [Path(*Path(relative).parts[:i]) for i in range(len(Path(relative).parts))]:
+            init = package / parent / "__init__.py"
+            if not init.exists():
+                init.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source / parent / "__init__.py", init)
+        shutil.copy2(source / relative, package / relative)
+    return package
+
+
 def log_servable(model_dir: Path, features_dir: Path, name: str = "model") -> Any:
     """Log the pyfunc (model directory + serving data) to the active run; returns MLflow's ModelInfo."""
     model_dir, features_dir = Path(model_dir), Path(features_dir)
@@ -324,7 +346,7 @@ def log_servable(model_dir: Path, features_dir: Path, name: str = "model") -> An
             name=name,
             python_model=LeanRecModel(),
             artifacts={MODEL_ARTIFACT: str(model_copy), DATA_ARTIFACT: str(data_dir)},
-            code_paths=[str(Path(__file__).resolve().parents[1])],
+            code_paths=[str(served_code(staging / "code"))],
             signature=signature,
             input_example=example,
             pip_requirements=requirements,

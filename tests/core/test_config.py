@@ -81,3 +81,17 @@ def test_reference_lists_every_key_of_params_yaml():
     for key in flatten(yaml.safe_load(open("params.yaml", encoding="utf-8"))):
         if not key.startswith("ingest.file.columns."):
             assert f"`{key}`" in reference, key
+
+
+def test_params_yaml_states_exactly_the_schema_defaults():
+    """One copy of every default: the schema's. params.yaml writes the same values out (with comments),
+    so a run from params.yaml and a config built in code (`params_from_dict({})`) cannot drift apart."""
+    from pathlib import Path
+
+    from pipeline.core.config import load_params, params_from_dict
+
+    root = Path(__file__).resolve().parents[2]
+    from_yaml = load_params(root / "params.yaml").model_dump(mode="json", by_alias=True)
+    from_schema = params_from_dict({}).model_dump(mode="json", by_alias=True)
+    assert from_yaml == from_schema
+

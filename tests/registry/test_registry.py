@@ -49,8 +49,13 @@ def _aliases(tracking: TrackingConfig, name: str = "leanrec") -> dict[str, str]:
     return {alias: str(version) for alias, version in aliases.items()}
 
 
-def _register_only(work, tracking, name: str, cfg=RegistryConfig(), **figures) -> dict:
+# The policy without the default latency budget (registry.policy.max_latency_p50_ms: 50.0).
+NO_BUDGET = RegistryConfig(policy=PolicyConfig(max_latency_p50_ms=None))
+
+
+def _register_only(work, tracking, name: str, cfg: RegistryConfig | None = None, **figures) -> dict:
     """Register one model (fabricated latency where given) as the challenger."""
+    cfg = cfg or RegistryConfig()
     entry = measure(work, work.model_dir(name) if name in ("random", "main") else work.root / name, "fp32")
     entry.update(figures)
     write_compression(work, {"teacher": entry})
@@ -174,13 +179,13 @@ def test_latency_budget_blocks_promotion(work, tmp_path):
     tracking = _tracking(tmp_path)
     _register_only(work, tracking, "random")
     promote(RegistryConfig(), tracking, work)
-    _register_only(work, tracking, "main", latency_p50_ms=80.0)  # better, but slow
-    budget = RegistryConfig(policy=PolicyConfig(max_latency_p50_ms=50.0))
-    result = promote(budget, tracking, work)
+    _register_only(work, tracking, "main", NO_BUDGET, latency_p50_ms=80.0)  # better, but slow
+    assert RegistryConfig().policy.max_latency_p50_ms == 50.0  # the default budget (params.yaml's)
+    result = promote(RegistryConfig(), tracking, work)
     assert result["decision"] == "rejected" and "over the budget 50.0" in result["reasons"][0]
     assert result["challenger"]["ndcg@10"] > result["champion"]["ndcg@10"]
     assert _aliases(tracking)["champion"] == "1"
-    assert promote(RegistryConfig(), tracking, work)["decision"] == "promoted"  # no budget: the better model wins
+    assert promote(NO_BUDGET, tracking, work)["decision"] == "promoted"  # no budget: the better model wins
 
 
 def test_no_challenger_and_no_champion_errors(work, tmp_path):
