@@ -41,7 +41,7 @@ from pipeline.data.features import run_features  # noqa: E402
 from pipeline.data.ingest import run_ingest  # noqa: E402
 from pipeline.core.io import Layout  # noqa: E402
 from pipeline.training.train import run_train  # noqa: E402
-from pipeline.data.validate import run_validate  # noqa: E402
+from pipeline.data.validation import run_validate  # noqa: E402
 
 TRAIN_DATASETS = {
     "ml-100k": DATASETS["ml-100k"],
