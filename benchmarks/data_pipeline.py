@@ -45,7 +45,7 @@ def run_child(overrides: list[str], workdir: str) -> None:
     from pipeline.core.io import Layout
     from pipeline.data.features import run_features
     from pipeline.data.ingest import run_ingest
-    from pipeline.data.validate import run_validate
+    from pipeline.data.validation import run_validate
 
     logging.basicConfig(level=logging.WARNING)
     params = load_params(ROOT / "params.yaml", overrides)

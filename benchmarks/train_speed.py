@@ -39,7 +39,7 @@ from pipeline.core.config import load_params  # noqa: E402
 from pipeline.core.io import Layout  # noqa: E402
 from pipeline.data.features import run_features  # noqa: E402
 from pipeline.data.ingest import run_ingest  # noqa: E402
-from pipeline.data.validate import run_validate  # noqa: E402
+from pipeline.data.validation import run_validate  # noqa: E402
 from pipeline.evaluation.evaluate import run_evaluate  # noqa: E402
 from pipeline.training.train import run_train  # noqa: E402
 

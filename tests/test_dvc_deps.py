@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # pyfunc, so the servable's code decides their results too.
 STAGE_ENTRIES: dict[str, tuple[str, ...]] = {
     "ingest": ("pipeline.data.ingest",),
-    "validate": ("pipeline.data.validate",),
+    "validate": ("pipeline.data.validation.stage",),
     "features": ("pipeline.data.features",),
     "train": ("pipeline.training.train",),
     "compress": ("pipeline.compression.compress",),

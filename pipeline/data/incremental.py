@@ -6,7 +6,7 @@ An incremental run ingests its source as usual, then:
    timestamp) key the reference interactions (what the champion was trained on) do not hold.
    A key anti-join, not a timestamp watermark, so late events with old timestamps still count as
    new. No new rows: the run has nothing to do (the DAG ends as a successful no-op).
-2. validate and drift-check the new rows only (`pipeline.data.validate`, `pipeline.data.drift`);
+2. validate and drift-check the new rows only (`pipeline.data.validation`, `pipeline.data.drift`);
 3. `merge_with_reference`: `data/validated/interactions.parquet` becomes the reference plus the
    new validated rows, so users' sequences keep their history; features then extend the
    champion's vocabularies (`features.vocab_from`) and training warm-starts from it

@@ -30,7 +30,7 @@ def _ingest(params: Params, layout: Layout) -> Any:
 
 
 def _validate(params: Params, layout: Layout) -> Any:
-    from pipeline.data.validate import run_validate
+    from pipeline.data.validation import run_validate
 
     return run_validate(params.validate_, layout)
 

@@ -284,7 +284,7 @@ _DROP = object()
 
 
 def _log_validation_summary(layout: Layout) -> None:
-    from pipeline.data.validate import SUMMARY_FILE
+    from pipeline.data.validation import SUMMARY_FILE
 
     path = layout.reports_dir / SUMMARY_FILE
     if not path.exists():

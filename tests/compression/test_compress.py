@@ -8,13 +8,13 @@ import torch
 from pipeline.compression.compress import compress_variant, run_compress
 from pipeline.compression.distill import build_student, distillation_loss
 from pipeline.compression.pruning import magnitude_masks, prune_structured
-from pipeline.models.sparse import densify_state, sparsify_state
 from pipeline.core.config import params_from_dict
 from pipeline.core.errors import CompressError
 from pipeline.data.sequences import evaluation_batches, load_sequences, training_batches
 from pipeline.evaluation.compression_report import REPORT_JSON, REPORT_PNG, run_compression_report
 from pipeline.models.recommender import Recommender
 from pipeline.models.sasrec import SASRec, SASRecConfig, load_model
+from pipeline.models.sparse import densify_state, sparsify_state
 from pipeline.models.variants import VARIANT_FILE, load_variant, save_variant, size_on_disk
 from pipeline.training.train import run_train
 from tests.helpers import build_features

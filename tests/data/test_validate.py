@@ -1,4 +1,4 @@
-"""Tests of the validate stage (pipeline/data/validate.py) on small frames written to a tmp Layout.
+"""Tests of the validate stage (pipeline/data/validation/) on small frames written to a tmp Layout.
 
 Each row carries a unique `source` ("row7"), so a test can tell exactly which rows went where.
 """
@@ -9,6 +9,7 @@ import datetime as dt
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -20,8 +21,8 @@ from pipeline.core.config import ValidateConfig
 from pipeline.core.errors import ValidationFailed
 from pipeline.core.io import Layout, write_parquet
 from pipeline.core.schema import RAW_COLUMNS, raw_schema
-from pipeline.data import validate
-from pipeline.data.validate import ValidationCrossCheckError, run_validate
+from pipeline.data.validation import frame as validation_frame
+from pipeline.data.validation import routing, rules, run_validate
 
 UTC = dt.UTC
 NOW = dt.datetime(2024, 1, 1, tzinfo=UTC)
@@ -139,14 +140,16 @@ def test_suite_covers_every_rule(lay):
         "not_null:item_id",
         "not_null:timestamp",
         "not_null:rating",
-        "range:timestamp",
+        "min:timestamp",
+        "max:timestamp",
         "range:rating",
         "unique:user_id,item_id,timestamp",
     }
     assert by_check["min_rows"]["observed_value"] == N
     assert by_check["range:rating"]["kwargs"]["min_value"] == 0.0
     assert by_check["range:rating"]["kwargs"]["max_value"] == 5.0
-    assert by_check["range:timestamp"]["kwargs"]["max_value"] == (NOW + dt.timedelta(hours=1)).isoformat()
+    assert by_check["min:timestamp"]["kwargs"]["min_value"] == "1995-01-01T00:00:00+00:00"
+    assert by_check["max:timestamp"]["kwargs"]["max_value"] == (NOW + dt.timedelta(hours=1)).isoformat()
     assert by_check["unique:user_id,item_id,timestamp"]["expectation"] == "expect_compound_columns_to_be_unique"
 
 
@@ -170,9 +173,9 @@ ROW_DEFECTS = {
     "null_timestamp": (lambda c, rows: _set(c, "timestamp", rows, None), "not_null:timestamp"),
     "timestamp_before_min": (
         lambda c, rows: _set(c, "timestamp", rows, dt.datetime(1994, 12, 31, 23, 59, tzinfo=UTC)),
-        "range:timestamp",
+        "min:timestamp",
     ),
-    "timestamp_in_future": (lambda c, rows: _set(c, "timestamp", rows, NOW + dt.timedelta(hours=2)), "range:timestamp"),
+    "timestamp_in_future": (lambda c, rows: _set(c, "timestamp", rows, NOW + dt.timedelta(hours=2)), "max:timestamp"),
     "null_rating": (lambda c, rows: _set(c, "rating", rows, None), "not_null:rating"),
     "rating_out_of_range": (
         lambda c, rows: (_set(c, "rating", rows[:1], 5.5), _set(c, "rating", rows[1:], -0.5)),
@@ -204,7 +207,8 @@ def test_each_row_level_reason_is_quarantined(lay, reason, string_ids):
     assert gx_entry["success"] is False
     # GX counts every member of a repeated key (row 2 too); the quarantine keeps the first.
     assert gx_entry["unexpected_count"] == (4 if reason == "duplicate" else 3)
-    assert gx_entry["mask_count"] == gx_entry["unexpected_count"]
+    assert gx_entry["reason"] == reason
+    assert gx_entry["partial_unexpected_rows"] == ([2, *bad_rows] if reason == "duplicate" else bad_rows)
     report = summary(lay)
     assert report["success"] is True
     assert report["quarantined_by_reason"] == {reason: 3}
@@ -361,7 +365,7 @@ def test_duplicate_prefilter_is_a_superset_of_the_duplicates(string_ids):
     assert table.schema.field("user_id").type == (pa.large_string() if string_ids else pa.int64())
     complete = frame.notna().all(axis=1).to_numpy()
 
-    candidates = validate._key_hash_repeated(table, complete)
+    candidates = validation_frame.key_hash_repeated(table, complete)
 
     duplicated = np.zeros(n, dtype=bool)
     duplicated[complete] = frame[complete].duplicated(keep=False).to_numpy()
@@ -550,47 +554,75 @@ def test_a_failed_batch_leaves_no_earlier_validated_output(lay):
     assert not quarantine_path(lay).exists()
 
 
-# ---------------------------------------------------------------------------- cross-check, GX setup
+# ---------------------------------------------------------------------------- one statement per rule, GX setup
 
 
-def test_gx_and_mask_disagreement_raises(lay, monkeypatch):
+def test_row_rules_are_stated_only_in_gx(lay, monkeypatch):
+    """Tighten the rating rule in its GX expectation alone: the quarantine follows GX."""
     cols = columns()
-    cols["rating"][3] = 8.0
+    cols["user_id"][4] = None  # rating 5.0 too: breaks two rules, the first reason wins
     write_raw(lay, cols)
-    real_masks = validate._row_masks
+    real_checks = rules.checks
 
-    def off_by_one(frame, bounds):
-        masks = real_masks(frame, bounds)
-        masks[validate.RATING_OUT_OF_RANGE] = np.zeros(len(frame), dtype=bool)
-        return masks
+    def rating_at_most_3(*args):
+        suite = real_checks(*args)
+        (rating,) = [c for c in suite if c.name == "range:rating"]
+        rating.expectation.max_value = 3.0
+        return suite
 
-    monkeypatch.setattr(validate, "_row_masks", off_by_one)
-    with pytest.raises(ValidationCrossCheckError, match=r"expect_column_values_to_be_between\(rating\): GX counts 1"):
-        run_validate(config(), lay, now=NOW)
-    assert not lay.validated_interactions.exists()
-    report = summary(lay)
-    assert report["success"] is False
-    assert report["failures"][0].startswith("internal cross-check failed")
+    monkeypatch.setattr(rules, "checks", rating_at_most_3)
+    result = run_validate(config(max_quarantine_share=0.9), lay, now=NOW)
+
+    quarantine = read_quarantine(lay)
+    reasons = dict(zip(quarantine["source"], quarantine["reason"], strict=True))
+    fours_and_fives = {f"row{i}" for i in range(N) if cols["rating"][i] > 3.0}
+    assert reasons.pop("row4") == "null_user_id"
+    assert reasons == {r: "rating_out_of_range" for r in fours_and_fives - {"row4"}}
+    assert result.quarantined_by_reason == {"null_user_id": 1, "rating_out_of_range": len(fours_and_fives) - 1}
+    entry = expectation(result, "range:rating")
+    assert entry["kwargs"]["max_value"] == 3.0
+    assert entry["unexpected_count"] == len(fours_and_fives)  # GX counts row 4 too
+    assert summary(lay)["rule_violations"]["rating_out_of_range"] == len(fours_and_fives)
 
 
-def test_gx_batch_fingerprint_is_skipped_only_during_the_run():
-    validate._gx()
-    from great_expectations.execution_engine import pandas_execution_engine as engine
+def test_failing_rows_are_gx_listed_ids_and_must_match_its_count():
+    check = rules.Check("not_null:user_id", rules.SUITE_TABLE, None, ("user_id",), rules.NULL_USER)
 
-    before = engine.HASH_THRESHOLD
-    with validate._without_gx_batch_fingerprint():
-        assert engine.HASH_THRESHOLD == 0
-    assert engine.HASH_THRESHOLD == before > 0
+    def result(listed, count):
+        return SimpleNamespace(result={"unexpected_index_list": listed, "unexpected_count": count})
+
+    assert routing.failing_rows(check, result([{rules.ROW_ID: [7, 2]}], 2), rows_in=10).tolist() == [7, 2]
+    assert routing.failing_rows(check, result([], 0), rows_in=10).size == 0
+    with pytest.raises(RuntimeError, match="listed 1 failing rows for not_null:user_id, counted 2"):
+        routing.failing_rows(check, result([{rules.ROW_ID: [7]}], 2), rows_in=10)  # a sample, not every row
+    with pytest.raises(RuntimeError, match="listed 1 failing rows"):
+        routing.failing_rows(check, result([{rules.ROW_ID: [10]}], 1), rows_in=10)  # not a row of the input
+    with pytest.raises(RuntimeError, match="listed no failing rows"):
+        routing.failing_rows(check, SimpleNamespace(result={"unexpected_count": 0}), rows_in=10)
+
+
+def test_gx_lists_every_failing_row_not_a_sample(lay):
+    cols = columns()
+    _set(cols, "rating", range(0, N, 3), 6.0)  # 14 rows, more than GX's partial_unexpected_count
+    write_raw(lay, cols)
+
+    result = run_validate(config(), lay, now=NOW)
+
+    assert read_quarantine(lay)["source"].tolist() == [f"row{i}" for i in range(0, N, 3)]
+    entry = expectation(result, "range:rating")
+    assert entry["unexpected_count"] == 14
+    assert entry["partial_unexpected_rows"] == [0, 3, 6, 9, 12]
+    assert entry["partial_unexpected_list"] == [6.0] * 5
 
 
 def test_gx_context_is_offline_and_quiet(tmp_path):
     import os
 
-    context = validate._gx_context(tmp_path / "docs")
+    context = rules.gx_context(tmp_path / "docs")
     assert os.environ["GX_ANALYTICS_ENABLED"] == "false"
     assert context.config.analytics_enabled is False
     assert context.config.progress_bars.globally is False
-    assert list(context.list_data_docs_sites()) == [validate.DATA_DOCS_SITE]
+    assert list(context.list_data_docs_sites()) == [rules.DATA_DOCS_SITE]
 
 
 def test_extra_columns_pass_through(lay):
@@ -625,8 +657,8 @@ def test_data_docs_are_built(lay):
     assert result.data_docs_path == index
     assert index.is_file()
     html = index.read_text(encoding="utf-8")
-    assert validate.SUITE_TABLE in html
-    assert validate.SUITE_RANGES in html
+    assert rules.SUITE_TABLE in html
+    assert rules.SUITE_RANGES in html
     assert str(lay.reports_dir) not in html  # relative links: the site can be moved or served
     assert sorted(p.name for p in lay.reports_dir.iterdir()) == ["data_docs", "validation.json"]  # no temp dirs left
     assert summary(lay)["outputs"]["data_docs"] == str(index)
