@@ -50,7 +50,7 @@ REQUIREMENTS = ("mlflow", "torch", "torchao", "safetensors", "pandas", "pyarrow"
 # The modules of `pipeline` the served model imports (tests/serving/test_pyfunc.py checks this against the
 # import graph): the registered model ships only these, not the readers, validation, training or registry.
 SERVED_MODULES = (
-    "core/config.py", "core/devices.py", "core/errors.py", "core/io.py", "core/schema.py",
+    "core/config.py", "core/errors.py", "core/io.py", "core/schema.py",
     "data/features.py", "data/sequences.py",
     "models/quantize.py", "models/recommender.py", "models/sasrec.py", "models/sparse.py", "models/variants.py",
     "serving/pyfunc.py",

@@ -200,3 +200,25 @@ def test_mlflow_models_serve_answers_invocations_for_the_champion(served, tmp_pa
             assert message in body["message"], (payload, body)
     finally:
         _stop(proc)
+
+
+def test_the_model_ships_exactly_the_modules_serving_imports(tmp_path):
+    """SERVED_MODULES is the import closure of the pyfunc (lazy imports included), and that copy imports alone."""
+    import subprocess
+    import sys
+
+    import grimp
+
+    from pipeline.serving.pyfunc import SERVED_MODULES, served_code
+
+    graph = grimp.build_graph("pipeline")
+    closure = graph.find_upstream_modules("pipeline.serving.pyfunc") | {"pipeline.serving.pyfunc"}
+    assert set(SERVED_MODULES) == {m.removeprefix("pipeline.").replace(".", "/") + ".py" for m in closure}
+
+    package = served_code(tmp_path / "code")
+    shipped = sorted(str(p.relative_to(package)) for p in package.rglob("*.py") if p.name != "__init__.py")
+    assert shipped == sorted(SERVED_MODULES)
+    assert not (package / "data" / "validation").exists() and not (package / "training").exists()
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import pipeline.serving.pyfunc as served; "
+             "assert served.__file__.startswith(sys.argv[1]), served.__file__")
+    subprocess.run([sys.executable, "-c", probe, str(tmp_path / "code")], check=True, cwd=tmp_path)
