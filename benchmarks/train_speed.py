@@ -150,7 +150,8 @@ def main() -> None:
     for dataset, r in results.items():
         fmt = lambda v: f"{v:.1f}" if v is not None else "not reached"  # noqa: E731
         speedup = f"{r['curriculum_speedup']:.2f}x" if r["curriculum_speedup"] else "-"
-        print(f"| {dataset} | {r['target_valid_ndcg10']:.4f} | {fmt(r['time_to_target_plain_s'])} | {fmt(r['time_to_target_curriculum_s'])} | {speedup} |")
+        plain, curriculum = fmt(r["time_to_target_plain_s"]), fmt(r["time_to_target_curriculum_s"])
+        print(f"| {dataset} | {r['target_valid_ndcg10']:.4f} | {plain} | {curriculum} | {speedup} |")
     for dataset, r in results.items():
         for precision, g in r.get("gpu_large", {}).items():
             print(f"GPU large {dataset} {precision}: {g}")

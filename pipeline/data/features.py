@@ -50,7 +50,9 @@ class FeaturesResult:
     stats: dict
 
 
-def apply_kcore(user_codes: np.ndarray, item_codes: np.ndarray, min_user: int, min_item: int, max_iterations: int) -> tuple[np.ndarray, int]:
+def apply_kcore(
+    user_codes: np.ndarray, item_codes: np.ndarray, min_user: int, min_item: int, max_iterations: int
+) -> tuple[np.ndarray, int]:
     """Boolean mask of rows in the (min_user, min_item)-core and the number of passes it took.
 
     Removing a sparse item can push a user under the threshold and vice versa,
@@ -125,7 +127,8 @@ def _percentiles(lengths: np.ndarray) -> dict:
     if len(lengths) == 0:
         return {}
     qs = np.percentile(lengths, [50, 90, 95, 99])
-    return {"mean": float(lengths.mean()), "p50": float(qs[0]), "p90": float(qs[1]), "p95": float(qs[2]), "p99": float(qs[3]), "max": int(lengths.max()), "min": int(lengths.min())}
+    return {"mean": float(lengths.mean()), "p50": float(qs[0]), "p90": float(qs[1]), "p95": float(qs[2]), "p99": float(qs[3]),
+            "max": int(lengths.max()), "min": int(lengths.min())}
 
 
 def run_features(cfg: FeaturesConfig, layout: Layout) -> FeaturesResult:

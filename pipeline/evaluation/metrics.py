@@ -113,7 +113,8 @@ def evaluate(
 
 
 def _sampled_ranks(
-    scores: torch.Tensor, targets: torch.Tensor, popularity: torch.Tensor | None, strategy: str, n_negatives: int, generator: torch.Generator
+    scores: torch.Tensor, targets: torch.Tensor, popularity: torch.Tensor | None, strategy: str, n_negatives: int,
+    generator: torch.Generator,
 ) -> torch.Tensor:
     """Rank of the target among `n_negatives` sampled items the user has not seen."""
     allowed = torch.isfinite(scores)  # seen items and padding were set to -inf

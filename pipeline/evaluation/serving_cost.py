@@ -31,7 +31,7 @@ class ServingCost:
         return asdict(self)
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
@@ -74,7 +74,7 @@ def measure_serving(
             threads=torch.get_num_threads(),
             device=str(recommender.device),
             latency_p50_ms=statistics.median(latencies),
-            latency_p95_ms=_percentile(latencies, 0.95),
+            latency_p95_ms=percentile(latencies, 0.95),
             throughput_users_per_s=throughput,
             batch_size=batch_size,
             requests=requests,

@@ -223,7 +223,8 @@ def parse_request(frame: Any, servable: Servable) -> list[dict]:
             raise bad_request(f"{where}: give a user_id or a history, not both")
         if isinstance(user_id, float) and user_id.is_integer():
             user_id = int(user_id)  # an integer column with missing values arrives as float
-        if user_id is not None and not (isinstance(user_id, str) or isinstance(user_id, numbers.Integral) and not isinstance(user_id, bool)):
+        is_integer = isinstance(user_id, numbers.Integral) and not isinstance(user_id, bool)
+        if user_id is not None and not (isinstance(user_id, str) or is_integer):
             raise bad_request(f"{where}: user_id must be an integer or a string, got {user_id!r} ({type(user_id).__name__})")
         if user_id is not None and servable.user_ids_are_int != isinstance(user_id, numbers.Integral):
             kind = "integers" if servable.user_ids_are_int else "strings"

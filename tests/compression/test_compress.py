@@ -66,7 +66,7 @@ def test_report_sizes_are_the_files_on_disk(compressed):
     layout, report = compressed["layout"], compressed["report"]
     on_disk = json.loads((layout.reports_dir / REPORT_JSON).read_text())
     assert set(on_disk["models"]) == {"teacher", *compressed["params"].compress.variants}
-    for name, row in on_disk["models"].items():
+    for row in on_disk["models"].values():
         directory = layout.root / row["path"]
         assert row["size_bytes"] == size_on_disk(directory) == sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
         assert row["size_ratio"] == pytest.approx(on_disk["models"]["teacher"]["size_bytes"] / row["size_bytes"])

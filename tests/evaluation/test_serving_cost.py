@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.evaluation.serving_cost import _percentile, measure_serving
+from pipeline.evaluation.serving_cost import measure_serving, percentile
 from pipeline.models.recommender import Recommender
 from pipeline.models.sasrec import SASRec, SASRecConfig
 
@@ -19,5 +19,5 @@ def test_measure_serving_reports_and_restores_threads():
 
 
 def test_percentile():
-    assert _percentile([5.0, 1.0, 3.0, 2.0, 4.0], 0.5) == 3.0
-    assert _percentile(list(map(float, range(101))), 0.95) == 95.0
+    assert percentile([5.0, 1.0, 3.0, 2.0, 4.0], 0.5) == 3.0
+    assert percentile(list(map(float, range(101))), 0.95) == 95.0
