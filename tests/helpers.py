@@ -7,26 +7,28 @@ from pathlib import Path
 
 from pipeline.core.config import params_from_dict
 from pipeline.core.io import Layout
+from pipeline.core.tracking import flatten
 from pipeline.data.features import run_features
 from pipeline.data.ingest import run_ingest
 
+# The one tiny-data configuration of the suite (a few thousand synthetic interactions): the `tiny_params`
+# fixture, `build_features` and the DAG form below all start from it.
 TINY = {
     "ingest": {"synthetic": {"n_interactions": 6000, "n_items": 150, "mean_sequence_length": 20.0, "n_topics": 5}},
+    "validate": {"min_rows": 100},
     "features": {"min_user_interactions": 3, "min_item_interactions": 3},
 }
 
-# TINY as the DAG form sends it: form fields plus `overrides`.
+# TINY as the DAG form sends it: form fields plus `overrides` (the same values, and a tiny model).
+_FORM_FIELDS = {"ingest.synthetic.n_interactions": "synthetic_interactions", "ingest.synthetic.n_items": "synthetic_items"}
 TINY_FORM = {
-    "synthetic_interactions": 6000,
-    "synthetic_items": 150,
+    **{field: flatten(TINY)[key] for key, field in _FORM_FIELDS.items()},
     "epochs": 2,
     "compression_variants": ["int8", "distilled"],  # one of each mapped group (CPU, GPU pool)
     "overrides": [
+        *(f"{key}={value}" for key, value in flatten(TINY).items() if key not in _FORM_FIELDS),
         "compress.distill.epochs=1", "compress.distill.d_model=8", "compress.latency_requests=10",
-        "compress.throughput_batch_size=64",
-        "ingest.synthetic.mean_sequence_length=20.0", "ingest.synthetic.n_topics=5",
-        "features.min_user_interactions=3", "features.min_item_interactions=3",
-        "validate.min_rows=100", "validate.data_docs=false",
+        "compress.throughput_batch_size=64", "validate.data_docs=false",
         "train.d_model=16", "train.n_heads=1", "train.bpr.epochs=2", "train.num_threads=1",
     ],
 }

@@ -6,12 +6,13 @@ import pyarrow.parquet as pq
 from pipeline.core import schema
 from pipeline.data.ingest import run_ingest
 from pipeline.orchestration.cli import main
+from tests.helpers import TINY
 
 
 def test_synthetic_ingest_writes_raw_schema_and_report(tiny_params, layout):
     result = run_ingest(tiny_params.ingest, layout, seed=tiny_params.seed)
     table = pq.read_table(layout.raw_interactions)
-    assert table.num_rows == 5000 == result.rows_written == result.rows_read
+    assert table.num_rows == TINY["ingest"]["synthetic"]["n_interactions"] == result.rows_written == result.rows_read
     assert table.schema.names == list(schema.RAW_COLUMNS)
     assert str(table.schema.field(schema.TIMESTAMP).type) == "timestamp[us, tz=UTC]"
     report = json.loads((layout.reports_dir / "ingest.json").read_text())
