@@ -36,7 +36,9 @@ def served(tmp_path_factory):
 
     variant_dir = save_variant(load_model(layout.model_dir("main")), layout.model_dir("main") / "variants" / "int8_table", "int8_table")
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
-    with mlflow.start_run():
+    # Artifacts beside the store: a SQLite store's default artifact root is ./mlruns in the current directory.
+    experiment = mlflow.create_experiment("serving", artifact_location=(root / "mlartifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment):
         teacher_info = log_servable(layout.model_dir("main"), layout.features_dir, name="teacher")
         variant_info = log_servable(variant_dir, layout.features_dir, name="variant")
     data = load_sequences(layout.features_dir)
