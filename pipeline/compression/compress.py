@@ -22,11 +22,12 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from pipeline.compression.distill import build_student, distillation_loss, fit, next_item_loss
+from pipeline.compression.distill import build_student, distillation_loss
 from pipeline.compression.pruning import apply_masks, magnitude_masks, prune_structured, sparsity_of
 from pipeline.core.config import CompressConfig
 from pipeline.core.devices import select_device
@@ -35,6 +36,8 @@ from pipeline.core.io import Layout
 from pipeline.data.sequences import SequenceData, load_sequences
 from pipeline.models.sasrec import WEIGHTS_FILE, SASRec, load_model
 from pipeline.models.variants import VARIANT_FILE, LowRankSASRec, factorise, load_variant, save_variant, size_on_disk, variants_dir
+from pipeline.training.engine import Engine, EngineSettings, Hooks
+from pipeline.training.losses import LossFn, next_item_loss
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +51,26 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fit_kwargs(cfg: CompressConfig, seed: int, device: torch.device) -> dict:
-    return {"batch_size": cfg.batch_size, "seed": seed, "device": device, "patience": cfg.patience}
+# What a variant's history records per epoch: no timings, so variant.json is the same on every rebuild.
+HISTORY_KEYS = ("epoch", "loss", "valid_ndcg10")
+
+
+def _train(model: SASRec, data: SequenceData, loss: LossFn, cfg: CompressConfig, seed: int, device: torch.device, *,
+           epochs: int, lr: float, desc: str, after_step: Callable[[SASRec], None] | None = None) -> list[dict]:
+    """Fine-tune or distil `model` in place with the training engine; it ends holding its best-validation weights.
+
+    The engine options are what the compression loop has always used (see EngineSettings for why
+    each exists): one process, fp32, the token mean of each batch, AdamW with its default decay over
+    the trainable parameters, a fresh seed, the incoming weights validated as epoch -1 and kept if
+    no epoch beats them, the best weights restored at the end, no checkpoint.
+    """
+    settings = EngineSettings(
+        epochs=epochs, lr=lr, batch_size=cfg.batch_size, seed=seed, patience=cfg.patience, desc=desc,
+        token_normalisation="local", weight_decay=None, fused=None, trainable_only=True, amp_dtype=None, compile=False,
+        reseed=True, validate_initial=True, restore_best=True, checkpoint_path=None,
+    )
+    state = Engine(model, data, loss, settings, device, hooks=Hooks(after_step=after_step)).fit()
+    return [{key: record[key] for key in HISTORY_KEYS if key in record} for record in state.history]
 
 
 def _distilled_student(teacher: SASRec, data: SequenceData, cfg: CompressConfig, seed: int, device: torch.device,
@@ -63,8 +84,8 @@ def _distilled_student(teacher: SASRec, data: SequenceData, cfg: CompressConfig,
             return load_variant(cached), {"history": recorded.get("history", []), "reused": str(cached)}
     d = cfg.distill
     student = build_student(teacher, d.d_model, d.n_layers, d.n_heads, d.init_from_teacher)
-    history = fit(student, data, distillation_loss(teacher.to(device), d.temperature, d.alpha, d.top_k),
-                  epochs=d.epochs, lr=d.lr, desc="distill", **_fit_kwargs(cfg, seed, device))
+    history = _train(student, data, distillation_loss(teacher.to(device), d.temperature, d.alpha, d.top_k), cfg, seed, device,
+                     epochs=d.epochs, lr=d.lr, desc="distill")
     return student.cpu().eval(), {"history": history}
 
 
@@ -97,8 +118,8 @@ def compress_variant(cfg: CompressConfig, layout: Layout, run_name: str, name: s
         state = {k: v for k, v in teacher.state_dict().items() if k != "item_embedding.weight"}
         model.load_state_dict({**state, "item_factors": factors, "basis": basis})
         if cfg.lowrank.finetune_epochs:
-            extra["history"] = fit(model, data, next_item_loss, epochs=cfg.lowrank.finetune_epochs, lr=cfg.lowrank.lr,
-                                   desc="lowrank", **_fit_kwargs(cfg, seed, device))
+            extra["history"] = _train(model, data, next_item_loss, cfg, seed, device, epochs=cfg.lowrank.finetune_epochs,
+                                      lr=cfg.lowrank.lr, desc="lowrank")
         model = model.cpu()
     elif name == "pruned":
         p = cfg.pruning
@@ -107,8 +128,9 @@ def compress_variant(cfg: CompressConfig, layout: Layout, run_name: str, name: s
         apply_masks(model, masks)
         if p.finetune_epochs:
             device_masks = {k: m.to(device) for k, m in masks.items()}
-            extra["history"] = fit(model, data, next_item_loss, epochs=p.finetune_epochs, lr=p.lr, desc="prune-finetune",
-                                   after_step=lambda m: apply_masks(m, device_masks), **_fit_kwargs(cfg, seed, device))
+            # Pruned weights must stay zero: the masks are re-applied after every optimizer step.
+            extra["history"] = _train(model, data, next_item_loss, cfg, seed, device, epochs=p.finetune_epochs, lr=p.lr,
+                                      desc="prune-finetune", after_step=lambda m: apply_masks(m, device_masks))
         model = model.cpu()
         extra.update(structured_sparsity=p.structured_sparsity, unstructured_sparsity=p.unstructured_sparsity,
                      measured_sparsity=round(sparsity_of(model), 4))

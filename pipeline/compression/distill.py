@@ -1,9 +1,7 @@
-"""Short training loops for compressed models: fine-tuning after pruning or factorising, and distillation.
+"""Distillation: a smaller student and the loss that trains it on the teacher's outputs.
 
-`fit` trains any SASRec-shaped model on the next-item task of the features'
-training prefixes, validates on the valid split every epoch and keeps the best
-weights (the same protocol as pipeline/training/train.py, without its DDP and
-checkpoint machinery: these runs take seconds to minutes).
+The training itself is the engine's (pipeline/training/engine.py, called from
+pipeline/compression/compress.py), as for the fine-tunes after pruning and factorising.
 
 Distillation trains a smaller student on the teacher's output distribution at
 every position of every training sequence: a temperature-softened KL
@@ -18,29 +16,12 @@ The T^2 factor keeps the gradient scale of the soft term independent of T
 
 from __future__ import annotations
 
-import copy
-import logging
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from pipeline.data.sequences import Batch, SequenceData, n_training_batches, training_batches
-from pipeline.evaluation.metrics import evaluate
+from pipeline.data.sequences import Batch
 from pipeline.models.sasrec import SASRec, SASRecConfig
-
-logger = logging.getLogger(__name__)
-
-# (model, batch) -> (summed loss over real positions, number of real positions)
-LossFn = Callable[[SASRec, Batch], tuple[torch.Tensor, int]]
-
-
-def next_item_loss(model: SASRec, batch: Batch) -> tuple[torch.Tensor, int]:
-    hidden = model(batch.inputs)
-    mask = batch.targets != 0
-    logits = model.logits(hidden[mask])[:, 1:]  # column 0 is padding, never a next item
-    return F.cross_entropy(logits, batch.targets[mask] - 1, reduction="sum"), int(mask.sum())
+from pipeline.training.losses import LossFn
 
 
 def distillation_loss(teacher: SASRec, temperature: float, alpha: float, top_k: int | None) -> LossFn:
@@ -64,68 +45,6 @@ def distillation_loss(teacher: SASRec, temperature: float, alpha: float, top_k: 
         return alpha * hard + (1.0 - alpha) * temperature**2 * soft, int(mask.sum())
 
     return loss
-
-
-def valid_ndcg10(model: SASRec, data: SequenceData, device: torch.device, batch_size: int, seed: int) -> float:
-    model.eval()
-    metrics = evaluate(lambda b: model.score(b.inputs, b.lengths), data, "valid", ks=(10,), batch_size=batch_size,
-                       max_len=model.cfg.max_len, device=device, sampled_strategies=(), seed=seed, progress=False)
-    return metrics["full/NDCG@10"]
-
-
-def fit(
-    model: SASRec,
-    data: SequenceData,
-    loss_fn: LossFn,
-    *,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
-    device: torch.device,
-    patience: int = 3,
-    eval_batch_size: int = 512,
-    after_step: Callable[[SASRec], None] | None = None,
-    desc: str = "fit",
-) -> list[dict]:
-    """Train `model` in place for up to `epochs`; it ends holding its best-validation weights.
-
-    `after_step` runs after every optimizer step (pruning uses it to keep pruned weights at zero).
-    Epoch -1 in the returned history is the model as it came in: if no epoch beats it, it is kept.
-    """
-    model.to(device)
-    torch.manual_seed(seed)
-    best_metric = valid_ndcg10(model, data, device, eval_batch_size, seed)
-    best_state = copy.deepcopy(model.state_dict())
-    history = [{"epoch": -1, "valid_ndcg10": best_metric}]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.98))
-    bad_epochs = 0
-    for epoch in range(epochs):
-        model.train()
-        total, tokens = 0.0, 0
-        batches = training_batches(data, batch_size, model.cfg.max_len, seed, epoch)
-        for batch in tqdm(batches, total=n_training_batches(data, batch_size), desc=f"{desc} {epoch}", unit="batch",
-                          leave=False, disable=None):
-            batch = batch.to(device)
-            loss_sum, n_tokens = loss_fn(model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            (loss_sum / max(n_tokens, 1)).backward()
-            optimizer.step()
-            if after_step is not None:
-                after_step(model)
-            total += float(loss_sum.detach())
-            tokens += n_tokens
-        metric = valid_ndcg10(model, data, device, eval_batch_size, seed)
-        history.append({"epoch": epoch, "loss": total / max(tokens, 1), "valid_ndcg10": metric})
-        logger.info("%s epoch %d: loss %.4f valid NDCG@10 %.4f", desc, epoch, total / max(tokens, 1), metric)
-        if metric > best_metric:
-            best_metric, best_state, bad_epochs = metric, copy.deepcopy(model.state_dict()), 0
-        else:
-            bad_epochs += 1
-            if bad_epochs >= patience:
-                break
-    model.load_state_dict(best_state)
-    return history
 
 
 def build_student(teacher: SASRec, d_model: int, n_layers: int, n_heads: int, init_from_teacher: bool = True) -> SASRec:
