@@ -15,7 +15,6 @@ Schedule: `$LEANREC_RECOMMEND_SCHEDULE` (default @daily; `none`: manual only), n
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from typing import Any
 
@@ -24,37 +23,27 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from pipeline.core.config import load_params
 from pipeline.core.errors import PipelineError
+from pipeline.orchestration import airflow as orchestration
 from pipeline.orchestration import runs
 
 logger = logging.getLogger(__name__)
 DEFAULTS = load_params(runs.params_path())
-RETRY = runs.RETRY
-GPU = runs.gpu_task_args()
 
 
-_stage = runs.task_stage
-
-
-@dag(
+@dag(**orchestration.dag_settings(
     dag_id="leanrec_recommend",
     description="Top-K recommendations for every known user with the registry's champion",
-    schedule=runs.schedule("LEANREC_RECOMMEND_SCHEDULE"),
-    start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
-    catchup=False,
+    schedule=orchestration.schedule("LEANREC_RECOMMEND_SCHEDULE"),
     max_active_runs=1,
-    tags=["leanrec"],
     doc_md=__doc__,
     params={
         "recommendations_per_user": Param(
             DEFAULTS.recommend.k, type="integer", minimum=1, maximum=1_000, title="Recommendations per user",
             description="Items recommended to each known user (recommend.k), best first, never one already seen.",
         ),
-        "overrides": Param(
-            [], type="array", items={"type": "string", "pattern": r"^[A-Za-z0-9_.]+=.*$"}, title="Other overrides",
-            description="Any other params.yaml key for this run, one key=value per line (e.g. recommend.device=cpu).",
-        ),
+        "overrides": orchestration.overrides_field("recommend.device=cpu"),
     },
-)
+))
 def leanrec_recommend() -> None:
     @task
     def prepare() -> dict[str, Any]:
@@ -72,9 +61,7 @@ def leanrec_recommend() -> None:
         logger.info("recommending with champion version %s", version)
         return {"root": str(root), "champion_version": version}
 
-    @task(**RETRY, **GPU)
-    def recommend(run: dict[str, Any]) -> dict[str, Any]:
-        return _stage("recommend", run["root"])
+    recommend = orchestration.stage_task("recommend", **orchestration.gpu_task_args())
 
     recommend(prepare())
 

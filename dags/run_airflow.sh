@@ -31,6 +31,9 @@ command -v airflow >/dev/null || { echo "airflow not found: install the project 
 host="${LEANREC_AIRFLOW_HOST:-127.0.0.1}"
 port="${LEANREC_AIRFLOW_PORT:-8080}"
 export LEANREC_PROJECT_DIR="$PROJECT"
+# The DAGs import `pipeline` (its Airflow part: pipeline.orchestration.airflow): this checkout's, the
+# one beside these DAGs, whatever checkout an editable install of the environment points at.
+export PYTHONPATH="$PROJECT${PYTHONPATH:+:$PYTHONPATH}"
 export AIRFLOW_HOME="${AIRFLOW_HOME:-$PROJECT/.airflow}"
 export AIRFLOW__CORE__DAGS_FOLDER="${AIRFLOW__CORE__DAGS_FOLDER:-$PROJECT/dags}"
 export AIRFLOW__CORE__LOAD_EXAMPLES="${AIRFLOW__CORE__LOAD_EXAMPLES:-False}"

@@ -1,5 +1,8 @@
 """Per-run work directories for orchestrators (Airflow): params.yaml + form values -> one run root.
 
+Airflow-free: what is Airflow's (default_args, pools, the form's Params, the task group the DAGs
+share, the task wrapper of `run_stage`) is in `pipeline.orchestration.airflow`.
+
 An Airflow DAG run never works in the project root (DVC's workspace): it gets its
 own root, `$LEANREC_RUNS_DIR/<run key>`, holding `params.yaml` (the effective
 configuration of the run, written once by `prepare_run`), `dag_run.json` (what was
@@ -16,7 +19,6 @@ through the CLI's own wiring (`pipeline.orchestration.cli.STAGES`), so Airflow, 
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import logging
@@ -30,7 +32,7 @@ from typing import Any
 import yaml
 
 from pipeline.core.config import Params, VariantName, load_params, params_from_dict
-from pipeline.core.errors import ConfigError, PipelineError, ValidationFailed
+from pipeline.core.errors import ConfigError, ValidationFailed
 from pipeline.core.io import Layout, atomic_path, write_json
 
 logger = logging.getLogger(__name__)
@@ -76,49 +78,6 @@ def runs_dir() -> Path:
         return Path(os.environ["LEANREC_RUNS_DIR"]).resolve()
     home = os.environ.get("AIRFLOW_HOME") or project_root() / ".airflow"
     return (Path(home) / "leanrec_runs").resolve()
-
-
-def gpu_pool() -> str:
-    """The Airflow pool of tasks that want a GPU ($LEANREC_GPU_POOL, default `gpu`; one slot by default)."""
-    return os.environ.get("LEANREC_GPU_POOL") or "gpu"
-
-
-def gpu_queue() -> str:
-    """The executor queue of tasks that want a GPU ($LEANREC_GPU_QUEUE, default `gpu`): a Celery worker
-    started with `-q gpu` on a GPU machine picks them up; the local executor ignores queues."""
-    return os.environ.get("LEANREC_GPU_QUEUE") or "gpu"
-
-
-def gpu_task_args() -> dict[str, str]:
-    """Task arguments of a task that wants a GPU: its pool and queue."""
-    return {"pool": gpu_pool(), "queue": gpu_queue()}
-
-
-# Task arguments of the tasks where a retry can help (a network source, a busy GPU node): exponential
-# backoff. A PipelineError (bad config, bad data) is deterministic and fails at once (task_stage).
-RETRY = {
-    "retries": 2,
-    "retry_delay": dt.timedelta(seconds=20),
-    "retry_exponential_backoff": 2.0,
-    "max_retry_delay": dt.timedelta(minutes=10),
-}
-
-
-def task_stage(stage: str, root: str | Path, **kwargs: Any) -> dict[str, Any]:
-    """`run_stage` inside an Airflow task: a PipelineError fails the task without its retries."""
-    from airflow.sdk.exceptions import AirflowFailException  # only the DAGs call this
-
-    try:
-        return run_stage(stage, root, **kwargs)
-    except PipelineError as err:
-        raise AirflowFailException(f"{stage} failed: {err}") from err
-
-
-def schedule(variable: str, default: str = "@daily") -> str | None:
-    """A DAG's schedule from the environment variable `variable` (a cron expression or preset such as
-    @daily or @hourly); `none` (or empty) means manual triggers only."""
-    value = os.environ.get(variable, default).strip()
-    return None if value.lower() in ("", "none") else value
 
 
 def choices(dotted_key: str) -> list[Any]:

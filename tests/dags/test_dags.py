@@ -17,6 +17,7 @@ import yaml
 
 from pipeline.core.config import load_params
 from pipeline.core.errors import ConfigError
+from pipeline.orchestration import airflow as orchestration
 from pipeline.orchestration import runs
 from tests.helpers import TINY_FORM
 
@@ -49,7 +50,7 @@ def airflow_home(tmp_path_factory) -> Path:
 def _dagbag(pools: set[str] | None = None):
     from airflow.dag_processing.dagbag import DagBag
 
-    return DagBag(dag_folder=str(DAGS), known_pools=pools or {"default_pool", runs.gpu_pool()})
+    return DagBag(dag_folder=str(DAGS), known_pools=pools or {"default_pool", orchestration.gpu_pool()})
 
 
 @pytest.fixture(scope="module")
@@ -246,6 +247,73 @@ def test_incremental_form_matches_the_train_form_less_the_model_shape(incrementa
     assert incremental_dag.params.dump() == {k: v for k, v in train_dag.params.dump().items() if k in incremental_dag.params}
 
 
+TAIL_TASKS = {"train", *COMPRESS_TASKS, "post_training_variants", "trained_variants", "evaluate", "register", "promote"}
+
+
+def _task_spec(task) -> dict:
+    return {"group": task.task_group.group_id, "type": type(task).__name__, "trigger_rule": task.trigger_rule,
+            "pool": task.pool, "queue": task.queue, "retries": task.retries,
+            "retry_exponential_backoff": task.retry_exponential_backoff, "max_retry_delay": task.max_retry_delay,
+            "upstream_in_group": task.upstream_task_ids & TAIL_TASKS, "downstream": task.downstream_task_ids}
+
+
+def test_train_and_incremental_dags_end_with_the_same_task_group(train_dag, incremental_dag):
+    # One @task_group (pipeline.orchestration.airflow.train_and_promote), the same tasks in both DAGs,
+    # with their own ids (prefix_group_id=False: no `train_and_promote.` prefix).
+    for dag in (train_dag, incremental_dag):
+        group = dag.task_group_dict[orchestration.TAIL_GROUP_ID]
+        assert group.prefix_group_id is False
+        assert {task.task_id for task in group} == TAIL_TASKS
+        assert {t for t in dag.task_ids if dag.get_task(t).task_group.group_id == orchestration.TAIL_GROUP_ID} \
+            == TAIL_TASKS
+    assert {t: _task_spec(train_dag.get_task(t)) for t in TAIL_TASKS} \
+        == {t: _task_spec(incremental_dag.get_task(t)) for t in TAIL_TASKS}
+    # What enters the group: features feeds train, the run's variants (prepare's, or select_new's copy) feed
+    # the two variant lists.
+    assert train_dag.get_task("train").upstream_task_ids == incremental_dag.get_task("train").upstream_task_ids \
+        == {"features"}
+    assert train_dag.get_task("post_training_variants").upstream_task_ids == {"prepare"}
+    assert incremental_dag.get_task("trained_variants").upstream_task_ids == {"select_new"}
+    assert {t: train_dag.get_task(t).trigger_rule for t in TAIL_TASKS} == {
+        t: "none_failed" if t == "evaluate" else "all_success" for t in TAIL_TASKS}
+
+
+def test_retries_come_from_the_dags_default_args(train_dag, incremental_dag, recommend_dag):
+    for dag in (train_dag, incremental_dag, recommend_dag):
+        assert dag.default_args == orchestration.DEFAULT_ARGS
+        # A task that sets nothing retries with the DAG's default_args (prepare: a registry or disk hiccup).
+        prepare = dag.get_task("prepare")
+        assert (prepare.retries, prepare.retry_delay, prepare.max_retry_delay) == (
+            orchestration.DEFAULT_ARGS["retries"], orchestration.DEFAULT_ARGS["retry_delay"],
+            orchestration.DEFAULT_ARGS["max_retry_delay"])
+    # Every DAG shares the same settings (start date, no catchup, tag).
+    assert {(d.start_date, d.catchup, tuple(sorted(d.tags))) for d in (train_dag, incremental_dag, recommend_dag)} \
+        == {(orchestration.START_DATE, False, ("leanrec",))}
+
+
+def _field_spec(param) -> tuple:
+    return param.schema, param.description, param.value
+
+
+def test_the_training_dags_share_one_form_spec(train_dag, incremental_dag, recommend_dag):
+    # The shared fields are built by one function (orchestration.training_form): the same specs, and each
+    # DAG adds only its own (leanrec_train: model and preset; leanrec_incremental: none).
+    shared = orchestration.training_form(load_params(ROOT / "params.yaml"))
+    assert list(incremental_dag.params) == list(shared)
+    assert [name for name in train_dag.params if name not in ("model", "preset")] == list(shared)
+    for name, param in shared.items():
+        assert _field_spec(train_dag.params.get_param(name)) == _field_spec(param), name
+        assert _field_spec(incremental_dag.params.get_param(name)) == _field_spec(param), name
+    # New Param objects for each DAG: a DAG's form shares the spec, never the objects, with another's.
+    assert all(train_dag.params.get_param(n) is not incremental_dag.params.get_param(n) for n in shared)
+    # The UI order: data, then the model, then training, compression, the policy and overrides.
+    assert list(train_dag.params)[3:7] == ["synthetic_items", "model", "preset", "epochs"]
+    assert list(train_dag.params)[-1] == "overrides"
+    assert recommend_dag.params.get_param("overrides").schema == shared["overrides"].schema
+    with pytest.raises(ValueError, match="already in the shared training form"):
+        orchestration.training_form(load_params(ROOT / "params.yaml"), epochs=shared["epochs"])
+
+
 def test_recommend_dag_structure_and_form(recommend_dag):
     dag = recommend_dag
     assert set(dag.task_ids) == {"prepare", "recommend"}
@@ -262,12 +330,12 @@ def test_recommend_dag_structure_and_form(recommend_dag):
 
 def test_schedule_reads_cron_presets_and_none(monkeypatch):
     monkeypatch.delenv("LEANREC_X_SCHEDULE", raising=False)
-    assert runs.schedule("LEANREC_X_SCHEDULE") == "@daily"
+    assert orchestration.schedule("LEANREC_X_SCHEDULE") == "@daily"
     monkeypatch.setenv("LEANREC_X_SCHEDULE", " @hourly ")
-    assert runs.schedule("LEANREC_X_SCHEDULE") == "@hourly"
+    assert orchestration.schedule("LEANREC_X_SCHEDULE") == "@hourly"
     for off in ("none", "None", ""):
         monkeypatch.setenv("LEANREC_X_SCHEDULE", off)
-        assert runs.schedule("LEANREC_X_SCHEDULE") is None
+        assert orchestration.schedule("LEANREC_X_SCHEDULE") is None
 
 
 # ----------------------------------------------------------------------------- pipeline/orchestration/runs.py
@@ -356,16 +424,14 @@ def test_stages_rerun_on_a_run_root_give_the_same_outputs(tmp_path, monkeypatch)
     assert len(json.dumps(summaries)) < 4000
 
 
-def test_pipeline_errors_fail_the_task_without_retries(airflow_home, tmp_path):
-    import importlib.util
-
+def test_pipeline_errors_fail_the_task_without_retries(train_dag, tmp_path):
     from airflow.sdk.exceptions import AirflowFailException
 
-    spec = importlib.util.spec_from_file_location("leanrec_train_dag", DAGS / "leanrec_train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    # The DAG's own ingest task (its callable, as the task runner calls it), not a copy of it.
     with pytest.raises(AirflowFailException, match="ingest failed: .*prepare step has not run"):
-        module._stage("ingest", str(tmp_path))
+        train_dag.get_task("ingest").python_callable({"root": str(tmp_path)})
+    with pytest.raises(AirflowFailException, match="ingest failed: .*prepare step has not run"):
+        orchestration.task_stage("ingest", str(tmp_path))
 
 
 def test_choices_reads_literal_keys():
