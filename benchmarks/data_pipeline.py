@@ -74,9 +74,11 @@ def measure(name: str, repeats: int) -> dict:
     runs = []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory(prefix=f"leanrec-bench-{name}-") as workdir:
+            # This checkout's pipeline first: an editable install may point at another checkout.
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
             proc = subprocess.Popen(
                 [sys.executable, __file__, "--child", workdir, *DATASETS[name]],
-                stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env,
             )
             out = proc.stdout.read()
             # wait4 gives this child's own rusage: its peak resident memory, nothing else's.
