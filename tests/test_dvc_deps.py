@@ -15,7 +15,7 @@ from pathlib import Path
 import grimp
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.import_graph import ROOT, imported_files
 
 # Stage -> the modules whose functions the CLI runs for it. promote and recommend load the registered
 # pyfunc, so the servable's code decides their results too.
@@ -32,17 +32,9 @@ STAGE_ENTRIES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _module_file(module: str) -> Path:
-    path = ROOT / Path(*module.split("."))
-    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
-
-
 def expected_code_deps(graph: grimp.ImportGraph, entries: tuple[str, ...]) -> list[str]:
     """The stage's modules as dvc.yaml paths: a package directory when every module in it is used, else files."""
-    used = set(entries)
-    for entry in entries:
-        used |= graph.find_upstream_modules(entry)
-    files = {_module_file(m).relative_to(ROOT) for m in used if _module_file(m).name != "__init__.py"}
+    files = imported_files(graph, entries)
 
     def all_used(directory: Path) -> bool:
         return all(p.relative_to(ROOT) in files for p in (ROOT / directory).rglob("*.py") if p.name != "__init__.py")

@@ -42,7 +42,6 @@ from pipeline.training.losses import LossFn, next_item_loss
 logger = logging.getLogger(__name__)
 
 
-
 def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:

@@ -20,7 +20,7 @@ from pipeline.core.errors import ConfigError
 from pipeline.core.io import Layout
 from pipeline.core.tracking import directory_sha256
 from pipeline.models.sasrec import CONFIG_FILE
-from pipeline.registry.store import CHAMPION, TAG_TEACHER, TAG_WORKDIR, alias_version, registry_client
+from pipeline.registry.store import CHAMPION, TAG_TEACHER, TAG_WORKDIR, champion_version
 
 LINEAGE_FILE = "champion_lineage.json"  # in an incremental run's root: the champion it started from
 SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "max_len")  # train.* keys that must match the model fine-tuned
@@ -50,7 +50,7 @@ class ChampionLineage:
 
 def champion_lineage(registry: RegistryConfig, tracking: TrackingConfig, root: Path) -> ChampionLineage | None:
     """What the champion was trained on, from its version's tags; None when there is no champion."""
-    champion = alias_version(registry_client(tracking, Path(root)), registry.model_name, CHAMPION)
+    champion = champion_version(registry, tracking, root)
     if champion is None:
         return None
     where = f"{registry.model_name} version {champion.version} ({CHAMPION})"

@@ -319,8 +319,8 @@ def served_code(target: Path) -> Path:
     """A copy of the `pipeline` package cut down to SERVED_MODULES (and their packages' __init__.py) at target/pipeline."""
     source = Path(__file__).resolve().parents[1]
     package = target / "pipeline"
-    for relative in SERVED_MODULES:
-        for parent in [Path(*Path(relative).parts[:i]) for i in range(len(Path(relative).parts))]:
+    for relative in map(Path, SERVED_MODULES):
+        for parent in relative.parents:  # the module's package, ..., the top package (".")
             init = package / parent / "__init__.py"
             if not init.exists():
                 init.parent.mkdir(parents=True, exist_ok=True)

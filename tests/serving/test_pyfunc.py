@@ -212,10 +212,10 @@ def test_the_model_ships_exactly_the_modules_serving_imports(tmp_path):
     import grimp
 
     from pipeline.serving.pyfunc import SERVED_MODULES, served_code
+    from tests.import_graph import imported_files
 
-    graph = grimp.build_graph("pipeline")
-    closure = graph.find_upstream_modules("pipeline.serving.pyfunc") | {"pipeline.serving.pyfunc"}
-    assert set(SERVED_MODULES) == {m.removeprefix("pipeline.").replace(".", "/") + ".py" for m in closure}
+    closure = imported_files(grimp.build_graph("pipeline"), ("pipeline.serving.pyfunc",))
+    assert set(SERVED_MODULES) == {str(file.relative_to("pipeline")) for file in closure}
 
     package = served_code(tmp_path / "code")
     shipped = sorted(str(p.relative_to(package)) for p in package.rglob("*.py") if p.name != "__init__.py")
