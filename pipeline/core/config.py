@@ -239,6 +239,9 @@ class PolicyConfig(_Strict):
     metric: Literal["ndcg@10", "hr@10"] = Field("ndcg@10", description="highest wins (ties: the smaller model)")
     max_latency_p50_ms: float | None = Field(50.0, gt=0, description="CPU p50 latency budget per request; null: no budget")
     max_size_bytes: int | None = Field(None, ge=1, description="size budget on disk; null: no budget")
+    min_latency_speedup: float | None = Field(
+        1.0, gt=0,
+        description="batch-1 CPU latency speed-up over the teacher a candidate needs (1.0: never slower than the teacher); null: none")
     candidates: list[str] = Field([], description="models of reports/compression.json to consider; empty: all")
 
 

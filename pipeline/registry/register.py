@@ -2,7 +2,8 @@
 
 - `register`: among the teacher and its variants in reports/compression.json, the
   candidate is the best by `registry.policy.metric` within the latency and size
-  budgets; it is logged as the servable pyfunc (pipeline/serving/pyfunc.py), registered
+  budgets and at least `registry.policy.min_latency_speedup` times as fast as the
+  teacher (so a "compressed" pick is never slower than what it compresses); it is logged as the servable pyfunc (pipeline/serving/pyfunc.py), registered
   as a new version of `registry.model_name` with its figures and lineage as tags,
   and aliased `challenger`. A version whose files (model + features) have the
   same content hash is reused instead of duplicated, so re-running is safe.
@@ -51,13 +52,19 @@ def select_candidate(report: dict, policy: Any) -> tuple[str, dict[str, str]]:
     if unknown:
         raise RegistryError(f"registry.policy.candidates {unknown} are not in {COMPRESSION_REPORT} (it has {sorted(models)})")
     names = policy.candidates or list(models)
+    # Speed-ups are taken against the teacher measured in the same report (same run, same machine).
+    teacher_latency = models.get(report.get("teacher", "teacher"), {}).get("latency_p50_ms")
     reasons: dict[str, str] = {}
     eligible = []
     for name in names:
         entry = models[name]
         latency, size, score = entry.get("latency_p50_ms"), entry.get("size_bytes"), entry.get(policy.metric)
+        speedup = teacher_latency / latency if teacher_latency and latency else None
         if score is None:
             reasons[name] = f"no {policy.metric}"
+        elif policy.min_latency_speedup is not None and (speedup is None or speedup < policy.min_latency_speedup):
+            reasons[name] = ("no latency measured beside the teacher's" if speedup is None else
+                             f"latency speed-up {speedup:.2f}x over the teacher is under the minimum {policy.min_latency_speedup}x")
         elif policy.max_latency_p50_ms is not None and (latency is None or latency > policy.max_latency_p50_ms):
             reasons[name] = f"latency_p50_ms {latency} over the budget {policy.max_latency_p50_ms}"
         elif policy.max_size_bytes is not None and (size is None or size > policy.max_size_bytes):

@@ -49,8 +49,8 @@ def _aliases(tracking: TrackingConfig, name: str = "leanrec") -> dict[str, str]:
     return {alias: str(version) for alias, version in aliases.items()}
 
 
-# The policy without the default latency budget (registry.policy.max_latency_p50_ms: 50.0).
-NO_BUDGET = RegistryConfig(policy=PolicyConfig(max_latency_p50_ms=None))
+# The policy without its default latency criteria (registry.policy.max_latency_p50_ms: 50.0, min_latency_speedup: 1.0).
+NO_BUDGET = RegistryConfig(policy=PolicyConfig(max_latency_p50_ms=None, min_latency_speedup=None))
 
 
 def _register_only(work, tracking, name: str, cfg: RegistryConfig | None = None, **figures) -> dict:
@@ -72,12 +72,25 @@ def _report(**models):
 
 def test_policy_picks_best_metric_within_budgets():
     report = _report(teacher=(0.30, 5.0, 1000), int8=(0.31, 2.0, 300), lowrank=(0.35, 9.0, 200), int4=(0.32, 2.0, 900))
-    assert select_candidate(report, PolicyConfig())[0] == "lowrank"
+    assert select_candidate(report, PolicyConfig(min_latency_speedup=None))[0] == "lowrank"
     assert select_candidate(report, PolicyConfig(max_latency_p50_ms=6.0))[0] == "int4"
-    best, reasons = select_candidate(report, PolicyConfig(max_latency_p50_ms=6.0, max_size_bytes=500))
+    best, reasons = select_candidate(report, PolicyConfig(max_latency_p50_ms=6.0, max_size_bytes=500, min_latency_speedup=None))
     assert best == "int8"
     assert "over the budget" in reasons["lowrank"] and "size_bytes" in reasons["int4"]
     assert select_candidate(report, PolicyConfig(candidates=["teacher", "int8"]))[0] == "int8"
+
+
+def test_policy_never_picks_a_variant_slower_than_the_teacher():
+    report = _report(teacher=(0.30, 5.0, 1000), bf16=(0.31, 5.5, 500), int8=(0.30, 2.0, 300))
+    best, reasons = select_candidate(report, PolicyConfig())  # default: at least as fast as the teacher
+    assert best == "int8"
+    assert reasons["bf16"] == "latency speed-up 0.91x over the teacher is under the minimum 1.0x"
+    assert select_candidate(report, PolicyConfig(min_latency_speedup=None))[0] == "bf16"
+    with pytest.raises(RegistryError, match="int8: latency speed-up 2.50x over the teacher is under the minimum 3.0x"):
+        select_candidate(report, PolicyConfig(min_latency_speedup=3.0))
+    no_teacher = {"models": {"int8": {"ndcg@10": 0.3, "latency_p50_ms": 2.0, "size_bytes": 1}}}
+    with pytest.raises(RegistryError, match="int8: no latency measured beside the teacher's"):
+        select_candidate(no_teacher, PolicyConfig())
 
 
 def test_policy_ties_go_to_the_smaller_model():
@@ -98,7 +111,7 @@ def test_policy_errors_name_the_problem():
 def test_register_tags_aliases_and_is_idempotent(work, tmp_path):
     figures = compress(work, ("int8_table", "int4_table"))
     tracking = _tracking(tmp_path)
-    first = register(RegistryConfig(), tracking, work)
+    first = register(NO_BUDGET, tracking, work)
     best = max(figures, key=lambda n: (figures[n]["ndcg@10"], -figures[n]["size_bytes"]))
     assert first["candidate"] == best and first["created"] and first["version"] == "1"
     assert json.loads((work.reports_dir / "registration.json").read_text())["version"] == "1"
@@ -112,11 +125,12 @@ def test_register_tags_aliases_and_is_idempotent(work, tmp_path):
     assert len(tags["leanrec.features.sha256"]) == 64 and len(tags["leanrec.content_sha256"]) == 64
     assert "leanrec.git_commit" in tags
     # Same files again (a `dvc repro` rerun): no new version.
-    again = register(RegistryConfig(), tracking, work)
+    again = register(NO_BUDGET, tracking, work)
     assert again["version"] == "1" and not again["created"]
     assert len(client.search_model_versions("name='leanrec'")) == 1
     # A size budget that excludes the best model registers the next one as a new version.
-    smaller = RegistryConfig(policy=PolicyConfig(max_size_bytes=min(f["size_bytes"] for f in figures.values())))
+    smaller = RegistryConfig(policy=PolicyConfig(max_latency_p50_ms=None, min_latency_speedup=None,
+                                                 max_size_bytes=min(f["size_bytes"] for f in figures.values())))
     third = register(smaller, tracking, work)
     assert third["candidate"] == min(figures, key=lambda n: figures[n]["size_bytes"]) and third["version"] == "2"
     assert _aliases(tracking) == {"challenger": "2"}
