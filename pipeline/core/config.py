@@ -141,8 +141,11 @@ class TrainConfig(_Strict):
     batch_size: int = Field(128, ge=1)
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    loss: Literal["full_softmax", "sampled_softmax"] = Field(
-        "full_softmax", description="sampled_softmax (log-Q corrected) for catalogues too large for a full softmax")
+    loss: Literal["full_softmax", "chunked_softmax", "sampled_softmax"] = Field(
+        "full_softmax",
+        description="chunked_softmax: the exact full softmax in item chunks (memory bounded by the chunk); "
+                    "sampled_softmax: log-Q corrected, for catalogues too large for any full softmax")
+    loss_chunk_items: int = Field(8192, ge=1, description="chunked_softmax only: items per chunk of logits")
     n_negatives: int = Field(256, ge=1, description="sampled_softmax only")
     early_stopping_patience: int = Field(3, ge=1, description="epochs without a better valid NDCG@10")
     curriculum: CurriculumConfig = CurriculumConfig()

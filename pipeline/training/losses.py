@@ -21,6 +21,7 @@ from torch import nn
 
 from pipeline.data.sequences import Batch
 from pipeline.models.sasrec import SASRec
+from pipeline.training.chunked_ce import chunked_cross_entropy
 
 # (module, batch) -> (summed loss over real positions, number of real positions)
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, int]]
@@ -29,11 +30,12 @@ LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, int]]
 class NextItemLoss(nn.Module):
     """Wraps the model so DDP sees one forward: (inputs, targets) -> summed loss."""
 
-    def __init__(self, model: SASRec, loss: str, n_negatives: int, sampling_logq: torch.Tensor | None):
+    def __init__(self, model: SASRec, loss: str, n_negatives: int, sampling_logq: torch.Tensor | None, chunk_items: int = 8192):
         super().__init__()
         self.model = model
         self.loss = loss
         self.n_negatives = n_negatives
+        self.chunk_items = chunk_items
         self.register_buffer("sampling_logq", sampling_logq if sampling_logq is not None else torch.zeros(0), persistent=False)
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -45,6 +47,8 @@ class NextItemLoss(nn.Module):
             logits = hidden @ weights.T
             logits[:, 0] = float("-inf")  # padding is never the next item
             return F.cross_entropy(logits.float(), positives, reduction="sum")
+        if self.loss == "chunked_softmax":  # the same loss without tokens x catalogue logits in memory
+            return chunked_cross_entropy(hidden, weights, positives, self.chunk_items)
         # Sampled softmax, negatives shared by the batch, drawn by popularity; log-Q correction
         # subtracts each sampled item's log sampling probability so the estimate is unbiased.
         negatives = torch.multinomial(self.sampling_logq.exp(), self.n_negatives, replacement=True)

@@ -182,7 +182,7 @@ def run_train(
 
         engine = Engine(
             model, data, module_loss, settings, device, world=world,
-            loss_module=NextItemLoss(model, cfg.loss, cfg.n_negatives, logq),
+            loss_module=NextItemLoss(model, cfg.loss, cfg.n_negatives, logq, cfg.loss_chunk_items),
             hooks=Hooks(on_improve=lambda m, record: save_model(m, run_dir), on_epoch_end=log_epoch if mlflow is not None else None),
             seq_len=lambda epoch: curriculum_len(cfg, model_cfg.max_len, epoch),
             flops_per_token=lambda seq_len: flops_per_token(model_cfg, seq_len, cfg.loss, cfg.n_negatives),

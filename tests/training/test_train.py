@@ -80,6 +80,20 @@ def test_sampled_softmax_trains(features, tmp_path):
     assert result.history[-1]["loss"] < result.history[0]["loss"]
 
 
+def test_chunked_softmax_trains_to_the_same_model_as_the_full_softmax(features, tmp_path):
+    """Same loss, same gradients: two epochs with each end within float rounding of one another."""
+    weights = {}
+    for loss in ("full_softmax", "chunked_softmax"):
+        layout = copy_features(features, tmp_path / loss)
+        p = _params("train.epochs=2", f"train.loss={loss}", "train.loss_chunk_items=7")  # many chunks on a tiny catalogue
+        result = run_train(p.train, p.tracking, layout, seed=5)
+        weights[loss] = (result.history, load_file(str(Path(result.run_dir) / "model.safetensors")))
+    (dense_history, dense), (chunked_history, chunked) = weights["full_softmax"], weights["chunked_softmax"]
+    assert [r["loss"] for r in chunked_history] == pytest.approx([r["loss"] for r in dense_history], rel=1e-4)
+    for key in dense:
+        torch.testing.assert_close(chunked[key], dense[key], rtol=1e-3, atol=1e-4)
+
+
 def test_curriculum_grows_sequence_length():
     p = params_from_dict({}, ["train.curriculum.enabled=true", "train.curriculum.start_len=10", "train.curriculum.epochs=4"])
     assert [curriculum_len(p.train, 50, e) for e in range(6)] == [10, 20, 30, 40, 50, 50]
