@@ -4,9 +4,10 @@
   candidate is the best by `registry.policy.metric` within the latency and size
   budgets and at least `registry.policy.min_latency_speedup` times as fast as the
   teacher (so a "compressed" pick is never slower than what it compresses); it is
-  logged as the servable pyfunc (pipeline/serving/pyfunc.py), registered as a new version of `registry.model_name` with its figures and lineage as tags,
-  and aliased `challenger`. A version whose files (model + features) have the
-  same content hash is reused instead of duplicated, so re-running is safe.
+  logged as the servable pyfunc (pipeline/serving/pyfunc.py), registered as a new
+  version of `registry.model_name` with its figures and lineage as tags, and
+  aliased `challenger`. A version whose files (model + features) have the same
+  content hash is reused instead of duplicated, so re-running is safe.
 """
 
 from __future__ import annotations
