@@ -90,9 +90,10 @@ class ItemCodes:
 
         The reference scorer, plain torch and differentiable in hidden and codebooks. Each row's
         m codes are one bag of an embedding_bag over the flattened lookup tables (m * K rows of B
-        scores): one fused gather-and-sum forward and a row scatter backward. Measured on the
-        default catalogue (2,938 items, m=8, K=256, one thread) that is 3-5x faster than m
-        index_selects of the (B, K) tables, whose backward scatters columns.
+        scores): one fused gather-and-sum forward and a row scatter backward. Measured side by side
+        (2,938 items, m=8, K=256, one thread, medians) that is 3-4x faster than m index_selects of the
+        (B, K) tables, whose backward scatters columns: 0.75 s against 2.75 s for a training step's
+        forward and backward over 4,000 positions, 0.11 ms against 0.34 ms at batch 1.
         """
         tables = self._tables_by_code(hidden).reshape(self.n_subspaces * self.codebook_size, hidden.shape[0])
         # contiguous: callers fill and view the (B, n_rows) scores in place
