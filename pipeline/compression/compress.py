@@ -13,6 +13,9 @@ params list (what DVC and the CLI run). Every variant directory loads through
     distilled         a shallower, narrower student trained on the teacher's outputs
     lowrank           item table factorised by truncated SVD, optionally fine-tuned
     distilled+int8    the distilled student in int8
+    pq                item table as product-quantized item codes (m uint8 codes per item into m shared
+                      codebooks, k-means on the teacher's table), codebooks and Transformer fine-tuned
+    pq+int8           the fine-tuned pq model with int8 codebooks
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pipeline.core.devices import select_device
 from pipeline.core.errors import CompressError
 from pipeline.core.io import Layout
 from pipeline.data.sequences import SequenceData, load_sequences
+from pipeline.models.coded import code_teacher
 from pipeline.models.sasrec import WEIGHTS_FILE, SASRec, load_model
 from pipeline.models.variants import VARIANT_FILE, LowRankSASRec, factorise, load_variant, save_variant, size_on_disk, variants_dir
 from pipeline.training.engine import Engine, EngineSettings, Hooks
@@ -72,15 +76,59 @@ def _train(model: SASRec, data: SequenceData, loss: LossFn, cfg: CompressConfig,
     return [{key: record[key] for key in HISTORY_KEYS if key in record} for record in state.history]
 
 
-def _distilled_student(teacher: SASRec, data: SequenceData, cfg: CompressConfig, seed: int, device: torch.device,
-                       out_dir: Path, fingerprint: dict) -> tuple[SASRec, dict]:
-    """The distilled student: reused from variants/distilled when built from the same teacher and settings."""
-    cached = out_dir / "distilled"
+# Variants built from the model of another variant, and the variant whose model they reuse when it is current.
+PQ_VARIANTS = ("pq", "pq+int8")
+REUSED_FROM = {"distilled+int8": "distilled", "pq+int8": "pq"}
+
+
+def _reused(cached: Path, fingerprint: dict) -> tuple[SASRec, dict] | None:
+    """The model of variant directory `cached` if it was built from the same teacher and settings."""
     if (cached / VARIANT_FILE).exists():
         recorded = json.loads((cached / VARIANT_FILE).read_text(encoding="utf-8"))
         if recorded.get("fingerprint") == fingerprint:
-            logger.info("distilled student reused from %s", cached)
-            return load_variant(cached), {"history": recorded.get("history", []), "reused": str(cached)}
+            logger.info("%s model reused from %s", cached.name, cached)
+            info = {key: recorded[key] for key in ("history", "assignment") if key in recorded}
+            return load_variant(cached), {**info, "reused": str(cached)}
+    return None
+
+
+def pq_codebook_size(requested: int, n_rows: int) -> int:
+    """The codebook size used: the requested one, capped at the table's rows (n_items + 1).
+
+    A codebook holds the reserved padding code plus K - 1 k-means centroids of the real rows, so
+    K <= n_rows is the most a catalogue supports; at that cap each centroid is one item.
+    """
+    return min(requested, n_rows)
+
+
+def _coded_model(teacher: SASRec, data: SequenceData | None, cfg: CompressConfig, seed: int, device: torch.device,
+                 out_dir: Path, fingerprint: dict) -> tuple[SASRec, dict]:
+    """Codes assigned from the teacher's table, then fine-tuned; reused from variants/pq when current."""
+    reused = _reused(out_dir / "pq", fingerprint)
+    if reused is not None:
+        return reused
+    q = cfg.pq
+    if teacher.cfg.d_model % q.n_subspaces:
+        raise CompressError(f"compress.pq.n_subspaces={q.n_subspaces} must divide the teacher's d_model={teacher.cfg.d_model}")
+    table = teacher.item_embedding.weight.detach().cpu()
+    started = time.perf_counter()
+    model = code_teacher(teacher, q.n_subspaces, pq_codebook_size(q.codebook_size, table.shape[0]), seed)
+    with torch.no_grad():
+        error = (model.item_weights()[1:] - table[1:]).square().sum() / table[1:].square().sum()
+    info: dict = {"assignment": {"relative_squared_error": round(float(error), 6),
+                                 "seconds": round(time.perf_counter() - started, 2)}}
+    if q.finetune_epochs:
+        info["history"] = _train(model, data, next_item_loss, cfg, seed, device, epochs=q.finetune_epochs, lr=q.lr,
+                                 desc="pq-finetune")
+    return model.cpu().eval(), info
+
+
+def _distilled_student(teacher: SASRec, data: SequenceData, cfg: CompressConfig, seed: int, device: torch.device,
+                       out_dir: Path, fingerprint: dict) -> tuple[SASRec, dict]:
+    """The distilled student: reused from variants/distilled when built from the same teacher and settings."""
+    reused = _reused(out_dir / "distilled", fingerprint)
+    if reused is not None:
+        return reused
     d = cfg.distill
     student = build_student(teacher, d.d_model, d.n_layers, d.n_heads, d.init_from_teacher)
     history = _train(student, data, distillation_loss(teacher.to(device), d.temperature, d.alpha, d.top_k), cfg, seed, device,
@@ -101,9 +149,11 @@ def compress_variant(cfg: CompressConfig, layout: Layout, run_name: str, name: s
     settings = cfg.model_dump(mode="json")
     # What the variant depends on: a rebuilt teacher or changed settings must not reuse old work.
     fingerprint = {"teacher_sha256": _file_sha256(run_dir / WEIGHTS_FILE), "seed": seed,
-                   **{key: settings[key] for key in ("distill", "batch_size", "patience")}}
+                   **{key: settings[key] for key in ("distill", "batch_size", "patience")},
+                   **({"pq": settings["pq"]} if name in PQ_VARIANTS else {})}
     extra: dict = {"name": name, "teacher": str(run_dir)}
-    needs_data = name in ("pruned", "distilled", "distilled+int8") or (name == "lowrank" and cfg.lowrank.finetune_epochs)
+    needs_data = (name in ("pruned", "distilled", "distilled+int8") or (name == "lowrank" and cfg.lowrank.finetune_epochs)
+                  or (name in PQ_VARIANTS and cfg.pq.finetune_epochs))
     data = load_sequences(layout.features_dir) if needs_data else None
 
     if name in ("fp16", "bf16", "int8", "int4"):
@@ -138,6 +188,10 @@ def compress_variant(cfg: CompressConfig, layout: Layout, run_name: str, name: s
         model, info = _distilled_student(teacher, data, cfg, seed, device, out_dir, fingerprint)
         extra.update(info, student=cfg.distill.model_dump(mode="json"))
         kind, rank = ("fp32" if name == "distilled" else "int8"), None
+    elif name in PQ_VARIANTS:
+        model, info = _coded_model(teacher, data, cfg, seed, device, out_dir, fingerprint)
+        extra.update(info, pq=cfg.pq.model_dump(mode="json"))
+        kind, rank = ("pq" if name == "pq" else "pq_int8"), None
     else:
         raise CompressError(f"unknown variant {name!r}")
     extra["fingerprint"] = fingerprint
@@ -156,8 +210,8 @@ def compress_variant(cfg: CompressConfig, layout: Layout, run_name: str, name: s
 
 
 def run_compress(cfg: CompressConfig, layout: Layout, run_name: str, seed: int) -> dict:
-    """Every variant in `cfg.variants`; distilled before distilled+int8 so the student is trained once."""
-    order = sorted(cfg.variants, key=lambda n: n == "distilled+int8")
+    """Every variant in `cfg.variants`; distilled before distilled+int8 (pq before pq+int8) so the model is trained once."""
+    order = sorted(cfg.variants, key=lambda n: n in REUSED_FROM)
     out_dir = variants_dir(layout, run_name)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {name: compress_variant(cfg, layout, run_name, name, seed) for name in order}

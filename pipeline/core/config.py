@@ -168,9 +168,9 @@ class EvaluateConfig(_Strict):
     sampled_strategies: list[Literal["uniform", "popularity"]] = ["uniform", "popularity"]
 
 
-VariantName = Literal["fp16", "bf16", "int8", "int4", "pruned", "distilled", "lowrank", "distilled+int8"]
+VariantName = Literal["fp16", "bf16", "int8", "int4", "pruned", "distilled", "lowrank", "distilled+int8", "pq", "pq+int8"]
 # Variants that train (fine-tune or distil) and so want the GPU; the others are seconds of CPU work.
-TRAINED_VARIANTS = ("pruned", "distilled", "distilled+int8")
+TRAINED_VARIANTS = ("pruned", "distilled", "distilled+int8", "pq", "pq+int8")
 
 
 class PruningConfig(_Strict):
@@ -198,9 +198,20 @@ class LowRankConfig(_Strict):
     lr: float = Field(5e-4, gt=0)
 
 
+class PQConfig(_Strict):
+    """Item codes (product quantization): each item is one uint8 code in each of n_subspaces codebooks."""
+
+    n_subspaces: int = Field(8, ge=1, description="codes per item; must divide d_model (d_model / n_subspaces dims each)")
+    codebook_size: int = Field(
+        256, ge=2, le=256, description="centroids per sub-space, code 0 reserved for padding; capped at the "
+        "catalogue's rows (n_items + 1) so a small catalogue works")
+    finetune_epochs: int = Field(5, ge=0, description="codebooks and Transformer fine-tuned with the codes fixed")
+    lr: float = Field(5e-4, gt=0)
+
+
 class CompressConfig(_Strict):
     variants: list[VariantName] = Field(
-        ["fp16", "bf16", "int8", "int4", "pruned", "distilled", "lowrank", "distilled+int8"],
+        ["fp16", "bf16", "int8", "int4", "pruned", "distilled", "lowrank", "distilled+int8", "pq", "pq+int8"],
         description="variants built from the trained teacher into models/<run>/variants/<name>/")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="for fine-tuning and distillation")
     batch_size: int = Field(128, ge=1)
@@ -208,6 +219,7 @@ class CompressConfig(_Strict):
     pruning: PruningConfig = PruningConfig()
     distill: DistillConfig = DistillConfig()
     lowrank: LowRankConfig = LowRankConfig()
+    pq: PQConfig = PQConfig()
     # Serving cost, measured by the evaluate stage for the teacher and every variant.
     latency_requests: int = Field(200, ge=10, description="batch-1 requests timed per model (after warm-up)")
     throughput_batch_size: int = Field(256, ge=1)

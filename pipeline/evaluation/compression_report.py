@@ -30,6 +30,7 @@ from pipeline.core.io import Layout, atomic_path, write_json
 from pipeline.data.sequences import evaluation_batches, load_sequences
 from pipeline.evaluation.metrics import evaluate
 from pipeline.evaluation.serving_cost import measure_serving
+from pipeline.models.coded import CODES_PREFIX
 from pipeline.models.recommender import Recommender
 from pipeline.models.sasrec import WEIGHTS_FILE
 from pipeline.models.variants import VARIANT_FILE, load_variant, size_on_disk, variants_dir
@@ -41,7 +42,7 @@ REPORT_MD = "compression.md"
 REPORT_PNG = "compression.png"
 TEACHER = "teacher"
 ROUNDS = 5
-TABLE_PREFIXES = ("item_embedding.", "table.", "item_factors", "basis")
+TABLE_PREFIXES = ("item_embedding.", "table.", "item_factors", "basis", f"{CODES_PREFIX}.")
 
 
 def stored_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -54,7 +55,11 @@ def item_table_bytes(directory: Path) -> int:
 
 
 def parameter_count(model: torch.nn.Module) -> int:
-    """Weights the model holds, however stored (a row-wise quantized table is kept outside state_dict)."""
+    """Weights the model holds, however stored (a row-wise quantized table is kept outside state_dict).
+
+    Item codes count one per stored code (n_rows * m) beside their codebooks' entries: the values
+    the table is made of, as a quantized table counts its n_rows * d entries.
+    """
     count = sum(t.numel() for t in model.state_dict().values())
     return count + (model.dense_table.numel() if hasattr(model, "dense_table") else 0)
 
@@ -64,6 +69,8 @@ def nonzero_parameters(model: torch.nn.Module) -> int:
     for tensor in model.state_dict().values():
         if hasattr(tensor, "__tensor_flatten__") and type(tensor) is not torch.Tensor:
             total += tensor.numel()  # quantized: zeros are not stored specially
+        elif not tensor.is_floating_point():
+            total += tensor.numel()  # item codes: code 0 is an index like any other, not a pruned weight
         else:
             total += int((tensor != 0).sum())
     return total + (int((model.dense_table != 0).sum()) if hasattr(model, "dense_table") else 0)

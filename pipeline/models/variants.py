@@ -26,6 +26,13 @@ a pruned copy or a distilled student):
   values per byte).
 - `pruned`: a structurally narrowed model whose thinned matrices are stored as
   bitmask + non-zero values (pipeline/compression/pruning.py), densified at load time.
+- `pq`: the item table as product-quantized item codes (pipeline/models/codes.py,
+  pipeline/models/coded.py): m uint8 codes per item into m shared fp32 codebooks; input
+  lookup and output scoring both go through the codes (scores = sums of sub-space
+  lookup-table entries), the dense table is never built. Only a `CodedSASRec` (codes
+  assigned, typically fine-tuned, by the compress stage) saves as this kind.
+- `pq_int8`: `pq` with the codebooks stored row-wise int8 (one scale and offset per
+  centroid); dequantized to fp32 at load time, so it serves exactly as `pq` does.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.core.io import Layout, atomic_path, write_json
+from pipeline.models.coded import CODES_PREFIX, CodedSASRec
+from pipeline.models.codes import ItemCodes
 from pipeline.models.quantize import RowwiseQuantized, quantize_rowwise
 from pipeline.models.sasrec import CONFIG_FILE, WEIGHTS_FILE, SASRec, SASRecConfig, load_model
 from pipeline.models.sparse import densify_state, prunable_weights, sparsify_state
@@ -52,7 +61,8 @@ def variants_dir(layout: Layout, run_name: str) -> Path:
     return layout.model_dir(run_name) / VARIANTS_DIR
 INNER_SEPARATOR = ".__"  # "<weight>.__qdata": an inner tensor of a torchao quantized weight
 TABLE_KEY = "item_embedding.weight"
-KINDS = ("fp32", "fp16", "bf16", "int8_table", "int4_table", "lowrank", "int8", "int4", "pruned")
+KINDS = ("fp32", "fp16", "bf16", "int8_table", "int4_table", "lowrank", "int8", "int4", "pruned", "pq", "pq_int8")
+CODED_KINDS = {"pq": 32, "pq_int8": 8}  # value = bits of the stored codebooks
 TORCHAO_KINDS = {"int8": 8, "int4": 4}  # Linear layers in torchao int8; value = bits of the item table
 
 
@@ -147,6 +157,10 @@ def build_variant_state(teacher: SASRec, kind: str, rank: int | None = None) -> 
             raise ValueError(f"a low-rank model can only be saved as kind 'lowrank', not {kind!r}")
         return ({k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()},
                 {"rank": teacher.item_factors.shape[1]})
+    if isinstance(teacher, CodedSASRec):
+        return _coded_state(teacher, kind)
+    if kind in CODED_KINDS:
+        raise ValueError(f"kind {kind!r} needs a CodedSASRec (pipeline.models.coded.code_teacher assigns the codes)")
     table = teacher.item_embedding.weight.detach().cpu()
     if kind == "fp32":
         return {k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()}, {}
@@ -180,6 +194,33 @@ def build_variant_state(teacher: SASRec, kind: str, rank: int | None = None) -> 
         factors, basis = factorise(table, rank)
         return {**_other_weights(teacher), "item_factors": factors, "basis": basis}, {"rank": rank}
     raise ValueError(f"unknown variant kind {kind!r}; choose one of {KINDS}")
+
+
+def _coded_state(model: CodedSASRec, kind: str) -> tuple[dict[str, torch.Tensor], dict]:
+    if kind not in CODED_KINDS:
+        raise ValueError(f"a coded model can only be saved as kind 'pq' or 'pq_int8', not {kind!r}")
+    codes = model.item_codes()
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith(f"{CODES_PREFIX}.")}
+    state[f"{CODES_PREFIX}.codes"] = codes.codes.detach().cpu().contiguous()
+    codebooks = codes.codebooks.detach().cpu().float().contiguous()
+    if kind == "pq":
+        state[f"{CODES_PREFIX}.codebooks"] = codebooks
+    else:  # one row per centroid: each keeps its own range, and the zero padding centroid stays exactly zero
+        state.update(quantize_rowwise(codebooks.reshape(-1, codebooks.shape[2]), 8).state_dict(f"{CODES_PREFIX}.codebooks"))
+    return state, {"n_subspaces": codes.n_subspaces, "codebook_size": codes.codebook_size, "codebook_bits": CODED_KINDS[kind]}
+
+
+def _load_coded(cfg: SASRecConfig, variant: dict, state: dict[str, torch.Tensor]) -> CodedSASRec:
+    m, size = variant["n_subspaces"], variant["codebook_size"]
+    model = CodedSASRec(cfg, m, size)
+    if variant["kind"] == "pq_int8":
+        prefix = f"{CODES_PREFIX}.codebooks"
+        quantized = RowwiseQuantized.from_state_dict(state, prefix, 8, cfg.d_model // m)
+        state = {k: v for k, v in state.items() if not k.startswith(f"{prefix}.")}
+        state[prefix] = quantized.dequantize().reshape(m, size, cfg.d_model // m)
+    codes = ItemCodes.from_state_dict(state, CODES_PREFIX)  # checks every code is inside its codebook
+    model.load_state_dict({**state, **codes.state_dict(CODES_PREFIX)})
+    return model
 
 
 def save_variant(teacher: SASRec, directory: Path, kind: str, rank: int | None = None, extra: dict | None = None) -> Path:
@@ -216,6 +257,8 @@ def load_variant(directory: Path, device: torch.device | str = "cpu") -> SASRec:
     elif kind == "lowrank":
         model = LowRankSASRec(cfg, variant["rank"])
         model.load_state_dict(state)
+    elif kind in CODED_KINDS:
+        model = _load_coded(cfg, variant, state)
     elif kind == "pruned":
         model = SASRec(cfg)
         shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}

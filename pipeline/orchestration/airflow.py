@@ -172,7 +172,8 @@ def training_form(defaults: Params, **own: Param) -> dict[str, Param]:
             description="Compressed variants built from the trained model, one parallel task each: fp16/bf16 "
                         "weights, int8/int4 (torchao int8 Linear layers + row-wise int8/int4 item table), pruned "
                         "(heads, FFN channels and weights, fine-tuned), distilled (smaller student), lowrank "
-                        "(SVD item table), distilled+int8. The evaluate task measures each against the teacher.",
+                        "(SVD item table), distilled+int8, pq (item codes: uint8 codes into shared codebooks, fine-tuned) "
+                        "and pq+int8 (its codebooks in int8). The evaluate task measures each against the teacher.",
         ),
         "promotion_metric": Param(
             defaults.registry.policy.metric, type="string", enum=runs.choices("registry.policy.metric"),

@@ -52,7 +52,8 @@ REQUIREMENTS = ("mlflow", "torch", "torchao", "safetensors", "pandas", "pyarrow"
 SERVED_MODULES = (
     "core/config.py", "core/errors.py", "core/io.py", "core/schema.py",
     "data/features.py", "data/sequences.py",
-    "models/quantize.py", "models/recommender.py", "models/sasrec.py", "models/sparse.py", "models/variants.py",
+    "models/coded.py", "models/codes.py", "models/quantize.py", "models/recommender.py", "models/sasrec.py",
+    "models/sparse.py", "models/variants.py",
     "serving/pyfunc.py",
 )
 

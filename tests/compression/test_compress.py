@@ -1,28 +1,33 @@
 """The compress stage and the compression report on a tiny trained teacher."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
-from pipeline.compression.compress import compress_variant, run_compress
+from pipeline.compression.compress import compress_variant, pq_codebook_size, run_compress
 from pipeline.compression.distill import build_student, distillation_loss
 from pipeline.compression.pruning import magnitude_masks, prune_structured
 from pipeline.core.config import params_from_dict
 from pipeline.core.errors import CompressError
 from pipeline.data.sequences import evaluation_batches, load_sequences, training_batches
 from pipeline.evaluation.compression_report import REPORT_JSON, REPORT_PNG, run_compression_report
+from pipeline.evaluation.metrics import evaluate
+from pipeline.models.coded import CodedSASRec
 from pipeline.models.recommender import Recommender
 from pipeline.models.sasrec import SASRec, SASRecConfig, load_model
 from pipeline.models.sparse import densify_state, sparsify_state
 from pipeline.models.variants import VARIANT_FILE, load_variant, save_variant, size_on_disk
 from pipeline.training.train import run_train
-from tests.helpers import build_features
+from tests.helpers import build_features, copy_features
 
 TINY_TRAIN = ["train.d_model=32", "train.n_heads=2", "train.n_layers=2", "train.max_len=20", "train.epochs=6",
               "train.num_threads=1", "train.baselines=[]"]
 TINY_COMPRESS = ["compress.distill.d_model=16", "compress.distill.epochs=6", "compress.lowrank.rank=16",
-                 "compress.pruning.finetune_epochs=2", "compress.latency_requests=20", "compress.throughput_batch_size=64"]
+                 "compress.pruning.finetune_epochs=2", "compress.latency_requests=20", "compress.throughput_batch_size=64",
+                 "compress.pq.n_subspaces=4", "compress.pq.codebook_size=32", "compress.pq.finetune_epochs=3"]
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +53,10 @@ def _overlap_at_10(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize(
     ("name", "min_overlap"),
     # A little under what each reaches on this teacher (measured: fp16 1.0, bf16 0.99, int8 0.99, int4 0.93,
-    # lowrank 16 of 32 0.98, pruned 0.55, distilled 0.45, distilled+int8 0.45): a broken variant falls far below.
+    # lowrank 16 of 32 0.98, pruned 0.55, distilled 0.45, distilled+int8 0.45, pq 4 x 32 codes 0.72, pq+int8 0.72):
+    # a broken variant falls far below.
     [("fp16", 0.98), ("bf16", 0.95), ("int8", 0.95), ("int4", 0.85), ("lowrank", 0.9),
-     ("pruned", 0.4), ("distilled", 0.3), ("distilled+int8", 0.3)],
+     ("pruned", 0.4), ("distilled", 0.3), ("distilled+int8", 0.3), ("pq", 0.6), ("pq+int8", 0.6)],
 )
 def test_every_variant_loads_and_agrees_with_the_teacher(compressed, name, min_overlap):
     teacher = Recommender(compressed["teacher"])
@@ -74,6 +80,10 @@ def test_report_sizes_are_the_files_on_disk(compressed):
     assert report["models"]["teacher"]["bytes_per_item"] == 32 * 4  # fp32 rows of d_model=32
     assert report["models"]["int8"]["bytes_per_item"] == 32 + 8  # int8 codes + fp32 scale and offset
     assert report["models"]["int4"]["bytes_per_item"] == 16 + 8  # two codes per byte
+    # item codes: one byte per item and sub-space (4 of 8 dims each) plus the codebooks, fp32 or int8 + scale and offset
+    rows = compressed["teacher"].cfg.n_items + 1
+    assert report["models"]["pq"]["bytes_per_item"] * rows == pytest.approx(rows * 4 + 4 * 32 * 8 * 4)
+    assert report["models"]["pq+int8"]["bytes_per_item"] * rows == pytest.approx(rows * 4 + 4 * 32 * (8 + 8))
     assert (layout.reports_dir / REPORT_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| distilled+int8 |" in (layout.reports_dir / "compression.md").read_text()
 
@@ -195,3 +205,47 @@ def test_compress_needs_a_teacher_and_a_known_variant(tmp_path, compressed):
         compress_variant(bad_rank, compressed["layout"], "main", "lowrank", seed=0)
     # a failed build leaves the existing variant as it was
     assert (compressed["layout"].model_dir("main") / "variants" / "lowrank" / VARIANT_FILE).exists()
+
+
+def test_pq_fine_tunes_from_the_teachers_codes_and_pq_int8_reuses_it(compressed):
+    layout, report = compressed["layout"], compressed["report"]
+    directory = layout.root / report["models"]["pq"]["path"]
+    variant = json.loads((directory / VARIANT_FILE).read_text())
+    assert (variant["kind"], variant["n_subspaces"], variant["codebook_size"]) == ("pq", 4, 32)
+    assert 0 < variant["assignment"]["relative_squared_error"] < 1
+    history = variant["history"]
+    assert history[0]["epoch"] == -1 and max(r["valid_ndcg10"] for r in history[1:]) > history[0]["valid_ndcg10"]
+    model = load_variant(directory)
+    assert isinstance(model, CodedSASRec)
+    # the saved model is the best-validation one
+    valid = evaluate(lambda b: model.score(b.inputs, b.lengths), load_sequences(layout.features_dir), "valid", ks=(10,),
+                     batch_size=256, max_len=model.cfg.max_len, sampled_strategies=(), seed=0, progress=False)
+    assert valid["full/NDCG@10"] == pytest.approx(max(r["valid_ndcg10"] for r in history), abs=1e-6)
+    int8 = json.loads((directory.parent / "pq+int8" / VARIANT_FILE).read_text())
+    assert int8["kind"] == "pq_int8" and int8["reused"].endswith("pq") and int8["history"] == history
+    rows = report["models"]
+    assert rows["pq+int8"]["size_bytes"] < rows["pq"]["size_bytes"] < rows["teacher"]["size_bytes"]
+
+
+def test_report_counts_codes_and_codebooks_as_parameters(compressed):
+    rows, teacher = compressed["report"]["models"], compressed["teacher"]
+    n_rows, dim = teacher.item_embedding.weight.shape
+    others = sum(p.numel() for p in teacher.parameters()) - n_rows * dim
+    assert rows["pq"]["parameters"] == others + n_rows * 4 + 4 * 32 * 8
+    # every code counts, zero or not; the padding centroids (one per codebook) and the padding row are zeros
+    nonzero_others = rows["teacher"]["nonzero_parameters"] - int((teacher.item_embedding.weight != 0).sum())
+    assert rows["pq"]["nonzero_parameters"] == nonzero_others + n_rows * 4 + 4 * 31 * 8
+
+
+def test_pq_codebooks_are_capped_at_the_catalogue(compressed, tmp_path):
+    source = compressed["layout"]
+    layout = copy_features(source, tmp_path)
+    shutil.copytree(source.model_dir("main"), layout.model_dir("main"), ignore=shutil.ignore_patterns("variants", "checkpoints"))
+    rows = compressed["teacher"].cfg.n_items + 1
+    assert pq_codebook_size(256, rows) == rows and pq_codebook_size(32, rows) == 32
+    params = params_from_dict({}, ["compress.pq.n_subspaces=4", "compress.pq.finetune_epochs=0"]).compress
+    built = compress_variant(params, layout, "main", "pq", seed=0)
+    assert json.loads((Path(built["path"]) / VARIANT_FILE).read_text())["codebook_size"] == rows
+    bad = params_from_dict({}, ["compress.pq.n_subspaces=5"]).compress
+    with pytest.raises(CompressError, match="n_subspaces=5 must divide the teacher's d_model=32"):
+        compress_variant(bad, layout, "main", "pq", seed=0)

@@ -1,0 +1,80 @@
+"""CodedSASRec: SASRec whose item table is product-quantized item codes (pipeline/models/codes.py).
+
+The input lookup and the output scoring both go through the codes: an item's input vector is the
+concatenation of its sub-item centroids, and its score is the sum of its sub-space lookup-table
+entries, so the (n_items + 1, d) table is never materialised. The codes are fixed (a uint8 buffer);
+the codebooks are trainable, so the compress stage fine-tunes them with the Transformer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.models.codes import PADDING_CODE, ItemCodes, assign_codes
+from pipeline.models.sasrec import SASRec, SASRecConfig
+
+CODES_PREFIX = "pq"  # state_dict keys pq.codes (uint8) and pq.codebooks
+
+
+class CodedTable(nn.Module):
+    """The trainable half of ItemCodes: codes as a buffer, codebooks as a parameter."""
+
+    def __init__(self, n_rows: int, dim: int, n_subspaces: int, codebook_size: int):
+        super().__init__()
+        if dim % n_subspaces:
+            raise ValueError(f"d_model={dim} must be divisible by n_subspaces={n_subspaces}")
+        self.register_buffer("codes", torch.zeros(n_rows, n_subspaces, dtype=torch.uint8))
+        self.codebooks = nn.Parameter(torch.zeros(n_subspaces, codebook_size, dim // n_subspaces))
+        # The padding code's centroid is multiplied by 0 on every use: no gradient reaches it, so the
+        # padding row stays exactly zero through fine-tuning whatever the optimizer does.
+        keep = torch.ones(1, codebook_size, 1)
+        keep[:, PADDING_CODE] = 0.0
+        self.register_buffer("keep", keep, persistent=False)
+
+    def item_codes(self) -> ItemCodes:
+        """The live codes (codebooks attached to autograd: scores and lookups through it train them)."""
+        return ItemCodes(self.codes, self.codebooks * self.keep)
+
+
+class CodedSASRec(SASRec):
+    def __init__(self, cfg: SASRecConfig, n_subspaces: int, codebook_size: int):
+        super().__init__(cfg)
+        del self.item_embedding  # replaced by the codes below
+        setattr(self, CODES_PREFIX, CodedTable(cfg.n_items + 1, cfg.d_model, n_subspaces, codebook_size))
+
+    @property
+    def table(self) -> CodedTable:
+        return getattr(self, CODES_PREFIX)
+
+    @property
+    def n_subspaces(self) -> int:
+        return self.table.codebooks.shape[0]
+
+    @property
+    def codebook_size(self) -> int:
+        return self.table.codebooks.shape[1]
+
+    def item_codes(self) -> ItemCodes:
+        return self.table.item_codes()
+
+    def hidden(self, items: torch.Tensor) -> torch.Tensor:
+        return self._encode(self.item_codes().reconstruct(items))
+
+    def item_weights(self) -> torch.Tensor:
+        """The reconstructed table (for callers that need it dense; scoring does not)."""
+        return self.item_codes().reconstruct()
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Scores through the sub-space lookup tables, any leading shape: (..., d) -> (..., n_items + 1)."""
+        scores = self.item_codes().scores(hidden.reshape(-1, hidden.shape[-1]))
+        return scores.reshape(*hidden.shape[:-1], scores.shape[-1])
+
+
+def code_teacher(teacher: SASRec, n_subspaces: int, codebook_size: int, seed: int) -> CodedSASRec:
+    """The teacher with its item table replaced by codes assigned by k-means; every other weight copied."""
+    codes = assign_codes(teacher.item_weights().detach().cpu(), n_subspaces, codebook_size, seed)
+    model = CodedSASRec(teacher.cfg, n_subspaces, codebook_size)
+    others = {k: v for k, v in teacher.state_dict().items() if k != "item_embedding.weight"}
+    model.load_state_dict({**others, **codes.state_dict(CODES_PREFIX)})
+    return model
