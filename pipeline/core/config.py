@@ -194,7 +194,7 @@ class DistillConfig(_Strict):
 
 class LowRankConfig(_Strict):
     rank: int = Field(16, ge=1, description="rank of the factorised item table")
-    finetune_epochs: int = Field(0, ge=0)
+    finetune_epochs: int = Field(3, ge=0, description="without fine-tuning a low-rank table loses most of the quality")
     lr: float = Field(5e-4, gt=0)
 
 
@@ -211,8 +211,9 @@ class PQConfig(_Strict):
 
 class CompressConfig(_Strict):
     variants: list[VariantName] = Field(
-        ["fp16", "bf16", "int8", "int4", "pruned", "distilled", "lowrank", "distilled+int8", "pq", "pq+int8"],
-        description="variants built from the trained teacher into models/<run>/variants/<name>/")
+        ["fp16", "bf16", "int8", "int4", "pruned", "distilled", "distilled+int8", "pq", "pq+int8"],
+        description="variants built from the trained teacher into models/<run>/variants/<name>/ (lowrank is not a "
+                    "default: item codes compress the table further at less loss)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="for fine-tuning and distillation")
     batch_size: int = Field(128, ge=1)
     patience: int = Field(3, ge=1, description="fine-tune/distill epochs without a better valid NDCG@10")
