@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from pipeline.models.sasrec import PADDING_INDEX, SASRec
+from pipeline.models.scoring import Exclusion
 
 MAX_K = 1000
 
@@ -59,17 +60,15 @@ class Recommender:
     def recommend(
         self, histories: Sequence[Sequence[int]], k: int = 10, exclude_seen: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k item indices and scores per history, best first; seen items excluded by default."""
+        """Top-k item indices and scores per history, best first; seen items excluded by default.
+
+        A user who has seen all but j < k items gets those j, then padding (index 0) with score -inf."""
         if not 1 <= k <= min(MAX_K, self.n_items):
             raise ValueError(f"k must be between 1 and {min(MAX_K, self.n_items)}, got {k}")
         inputs, lengths = self._batch(histories)
-        scores = self.model.score(inputs.to(self.device), lengths.to(self.device)).float()
-        # Padding and (optionally) seen items masked in one indexed fill over the flattened scores:
-        # at batch 1 the number of ops, not their size, is the cost.
-        width = scores.shape[1]
-        masked = [row * width + PADDING_INDEX for row in range(len(histories))]
-        if exclude_seen:
-            masked += [row * width + item for row, history in enumerate(histories) for item in history]
-        scores.view(-1).index_fill_(0, torch.tensor(masked, dtype=torch.long, device=self.device), float("-inf"))
-        top = torch.topk(scores, k, dim=1)
-        return top.indices.cpu(), top.values.cpu()
+        user_vectors = self.model.last_hidden(inputs.to(self.device), lengths.to(self.device)).float()
+        # The model's own scorer (pipeline/models/scoring.py) selects the top-k without a full score
+        # matrix; padding is always excluded, seen items (the whole history, not only the last max_len) here.
+        exclude = Exclusion.from_lists(histories) if exclude_seen else None
+        items, scores = self.model.top_k(user_vectors, k, exclude)
+        return items.cpu(), scores.cpu()
