@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.models.sasrec import PADDING_INDEX, SASRec
@@ -19,10 +20,35 @@ from pipeline.models.scoring import Exclusion
 MAX_K = 1000
 
 
+# Tensors from this size up (item tables) are moved to numpy-allocated memory on CPU: numpy asks the
+# kernel for transparent huge pages (madvise) on large arrays, torch's allocator does not, and a
+# catalogue scan streams the whole table (1M x 64 fp32 GEMV, 2 threads: 32 ms against 44 ms).
+HUGE_PAGE_MIN_BYTES = 4 * 2**20
+_NUMPY_DTYPES = {torch.float32, torch.float16, torch.uint8, torch.int8, torch.int32, torch.int64}
+
+
+def _huge_page_backed(model: torch.nn.Module) -> None:
+    """Re-home the model's large plain CPU tensors (parameters and buffers) into numpy memory, in place."""
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for name, tensor in store.items():
+                if (tensor is None or type(tensor) not in (torch.Tensor, torch.nn.Parameter) or tensor.device.type != "cpu"
+                        or tensor.dtype not in _NUMPY_DTYPES or tensor.numel() * tensor.element_size() < HUGE_PAGE_MIN_BYTES):
+                    continue
+                with torch.no_grad():
+                    copy = torch.from_numpy(np.array(tensor.detach().numpy(), copy=True))
+                if isinstance(tensor, torch.nn.Parameter):
+                    tensor.data = copy
+                else:
+                    store[name] = copy
+
+
 class Recommender:
     def __init__(self, model: SASRec, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        if self.device.type == "cpu":
+            _huge_page_backed(self.model)
         self.n_items = model.cfg.n_items
         self.max_len = model.cfg.max_len
 

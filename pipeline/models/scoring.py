@@ -31,15 +31,28 @@ import torch
 from pipeline.models.quantize import RowwiseQuantized
 
 PADDING_ROW = 0
-SCORE_BUDGET_BYTES = 64 * 2**20  # one chunk's (B, C) scores: bounded whatever the batch and catalogue
+# One chunk's (B, C) scores: bounded whatever the batch and catalogue, and small enough to stay in cache
+# (256 users over 1M rows, 2 threads: 1.13 s with 4 MiB chunks, 2.12 s with 64 MiB).
+SCORE_BUDGET_BYTES = 4 * 2**20
 MIN_CHUNK_ROWS = 4096
-# Up to this many users the int8 table is scanned once with every user's dot product fused in (the
-# table is converted from uint8 once per row); above it, blocks are dequantized and go through GEMM.
-INT8_FUSED_MAX_USERS = 8
 # Up to this many users each user's PQ lookup table is summed on its own (it stays in L1); above
 # it the users go in the inner loop (lookup tables transposed to (m, K, users)), this many at a time.
-PQ_PER_USER_MAX_USERS = 4
-PQ_USER_TILE = 64
+# Both measured at 1M rows, m = 8, 2 threads (docs/benchmarks.md): per user is faster at 1-2 users,
+# batched from 4 (25 ms against 38 ms); tiles of 32 users beat 64 (659 against 721 ms at 256 users).
+PQ_PER_USER_MAX_USERS = 2
+PQ_USER_TILE = 32
+# Up to this many users the int8 codes are scanned once with every user's dot product fused in;
+# above it, blocks of rows are dequantized and go through GEMM. Measured at 1M rows, 2 threads:
+# fused 121 ms against 191 ms at 16 users, 456 against 382 ms at 64, 1.88 s against 1.05 s at 256.
+INT8_FUSED_MAX_USERS = 32
+# The pruned PQ search (with postings) for up to this many users, and the share of a block it may
+# score before it scans the rest instead (bounds the worst case, a table where pruning fails).
+# Measured on the 1M-item benchmark table, 2 threads, m = 8: 3.6 against 5.1 ms for one user,
+# 7.9 against 9.7 ms for two, even at four (19.9 / 20.5 ms), slower from eight (28 / 21 ms).
+PQ_PRUNED_MAX_USERS = 2
+PQ_PRUNED_MAX_SCORED_SHARE = 0.3
+# Rows dequantized at a time on the GEMM path: cache-sized (4096 rows: 382 ms at 64 users, 16384: 535 ms).
+INT8_DEQUANTIZE_ROWS = 4096
 
 
 @dataclass(frozen=True)
@@ -197,7 +210,37 @@ def rowwise_int8_top_k(hidden: torch.Tensor, table: RowwiseQuantized, k: int, ex
     def score_chunk(start: int, stop: int) -> torch.Tensor:
         return hidden @ table.dequantize(slice(start, stop)).T
 
+    rows_per_chunk = rows_per_chunk or min(chunk_rows(n_users, n_rows), INT8_DEQUANTIZE_ROWS)
     return chunked_top_k(score_chunk, n_users, n_rows, k, exclusion, hidden.device, rows_per_chunk)
+
+
+@dataclass(frozen=True)
+class PQPostings:
+    """Inverted lists of PQ codes (per block of rows: the rows holding each code of each sub-space),
+    what `pq_top_k`'s pruned search reads; built once per code table by `pq_postings`."""
+
+    offsets: np.ndarray  # int64 (blocks, m, K + 1)
+    rows: np.ndarray  # int32 (blocks, m, rows per block)
+
+    @property
+    def nbytes(self) -> int:
+        return self.offsets.nbytes + self.rows.nbytes
+
+
+def pq_postings(codes: torch.Tensor, n_codes: int = 256, n_blocks: int | None = None) -> PQPostings:
+    """Inverted lists for `pq_top_k(..., postings=)`: 4 bytes per row and sub-space (32 MB for 1M rows, m = 8),
+    in one block per thread by default (each block is searched on its own thread)."""
+    kernels = _numba_kernels()
+    if kernels is None:
+        raise RuntimeError("the pruned PQ search needs numba")
+    codes_array = codes.contiguous().numpy()
+    n_rows, n_sub = codes_array.shape
+    n_blocks = n_blocks or max(1, min(_threads(), (n_rows - 1) // kernels.MIN_ROWS_PER_THREAD))
+    per_block = -(-(n_rows - 1) // n_blocks)
+    offsets = np.zeros((n_blocks, n_sub, n_codes + 1), np.int64)
+    rows = np.zeros((n_blocks, n_sub, per_block), np.int32)
+    kernels.run_blocks(kernels.build_postings, n_blocks, _threads(), codes_array, n_codes, offsets, rows)
+    return PQPostings(offsets, rows)
 
 
 def pq_scores(lut: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -210,8 +253,11 @@ def pq_scores(lut: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 
 
 def pq_top_k(lut: torch.Tensor, codes: torch.Tensor, k: int, exclude: ExcludeArg = None,
-             rows_per_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k rows of product-quantized codes (n_rows, m) uint8 by the lookup tables lut (B, m, K)."""
+             rows_per_chunk: int | None = None, postings: PQPostings | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k rows of product-quantized codes (n_rows, m) uint8 by the lookup tables lut (B, m, K).
+
+    With `postings` (and numba), up to PQ_PRUNED_MAX_USERS users are searched by the pruned
+    threshold algorithm (topk_kernels.pq_pruned_top_k): the same top-k, most rows never scored."""
     if lut.dim() != 3 or codes.dim() != 2 or lut.shape[1] != codes.shape[1]:
         raise ValueError(f"lookup tables (B, m, K) and codes (n_rows, m) disagree: {tuple(lut.shape)}, {tuple(codes.shape)}")
     lut = lut.detach().float().contiguous()
@@ -224,6 +270,13 @@ def pq_top_k(lut: torch.Tensor, codes: torch.Tensor, k: int, exclude: ExcludeArg
 
         return chunked_top_k(score_chunk, n_users, n_rows, k, exclusion, lut.device, rows_per_chunk)
     codes_array = codes.contiguous().numpy()
+    if postings is not None and n_users <= PQ_PRUNED_MAX_USERS:
+        _check_k(k, n_rows)
+        n_blocks = postings.offsets.shape[0]
+        values, rows = kernels.new_heaps(n_users, n_blocks, k)
+        kernels.run_blocks(kernels.pq_pruned_top_k, n_blocks, _threads(), codes_array, lut.numpy(), postings.offsets,
+                           postings.rows, PQ_PRUNED_MAX_SCORED_SHARE, values, rows, exclusion.rows, exclusion.start)
+        return _merged_top_k(kernels, values, rows)
     if n_users <= PQ_PER_USER_MAX_USERS:
         return _scan(kernels, kernels.pq_top_k_per_user, n_users, n_rows, k, exclusion, codes_array, lut.numpy())
     tops = []

@@ -123,6 +123,34 @@ def test_pq_top_k_equals_the_reference_sum(backend, n_users, k, n_sub):
     assert_exact_top_k(indices, scores, _reference(full, exclusion), k)
 
 
+@pytest.mark.parametrize("share", [0.0, 0.3, 1.0])  # fall back to a scan at once / as shipped / never
+@pytest.mark.parametrize(("n_users", "k", "structured"), [(1, 10, True), (2, 1000, True), (1, 10, False), (2, 50, False)])
+def test_pruned_pq_top_k_equals_the_reference_sum(monkeypatch, share, n_users, k, structured):
+    lut, codes = _pq(20_000, 8, 256, n_users, seed=13)
+    if structured:  # peaked tables, as trained ones: a few codes score far above the rest, so pruning stops early
+        lut = lut * torch.rand(1, 8, 256, generator=torch.Generator().manual_seed(14)) ** 8 * 5
+    full = pq_scores(lut.double(), codes)
+    exclusion = _exclusions(n_users, 20_000, _reference(full, Exclusion.none(n_users)).argmax(1), 15)
+    monkeypatch.setattr(scoring, "PQ_PRUNED_MAX_SCORED_SHARE", share)
+    postings = scoring.pq_postings(codes, n_blocks=3)
+    indices, scores = pq_top_k(lut, codes, k, exclusion, postings=postings)
+    assert_exact_top_k(indices, scores, _reference(full, exclusion), k)
+
+
+def test_postings_list_every_row_once_per_sub_space():
+    _, codes = _pq(1_001, 4, 16, 1, seed=16)
+    postings = scoring.pq_postings(codes, n_codes=16, n_blocks=2)
+    for j in range(4):
+        listed = []
+        for block in range(2):
+            for code in range(16):
+                lo, hi = postings.offsets[block, j, code], postings.offsets[block, j, code + 1]
+                rows = postings.rows[block, j, lo:hi].tolist()
+                assert all(int(codes[row, j]) == code for row in rows)
+                listed += rows
+        assert sorted(listed) == list(range(1, 1_001))  # row 0 (padding) is never listed
+
+
 def test_pq_reference_sum_is_the_reconstructed_table_product():
     """LUT[b, j, c] = h_j . codebook_j[c], so summing the LUT is scoring the reconstructed table."""
     generator = torch.Generator().manual_seed(9)
