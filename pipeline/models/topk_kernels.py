@@ -5,9 +5,8 @@ pairs seen so far; a row is pushed only when it beats the heap's minimum, so aft
 thousand rows almost every score costs one comparison and the (B, n_rows) score matrix is never
 written. `run_blocks` runs the blocks on a pool of Python threads, each block with its own heaps
 (merged at the end). The kernels are serial and release the GIL: numba's own parallel layer
-(OpenMP) would keep a second spinning thread pool beside torch's, and measured on 2 cores that
-slowed the Transformer that runs next from 0.2 ms to 60 ms; a Python pool sleeps when idle and
-is safe to call from several serving threads at once.
+(OpenMP) would keep a second, spinning thread pool beside torch's, while a Python pool sleeps when
+idle and is safe to call from several serving threads at once.
 
 Exclusion is exact: row 0 (padding) is never scored, and a row that would enter a user's heap is
 first looked up (binary search) in that user's sorted excluded rows, so an excluded row never
