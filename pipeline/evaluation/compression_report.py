@@ -33,7 +33,7 @@ from pipeline.evaluation.serving_cost import measure_serving
 from pipeline.models.coded import CODES_PREFIX
 from pipeline.models.recommender import Recommender
 from pipeline.models.sasrec import WEIGHTS_FILE
-from pipeline.models.variants import VARIANT_FILE, load_variant, size_on_disk, variants_dir
+from pipeline.models.variants import VARIANT_FILE, QuantizedTableSASRec, load_variant, size_on_disk, variants_dir
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def parameter_count(model: torch.nn.Module) -> int:
     the table is made of, as a quantized table counts its n_rows * d entries.
     """
     count = sum(t.numel() for t in model.state_dict().values())
-    return count + (model.dense_table.numel() if hasattr(model, "dense_table") else 0)
+    return count + (model.table.codes.shape[0] * model.table.dim if isinstance(model, QuantizedTableSASRec) else 0)
 
 
 def nonzero_parameters(model: torch.nn.Module) -> int:
@@ -73,7 +73,7 @@ def nonzero_parameters(model: torch.nn.Module) -> int:
             total += tensor.numel()  # item codes: code 0 is an index like any other, not a pruned weight
         else:
             total += int((tensor != 0).sum())
-    return total + (int((model.dense_table != 0).sum()) if hasattr(model, "dense_table") else 0)
+    return total + (int((model.item_weights() != 0).sum()) if isinstance(model, QuantizedTableSASRec) else 0)
 
 
 def model_directories(cfg: CompressConfig, layout: Layout, run_name: str) -> dict[str, Path]:

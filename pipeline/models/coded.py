@@ -13,8 +13,12 @@ from torch import nn
 
 from pipeline.models.codes import PADDING_CODE, ItemCodes, assign_codes
 from pipeline.models.sasrec import SASRec, SASRecConfig
+from pipeline.models.scoring import ExcludeArg, PQPostings, kernels_for, pq_postings, pq_top_k
 
 CODES_PREFIX = "pq"  # state_dict keys pq.codes (uint8) and pq.codebooks
+# From this many rows up the inverted lists of the codes are built (once, 4 bytes per row and sub-space)
+# for the pruned exact search; below it a plain scan of the codes is as fast (docs/benchmarks.md).
+POSTINGS_MIN_ROWS = 100_000
 
 
 class CodedTable(nn.Module):
@@ -64,6 +68,22 @@ class CodedSASRec(SASRec):
     def item_weights(self) -> torch.Tensor:
         """The reconstructed table (for callers that need it dense; scoring does not)."""
         return self.item_codes().reconstruct()
+
+    def top_k(self, user_vectors: torch.Tensor, k: int, exclude: ExcludeArg = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k from the codes: per-user lookup tables, then the PQ scan (pipeline/models/scoring.py)."""
+        codes = self.item_codes()
+        with torch.no_grad():
+            lut = codes.lookup_tables(user_vectors.float())
+        return pq_top_k(lut, codes.codes, k, exclude, postings=self._postings())
+
+    def _postings(self) -> PQPostings | None:
+        """Inverted lists of the (fixed) codes for the pruned search, built on first use on a large CPU table."""
+        codes = self.table.codes
+        if codes.shape[0] < POSTINGS_MIN_ROWS or kernels_for(codes) is None:
+            return None
+        if getattr(self, "_cached_postings", None) is None:
+            self._cached_postings = pq_postings(codes, self.codebook_size)
+        return self._cached_postings
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Scores through the sub-space lookup tables, any leading shape: (..., d) -> (..., n_items + 1)."""

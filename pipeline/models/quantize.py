@@ -38,8 +38,8 @@ class RowwiseQuantized:
     def bytes_per_row(self) -> float:
         return self.nbytes / self.codes.shape[0]
 
-    def dequantize(self, rows: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The float table (or only `rows` of it, as for an embedding lookup)."""
+    def dequantize(self, rows: torch.Tensor | slice | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float table (or only `rows` of it: an embedding lookup, or a block of rows to score)."""
         codes, scale, offset = (self.codes, self.scale, self.offset) if rows is None else (
             self.codes[rows], self.scale[rows], self.offset[rows])
         values = unpack_int4(codes, self.dim) if self.bits == 4 else codes

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.core.io import atomic_path, write_json
+from pipeline.models.scoring import ExcludeArg, dense_top_k
 
 PADDING_INDEX = 0
 
@@ -161,6 +162,12 @@ class SASRec(nn.Module):
     def score(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Scores of every catalogue entry (padding included, column 0) for the next item."""
         return self.logits(self.last_hidden(items, lengths))
+
+    def top_k(self, user_vectors: torch.Tensor, k: int, exclude: ExcludeArg = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k best items per user vector (indices, scores), best first, padding and `exclude` never
+        returned: the top-k of `logits` without the full score matrix. Variants with another table
+        representation override it with their own scorer (pipeline/models/scoring.py)."""
+        return dense_top_k(user_vectors, self.item_weights(), k, exclude)
 
 
 def count_parameters(model: nn.Module) -> int:

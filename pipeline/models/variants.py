@@ -10,8 +10,8 @@ a pruned copy or a distilled student):
   computed in fp32 after loading (half-precision matmuls are not faster there),
   so they save disk and memory at rest, not latency.
 - `int8_table` / `int4_table`: the item-embedding table quantized row-wise
-  (pipeline/models/quantize.py); rows are dequantized on lookup, and the output table
-  is dequantized once at load time.
+  (pipeline/models/quantize.py); rows are dequantized on lookup; int8 tables are scored
+  as codes (pipeline/models/scoring.py), int4 tables dequantized once at load time.
 - `lowrank`: the item table factorised by truncated SVD, E ~= U V with
   U (n_items+1, r) and V (r, d); scoring is (h V^T) U^T, fewer FLOPs than h E^T
   when r < d.
@@ -51,6 +51,7 @@ from pipeline.models.coded import CODES_PREFIX, CodedSASRec
 from pipeline.models.codes import ItemCodes
 from pipeline.models.quantize import RowwiseQuantized, quantize_rowwise
 from pipeline.models.sasrec import CONFIG_FILE, WEIGHTS_FILE, SASRec, SASRecConfig, load_model
+from pipeline.models.scoring import ExcludeArg, dense_top_k, rowwise_int8_top_k
 from pipeline.models.sparse import densify_state, prunable_weights, sparsify_state
 
 VARIANT_FILE = "variant.json"
@@ -80,19 +81,38 @@ def _quantize_linears_int8(model: nn.Module) -> None:
 
 
 class QuantizedTableSASRec(SASRec):
-    """SASRec whose item table is stored row-wise quantized."""
+    """SASRec whose item table is stored row-wise quantized.
+
+    int8: the table stays quantized in memory; input lookups dequantize just the looked-up rows and
+    `top_k` scores the codes directly (scoring.rowwise_int8_top_k). Only `item_weights` (full score
+    matrices for evaluation, training losses) dequantizes the whole table, on each call.
+    int4: dequantized once at load time and scored as a dense table (no faster int4 scorer yet)."""
 
     def __init__(self, cfg: SASRecConfig, table: RowwiseQuantized):
         super().__init__(cfg)
         del self.item_embedding  # replaced by the quantized table below
-        self.table = table
-        self.register_buffer("dense_table", table.dequantize(), persistent=False)
+        self.bits, self.dim = table.bits, table.dim
+        # Buffers (not persisted: variant files store them as table.*) so .to(device) moves them.
+        self.register_buffer("table_codes", table.codes, persistent=False)
+        self.register_buffer("table_scale", table.scale, persistent=False)
+        self.register_buffer("table_offset", table.offset, persistent=False)
+        if table.bits != 8:
+            self.register_buffer("dense_table", table.dequantize(), persistent=False)
+
+    @property
+    def table(self) -> RowwiseQuantized:
+        return RowwiseQuantized(self.table_codes, self.table_scale, self.table_offset, self.bits, self.dim)
 
     def hidden(self, items: torch.Tensor) -> torch.Tensor:
-        return self._encode(self.dense_table[items])
+        return self._encode(self.table.dequantize(items) if self.bits == 8 else self.dense_table[items])
 
     def item_weights(self) -> torch.Tensor:
-        return self.dense_table
+        return self.table.dequantize() if self.bits == 8 else self.dense_table
+
+    def top_k(self, user_vectors: torch.Tensor, k: int, exclude: ExcludeArg = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.bits == 8:
+            return rowwise_int8_top_k(user_vectors, self.table, k, exclude)
+        return super().top_k(user_vectors, k, exclude)
 
 
 class LowRankSASRec(SASRec):
@@ -113,6 +133,10 @@ class LowRankSASRec(SASRec):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return (hidden @ self.basis.T) @ self.item_factors.T
 
+    def top_k(self, user_vectors: torch.Tensor, k: int, exclude: ExcludeArg = None) -> tuple[torch.Tensor, torch.Tensor]:
+        # The same product as `logits`, (h V^T) U^T: the (n_items + 1, d) table is never formed.
+        return dense_top_k(user_vectors @ self.basis.T, self.item_factors, k, exclude)
+
 
 def factorise(table: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-r approximation (truncated SVD): table ~= factors @ basis."""
@@ -131,7 +155,7 @@ def _load_quantized(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy stored tensors into a model whose Linear layers were just quantized (same shapes)."""
     expected = set()
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if name == "dense_table":
+        if name == "dense_table" or name.startswith("table_"):  # the quantized table: loaded from table.*
             continue
         if _is_subclass(tensor):
             for inner in tensor.__tensor_flatten__()[0]:

@@ -46,14 +46,14 @@ MAX_ROWS = 10_000  # rows per request
 CHUNK = 512  # histories scored at once
 COLUMNS = ("user_id", "history", "k")
 # Packages the pyfunc imports; pinned to the versions installed where the model is logged.
-REQUIREMENTS = ("mlflow", "torch", "torchao", "safetensors", "pandas", "pyarrow", "numpy")
+REQUIREMENTS = ("mlflow", "torch", "torchao", "safetensors", "pandas", "pyarrow", "numpy", "numba")
 # The modules of `pipeline` the served model imports (tests/serving/test_pyfunc.py checks this against the
 # import graph): the registered model ships only these, not the readers, validation, training or registry.
 SERVED_MODULES = (
     "core/config.py", "core/errors.py", "core/io.py", "core/schema.py",
     "data/features.py", "data/sequences.py",
     "models/coded.py", "models/codes.py", "models/quantize.py", "models/recommender.py", "models/sasrec.py",
-    "models/sparse.py", "models/variants.py",
+    "models/scoring.py", "models/sparse.py", "models/topk_kernels.py", "models/variants.py",
     "serving/pyfunc.py",
 )
 

@@ -61,3 +61,20 @@ def test_recommender_agrees_with_the_evaluator(tmp_path):
         users += len(histories)
     # The evaluator breaks exact score ties at random; an untrained model has none at the top.
     assert hits / users == pytest.approx(expected["full/HR@10"], abs=1e-9)
+
+
+def test_large_tensors_move_to_numpy_memory_unchanged(monkeypatch):
+    """Recommender re-homes big tables (numpy asks for huge pages); values, and so results, are unchanged."""
+    import pipeline.models.recommender as recommender
+
+    monkeypatch.setattr(recommender, "HUGE_PAGE_MIN_BYTES", 1024)  # the 31 x 16 item table is 1,984 bytes
+    model = _model()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    pointer = model.item_embedding.weight.data_ptr()
+    rec = Recommender(model)
+    assert model.item_embedding.weight.data_ptr() != pointer  # moved
+    assert isinstance(model.item_embedding.weight, torch.nn.Parameter)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    items, _ = rec.recommend([[1, 2, 3]], k=5)
+    assert items.shape == (1, 5)
