@@ -26,7 +26,8 @@ from tests.helpers import build_features, copy_features
 TINY_TRAIN = ["train.d_model=32", "train.n_heads=2", "train.n_layers=2", "train.max_len=20", "train.epochs=6",
               "train.num_threads=1", "train.baselines=[]"]
 TINY_COMPRESS = ["compress.variants=[fp16,bf16,int8,int4,pruned,distilled,lowrank,distilled+int8,pq,pq+int8]",
-                 "compress.lowrank.finetune_epochs=0", "compress.distill.d_model=16", "compress.distill.epochs=6", "compress.lowrank.rank=16",
+                 "compress.lowrank.finetune_epochs=0",
+                 "compress.distill.d_model=16", "compress.distill.epochs=6", "compress.lowrank.rank=16",
                  "compress.pruning.finetune_epochs=2", "compress.latency_requests=20", "compress.throughput_batch_size=64",
                  "compress.pq.n_subspaces=4", "compress.pq.codebook_size=32", "compress.pq.finetune_epochs=3"]
 
