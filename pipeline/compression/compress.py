@@ -5,6 +5,7 @@ Airflow can map one task per variant; `run_compress` builds every variant that
 params list (what DVC and the CLI run). Every variant directory loads through
 `pipeline.models.variants.load_variant` / `pipeline.models.recommender.Recommender`.
 
+    fp32              the teacher's weights as they are (with runtime onnx: the teacher on ONNX Runtime)
     fp16, bf16        half-precision weights
     int8              torchao int8 Linear layers + row-wise int8 item table
     int4              torchao int8 Linear layers + row-wise int4 item table
@@ -13,6 +14,10 @@ params list (what DVC and the CLI run). Every variant directory loads through
     distilled         a shallower, narrower student trained on the teacher's outputs
     lowrank           item table factorised by truncated SVD, optionally fine-tuned
     distilled+int8    the distilled student in int8
+
+With `compress.runtime: onnx` every variant directory also holds `encoder.onnx`: the variant's
+user-vector computation for ONNX Runtime on CPU (pipeline/models/onnx_encoder.py), fp32, or with
+int8 MatMuls for the int8 variants; `load_variant` uses it on CPU.
 """
 
 from __future__ import annotations
@@ -34,8 +39,18 @@ from pipeline.core.devices import select_device
 from pipeline.core.errors import CompressError
 from pipeline.core.io import Layout
 from pipeline.data.sequences import SequenceData, load_sequences
+from pipeline.models.onnx_encoder import ENCODER_FILE, export_encoder
 from pipeline.models.sasrec import WEIGHTS_FILE, SASRec, load_model
-from pipeline.models.variants import VARIANT_FILE, LowRankSASRec, factorise, load_variant, save_variant, size_on_disk, variants_dir
+from pipeline.models.variants import (
+    TORCHAO_KINDS,
+    VARIANT_FILE,
+    LowRankSASRec,
+    factorise,
+    load_variant,
+    save_variant,
+    size_on_disk,
+    variants_dir,
+)
 from pipeline.training.engine import Engine, EngineSettings, Hooks
 from pipeline.training.losses import LossFn, next_item_loss
 
@@ -82,10 +97,26 @@ def _distilled_student(teacher: SASRec, data: SequenceData, cfg: CompressConfig,
             logger.info("distilled student reused from %s", cached)
             return load_variant(cached), {"history": recorded.get("history", []), "reused": str(cached)}
     d = cfg.distill
-    student = build_student(teacher, d.d_model, d.n_layers, d.n_heads, d.init_from_teacher)
+    student = build_student(teacher, d.d_model or teacher.cfg.d_model, d.n_layers, d.n_heads or teacher.cfg.n_heads,
+                            d.init_from_teacher)
     history = _train(student, data, distillation_loss(teacher.to(device), d.temperature, d.alpha, d.top_k), cfg, seed, device,
                      epochs=d.epochs, lr=d.lr, desc="distill")
     return student.cpu().eval(), {"history": history}
+
+
+def _export_encoder(source: SASRec, directory: Path, kind: str) -> None:
+    """encoder.onnx beside the saved variant, computing what its PyTorch encoder computes.
+
+    The int8 kinds are exported from their fp32 source and quantized by ONNX Runtime (one rounding,
+    not a re-rounding of torchao's); every other kind from the saved variant itself, so its
+    rounded (fp16, bf16) or pruned weights are the ones in the graph, fp16/bf16 stored as such.
+    """
+    started = time.perf_counter()
+    int8 = kind in TORCHAO_KINDS
+    stored = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(kind, torch.float32)
+    export_encoder(source if int8 else load_variant(directory), directory / ENCODER_FILE, int8=int8, stored_dtype=stored)
+    logger.info("%s: %s (%s bytes) in %.1fs", directory.name, ENCODER_FILE,
+                f"{(directory / ENCODER_FILE).stat().st_size:,}", time.perf_counter() - started)
 
 
 def compress_variant(cfg: CompressConfig, layout: Layout, run_name: str, name: str, seed: int) -> dict:
@@ -106,7 +137,7 @@ def compress_variant(cfg: CompressConfig, layout: Layout, run_name: str, name: s
     needs_data = name in ("pruned", "distilled", "distilled+int8") or (name == "lowrank" and cfg.lowrank.finetune_epochs)
     data = load_sequences(layout.features_dir) if needs_data else None
 
-    if name in ("fp16", "bf16", "int8", "int4"):
+    if name in ("fp32", "fp16", "bf16", "int8", "int4"):
         model, kind, rank = teacher, name, None
     elif name == "lowrank":
         table_rank = cfg.lowrank.rank
@@ -147,6 +178,8 @@ def compress_variant(cfg: CompressConfig, layout: Layout, run_name: str, name: s
     staging = out_dir / f".{name}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     save_variant(model, staging, kind, rank, extra=extra)
+    if cfg.runtime == "onnx":
+        _export_encoder(model, staging, kind)
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     result = {"name": name, "kind": kind, "path": str(target), "size_bytes": size_on_disk(target),

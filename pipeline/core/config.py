@@ -165,7 +165,7 @@ class EvaluateConfig(_Strict):
     sampled_strategies: list[Literal["uniform", "popularity"]] = ["uniform", "popularity"]
 
 
-VariantName = Literal["fp16", "bf16", "int8", "int4", "pruned", "distilled", "lowrank", "distilled+int8"]
+VariantName = Literal["fp32", "fp16", "bf16", "int8", "int4", "pruned", "distilled", "lowrank", "distilled+int8"]
 # Variants that train (fine-tune or distil) and so want the GPU; the others are seconds of CPU work.
 TRAINED_VARIANTS = ("pruned", "distilled", "distilled+int8")
 
@@ -197,8 +197,11 @@ class LowRankConfig(_Strict):
 
 class CompressConfig(_Strict):
     variants: list[VariantName] = Field(
-        ["fp16", "bf16", "int8", "int4", "pruned", "distilled", "lowrank", "distilled+int8"],
-        description="variants built from the trained teacher into models/<run>/variants/<name>/")
+        ["fp32", "fp16", "bf16", "int8", "int4", "pruned", "distilled", "lowrank", "distilled+int8"],
+        description="variants built from the trained teacher into models/<run>/variants/<name>/ (fp32: its weights as they are)")
+    runtime: Literal["onnx", "torch"] = Field(
+        "onnx", description="onnx: each variant also gets encoder.onnx, its user-vector computation for ONNX Runtime on CPU "
+                            "(MatMuls in int8 for int8, int4, distilled+int8); torch: PyTorch only")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="for fine-tuning and distillation")
     batch_size: int = Field(128, ge=1)
     patience: int = Field(3, ge=1, description="fine-tune/distill epochs without a better valid NDCG@10")
