@@ -5,6 +5,7 @@ Airflow can map one task per variant; `run_compress` builds every variant that
 params list (what DVC and the CLI run). Every variant directory loads through
 `pipeline.models.variants.load_variant` / `pipeline.models.recommender.Recommender`.
 
+    fp32              the teacher's weights as they are (with runtime onnx: the teacher on ONNX Runtime)
     fp16, bf16        half-precision weights
     int8              torchao int8 Linear layers + row-wise int8 item table
     int4              torchao int8 Linear layers + row-wise int4 item table
@@ -16,6 +17,10 @@ params list (what DVC and the CLI run). Every variant directory loads through
     pq                item table as product-quantized item codes (m uint8 codes per item into m shared
                       codebooks, k-means on the teacher's table), codebooks and Transformer fine-tuned
     pq+int8           the fine-tuned pq model with int8 codebooks
+
+With `compress.runtime: onnx` every variant directory also holds `encoder.onnx`: the variant's
+user-vector computation for ONNX Runtime on CPU (pipeline/models/onnx_encoder.py), fp32, or with
+int8 MatMuls for the int8 variants; `load_variant` uses it on CPU.
 """
 
 from __future__ import annotations
@@ -38,8 +43,18 @@ from pipeline.core.errors import CompressError
 from pipeline.core.io import Layout
 from pipeline.data.sequences import SequenceData, load_sequences
 from pipeline.models.coded import code_teacher
+from pipeline.models.onnx_encoder import ENCODER_FILE, export_encoder
 from pipeline.models.sasrec import WEIGHTS_FILE, SASRec, load_model
-from pipeline.models.variants import VARIANT_FILE, LowRankSASRec, factorise, load_variant, save_variant, size_on_disk, variants_dir
+from pipeline.models.variants import (
+    TORCHAO_KINDS,
+    VARIANT_FILE,
+    LowRankSASRec,
+    factorise,
+    load_variant,
+    save_variant,
+    size_on_disk,
+    variants_dir,
+)
 from pipeline.training.engine import Engine, EngineSettings, Hooks
 from pipeline.training.losses import LossFn, next_item_loss
 
@@ -130,10 +145,26 @@ def _distilled_student(teacher: SASRec, data: SequenceData, cfg: CompressConfig,
     if reused is not None:
         return reused
     d = cfg.distill
-    student = build_student(teacher, d.d_model, d.n_layers, d.n_heads, d.init_from_teacher)
+    student = build_student(teacher, d.d_model or teacher.cfg.d_model, d.n_layers, d.n_heads or teacher.cfg.n_heads,
+                            d.init_from_teacher)
     history = _train(student, data, distillation_loss(teacher.to(device), d.temperature, d.alpha, d.top_k), cfg, seed, device,
                      epochs=d.epochs, lr=d.lr, desc="distill")
     return student.cpu().eval(), {"history": history}
+
+
+def _export_encoder(source: SASRec, directory: Path, kind: str) -> None:
+    """encoder.onnx beside the saved variant, computing what its PyTorch encoder computes.
+
+    The int8 kinds are exported from their fp32 source and quantized by ONNX Runtime (one rounding,
+    not a re-rounding of torchao's); every other kind from the saved variant itself, so its
+    rounded (fp16, bf16) or pruned weights are the ones in the graph, fp16/bf16 stored as such.
+    """
+    started = time.perf_counter()
+    int8 = kind in TORCHAO_KINDS
+    stored = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(kind, torch.float32)
+    export_encoder(source if int8 else load_variant(directory), directory / ENCODER_FILE, int8=int8, stored_dtype=stored)
+    logger.info("%s: %s (%s bytes) in %.1fs", directory.name, ENCODER_FILE,
+                f"{(directory / ENCODER_FILE).stat().st_size:,}", time.perf_counter() - started)
 
 
 def compress_variant(cfg: CompressConfig, layout: Layout, run_name: str, name: str, seed: int) -> dict:
@@ -156,7 +187,7 @@ def compress_variant(cfg: CompressConfig, layout: Layout, run_name: str, name: s
                   or (name in PQ_VARIANTS and cfg.pq.finetune_epochs))
     data = load_sequences(layout.features_dir) if needs_data else None
 
-    if name in ("fp16", "bf16", "int8", "int4"):
+    if name in ("fp32", "fp16", "bf16", "int8", "int4"):
         model, kind, rank = teacher, name, None
     elif name == "lowrank":
         table_rank = cfg.lowrank.rank
@@ -201,6 +232,8 @@ def compress_variant(cfg: CompressConfig, layout: Layout, run_name: str, name: s
     staging = out_dir / f".{name}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     save_variant(model, staging, kind, rank, extra=extra)
+    if cfg.runtime == "onnx":
+        _export_encoder(model, staging, kind)
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     result = {"name": name, "kind": kind, "path": str(target), "size_bytes": size_on_disk(target),

@@ -48,16 +48,21 @@ def distillation_loss(teacher: SASRec, temperature: float, alpha: float, top_k: 
 
 
 def build_student(teacher: SASRec, d_model: int, n_layers: int, n_heads: int, init_from_teacher: bool = True) -> SASRec:
-    """A narrower, shallower SASRec over the same catalogue and history length.
+    """A narrower or shallower SASRec over the same catalogue and history length.
 
     With `init_from_teacher`, its item table starts as the teacher's table projected on
     its top `d_model` singular directions (the best rank-d_model start in the least-squares
-    sense), so item similarity is there from the first step.
+    sense), so item similarity is there from the first step. A student as wide as the teacher,
+    with as many heads, starts from the teacher's own weights instead (`copy_teacher_layers`).
     """
     cfg = SASRecConfig(n_items=teacher.cfg.n_items, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
                        max_len=teacher.cfg.max_len, ffn_multiplier=teacher.cfg.ffn_multiplier, dropout=teacher.cfg.dropout)
     student = SASRec(cfg)
-    if init_from_teacher and d_model <= teacher.cfg.d_model:
+    if not init_from_teacher:
+        return student
+    if (d_model, n_heads) == (teacher.cfg.d_model, teacher.cfg.n_heads) and n_layers <= teacher.cfg.n_layers:
+        copy_teacher_layers(student, teacher)
+    elif d_model <= teacher.cfg.d_model:
         table = teacher.item_embedding.weight.detach().float().cpu()
         u, s, _ = torch.linalg.svd(table, full_matrices=False)
         projected = u[:, :d_model] * s[:d_model]
@@ -67,3 +72,10 @@ def build_student(teacher: SASRec, d_model: int, n_layers: int, n_heads: int, in
             student.item_embedding.weight.copy_(projected)
             student.item_embedding.weight[0].zero_()
     return student
+
+
+def copy_teacher_layers(student: SASRec, teacher: SASRec) -> None:
+    """Item table, positions, final norm and the teacher's first `n_layers` blocks into a same-width student."""
+    state = teacher.state_dict()
+    kept = {k: v for k, v in state.items() if not k.startswith("blocks.") or int(k.split(".")[1]) < student.cfg.n_layers}
+    student.load_state_dict({k: v.detach().clone() for k, v in kept.items()})

@@ -127,6 +127,7 @@ def measure_models(directories: dict[str, Path], layout: Layout, cfg: CompressCo
         rows[name] = {
             "path": str(directory.relative_to(layout.root)) if directory.is_relative_to(layout.root) else str(directory),
             "kind": variant["kind"],
+            "runtime": "onnx" if model.encoder is not None else "torch",  # what computes the user vector on CPU
             "ndcg@10": quality["full/NDCG@10"], "hr@10": quality["full/HR@10"],
             "size_bytes": size_on_disk(directory),
             "parameters": parameter_count(model),
@@ -156,12 +157,13 @@ def markdown(report: dict) -> str:
         "NDCG@10/HR@10 by full ranking; latency = one user per request, top-10 over the whole catalogue; "
         "throughput at the configured batch size; medians over interleaved rounds.",
         "",
-        "| model | kind | NDCG@10 | change | HR@10 | size KiB | smaller | bytes/item | params | p50 ms | p95 ms | speed-up | users/s |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | kind | runtime | NDCG@10 | change | HR@10 | size KiB | smaller | bytes/item | params | p50 ms | p95 ms | speed-up "
+        "| users/s |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, r in report["models"].items():
         lines.append(
-            f"| {name} | {r['kind']} | {r['ndcg@10']:.4f} | {r['ndcg@10_change']:+.2%} | {r['hr@10']:.4f} | "
+            f"| {name} | {r['kind']} | {r['runtime']} | {r['ndcg@10']:.4f} | {r['ndcg@10_change']:+.2%} | {r['hr@10']:.4f} | "
             f"{r['size_bytes'] / 1024:,.1f} | {r['size_ratio']:.2f}x | {r['bytes_per_item']:.1f} | "
             f"{r['nonzero_parameters']:,} | {r['latency_p50_ms']:.3f} | {r['latency_p95_ms']:.3f} | "
             f"{r['latency_speedup']:.2f}x | {r['throughput_users_s']:,.0f} |")

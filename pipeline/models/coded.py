@@ -62,8 +62,8 @@ class CodedSASRec(SASRec):
     def item_codes(self) -> ItemCodes:
         return self.table.item_codes()
 
-    def hidden(self, items: torch.Tensor) -> torch.Tensor:
-        return self._encode(self.item_codes().reconstruct(items))
+    def embed(self, items: torch.Tensor) -> torch.Tensor:
+        return self.item_codes().reconstruct(items)
 
     def item_weights(self) -> torch.Tensor:
         """The reconstructed table (for callers that need it dense; scoring does not)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -102,6 +103,26 @@ class Block(nn.Module):
         x = x + self.drop(self.attn(self.norm1(x)))
         return x + self.drop(self.ffn(self.norm2(x)))
 
+    def forward_last(self, x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """This block's output at one position per row (`last`, (batch,) indices), inference only.
+
+        The keys and values need every position, but the query, the output projection and the FFN
+        only the one whose output is kept: (batch, length, d) -> (batch, d). The query is sliced out
+        of the full qkv projection (one Linear call, whatever kind of Linear a variant holds).
+        """
+        batch, length, _ = x.shape
+        attn = self.attn
+        head_dim = attn.attention_dim // attn.n_heads
+        rows = torch.arange(batch, device=x.device)
+        qkv = attn.qkv(self.norm1(x)).view(batch, length, 3, attn.n_heads, head_dim)
+        q = qkv[rows, last, 0].unsqueeze(2)  # (batch, heads, 1, head_dim)
+        k, v = qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+        # Causal for the last real position = every key up to it; the padding after it is masked.
+        visible = (torch.arange(length, device=x.device) <= last.view(-1, 1)).view(batch, 1, 1, length)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        x_last = x[rows, last] + attn.out(y.reshape(batch, attn.attention_dim))
+        return x_last + self.ffn(self.norm2(x_last))
+
 
 class SASRec(nn.Module):
     def __init__(self, cfg: SASRecConfig):
@@ -112,6 +133,9 @@ class SASRec(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(cfg.d_model)
+        # Set by `load_variant` when the directory holds an ONNX encoder (pipeline/models/onnx_encoder.py):
+        # a callable (embedded, lengths) -> user vectors that `last_hidden` uses on CPU in place of encode_last.
+        self.encoder: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         self.apply(self._init_weights)
 
     @staticmethod
@@ -125,23 +149,38 @@ class SASRec(nn.Module):
                 with torch.no_grad():
                     module.weight[module.padding_idx].zero_()
 
+    def embed(self, items: torch.Tensor) -> torch.Tensor:
+        """(batch, length) item indices -> their input vectors; variants swap only this lookup."""
+        return self.item_embedding(items)
+
     def hidden(self, items: torch.Tensor) -> torch.Tensor:
         """(batch, length) right-padded item indices -> (batch, length, d_model)."""
-        return self._encode(self.item_embedding(items))
+        return self.final_norm(self._run_blocks(self._positioned(self.embed(items)), self.blocks))
 
-    def _encode(self, embedded: torch.Tensor) -> torch.Tensor:
-        """Item vectors (batch, length, d_model) -> hidden states; variants swap only the lookup."""
+    def _positioned(self, embedded: torch.Tensor) -> torch.Tensor:
         length = embedded.shape[1]
         if length > self.cfg.max_len:
             raise ValueError(f"sequence length {length} exceeds max_len={self.cfg.max_len}")
         # Scaling the item embedding by sqrt(d) as in SASRec keeps it on the scale of the positions.
         # Positions are a slice of the table, not a lookup: one op fewer per request at serving time.
         x = embedded * math.sqrt(self.cfg.d_model) + self.position_embedding.weight[:length]
-        if self.training:
-            x = self.drop(x)
-        for block in self.blocks:
+        return self.drop(x) if self.training else x
+
+    @staticmethod
+    def _run_blocks(x: torch.Tensor, blocks) -> torch.Tensor:
+        for block in blocks:
             x = block(x)
-        return self.final_norm(x)
+        return x
+
+    def encode_last(self, embedded: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Input vectors (batch, length, d) and lengths -> the user vectors (batch, d), inference only.
+
+        The same values as `hidden` at each row's last real position, but the last block computes
+        its query and FFN at that position only (see Block.forward_last); this is also the graph
+        the ONNX encoder holds (pipeline/models/onnx_encoder.py).
+        """
+        x = self._run_blocks(self._positioned(embedded), self.blocks[:-1])
+        return self.final_norm(self.blocks[-1].forward_last(x, (lengths - 1).clamp(min=0)))
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         return self.hidden(items)
@@ -155,6 +194,11 @@ class SASRec(nn.Module):
 
     def last_hidden(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Hidden state at each sequence's last real position: the user representation."""
+        if not self.training:
+            embedded = self.embed(items)
+            if self.encoder is not None and embedded.device.type == "cpu":  # ONNX Runtime runs on CPU only here
+                return self.encoder(embedded, lengths)
+            return self.encode_last(embedded, lengths)
         hidden = self.hidden(items)
         index = (lengths - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
         return hidden.gather(1, index).squeeze(1)

@@ -1,8 +1,10 @@
 """Compressed variants of a trained SASRec teacher, saved and loaded through one format.
 
 A variant directory holds `variant.json` (what kind, from which teacher, its
-settings), `model_config.json` and `model.safetensors`; `load_variant` rebuilds
-the module and `pipeline.models.recommender.Recommender` serves any of them.
+settings), `model_config.json` and `model.safetensors`, and optionally `encoder.onnx`
+(pipeline/models/onnx_encoder.py: the user-vector computation for ONNX Runtime, used
+on CPU); `load_variant` rebuilds the module and `pipeline.models.recommender.Recommender`
+serves any of them.
 
 Kinds (the compress stage, pipeline/compression/compress.py, applies them to the teacher,
 a pruned copy or a distilled student):
@@ -21,7 +23,10 @@ a pruned copy or a distilled student):
   few remaining float tensors (positions, LayerNorms, biases) are stored in
   fp16. torchao weights are tensor subclasses, which safetensors cannot hold: their
   inner tensors (int8 `qdata`, `scale`, `zero_point`) are stored as plain tensors
-  and copied back into freshly quantized layers at load time (no pickle).
+  and copied back into freshly quantized layers at load time (no pickle). On CPU the
+  layers are then dequantized to fp32 (`dequantize_linears`): int8 weight-only matmuls
+  are slower than fp32 there, so the int8 weights save bytes at rest, and a CPU
+  speed-up comes from the variant's int8 ONNX encoder instead.
 - `int4`: the same int8 Linear layers with the item table row-wise int4 (two
   values per byte).
 - `pruned`: a structurally narrowed model whose thinned matrices are stored as
@@ -49,6 +54,7 @@ from torch import nn
 from pipeline.core.io import Layout, atomic_path, write_json
 from pipeline.models.coded import CODES_PREFIX, CodedSASRec
 from pipeline.models.codes import ItemCodes
+from pipeline.models.onnx_encoder import ENCODER_FILE, OnnxEncoder
 from pipeline.models.quantize import RowwiseQuantized, quantize_rowwise
 from pipeline.models.sasrec import CONFIG_FILE, WEIGHTS_FILE, SASRec, SASRecConfig, load_model
 from pipeline.models.scoring import ExcludeArg, dense_top_k, rowwise_int8_top_k
@@ -103,8 +109,8 @@ class QuantizedTableSASRec(SASRec):
     def table(self) -> RowwiseQuantized:
         return RowwiseQuantized(self.table_codes, self.table_scale, self.table_offset, self.bits, self.dim)
 
-    def hidden(self, items: torch.Tensor) -> torch.Tensor:
-        return self._encode(self.table.dequantize(items) if self.bits == 8 else self.dense_table[items])
+    def embed(self, items: torch.Tensor) -> torch.Tensor:
+        return self.table.dequantize(items) if self.bits == 8 else self.dense_table[items]
 
     def item_weights(self) -> torch.Tensor:
         return self.table.dequantize() if self.bits == 8 else self.dense_table
@@ -124,8 +130,8 @@ class LowRankSASRec(SASRec):
         self.item_factors = nn.Parameter(torch.zeros(cfg.n_items + 1, rank))
         self.basis = nn.Parameter(torch.zeros(rank, cfg.d_model))
 
-    def hidden(self, items: torch.Tensor) -> torch.Tensor:
-        return self._encode(self.item_factors[items] @ self.basis)
+    def embed(self, items: torch.Tensor) -> torch.Tensor:
+        return self.item_factors[items] @ self.basis
 
     def item_weights(self) -> torch.Tensor:
         return self.item_factors @ self.basis
@@ -259,7 +265,33 @@ def save_variant(teacher: SASRec, directory: Path, kind: str, rank: int | None =
 
 
 def load_variant(directory: Path, device: torch.device | str = "cpu") -> SASRec:
-    """Any saved model: a teacher directory (no variant.json) or a variant directory."""
+    """Any saved model: a teacher directory (no variant.json) or a variant directory.
+
+    On CPU, a directory's `encoder.onnx` (pipeline/models/onnx_encoder.py) computes the user vectors
+    and torchao int8 Linear layers are dequantized to fp32 (see `dequantize_linears`).
+    """
+    model = _load_module(directory, device)
+    if torch.device(device).type == "cpu":
+        dequantize_linears(model)
+        if (directory / ENCODER_FILE).exists():
+            model.encoder = OnnxEncoder(directory / ENCODER_FILE)
+    return model
+
+
+def dequantize_linears(model: nn.Module) -> None:
+    """torchao int8 Linear weights -> fp32 in place: on CPU, int8 weight-only matmuls are slower than fp32.
+
+    benchmarks/encoder_runtime.py (small preset, 2 threads): the user vector takes 2.9x as long as
+    fp32 at batch 1 and 1.25x at batch 256 with Int8WeightOnlyConfig layers. The stored int8
+    values are kept exactly (dequantized, not re-rounded); CUDA keeps the int8 layers.
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and _is_subclass(module.weight):
+                module.weight = nn.Parameter(module.weight.dequantize().float().contiguous(), requires_grad=False)
+
+
+def _load_module(directory: Path, device: torch.device | str) -> SASRec:
     if not (directory / VARIANT_FILE).exists():
         return load_model(directory, device)
     variant = json.loads((directory / VARIANT_FILE).read_text(encoding="utf-8"))

@@ -47,23 +47,25 @@ CHUNK = 512  # histories scored at once
 COLUMNS = ("user_id", "history", "k")
 # Packages the pyfunc imports; pinned to the versions installed where the model is logged.
 REQUIREMENTS = ("mlflow", "torch", "torchao", "safetensors", "pandas", "pyarrow", "numpy", "numba")
+ENCODER_REQUIREMENTS = ("onnxruntime",)  # added when the model directory holds an ONNX encoder
 # The modules of `pipeline` the served model imports (tests/serving/test_pyfunc.py checks this against the
 # import graph): the registered model ships only these, not the readers, validation, training or registry.
 SERVED_MODULES = (
     "core/config.py", "core/errors.py", "core/io.py", "core/schema.py",
     "data/features.py", "data/sequences.py",
-    "models/coded.py", "models/codes.py", "models/quantize.py", "models/recommender.py", "models/sasrec.py",
-    "models/scoring.py", "models/sparse.py", "models/topk_kernels.py", "models/variants.py",
+    "models/coded.py", "models/codes.py", "models/onnx_encoder.py", "models/quantize.py", "models/recommender.py",
+    "models/sasrec.py", "models/scoring.py", "models/sparse.py", "models/topk_kernels.py", "models/variants.py",
     "serving/pyfunc.py",
 )
 
 
 def model_files(directory: Path) -> list[Path]:
     """The files `Recommender.load` reads from a teacher or variant directory (nothing else in it)."""
+    from pipeline.models.onnx_encoder import ENCODER_FILE
     from pipeline.models.sasrec import CONFIG_FILE, WEIGHTS_FILE
     from pipeline.models.variants import VARIANT_FILE
 
-    names = (CONFIG_FILE, WEIGHTS_FILE, VARIANT_FILE)
+    names = (CONFIG_FILE, WEIGHTS_FILE, VARIANT_FILE, ENCODER_FILE)
     files = [Path(directory) / name for name in names if (Path(directory) / name).is_file()]
     if not any(f.name == CONFIG_FILE for f in files):
         raise FileNotFoundError(f"{directory} holds no saved model ({CONFIG_FILE} missing)")
@@ -343,7 +345,10 @@ def log_servable(model_dir: Path, features_dir: Path, name: str = "model") -> An
             shutil.copy2(file, model_copy / file.name)
         servable = Servable.load(model_copy, data_dir)
         signature, example = signature_and_example(servable)
-        requirements = [f"{package}=={metadata.version(package)}" for package in REQUIREMENTS]
+        from pipeline.models.onnx_encoder import ENCODER_FILE
+
+        packages = REQUIREMENTS + (ENCODER_REQUIREMENTS if (model_copy / ENCODER_FILE).exists() else ())
+        requirements = [f"{package}=={metadata.version(package)}" for package in packages]
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=LeanRecModel(),

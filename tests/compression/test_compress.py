@@ -16,8 +16,9 @@ from pipeline.data.sequences import evaluation_batches, load_sequences, training
 from pipeline.evaluation.compression_report import REPORT_JSON, REPORT_PNG, run_compression_report
 from pipeline.evaluation.metrics import evaluate
 from pipeline.models.coded import CodedSASRec
+from pipeline.models.onnx_encoder import ENCODER_FILE, OnnxEncoder
 from pipeline.models.recommender import Recommender
-from pipeline.models.sasrec import SASRec, SASRecConfig, load_model
+from pipeline.models.sasrec import WEIGHTS_FILE, SASRec, SASRecConfig, load_model
 from pipeline.models.sparse import densify_state, sparsify_state
 from pipeline.models.variants import VARIANT_FILE, load_variant, save_variant, size_on_disk
 from pipeline.training.train import run_train
@@ -54,10 +55,9 @@ def _overlap_at_10(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize(
     ("name", "min_overlap"),
-    # A little under what each reaches on this teacher (measured: fp16 1.0, bf16 0.99, int8 0.99, int4 0.93,
-    # lowrank 16 of 32 0.98, pruned 0.55, distilled 0.45, distilled+int8 0.45, pq 4 x 32 codes 0.72, pq+int8 0.72):
+    # A little under what each reaches on this teacher (measured on the merged branches: see the test's last run);
     # a broken variant falls far below.
-    [("fp16", 0.98), ("bf16", 0.95), ("int8", 0.95), ("int4", 0.85), ("lowrank", 0.9),
+    [("fp32", 0.999), ("fp16", 0.98), ("bf16", 0.95), ("int8", 0.95), ("int4", 0.85), ("lowrank", 0.9),
      ("pruned", 0.4), ("distilled", 0.3), ("distilled+int8", 0.3), ("pq", 0.6), ("pq+int8", 0.6)],
 )
 def test_every_variant_loads_and_agrees_with_the_teacher(compressed, name, min_overlap):
@@ -91,12 +91,56 @@ def test_report_sizes_are_the_files_on_disk(compressed):
 
 
 def test_quantized_and_distilled_variants_are_smaller(compressed):
-    rows = compressed["report"]["models"]
-    teacher = rows["teacher"]["size_bytes"]
-    assert rows["fp16"]["size_bytes"] < 0.55 * teacher
-    assert rows["int8"]["size_bytes"] < rows["fp16"]["size_bytes"]
-    assert rows["int4"]["size_bytes"] < rows["int8"]["size_bytes"]
-    assert rows["distilled+int8"]["size_bytes"] < rows["distilled"]["size_bytes"] < rows["fp16"]["size_bytes"]
+    root, rows = compressed["layout"].root, compressed["report"]["models"]
+
+    def weights(name: str) -> int:  # the stored model, without the ONNX encoder beside it
+        return (root / rows[name]["path"] / WEIGHTS_FILE).stat().st_size
+
+    def encoder(name: str) -> int:
+        return (root / rows[name]["path"] / ENCODER_FILE).stat().st_size
+
+    assert weights("fp16") < 0.55 * weights("teacher")
+    assert weights("int8") < weights("fp16")
+    assert weights("int4") < weights("int8")
+    assert weights("distilled+int8") < weights("distilled") < weights("fp32")
+    # each encoder stores the Transformer at its variant's precision: int8 < half < fp32
+    assert encoder("int8") < encoder("fp16") < encoder("fp32")
+    assert encoder("bf16") == pytest.approx(encoder("fp16"), rel=0.01)
+    assert encoder("distilled+int8") < encoder("distilled") < encoder("fp32")
+    for name in rows:
+        assert rows[name]["size_bytes"] == size_on_disk(root / rows[name]["path"])  # the encoder counts
+
+
+@pytest.mark.parametrize(("name", "min_overlap"), [("fp32", 0.999), ("fp16", 0.999), ("bf16", 0.999), ("pruned", 0.999),
+                                                   ("lowrank", 0.999), ("distilled", 0.999),
+                                                   # int8 MatMuls in ONNX Runtime vs torchao's int8 weights in fp32
+                                                   # (measured on this teacher: int8 0.9986, int4 0.9983,
+                                                   # distilled+int8 0.9993; the fp32 graphs 1.0)
+                                                   ("int8", 0.95), ("int4", 0.95), ("distilled+int8", 0.95)])
+def test_each_variant_is_served_through_its_onnx_encoder(compressed, name, min_overlap):
+    """runtime onnx: every variant has encoder.onnx, used on CPU, computing what its PyTorch path computes."""
+    directory = compressed["layout"].root / compressed["report"]["models"][name]["path"]
+    assert compressed["report"]["models"][name]["runtime"] == "onnx"
+    onnx_model = load_variant(directory)
+    assert isinstance(onnx_model.encoder, OnnxEncoder)
+    eager_model = load_variant(directory)
+    eager_model.encoder = None
+    histories = compressed["histories"]
+    onnx_items, onnx_scores = Recommender(onnx_model).recommend(histories, 10)
+    eager_items, eager_scores = Recommender(eager_model).recommend(histories, 10)
+    assert _overlap_at_10(onnx_items, eager_items) >= min_overlap
+    if min_overlap > 0.99:  # fp32 graphs: the same scores to 1e-4
+        torch.testing.assert_close(onnx_scores, eager_scores, atol=1e-4, rtol=1e-4)
+    assert compressed["report"]["models"]["teacher"]["runtime"] == "torch"
+
+
+def test_runtime_torch_builds_no_encoder(compressed, tmp_path):
+    layout = copy_features(compressed["layout"], tmp_path)
+    shutil.copytree(compressed["layout"].model_dir("main"), layout.model_dir("main"), ignore=shutil.ignore_patterns("variants"))
+    torch_only = params_from_dict({}, [*TINY_COMPRESS, "compress.runtime=torch"]).compress
+    built = compress_variant(torch_only, layout, "main", "fp16", seed=0)
+    assert not (Path(built["path"]) / ENCODER_FILE).exists()
+    assert load_variant(Path(built["path"])).encoder is None
 
 
 def test_pruning_really_shrinks_the_saved_model(compressed, tmp_path):
@@ -109,7 +153,7 @@ def test_pruning_really_shrinks_the_saved_model(compressed, tmp_path):
     teacher_bytes = compressed["report"]["models"]["teacher"]["size_bytes"]
     # narrowing alone drops half the block weights; the bitmask storage then nearly halves the thinned matrices
     assert size_on_disk(dense_dir) < 0.7 * teacher_bytes
-    assert size_on_disk(pruned_dir) < 0.65 * size_on_disk(dense_dir)
+    assert (pruned_dir / WEIGHTS_FILE).stat().st_size < 0.65 * (dense_dir / WEIGHTS_FILE).stat().st_size
     variant = json.loads((pruned_dir / VARIANT_FILE).read_text())
     assert variant["measured_sparsity"] >= 0.49  # 50% of the remaining matrices zeroed and kept at zero by fine-tuning
 

@@ -36,6 +36,39 @@ def test_right_padding_does_not_change_the_user_representation():
     torch.testing.assert_close(model.score(seq, torch.tensor([4])), model.score(padded, torch.tensor([4])))
 
 
+@pytest.mark.parametrize("n_layers", [1, 2])
+def test_last_position_shortcut_equals_the_full_computation(n_layers):
+    """last_hidden (final block at the last real position only) = every position computed, then gathered."""
+    torch.manual_seed(0)
+    model = SASRec(SASRecConfig(n_items=50, d_model=16, n_layers=n_layers, n_heads=2, max_len=12, dropout=0.0)).eval()
+    lengths = torch.tensor([12, 1, 5, 9])
+    items = torch.randint(1, 51, (4, 12))
+    items[torch.arange(12) >= lengths.view(-1, 1)] = 0  # right-padded, as Recommender builds them
+    with torch.no_grad():
+        full = model.hidden(items)[torch.arange(4), lengths - 1]
+        shortcut = model.last_hidden(items, lengths)
+    torch.testing.assert_close(shortcut, full, atol=1e-5, rtol=1e-5)
+    model.train()  # training keeps the full computation (dropout off here, so the same values)
+    torch.testing.assert_close(model.last_hidden(items, lengths), full, atol=1e-5, rtol=1e-5)
+
+
+def test_an_attached_encoder_computes_the_user_vector_at_inference_only():
+    model = _model()
+    calls = []
+
+    def encoder(embedded, lengths):
+        calls.append(embedded.shape)
+        return torch.zeros(embedded.shape[0], 16)
+
+    model.encoder = encoder
+    items, lengths = torch.randint(1, 51, (3, 7)), torch.tensor([7, 3, 1])
+    assert torch.equal(model.last_hidden(items, lengths), torch.zeros(3, 16))
+    assert calls == [(3, 7, 16)]
+    model.train()
+    assert not torch.equal(model.last_hidden(items, lengths), torch.zeros(3, 16))
+    assert len(calls) == 1
+
+
 def test_input_and_output_embeddings_are_shared():
     model = _model()
     assert model.item_weights().data_ptr() == model.item_embedding.weight.data_ptr()
