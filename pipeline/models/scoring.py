@@ -35,6 +35,9 @@ PADDING_ROW = 0
 # (256 users over 1M rows, 2 threads: 1.13 s with 4 MiB chunks, 2.12 s with 64 MiB).
 SCORE_BUDGET_BYTES = 4 * 2**20
 MIN_CHUNK_ROWS = 4096
+# Up to this many scores (B x rows) one masked torch.topk beats the kernels' per-call overhead
+# (a 150-item catalogue, one user: ~10 us against ~100 us).
+SMALL_SCORES = 65_536
 # Up to this many users each user's PQ lookup table is summed on its own (it stays in L1); above
 # it the users go in the inner loop (lookup tables transposed to (m, K, users)), this many at a time.
 # Both measured at 1M rows, m = 8, 2 threads (docs/benchmarks.md): per user is faster at 1-2 users,
@@ -149,6 +152,19 @@ def _scan(kernels: ModuleType, kernel: Callable, n_users: int, n_rows: int, k: i
     return _merged_top_k(kernels, values, rows)
 
 
+def _one_chunk_top_k(scores: torch.Tensor, k: int, exclusion: Exclusion) -> tuple[torch.Tensor, torch.Tensor]:
+    """Small catalogues: one masked fill over all scores and torch.topk (fewer calls than the kernels)."""
+    scores = scores.float().clone()
+    width = scores.shape[1]
+    users = np.repeat(np.arange(exclusion.n_users, dtype=np.int64), np.diff(exclusion.start))
+    inside = (exclusion.rows >= 0) & (exclusion.rows < width)  # rows outside the table exclude nothing, as in the kernels
+    masked = np.concatenate([np.arange(exclusion.n_users, dtype=np.int64) * width + PADDING_ROW,
+                             users[inside] * width + exclusion.rows[inside]])
+    scores.view(-1).index_fill_(0, torch.from_numpy(masked).to(scores.device), float("-inf"))
+    top = torch.topk(scores, k, dim=1)
+    return _finish(top.values, top.indices)
+
+
 def chunked_top_k(score_chunk: Callable[[int, int], torch.Tensor], n_users: int, n_rows: int, k: int,
                   exclusion: Exclusion, device: torch.device, rows_per_chunk: int | None = None,
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,6 +172,8 @@ def chunked_top_k(score_chunk: Callable[[int, int], torch.Tensor], n_users: int,
     _check_k(k, n_rows)
     step = rows_per_chunk or chunk_rows(n_users, n_rows)
     kernels = kernels_for(torch.empty(0, device=device))
+    if step >= n_rows and n_users * n_rows <= SMALL_SCORES:
+        return _one_chunk_top_k(score_chunk(0, n_rows), k, exclusion)
     if kernels is not None:
         n_blocks = kernels.blocks_for(min(step, n_rows) * n_users, _threads())
         values, rows = kernels.new_heaps(n_users, n_blocks, k)
