@@ -16,7 +16,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 import mlflow
-from pipeline.core.config import RegistryConfig, TrackingConfig
+from pipeline.core.config import PolicyConfig, RegistryConfig, TrackingConfig
 from pipeline.data.sequences import load_sequences
 from pipeline.models.recommender import Recommender
 from pipeline.models.variants import save_variant
@@ -24,7 +24,7 @@ from pipeline.registry.promote import promote
 from pipeline.registry.register import register
 from pipeline.serving.pyfunc import log_servable
 from tests.registry.test_registry import _free_port, _stop, _wait_for, start_server
-from tests.registry_helpers import build_trained, compress
+from tests.registry_helpers import build_trained, compress, measure, write_compression
 
 
 @pytest.fixture(scope="module")
@@ -162,11 +162,20 @@ def _post(url: str, payload: dict) -> tuple[int, dict]:
 
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_invocations_for_the_champion(served, tmp_path):
+    """The champion here is an item-code (pq) variant: registered, promoted and served over HTTP like any model."""
+    from pipeline.models.coded import code_teacher
+    from pipeline.models.sasrec import load_model
+
     layout = served["layout"]
-    compress(layout, ())
+    teacher_dir = layout.model_dir("main")
+    pq_dir = save_variant(code_teacher(load_model(teacher_dir), 4, 16, seed=0), teacher_dir / "variants" / "pq", "pq")
+    models = compress(layout, ())
+    models["pq"] = measure(layout, pq_dir, "pq")
+    write_compression(layout, models)
     tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    register(RegistryConfig(), tracking, layout)
-    assert promote(RegistryConfig(), tracking, layout)["decision"] == "promoted"
+    cfg = RegistryConfig(policy=PolicyConfig(candidates=["pq"], max_latency_p50_ms=None, min_latency_speedup=None))
+    assert register(cfg, tracking, layout)["candidate"] == "pq"
+    assert promote(cfg, tracking, layout)["decision"] == "promoted"
     port = _free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
@@ -175,7 +184,7 @@ def test_mlflow_models_serve_answers_invocations_for_the_champion(served, tmp_pa
     try:
         _wait_for(f"http://127.0.0.1:{port}/ping", proc)
         url = f"http://127.0.0.1:{port}/invocations"
-        known = int(served["user_id"][served["data"].users[0]])
+        known = int(served["user_id"][served["data"].users[0]])  # row 0 of the features
         history = [int(served["item_id"][i]) for i in _full_history(served, 3)[:4]]
         status, body = _post(url, {"dataframe_records": [{"user_id": known, "k": 3}, {"history": history + [10**12]}]})
         assert status == 200, body
@@ -183,8 +192,8 @@ def test_mlflow_models_serve_answers_invocations_for_the_champion(served, tmp_pa
         assert len(first["items"]) == 3 and first["source"] == "model"
         assert second["unknown_items"] == 1 and len(second["items"]) == 10 and not set(second["items"]) & set(history)
         assert first["user_id"] == str(known) and second["user_id"] is None  # JSON null, not NaN
-        local = served["teacher"].predict(pd.DataFrame({"user_id": [known], "k": [3]})).iloc[0]
-        assert first["items"] == list(local["items"])
+        expected, _ = Recommender.load(pq_dir).recommend([_full_history(served, 0)], k=3)
+        assert first["items"] == [int(served["item_id"][i]) for i in expected[0].tolist()]
         for payload, message in [
             ({"dataframe_records": [{"k": 3}]}, "user_id"),
             ({"dataframe_records": [{"user_id": known, "k": 0}]}, "k must be between"),
