@@ -73,6 +73,7 @@ def copy_repo(dest: Path, epochs: int = 2, commit: bool = True) -> Path:
     params["compress"]["distill"].update(d_model=8, epochs=1)
     params["compress"]["pruning"]["finetune_epochs"] = 1
     params["compress"]["lowrank"]["rank"] = 4
+    params["compress"]["pq"]["finetune_epochs"] = 1
     params["compress"].update(latency_requests=10, throughput_batch_size=64)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
