@@ -36,8 +36,9 @@ a pruned copy or a distilled student):
   lookup and output scoring both go through the codes (scores = sums of sub-space
   lookup-table entries), the dense table is never built. Only a `CodedSASRec` (codes
   assigned, typically fine-tuned, by the compress stage) saves as this kind.
-- `pq_int8`: `pq` with the codebooks stored row-wise int8 (one scale and offset per
-  centroid); dequantized to fp32 at load time, so it serves exactly as `pq` does.
+- `pq_int8`: `pq` with the codebooks stored int8, row-wise over each (sub-space, dimension)
+  pair: one scale and offset per K centroid values (per centroid they would cost more than
+  its d / m values); dequantized to fp32 at load time, so it serves as `pq` does.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from torch import nn
 
 from pipeline.core.io import Layout, atomic_path, write_json
 from pipeline.models.coded import CODES_PREFIX, CodedSASRec
-from pipeline.models.codes import ItemCodes
+from pipeline.models.codes import PADDING_CODE, ItemCodes
 from pipeline.models.onnx_encoder import ENCODER_FILE, OnnxEncoder
 from pipeline.models.quantize import RowwiseQuantized, quantize_rowwise
 from pipeline.models.sasrec import CONFIG_FILE, WEIGHTS_FILE, SASRec, SASRecConfig, load_model
@@ -235,9 +236,14 @@ def _coded_state(model: CodedSASRec, kind: str) -> tuple[dict[str, torch.Tensor]
     codebooks = codes.codebooks.detach().cpu().float().contiguous()
     if kind == "pq":
         state[f"{CODES_PREFIX}.codebooks"] = codebooks
-    else:  # one row per centroid: each keeps its own range, and the zero padding centroid stays exactly zero
-        state.update(quantize_rowwise(codebooks.reshape(-1, codebooks.shape[2]), 8).state_dict(f"{CODES_PREFIX}.codebooks"))
+    else:
+        state.update(quantize_rowwise(_by_dimension(codebooks), 8).state_dict(f"{CODES_PREFIX}.codebooks"))
     return state, {"n_subspaces": codes.n_subspaces, "codebook_size": codes.codebook_size, "codebook_bits": CODED_KINDS[kind]}
+
+
+def _by_dimension(codebooks: torch.Tensor) -> torch.Tensor:
+    """(m, K, d / m) -> (m * d / m, K): one row per (sub-space, dimension), the unit int8 codebooks are quantized in."""
+    return codebooks.permute(0, 2, 1).reshape(-1, codebooks.shape[1]).contiguous()
 
 
 def _load_coded(cfg: SASRecConfig, variant: dict, state: dict[str, torch.Tensor]) -> CodedSASRec:
@@ -245,9 +251,11 @@ def _load_coded(cfg: SASRecConfig, variant: dict, state: dict[str, torch.Tensor]
     model = CodedSASRec(cfg, m, size)
     if variant["kind"] == "pq_int8":
         prefix = f"{CODES_PREFIX}.codebooks"
-        quantized = RowwiseQuantized.from_state_dict(state, prefix, 8, cfg.d_model // m)
+        quantized = RowwiseQuantized.from_state_dict(state, prefix, 8, size)
         state = {k: v for k, v in state.items() if not k.startswith(f"{prefix}.")}
-        state[prefix] = quantized.dequantize().reshape(m, size, cfg.d_model // m)
+        codebooks = quantized.dequantize().reshape(m, cfg.d_model // m, size).permute(0, 2, 1).contiguous()
+        codebooks[:, PADDING_CODE] = 0.0  # the grid need not hold 0 exactly; the padding centroid must be exactly zero
+        state[prefix] = codebooks
     codes = ItemCodes.from_state_dict(state, CODES_PREFIX)  # checks every code is inside its codebook
     model.load_state_dict({**state, **codes.state_dict(CODES_PREFIX)})
     return model

@@ -146,9 +146,9 @@ def test_coded_variant_stores_m_bytes_per_item_plus_codebooks(teacher, tmp_path)
         assert size_on_disk(fp32) - size_on_disk(directory) == pytest.approx(
             rows * dim * 4 - sum(sizes[kind].values()), abs=4096)  # safetensors headers differ a little
     assert sizes["pq"] == {"pq.codes": rows * 4, "pq.codebooks": 4 * 32 * (dim // 4) * 4}
-    # int8 codebooks: one byte per value plus an fp32 scale and offset per centroid
+    # int8 codebooks: one byte per value plus an fp32 scale and offset per (sub-space, dimension)
     assert sizes["pq_int8"] == {"pq.codes": rows * 4, "pq.codebooks.codes": 4 * 32 * (dim // 4),
-                                "pq.codebooks.scale": 4 * 32 * 4, "pq.codebooks.offset": 4 * 32 * 4}
+                                "pq.codebooks.scale": dim * 4, "pq.codebooks.offset": dim * 4}
 
 
 def test_int8_codebooks_dequantize_within_half_a_step(teacher, tmp_path):
@@ -157,11 +157,11 @@ def test_int8_codebooks_dequantize_within_half_a_step(teacher, tmp_path):
     loaded = load_variant(save_variant(coded, tmp_path, "pq_int8"))
     assert isinstance(loaded, CodedSASRec) and loaded.table.codebooks.dtype == torch.float32
     exact, dequantized = coded.item_codes().codebooks.detach(), loaded.item_codes().codebooks.detach()
-    half_step = (exact.amax(-1) - exact.amin(-1)) / 255 / 2
-    assert bool(((dequantized - exact).abs() <= half_step.unsqueeze(-1) + 1e-7).all())
+    half_step = (exact.amax(1) - exact.amin(1)) / 255 / 2  # per (sub-space, dimension), over the centroids
+    assert bool(((dequantized - exact).abs() <= half_step.unsqueeze(1) + 1e-7).all())
     assert torch.equal(loaded.item_weights()[0], torch.zeros(model.cfg.d_model))
     pq_items, _ = Recommender(coded).recommend(histories, k=10)
-    assert _overlap_at_10(pq_items, Recommender(loaded).recommend(histories, k=10)[0]) >= 0.99  # measured 0.9993
+    assert _overlap_at_10(pq_items, Recommender(loaded).recommend(histories, k=10)[0]) >= 0.99  # measured 0.997
 
 
 def test_fine_tuning_trains_the_codebooks_and_keeps_padding_and_codes_fixed(teacher):
