@@ -82,10 +82,11 @@ def test_report_sizes_are_the_files_on_disk(compressed):
     assert report["models"]["teacher"]["bytes_per_item"] == 32 * 4  # fp32 rows of d_model=32
     assert report["models"]["int8"]["bytes_per_item"] == 32 + 8  # int8 codes + fp32 scale and offset
     assert report["models"]["int4"]["bytes_per_item"] == 16 + 8  # two codes per byte
-    # item codes: one byte per item and sub-space (4 of 8 dims each) plus the codebooks, fp32 or int8 + scale and offset
+    # item codes: one byte per item and sub-space (4 of 8 dims each) plus the codebooks, fp32, or int8 with an
+    # fp32 scale and offset per (sub-space, dimension)
     rows = compressed["teacher"].cfg.n_items + 1
     assert report["models"]["pq"]["bytes_per_item"] * rows == pytest.approx(rows * 4 + 4 * 32 * 8 * 4)
-    assert report["models"]["pq+int8"]["bytes_per_item"] * rows == pytest.approx(rows * 4 + 4 * 32 * (8 + 8))
+    assert report["models"]["pq+int8"]["bytes_per_item"] * rows == pytest.approx(rows * 4 + 4 * 32 * 8 + 4 * 8 * 2 * 4)
     assert (layout.reports_dir / REPORT_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| distilled+int8 |" in (layout.reports_dir / "compression.md").read_text()
 
