@@ -171,7 +171,7 @@ class EvaluateConfig(_Strict):
 VariantName = Literal["fp32", "fp16", "bf16", "int8", "int4", "pruned", "distilled", "lowrank", "distilled+int8", "pq",
                       "pq+int8"]
 # Variants that train (fine-tune or distil) and so want the GPU; the others are seconds of CPU work.
-TRAINED_VARIANTS = ("pruned", "distilled", "distilled+int8", "pq", "pq+int8")
+TRAINED_VARIANTS = ("pruned", "distilled", "distilled+int8", "lowrank", "pq", "pq+int8")
 
 
 class PruningConfig(_Strict):

@@ -169,10 +169,11 @@ def training_form(defaults: Params, **own: Param) -> dict[str, Param]:
         "compression_variants": Param(
             list(defaults.compress.variants), type="array", items={"type": "string", "enum": variants},
             examples=variants, uniqueItems=True, title="Compression variants",
-            description="Compressed variants built from the trained model, one parallel task each: fp16/bf16 "
-                        "weights, int8/int4 (torchao int8 Linear layers + row-wise int8/int4 item table), pruned "
-                        "(heads, FFN channels and weights, fine-tuned), distilled (smaller student), lowrank "
-                        "(SVD item table), distilled+int8, pq (item codes: uint8 codes into shared codebooks, fine-tuned) "
+            description="Compressed variants built from the trained model, one parallel task each: fp32 (the "
+                        "teacher's weights as they are), fp16/bf16 weights, int8/int4 (int8 Linear layers + row-wise "
+                        "int8/int4 item table), pruned (heads, FFN channels and weights, fine-tuned), distilled (smaller "
+                        "student), lowrank (SVD item table, fine-tuned; not a default), distilled+int8, pq (item "
+                        "codes: uint8 codes into shared codebooks, fine-tuned) "
                         "and pq+int8 (its codebooks in int8). The evaluate task measures each against the teacher.",
         ),
         "promotion_metric": Param(
