@@ -289,9 +289,10 @@ def load_variant(directory: Path, device: torch.device | str = "cpu") -> SASRec:
 def dequantize_linears(model: nn.Module) -> None:
     """torchao int8 Linear weights -> fp32 in place: on CPU, int8 weight-only matmuls are slower than fp32.
 
-    benchmarks/encoder_runtime.py (small preset, 2 threads): the user vector takes 2.9x as long as
-    fp32 at batch 1 and 1.25x at batch 256 with Int8WeightOnlyConfig layers. The stored int8
-    values are kept exactly (dequantized, not re-rounded); CUDA keeps the int8 layers.
+    benchmarks/encoder_runtime.py (small preset, 1 thread): with Int8WeightOnlyConfig layers the user
+    vector takes 1.4x as long as fp32 at batch 1 and as long at batch 256 (2 threads, a loaded
+    machine: 8.4x and 1.07x). The stored int8 values are kept exactly (dequantized, not
+    re-rounded); CUDA keeps the int8 layers.
     """
     with torch.no_grad():
         for module in model.modules():

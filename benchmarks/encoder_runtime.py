@@ -1,0 +1,192 @@
+"""Cost of the user vector (`last_hidden`) on CPU in each runtime, side by side in one run.
+
+SASRec presets with random-init weights (timing does not depend on training), histories of
+length 50, a fixed thread count, batch 1 and batch 256. Every way of computing the user
+vector is timed in the same process, in interleaved rounds (each round in a rotated order, so
+drift of a shared machine falls on all alike); a figure is the median over rounds of each
+round's median call. Ways:
+
+    eager             today's path: all positions through every block, then the last one gathered
+    eager-last        the final block computes query, output projection and FFN at the last position only
+    ao-int8wo(-last)  torchao Int8WeightOnlyConfig Linear layers (today's int8 variant)
+    ao-int8dyn(-last) torchao Int8DynamicActivationInt8WeightConfig (int8 activations and weights)
+    ort(-last)        ONNX Runtime fp32 (torch.onnx.export, dynamic batch/length, all graph optimizations)
+    ort-int8(-last)   the same graph through onnxruntime.quantization.quantize_dynamic
+
+Each way's output is compared with eager fp32 (max abs difference on the timed batch).
+
+    python benchmarks/encoder_runtime.py                     # small and medium, 2 threads
+    python benchmarks/encoder_runtime.py --presets small --rounds 9
+
+Writes benchmarks/results/encoder_runtime-t<threads>.json and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.models.onnx_encoder import OnnxEncoder, export_encoder, export_graph  # noqa: E402
+from pipeline.models.sasrec import SASRec, build_sasrec  # noqa: E402
+
+logger = logging.getLogger("encoder_runtime")
+N_ITEMS = 3000
+HISTORY = 50
+
+
+class FullSequenceGraph(nn.Module):
+    """Today's computation as a graph: every position through every block, then the last gathered."""
+
+    def __init__(self, model: SASRec):
+        super().__init__()
+        self.model = model
+
+    def forward(self, embedded: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x = embedded * math.sqrt(m.cfg.d_model) + m.position_embedding.weight[: embedded.shape[1]]
+        for block in m.blocks:
+            x = block(x)
+        return m.final_norm(x)[torch.arange(x.shape[0]), (lengths - 1).clamp(min=0)]
+
+
+def today(model: SASRec, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    hidden = model.hidden(items)
+    return hidden[torch.arange(hidden.shape[0]), lengths - 1]
+
+
+def torchao(model: SASRec, dynamic: bool) -> SASRec:
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
+
+    quantized = copy.deepcopy(model)
+    quantize_(quantized.blocks, Int8DynamicActivationInt8WeightConfig() if dynamic else Int8WeightOnlyConfig())
+    return quantized.eval()
+
+
+def ways(model: SASRec, tmp: Path) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    int8wo, int8dyn = torchao(model, dynamic=False), torchao(model, dynamic=True)
+    encoders = {
+        "ort": export_graph(FullSequenceGraph(model).eval(), model.cfg.d_model, model.cfg.max_len, tmp / "full.onnx"),
+        "ort-last": export_encoder(model, tmp / "last.onnx"),
+        "ort-int8": export_graph(FullSequenceGraph(model).eval(), model.cfg.d_model, model.cfg.max_len,
+                                 tmp / "full8.onnx", int8=True),
+        "ort-int8-last": export_encoder(model, tmp / "last8.onnx", int8=True),
+    }
+    found = {
+        "eager": lambda i, n: today(model, i, n),
+        "eager-last": model.last_hidden,
+        "ao-int8wo": lambda i, n: today(int8wo, i, n),
+        "ao-int8wo-last": int8wo.last_hidden,
+        "ao-int8dyn": lambda i, n: today(int8dyn, i, n),
+        "ao-int8dyn-last": int8dyn.last_hidden,
+    }
+    for name, path in encoders.items():
+        encoder = OnnxEncoder(path)
+        found[name] = lambda i, n, e=encoder: e(model.embed(i), n)
+    sizes = {name: path.stat().st_size for name, path in encoders.items()}
+    logger.info("ONNX file sizes: %s", sizes)
+    return found
+
+
+def interleaved(fns: dict[str, Callable], args: tuple, rounds: int, calls: int) -> dict[str, float]:
+    """Median over rounds of each round's median call time (ms), the order rotated every round."""
+    names = list(fns)
+    per_round: dict[str, list[float]] = {name: [] for name in names}
+    with torch.inference_mode():
+        for fn in fns.values():  # warm-up: first calls allocate and (ORT) plan
+            for _ in range(3):
+                fn(*args)
+        for round_index in range(rounds):
+            for offset in range(len(names)):
+                name = names[(round_index + offset) % len(names)]
+                times = []
+                for _ in range(calls):
+                    started = time.perf_counter()
+                    fns[name](*args)
+                    times.append((time.perf_counter() - started) * 1000)
+                per_round[name].append(statistics.median(times))
+    return {name: statistics.median(values) for name, values in per_round.items()}
+
+
+def inputs(batch: int, varying: bool, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded histories: length 50 everywhere (timing) or 1..50 (to check the gather)."""
+    lengths = (torch.randint(1, HISTORY + 1, (batch,), generator=generator) if varying
+               else torch.full((batch,), HISTORY))
+    lengths[0] = HISTORY
+    items = torch.randint(1, N_ITEMS + 1, (batch, HISTORY), generator=generator)
+    items[torch.arange(HISTORY) >= lengths.view(-1, 1)] = 0
+    return items, lengths
+
+
+def run_preset(preset: str, schedule: dict[int, tuple[int, int]]) -> dict:
+    """`schedule`: batch size -> (rounds, calls per round)."""
+    torch.manual_seed(0)
+    model = build_sasrec(N_ITEMS, preset).eval()
+    generator = torch.Generator().manual_seed(0)
+    result: dict = {"preset": preset, **{k: getattr(model.cfg, k) for k in ("d_model", "n_layers", "n_heads", "max_len")}}
+    with tempfile.TemporaryDirectory() as tmp:
+        fns = ways(model, Path(tmp))
+        check_items, check_lengths = inputs(64, varying=True, generator=generator)
+        with torch.inference_mode():
+            reference = today(model, check_items, check_lengths)
+            result["max_abs_diff"] = {name: float((fn(check_items, check_lengths) - reference).abs().max())
+                                      for name, fn in fns.items()}
+        for batch, (rounds, calls) in schedule.items():
+            items, lengths = inputs(batch, varying=False, generator=generator)
+            result[f"batch{batch}_ms"] = interleaved(fns, (items, lengths), rounds, calls)
+            logger.info("%s batch %d: %s", preset, batch, {k: round(v, 3) for k, v in result[f"batch{batch}_ms"].items()})
+    return result
+
+
+def markdown(results: list[dict], threads: int) -> str:
+    lines = [f"Median ms per call ({threads} threads), speed-up vs eager fp32 in brackets; max |diff| vs eager fp32.", "",
+             "| preset | way | batch 1 ms | batch 256 ms | users/s at 256 | max abs diff |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        b1, b256 = r["batch1_ms"], r["batch256_ms"]
+        for name in b1:
+            lines.append(f"| {r['preset']} | {name} | {b1[name]:.3f} ({b1['eager'] / b1[name]:.2f}x) | "
+                         f"{b256[name]:.2f} ({b256['eager'] / b256[name]:.2f}x) | {256_000 / b256[name]:,.0f} | "
+                         f"{r['max_abs_diff'][name]:.1e} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["small", "medium"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=30, help="batch-1 rounds; batch 256 runs half as many")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    results = []
+    for preset in args.presets:
+        # Many short rounds, not a few long ones: a burst of load from a neighbour then falls on one round
+        # of one way and the median drops it. Batch 256 of medium costs ~100x a batch-1 call: one call a round.
+        results.append(run_preset(preset, {1: (args.rounds, 10), 256: (max(5, args.rounds // 2), 1)}))
+    machine = {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
+               "cpu": platform.processor() or platform.machine()}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"encoder_runtime-t{args.threads}.json").write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
+    sys.stdout.write(markdown(results, args.threads))
+
+
+if __name__ == "__main__":
+    main()
