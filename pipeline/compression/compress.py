@@ -56,7 +56,7 @@ from pipeline.models.variants import (
     variants_dir,
 )
 from pipeline.training.engine import Engine, EngineSettings, Hooks
-from pipeline.training.losses import LossFn, next_item_loss
+from pipeline.training.losses import LossFn, next_item_loss, sampling_log_probabilities, teacher_loss
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +91,24 @@ def _train(model: SASRec, data: SequenceData, loss: LossFn, cfg: CompressConfig,
     return [{key: record[key] for key in HISTORY_KEYS if key in record} for record in state.history]
 
 
+def fine_tune_loss(run_dir: Path, data: SequenceData | None) -> LossFn:
+    """The loss the fine-tunes use: the teacher's own (models/<run>/train.json), full softmax by default.
+
+    A teacher trained with sampled softmax or the chunked exact loss had a catalogue too large for
+    tokens x catalogue logits, so its variants are fine-tuned the same way and cost what its
+    training cost per step; a teacher without train.json (a hand-made model dir) gets the full softmax.
+    """
+    path = run_dir / "train.json"
+    recorded = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    train = recorded.get("train", {})
+    loss = recorded.get("loss_resolved") or train.get("loss", "full_softmax")  # `auto` resolved by the train stage
+    if loss == "full_softmax" or data is None:
+        return next_item_loss
+    logq = sampling_log_probabilities(data.train_item_counts()) if loss == "sampled_softmax" else None
+    logger.info("fine-tunes use the teacher's loss: %s", loss)
+    return teacher_loss(loss, int(train.get("n_negatives", 256)), logq, int(train.get("loss_chunk_items", 8192)))
+
+
 # Variants built from the model of another variant, and the variant whose model they reuse when it is current.
 PQ_VARIANTS = ("pq", "pq+int8")
 REUSED_FROM = {"distilled+int8": "distilled", "pq+int8": "pq"}
@@ -116,8 +134,8 @@ def pq_codebook_size(requested: int, n_rows: int) -> int:
     return min(requested, n_rows)
 
 
-def _coded_model(teacher: SASRec, data: SequenceData | None, cfg: CompressConfig, seed: int, device: torch.device,
-                 out_dir: Path, fingerprint: dict) -> tuple[SASRec, dict]:
+def _coded_model(teacher: SASRec, data: SequenceData | None, loss: LossFn, cfg: CompressConfig, seed: int,
+                 device: torch.device, out_dir: Path, fingerprint: dict) -> tuple[SASRec, dict]:
     """Codes assigned from the teacher's table, then fine-tuned; reused from variants/pq when current."""
     reused = _reused(out_dir / "pq", fingerprint)
     if reused is not None:
@@ -133,7 +151,7 @@ def _coded_model(teacher: SASRec, data: SequenceData | None, cfg: CompressConfig
     info: dict = {"assignment": {"relative_squared_error": round(float(error), 6),
                                  "seconds": round(time.perf_counter() - started, 2)}}
     if q.finetune_epochs:
-        info["history"] = _train(model, data, next_item_loss, cfg, seed, device, epochs=q.finetune_epochs, lr=q.lr,
+        info["history"] = _train(model, data, loss, cfg, seed, device, epochs=q.finetune_epochs, lr=q.lr,
                                  desc="pq-finetune")
     return model.cpu().eval(), info
 
@@ -186,6 +204,7 @@ def compress_variant(cfg: CompressConfig, layout: Layout, run_name: str, name: s
     needs_data = (name in ("pruned", "distilled", "distilled+int8") or (name == "lowrank" and cfg.lowrank.finetune_epochs)
                   or (name in PQ_VARIANTS and cfg.pq.finetune_epochs))
     data = load_sequences(layout.features_dir) if needs_data else None
+    loss = fine_tune_loss(run_dir, data)
 
     if name in ("fp32", "fp16", "bf16", "int8", "int4"):
         model, kind, rank = teacher, name, None
@@ -198,7 +217,7 @@ def compress_variant(cfg: CompressConfig, layout: Layout, run_name: str, name: s
         state = {k: v for k, v in teacher.state_dict().items() if k != "item_embedding.weight"}
         model.load_state_dict({**state, "item_factors": factors, "basis": basis})
         if cfg.lowrank.finetune_epochs:
-            extra["history"] = _train(model, data, next_item_loss, cfg, seed, device, epochs=cfg.lowrank.finetune_epochs,
+            extra["history"] = _train(model, data, loss, cfg, seed, device, epochs=cfg.lowrank.finetune_epochs,
                                       lr=cfg.lowrank.lr, desc="lowrank")
         model = model.cpu()
     elif name == "pruned":
@@ -209,7 +228,7 @@ def compress_variant(cfg: CompressConfig, layout: Layout, run_name: str, name: s
         if p.finetune_epochs:
             device_masks = {k: m.to(device) for k, m in masks.items()}
             # Pruned weights must stay zero: the masks are re-applied after every optimizer step.
-            extra["history"] = _train(model, data, next_item_loss, cfg, seed, device, epochs=p.finetune_epochs, lr=p.lr,
+            extra["history"] = _train(model, data, loss, cfg, seed, device, epochs=p.finetune_epochs, lr=p.lr,
                                       desc="prune-finetune", after_step=lambda m: apply_masks(m, device_masks))
         model = model.cpu()
         extra.update(structured_sparsity=p.structured_sparsity, unstructured_sparsity=p.unstructured_sparsity,
@@ -220,7 +239,7 @@ def compress_variant(cfg: CompressConfig, layout: Layout, run_name: str, name: s
         extra.update(info, student=cfg.distill.model_dump(mode="json"))
         kind, rank = ("fp32" if name == "distilled" else "int8"), None
     elif name in PQ_VARIANTS:
-        model, info = _coded_model(teacher, data, cfg, seed, device, out_dir, fingerprint)
+        model, info = _coded_model(teacher, data, loss, cfg, seed, device, out_dir, fingerprint)
         extra.update(info, pq=cfg.pq.model_dump(mode="json"))
         kind, rank = ("pq" if name == "pq" else "pq_int8"), None
     else:

@@ -19,10 +19,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from pipeline.data.sequences import Batch, ScoreFn, SequenceData, evaluation_batches, evaluation_rows, seen_items
+from pipeline.models.scoring import Exclusion, chunked_top_k, target_rank_counts
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +34,14 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, generator: torch.G
     target_scores = scores.gather(1, targets.view(-1, 1))
     greater = (scores > target_scores).sum(1)
     ties = (scores == target_scores).sum(1) - 1  # other items with exactly the target's score
+    return _tie_broken(greater, ties, generator)
+
+
+def _tie_broken(greater: torch.Tensor, ties: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Rank from (items above, other items tied): a random position among the tied items, floor(u * (ties + 1))."""
     if generator is None:
         return greater
-    # A random position among the tied items: floor(u * (ties + 1)).
-    u = torch.rand(len(targets), generator=generator, device="cpu").to(scores.device)
+    u = torch.rand(len(greater), generator=generator, device="cpu").to(greater.device)
     return greater + torch.floor(u * (ties + 1)).long()
 
 
@@ -51,14 +57,25 @@ def metrics_from_ranks(ranks: torch.Tensor, ks: Iterable[int]) -> dict[str, torc
     return out
 
 
-def _exclude_seen(scores: torch.Tensor, data: SequenceData, batch: Batch, split: str) -> torch.Tensor:
-    scores = scores.float().clone()
+def _seen_exclusion(data: SequenceData, batch: Batch, split: str) -> Exclusion:
+    """Each user's items before `split`'s target, sorted and unique, less the target itself: a
+    re-consumed target (possible without de-duplication) stays rankable."""
     batch_rows, items = seen_items(data, batch.rows, split)
-    target_scores = scores.gather(1, batch.targets.view(-1, 1).to(scores.device))
-    scores[torch.from_numpy(batch_rows).to(scores.device), torch.from_numpy(items).to(scores.device)] = float("-inf")
+    targets = batch.targets.view(-1).cpu().numpy()
+    keep = items != targets[batch_rows]
+    width = data.n_items + 1
+    keys = np.unique(batch_rows[keep].astype(np.int64) * width + items[keep])
+    start = np.zeros(len(batch.rows) + 1, np.int64)
+    np.cumsum(np.bincount(keys // width, minlength=len(batch.rows)), out=start[1:])
+    return Exclusion(start, keys % width)
+
+
+def _masked(scores: torch.Tensor, exclusion: Exclusion) -> torch.Tensor:
+    """`scores` with padding and excluded items at -inf (what the sampled protocols draw from)."""
+    scores = scores.float().clone()
+    users, items = exclusion.pairs(scores.device)
+    scores[users, items] = float("-inf")
     scores[:, 0] = float("-inf")  # padding is never a recommendation
-    # A re-consumed target (possible without de-duplication) stays rankable.
-    scores.scatter_(1, batch.targets.view(-1, 1).to(scores.device), target_scores)
     return scores
 
 
@@ -90,13 +107,20 @@ def evaluate(
     with torch.no_grad():
         for batch in tqdm(batches, total=n_batches, desc=f"evaluate[{split}]", unit="batch", disable=not progress or None):
             batch = batch.to(device)
-            scores = _exclude_seen(score_fn(batch), data, batch, split)
-            ranks = target_ranks(scores, batch.targets, generator)
+            scores = score_fn(batch).float()
+            exclusion = _seen_exclusion(data, batch, split)
+            # Full ranking from the scores as they are (pipeline/models/scoring.py: one pass on CPU,
+            # no masked copy of the batch x catalogue matrix).
+            greater, ties = target_rank_counts(scores, batch.targets, exclusion)
+            ranks = _tie_broken(greater.to(device), ties.to(device), generator)
             for name, values in metrics_from_ranks(ranks, ks).items():
                 totals[f"full/{name}"] = totals.get(f"full/{name}", 0.0) + float(values.sum())
-            top = torch.topk(scores, max(ks), dim=1).indices
+            top, _ = chunked_top_k(lambda start, stop, s=scores: s[:, start:stop], len(batch.rows), scores.shape[1],
+                                   max(ks), exclusion, scores.device)
             for k in ks:
-                top_items[k][top[:, :k].reshape(-1)] = True
+                top_items[k][top[:, :k].reshape(-1).to(device)] = True
+            if sampled_strategies:
+                scores = _masked(scores, exclusion)
             for strategy in sampled_strategies:
                 sampled_ranks = _sampled_ranks(scores, batch.targets, popularity, strategy, sampled_negatives, generator)
                 for name, values in metrics_from_ranks(sampled_ranks, [k for k in ks if k <= sampled_negatives]).items():

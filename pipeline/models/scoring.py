@@ -200,6 +200,29 @@ def chunked_top_k(score_chunk: Callable[[int, int], torch.Tensor], n_users: int,
     return _finish(best_values, best_rows)
 
 
+def target_rank_counts(scores: torch.Tensor, targets: torch.Tensor, exclusion: Exclusion) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows scoring above each user's target row, rows tying it), over rows that are not padding,
+    not the target and not excluded: the exact full-ranking position without a masked copy of `scores`."""
+    n_users, width = scores.shape
+    targets = targets.view(-1).long()
+    kernels = kernels_for(scores)
+    if kernels is not None:
+        scores_array = scores.detach().float().contiguous().numpy()
+        greater, ties = np.zeros(n_users, np.int64), np.zeros(n_users, np.int64)
+        n_blocks = max(1, min(n_users, _threads()))
+        kernels.run_blocks(kernels.target_rank_counts, n_blocks, _threads(), scores_array, targets.numpy(),
+                           exclusion.rows, exclusion.start, greater, ties)
+        return torch.from_numpy(greater), torch.from_numpy(ties)
+    masked = scores.detach().float().clone()
+    users, rows = exclusion.pairs(scores.device)
+    inside = (rows >= 0) & (rows < width)
+    masked[users[inside], rows[inside]] = float("-inf")
+    masked[:, PADDING_ROW] = float("-inf")
+    target_scores = scores.detach().float().gather(1, targets.view(-1, 1))
+    masked.scatter_(1, targets.view(-1, 1), float("-inf"))  # the target is not its own competitor
+    return (masked > target_scores).sum(1), (masked == target_scores).sum(1)
+
+
 def dense_top_k(hidden: torch.Tensor, table: torch.Tensor, k: int, exclude: ExcludeArg = None,
                 rows_per_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k rows of `table` (n_rows, d) by hidden @ table.T."""

@@ -316,3 +316,29 @@ def pq_pruned_top_k(codes, lut, offsets, posting_rows, max_scored_share, values,
                     score += table[j, codes[row, j]]
                 if score > threshold:
                     threshold = _offer(heap_values, heap_rows, score, row, excluded, excluded_start, user)
+
+
+@njit(**KERNEL)
+def target_rank_counts(scores, targets, excluded, excluded_start, greater, ties, block, n_blocks) -> None:
+    """For this block's share of the users: eligible rows scoring above the target's row, and tying it.
+
+    Eligible: not padding, not the target, not excluded. One read of each score; the exclusion
+    list is searched only for rows at or above the target's score (few, for a good model).
+    """
+    n_users, width = scores.shape
+    step = (n_users + n_blocks - 1) // n_blocks
+    for user in range(block * step, min(n_users, (block + 1) * step)):
+        target = targets[user]
+        value = scores[user, target]
+        lo, hi = excluded_start[user], excluded_start[user + 1]
+        above = 0
+        equal = 0
+        for column in range(1, width):
+            score = scores[user, column]
+            if score >= value and column != target and not _is_excluded(excluded, lo, hi, column):
+                if score > value:
+                    above += 1
+                else:
+                    equal += 1
+        greater[user] = above
+        ties[user] = equal

@@ -3,18 +3,23 @@
 The engine divides the sum by the tokens (pipeline/training/engine.py), so a loss only
 sums over the real positions of its batch and says how many there were.
 
-Two next-item losses exist and are not interchangeable bit for bit:
+The next-item loss is written once, in `summed_next_item_loss` (full softmax with the padding
+column masked with -inf, the chunked exact softmax, sampled softmax with log-Q correction); it is
+offered in three shapes, not interchangeable bit for bit with each other:
 - `NextItemLoss`, the teacher's, is an nn.Module holding the model, so that DDP and
-  torch.compile see one forward; it offers full softmax (padding column masked with -inf)
-  and sampled softmax with log-Q correction. `module_loss` adapts it to the engine.
-- `next_item_loss`, the compression fine-tunes', is a plain function over the full
-  catalogue that drops the padding column; any SASRec-shaped model (pruned, low-rank) works.
+  torch.compile see one forward. `module_loss` adapts it to the engine.
+- `next_item_loss`, the compression fine-tunes' of a full-softmax teacher, is a plain function
+  over the full catalogue that drops the padding column; any SASRec-shaped model (pruned,
+  low-rank, coded) works.
+- `teacher_loss(...)`, the compression fine-tunes' of a teacher trained with another loss (a
+  catalogue too large for the full softmax), is `summed_next_item_loss` as a plain function.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,22 +46,42 @@ class NextItemLoss(nn.Module):
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         hidden = self.model(inputs)
         mask = targets != 0
-        hidden, positives = hidden[mask], targets[mask]  # real positions only: padding costs no FLOPs
-        weights = self.model.item_weights()
-        if self.loss == "full_softmax":
-            logits = hidden @ weights.T
-            logits[:, 0] = float("-inf")  # padding is never the next item
-            return F.cross_entropy(logits.float(), positives, reduction="sum")
-        if self.loss == "chunked_softmax":  # the same loss without tokens x catalogue logits in memory
-            return chunked_cross_entropy(hidden, weights, positives, self.chunk_items)
-        # Sampled softmax, negatives shared by the batch, drawn by popularity; log-Q correction
-        # subtracts each sampled item's log sampling probability so the estimate is unbiased.
-        negatives = torch.multinomial(self.sampling_logq.exp(), self.n_negatives, replacement=True)
-        pos_logit = (hidden * weights[positives]).sum(-1) - self.sampling_logq[positives]
-        neg_logits = hidden @ weights[negatives].T - self.sampling_logq[negatives]
-        neg_logits = neg_logits.masked_fill(negatives.view(1, -1) == positives.view(-1, 1), float("-inf"))
-        logits = torch.cat([pos_logit.unsqueeze(1), neg_logits], dim=1).float()
-        return F.cross_entropy(logits, torch.zeros(len(positives), dtype=torch.long, device=logits.device), reduction="sum")
+        # Real positions only: padding costs no FLOPs.
+        return summed_next_item_loss(hidden[mask], self.model.item_weights(), targets[mask], self.loss,
+                                     self.n_negatives, self.sampling_logq, self.chunk_items)
+
+
+def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits (autocast) go through the softmax in fp32; fp32 and fp64 stay as they are."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def summed_next_item_loss(hidden: torch.Tensor, weights: torch.Tensor, positives: torch.Tensor, loss: str,
+                          n_negatives: int, sampling_logq: torch.Tensor | None, chunk_items: int) -> torch.Tensor:
+    """The summed next-item loss of `hidden` (tokens x d) against the catalogue `weights` (row 0 padding)."""
+    if loss == "full_softmax":
+        logits = hidden @ weights.T
+        logits[:, 0] = float("-inf")  # padding is never the next item
+        return F.cross_entropy(_at_least_float32(logits), positives, reduction="sum")
+    if loss == "chunked_softmax":  # the same loss without tokens x catalogue logits in memory
+        return chunked_cross_entropy(hidden, weights, positives, chunk_items)
+    if loss != "sampled_softmax" or sampling_logq is None:
+        raise ValueError(f"unknown loss {loss!r} (or sampled_softmax without sampling probabilities)")
+    # Sampled softmax, negatives shared by the batch, drawn by popularity; log-Q correction
+    # subtracts each sampled item's log sampling probability so the estimate is unbiased.
+    negatives = torch.multinomial(sampling_logq.exp(), n_negatives, replacement=True)
+    pos_logit = (hidden * weights[positives]).sum(-1) - sampling_logq[positives]
+    neg_logits = hidden @ weights[negatives].T - sampling_logq[negatives]
+    neg_logits = neg_logits.masked_fill(negatives.view(1, -1) == positives.view(-1, 1), float("-inf"))
+    logits = _at_least_float32(torch.cat([pos_logit.unsqueeze(1), neg_logits], dim=1))
+    return F.cross_entropy(logits, torch.zeros(len(positives), dtype=torch.long, device=logits.device), reduction="sum")
+
+
+def sampling_log_probabilities(train_item_counts: np.ndarray) -> torch.Tensor:
+    """log Q(item) for sampled softmax: training popularity plus one (every item can be drawn), padding never."""
+    counts = torch.from_numpy(train_item_counts).double() + 1.0
+    counts[0] = 0.0
+    return (counts / counts.sum()).log().float()
 
 
 def module_loss(module: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
@@ -69,3 +94,19 @@ def next_item_loss(model: SASRec, batch: Batch) -> tuple[torch.Tensor, int]:
     mask = batch.targets != 0
     logits = model.logits(hidden[mask])[:, 1:]  # column 0 is padding, never a next item
     return F.cross_entropy(logits, batch.targets[mask] - 1, reduction="sum"), int(mask.sum())
+
+
+def teacher_loss(loss: str, n_negatives: int, sampling_logq: torch.Tensor | None, chunk_items: int) -> LossFn:
+    """The compression fine-tunes' loss when the teacher was not trained with the full softmax.
+
+    A catalogue the teacher trained with sampled softmax (or the chunked exact loss) is too large
+    for `next_item_loss`'s tokens x catalogue logits, so its variants are fine-tuned with the same
+    loss: any SASRec-shaped model (coded, pruned, low-rank) works, as for `next_item_loss`.
+    """
+    def fine_tune_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+        hidden = model(batch.inputs)
+        mask = batch.targets != 0
+        logq = sampling_logq.to(hidden.device) if sampling_logq is not None else None
+        return (summed_next_item_loss(hidden[mask], model.item_weights(), batch.targets[mask], loss, n_negatives, logq,
+                                      chunk_items), int(mask.sum()))
+    return fine_tune_loss

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.compression.compress import compress_variant, pq_codebook_size, run_compress
+from pipeline.compression.compress import compress_variant, fine_tune_loss, pq_codebook_size, run_compress
 from pipeline.compression.distill import build_student, distillation_loss
 from pipeline.compression.pruning import magnitude_masks, prune_structured
 from pipeline.core.config import params_from_dict
@@ -21,6 +21,7 @@ from pipeline.models.recommender import Recommender
 from pipeline.models.sasrec import WEIGHTS_FILE, SASRec, SASRecConfig, load_model
 from pipeline.models.sparse import densify_state, sparsify_state
 from pipeline.models.variants import VARIANT_FILE, load_variant, save_variant, size_on_disk
+from pipeline.training.losses import next_item_loss
 from pipeline.training.train import run_train
 from tests.helpers import build_features, copy_features
 
@@ -298,3 +299,27 @@ def test_pq_codebooks_are_capped_at_the_catalogue(compressed, tmp_path):
     bad = params_from_dict({}, ["compress.pq.n_subspaces=5"]).compress
     with pytest.raises(CompressError, match="n_subspaces=5 must divide the teacher's d_model=32"):
         compress_variant(bad, layout, "main", "pq", seed=0)
+
+
+def test_fine_tunes_use_the_loss_the_teacher_was_trained_with(compressed, tmp_path, caplog):
+    source = compressed["layout"]
+    layout = copy_features(source, tmp_path)
+    run_dir = layout.model_dir("main")
+    shutil.copytree(source.model_dir("main"), run_dir, ignore=shutil.ignore_patterns("variants", "checkpoints"))
+    data = load_sequences(layout.features_dir)
+    assert fine_tune_loss(run_dir, data) is next_item_loss  # the tiny teacher trained with the full softmax
+    recorded = json.loads((run_dir / "train.json").read_text())
+    recorded["train"].update(loss="sampled_softmax", n_negatives=8)
+    (run_dir / "train.json").write_text(json.dumps(recorded))
+    sampled = fine_tune_loss(run_dir, data)
+    batch = next(training_batches(data, 16, 20, seed=0, epoch=0))
+    teacher = compressed["teacher"]
+    torch.manual_seed(0)
+    value, tokens = sampled(teacher, batch)
+    assert tokens == int((batch.targets != 0).sum()) and torch.isfinite(value)
+    assert float(value.detach()) < float(next_item_loss(teacher, batch)[0].detach())  # 8 negatives, not the catalogue
+    params = params_from_dict({}, ["compress.pq.n_subspaces=4", "compress.pq.codebook_size=32",
+                                   "compress.pq.finetune_epochs=1"]).compress
+    with caplog.at_level("INFO", logger="pipeline.compression.compress"):
+        compress_variant(params, layout, "main", "pq", seed=0)
+    assert "fine-tunes use the teacher's loss: sampled_softmax" in caplog.text

@@ -213,3 +213,29 @@ def test_recommender_results_are_unchanged(quantized):
         old_items, old_scores = _old_recommend(rec, histories, k)
         torch.testing.assert_close(scores, old_scores, atol=1e-5, rtol=0)
         assert (items == old_items).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("n_users", [1, 5, 64])
+def test_target_rank_counts_equal_the_masked_count(backend, n_users):
+    generator = torch.Generator().manual_seed(n_users)
+    n_rows = 3001
+    # Scores on a coarse grid: many exact ties with the target.
+    scores = torch.randint(-20, 20, (n_users, n_rows), generator=generator).float() / 4
+    targets = torch.randint(1, n_rows, (n_users,), generator=generator)
+    exclusion = _exclusions(n_users, n_rows, targets.roll(1), seed=n_users)  # someone else's target is excluded
+    greater, ties = scoring.target_rank_counts(scores, targets, exclusion)
+    reference = _reference(scores, exclusion)
+    reference[torch.arange(n_users), targets] = float("-inf")  # the target does not compete with itself
+    target_scores = scores.double().gather(1, targets.view(-1, 1))
+    assert greater.tolist() == (reference > target_scores).sum(1).tolist()
+    assert ties.tolist() == (reference == target_scores).sum(1).tolist()
+    assert int(ties.sum()) > 0
+
+
+def test_excluded_rows_and_padding_never_count(backend):
+    scores = torch.tensor([[0.0, 3.0, 2.0, 1.0, 2.0]])
+    exclusion = Exclusion.from_lists([[1]])
+    greater, ties = scoring.target_rank_counts(scores, torch.tensor([2]), exclusion)
+    assert (greater.item(), ties.item()) == (0, 1)  # row 1 excluded, row 4 ties, padding row 0 never counts
+    greater, ties = scoring.target_rank_counts(scores, torch.tensor([3]), Exclusion.none(1))
+    assert (greater.item(), ties.item()) == (3, 0)
