@@ -96,6 +96,7 @@ def main() -> None:
     parser.add_argument("--subspaces", nargs="+", type=int, default=[4, 8, 16, 32])
     parser.add_argument("--workdir", default=None, help="keep data and models here (reused when a teacher exists)")
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], help="params override")
+    parser.add_argument("--timing-users", type=int, default=None, help="time serving on this many test users (default all)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -105,20 +106,24 @@ def main() -> None:
         params = load_params(ROOT / "params.yaml", [*CODE_DATASETS[args.dataset], *COMMON, *args.overrides])
         directories = {TEACHER: layout.model_dir(params.train.run_name),
                        **build_codes(layout, args.dataset, args.subspaces, args.overrides)}
-        report = measure_models(directories, layout, params.compress, params.evaluate, params.seed)
+        report = measure_models(directories, layout, params.compress, params.evaluate, params.seed,
+                                timing_users=args.timing_users)
     teacher = report["models"][TEACHER]
     for row in report["models"].values():
         row["item_ratio"] = teacher["bytes_per_item"] / row["bytes_per_item"]
     report.update(dataset=args.dataset, overrides=args.overrides, train_seconds=train_seconds,
                   machine={"python": platform.python_version(), "torch": torch.__version__,
                            "threads": torch.get_num_threads()})
-    lines = [f"# Item codes on {args.dataset} ({report['users']} test users, {report['threads']} threads)", "",
-             "| model | NDCG@10 | change | item bytes | items smaller | size KiB | model smaller | p50 ms | speed-up |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [f"# Item codes on {args.dataset} ({report['users']} test users, serving timed on {report['timed_users']}, "
+             f"{report['threads']} threads)", "",
+             "| model | NDCG@10 | change | item bytes | items smaller | size KiB | model smaller | p50 ms | speed-up "
+             "| users/s at batch 256 | speed-up |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in report["models"].items():
         lines.append(f"| {name} | {r['ndcg@10']:.4f} | {r['ndcg@10_change']:+.2%} | {r['bytes_per_item']:.1f} | "
                      f"{r['item_ratio']:.1f}x | {r['size_bytes'] / 1024:,.1f} | {r['size_ratio']:.1f}x | "
-                     f"{r['latency_p50_ms']:.3f} | {r['latency_speedup']:.2f}x |")
+                     f"{r['latency_p50_ms']:.3f} | {r['latency_speedup']:.2f}x | {r['throughput_users_s']:,.0f} | "
+                     f"{r['throughput_users_s'] / teacher['throughput_users_s']:.2f}x |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"item-codes-{args.dataset}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -110,8 +110,12 @@ def _timed(recommenders: dict[str, Recommender], histories: list[list[int]], cfg
 
 
 def measure_models(directories: dict[str, Path], layout: Layout, cfg: CompressConfig, eval_cfg: EvaluateConfig,
-                   seed: int, split: str = "test") -> dict:
-    """Every model's quality, size and serving cost (CPU, and CUDA when present)."""
+                   seed: int, split: str = "test", timing_users: int | None = None) -> dict:
+    """Every model's quality, size and serving cost (CPU, and CUDA when present).
+
+    Quality is over every user of `split`; latency and throughput over the first `timing_users`
+    of them (all by default: a benchmark on a large catalogue times a sample).
+    """
     data = load_sequences(layout.features_dir)
     models = {name: load_variant(directory) for name, directory in directories.items()}
     max_len = models[TEACHER].cfg.max_len
@@ -135,9 +139,10 @@ def measure_models(directories: dict[str, Path], layout: Layout, cfg: CompressCo
             "bytes_per_item": item_table_bytes(directory) / (model.cfg.n_items + 1),
         }
         logger.info("%s: NDCG@10 %.4f, %s bytes", name, rows[name]["ndcg@10"], f"{rows[name]['size_bytes']:,}")
-    timed = _timed({name: Recommender(model) for name, model in models.items()}, histories, cfg)
+    timed_histories = histories[:timing_users] if timing_users else histories
+    timed = _timed({name: Recommender(model) for name, model in models.items()}, timed_histories, cfg)
     if torch.cuda.is_available():
-        cuda = _timed({name: Recommender(model, "cuda") for name, model in models.items()}, histories, cfg)
+        cuda = _timed({name: Recommender(model, "cuda") for name, model in models.items()}, timed_histories, cfg)
         for name, values in cuda.items():
             timed[name].update({f"cuda_{key}": value for key, value in values.items() if key != "threads"})
     teacher = rows[TEACHER]
@@ -147,7 +152,7 @@ def measure_models(directories: dict[str, Path], layout: Layout, cfg: CompressCo
         row["size_ratio"] = teacher["size_bytes"] / row["size_bytes"]
         row["latency_speedup"] = teacher["latency_p50_ms"] / row["latency_p50_ms"]
     return {"split": split, "device": "cpu", "threads": timed[TEACHER]["threads"], "users": len(histories),
-            "teacher": TEACHER, "models": rows}
+            "timed_users": len(timed_histories), "teacher": TEACHER, "models": rows}
 
 
 def markdown(report: dict) -> str:

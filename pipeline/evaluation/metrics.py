@@ -57,7 +57,7 @@ def metrics_from_ranks(ranks: torch.Tensor, ks: Iterable[int]) -> dict[str, torc
     return out
 
 
-def _seen_exclusion(data: SequenceData, batch: Batch, split: str) -> Exclusion:
+def seen_exclusion(data: SequenceData, batch: Batch, split: str) -> Exclusion:
     """Each user's items before `split`'s target, sorted and unique, less the target itself: a
     re-consumed target (possible without de-duplication) stays rankable."""
     batch_rows, items = seen_items(data, batch.rows, split)
@@ -108,7 +108,7 @@ def evaluate(
         for batch in tqdm(batches, total=n_batches, desc=f"evaluate[{split}]", unit="batch", disable=not progress or None):
             batch = batch.to(device)
             scores = score_fn(batch).float()
-            exclusion = _seen_exclusion(data, batch, split)
+            exclusion = seen_exclusion(data, batch, split)
             # Full ranking from the scores as they are (pipeline/models/scoring.py: one pass on CPU,
             # no masked copy of the batch x catalogue matrix).
             greater, ties = target_rank_counts(scores, batch.targets, exclusion)
