@@ -27,13 +27,33 @@ from pipeline.training.chunked_ce import chunked_cross_entropy
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, int]]
 
 
+def resolve_loss(loss: str, n_items: int, chunked_softmax_above_items: int) -> str:
+    """`train.loss` as trained: `auto` is full_softmax up to `chunked_softmax_above_items` items, chunked_softmax above.
+
+    Both compute the same exact loss; the threshold is where the dense logits' memory and time stop paying
+    off on the measured machine (docs/benchmarks.md, benchmarks/train_speed.py --mode loss-scaling).
+    """
+    if loss != "auto":
+        return loss
+    return "chunked_softmax" if n_items > chunked_softmax_above_items else "full_softmax"
+
+
 class NextItemLoss(nn.Module):
     """Wraps the model so DDP sees one forward: (inputs, targets) -> summed loss."""
 
-    def __init__(self, model: SASRec, loss: str, n_negatives: int, sampling_logq: torch.Tensor | None, chunk_items: int = 8192):
+    def __init__(self, model: SASRec, loss: str, n_negatives: int, sampling_logq: torch.Tensor | None, chunk_items: int = 8192,
+                 sparse_items: bool = False):
         super().__init__()
+        if loss not in ("full_softmax", "chunked_softmax", "sampled_softmax"):
+            raise ValueError(f"unknown loss {loss!r} (resolve 'auto' with resolve_loss first)")
+        if sparse_items and loss != "sampled_softmax":
+            raise ValueError(f"sparse item gradients need sampled_softmax: {loss} touches every item row")
         self.model = model
         self.loss = loss
+        # Sampled softmax only: the table rows of positives and negatives are looked up with
+        # F.embedding(sparse=True), so (with the model's sparse input embedding) the table's gradient
+        # is a sparse tensor of the touched rows, which SparseAdam updates (pipeline/training/engine.py).
+        self.sparse_items = sparse_items
         self.n_negatives = n_negatives
         self.chunk_items = chunk_items
         self.register_buffer("sampling_logq", sampling_logq if sampling_logq is not None else torch.zeros(0), persistent=False)
@@ -52,8 +72,9 @@ class NextItemLoss(nn.Module):
         # Sampled softmax, negatives shared by the batch, drawn by popularity; log-Q correction
         # subtracts each sampled item's log sampling probability so the estimate is unbiased.
         negatives = torch.multinomial(self.sampling_logq.exp(), self.n_negatives, replacement=True)
-        pos_logit = (hidden * weights[positives]).sum(-1) - self.sampling_logq[positives]
-        neg_logits = hidden @ weights[negatives].T - self.sampling_logq[negatives]
+        rows = (lambda index: F.embedding(index, weights, sparse=True)) if self.sparse_items else weights.__getitem__
+        pos_logit = (hidden * rows(positives)).sum(-1) - self.sampling_logq[positives]
+        neg_logits = hidden @ rows(negatives).T - self.sampling_logq[negatives]
         neg_logits = neg_logits.masked_fill(negatives.view(1, -1) == positives.view(-1, 1), float("-inf"))
         logits = torch.cat([pos_logit.unsqueeze(1), neg_logits], dim=1).float()
         return F.cross_entropy(logits, torch.zeros(len(positives), dtype=torch.long, device=logits.device), reduction="sum")
