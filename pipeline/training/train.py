@@ -38,7 +38,7 @@ from pipeline.core.devices import select_device
 from pipeline.core.errors import TrainError
 from pipeline.core.io import Layout, write_json
 from pipeline.core.tracking import flatten, lineage_tags, mlflow_run, read_run_id, write_run_id
-from pipeline.data.sequences import load_sequences
+from pipeline.data.sequences import SequenceData, load_sequences
 from pipeline.models.sasrec import PRESETS, SASRec, SASRecConfig, count_parameters, save_model
 from pipeline.training.baselines import train_baselines
 from pipeline.training.distributed import barrier, init_distributed
@@ -93,6 +93,23 @@ def build_model_config(cfg: TrainConfig, n_items: int) -> SASRecConfig:
     if shape["d_model"] % shape["n_heads"]:
         raise TrainError(f"d_model={shape['d_model']} is not divisible by n_heads={shape['n_heads']}")
     return SASRecConfig(n_items=n_items, dropout=cfg.dropout, **shape)
+
+
+def teacher_loss(cfg: TrainConfig, model: SASRec, data: SequenceData, device: torch.device) -> NextItemLoss:
+    """The teacher's next-item loss for `cfg` (`auto` resolved on the catalogue size; `.loss` says which).
+
+    With train.sparse_item_updates the model's input lookup turns sparse too, so that the tied table's
+    gradient holds the touched rows only and the engine updates it with SparseAdam.
+    """
+    loss = resolve_loss(cfg.loss, data.n_items, cfg.chunked_softmax_above_items)
+    if cfg.sparse_item_updates:
+        model.item_embedding.sparse = True
+    logq = None
+    if loss == "sampled_softmax":
+        counts = torch.from_numpy(data.train_item_counts()).double() + 1.0
+        counts[0] = 0.0
+        logq = (counts / counts.sum()).log().float().to(device)
+    return NextItemLoss(model, loss, cfg.n_negatives, logq, cfg.loss_chunk_items, cfg.sparse_item_updates)
 
 
 def curriculum_len(cfg: TrainConfig, max_len: int, epoch: int) -> int:
@@ -150,14 +167,8 @@ def run_train(
 
         warm_start(model, cfg.init_from)  # a checkpoint loaded by --resume below still wins
     model = model.to(device)
-    loss = resolve_loss(cfg.loss, data.n_items, cfg.chunked_softmax_above_items)
-    if cfg.sparse_item_updates:
-        # The input lookup gives a sparse gradient too; with the loss's sparse lookups the tied table's gradient
-        # is sparse, and the engine hands the table to SparseAdam (a sparse nn.Embedding's weight).
-        model.item_embedding.sparse = True
-    counts = torch.from_numpy(data.train_item_counts()).double() + 1.0
-    counts[0] = 0.0
-    logq = (counts / counts.sum()).log().float().to(device) if loss == "sampled_softmax" else None
+    loss_module = teacher_loss(cfg, model, data, device)
+    loss = loss_module.loss
     settings = engine_settings(cfg, seed, device, run_dir / CHECKPOINT_FILE, resume, eval_batch_size)
     amp_dtype = settings.amp_dtype
 
@@ -194,7 +205,7 @@ def run_train(
 
         engine = Engine(
             model, data, module_loss, settings, device, world=world,
-            loss_module=NextItemLoss(model, loss, cfg.n_negatives, logq, cfg.loss_chunk_items, cfg.sparse_item_updates),
+            loss_module=loss_module,
             hooks=Hooks(on_improve=lambda m, record: save_model(m, run_dir), on_epoch_end=log_epoch if mlflow is not None else None),
             seq_len=lambda epoch: curriculum_len(cfg, model_cfg.max_len, epoch),
             flops_per_token=lambda seq_len: flops_per_token(model_cfg, seq_len, loss, cfg.n_negatives),
