@@ -147,7 +147,9 @@ class TrainConfig(_Strict):
                     "chunked_softmax: the exact full softmax in item chunks (memory bounded by the chunk); "
                     "sampled_softmax: log-Q corrected, for catalogues too large for any full softmax")
     chunked_softmax_above_items: int = Field(
-        50_000, ge=1, description="loss=auto: catalogues larger than this train with chunked_softmax (docs/benchmarks.md)")
+        50_000, ge=1, description="loss=auto: catalogues larger than this train with chunked_softmax; measured at batch "
+        "128 x 50 (docs/benchmarks.md): the full softmax is faster up to here and needs about 0.1 GB per 1,000 "
+        "items at 6,400 tokens")
     loss_chunk_items: int = Field(8192, ge=1, description="chunked_softmax only: items per chunk of logits")
     n_negatives: int = Field(256, ge=1, description="sampled_softmax only")
     sparse_item_updates: bool = Field(
