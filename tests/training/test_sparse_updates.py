@@ -118,9 +118,9 @@ def test_sparse_training_reaches_the_validation_quality_of_dense_training(featur
         results[sparse] = run_train(p.train, p.tracking, layout, seed=3)
     dense, sparse = results[False], results[True]
     first_epoch = min(dense.history[0]["valid_ndcg10"], sparse.history[0]["valid_ndcg10"])
-    assert dense.best_valid_ndcg10 > 1.5 * first_epoch  # both learnt something in 8 epochs ...
-    assert sparse.best_valid_ndcg10 > 1.5 * first_epoch
-    assert sparse.best_valid_ndcg10 == pytest.approx(dense.best_valid_ndcg10, rel=0.15)  # ... and about as much
+    assert dense.best_valid_ndcg10 > 2 * first_epoch  # both learnt something in 8 epochs (0.08 -> 0.26 when written) ...
+    assert sparse.best_valid_ndcg10 > 2 * first_epoch
+    assert sparse.best_valid_ndcg10 == pytest.approx(dense.best_valid_ndcg10, rel=0.08)  # ... and about as much (2% apart)
 
 
 def test_sparse_updates_resume_from_a_checkpoint_where_an_uninterrupted_run_ends(features, tmp_path):
