@@ -146,15 +146,12 @@ class TrainConfig(_Strict):
         description="auto: full_softmax up to chunked_softmax_above_items items, chunked_softmax above; "
                     "chunked_softmax: the exact full softmax in item chunks (memory bounded by the chunk); "
                     "sampled_softmax: log-Q corrected, for catalogues too large for any full softmax")
-    chunked_softmax_above_items: int = Field(
-        50_000, ge=1, description="loss=auto: catalogues larger than this train with chunked_softmax; measured at batch "
-        "128 x 50 (docs/benchmarks.md): the full softmax is faster up to here and needs about 0.1 GB per 1,000 "
-        "items at 6,400 tokens")
+    chunked_softmax_above_items: int = Field(50_000, ge=1, description="loss=auto: chunked_softmax above this many items "
+                                             "(docs/benchmarks.md: measured at batch 128 x 50)")
     loss_chunk_items: int = Field(8192, ge=1, description="chunked_softmax only: items per chunk of logits")
     n_negatives: int = Field(256, ge=1, description="sampled_softmax only")
-    sparse_item_updates: bool = Field(
-        False, description="sampled_softmax only: sparse gradients for the item table, updated row by row with SparseAdam "
-                           "(AdamW for the rest); needs weight_decay=0 (SparseAdam has none)")
+    sparse_item_updates: bool = Field(False, description="sampled_softmax and weight_decay=0 only: the item table's "
+                                      "touched rows updated by SparseAdam, AdamW for the rest")
     early_stopping_patience: int = Field(3, ge=1, description="epochs without a better valid NDCG@10")
     curriculum: CurriculumConfig = CurriculumConfig()
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")
@@ -170,9 +167,7 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_sparse_item_updates(self) -> TrainConfig:
-        # Full and chunked softmax score every item, so every row of the tied table gets gradient each step:
-        # a sparse gradient would be the whole table, slower than dense. Only sampled softmax touches few rows.
-        if self.sparse_item_updates and self.loss != "sampled_softmax":
+        if self.sparse_item_updates and self.loss != "sampled_softmax":  # full/chunked: every row has gradient, every step
             raise ValueError(f"sparse_item_updates needs loss=sampled_softmax (got {self.loss!r}): full and chunked "
                              "softmax give every item row a gradient on every step")
         if self.sparse_item_updates and self.weight_decay:
