@@ -7,6 +7,10 @@ and float summation order); from the second step dense AdamW also moves rows tou
 exactly those rows, and whole runs on tiny data reach a validation NDCG@10 within a tolerance.
 """
 
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +26,7 @@ from pipeline.training.losses import module_loss
 from pipeline.training.train import CHECKPOINT_FILE, build_model_config, engine_settings, run_train, teacher_loss
 from tests.helpers import build_features, copy_features
 
+ROOT = Path(__file__).resolve().parents[2]
 FAST = ["train.d_model=16", "train.n_heads=2", "train.n_layers=1", "train.max_len=20", "train.batch_size=32",
         "train.num_threads=1", "train.baselines=[]", "tracking.enabled=false", "train.loss=sampled_softmax",
         "train.n_negatives=20"]
@@ -154,3 +159,29 @@ def test_a_dense_checkpoint_does_not_resume_a_sparse_run(features, tmp_path):
     sparse = _params("train.epochs=2", "train.sparse_item_updates=true")
     with pytest.raises(ValueError, match="same train.sparse_item_updates"):
         run_train(sparse.train, sparse.tracking, layout, seed=4, resume=True)
+
+
+@pytest.mark.slow
+def test_sparse_updates_on_two_cpu_processes_match_one_process(features, tmp_path):
+    """DDP (Gloo) all-reduces the sparse table gradient: two ranks end where one process does."""
+    overrides = [*FAST, "train.sparse_item_updates=true", "train.epochs=2", "train.dropout=0.0",
+                 "train.early_stopping_patience=10"]
+
+    def cli(root: Path, launcher: list[str]) -> list[str]:
+        return [*launcher, "-m", "pipeline", "train", "--workdir", str(root), *[a for o in overrides for a in ("-S", o)]]
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    single, ddp = copy_features(features, tmp_path / "single"), copy_features(features, tmp_path / "ddp")
+    subprocess.run(cli(single.root, [sys.executable]), check=True, capture_output=True, cwd=ROOT, timeout=600)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+                "--master_addr=127.0.0.1", f"--master_port={port}"]
+    proc = subprocess.run(cli(ddp.root, launcher), capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world=2" in proc.stderr and "SparseAdam" in proc.stderr
+    a = load_file(str(single.model_dir("main") / "model.safetensors"))
+    b = load_file(str(ddp.model_dir("main") / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-4)
