@@ -56,7 +56,7 @@ from pipeline.models.variants import (
     variants_dir,
 )
 from pipeline.training.engine import Engine, EngineSettings, Hooks
-from pipeline.training.losses import LossFn, next_item_loss, sampling_log_probabilities, teacher_loss
+from pipeline.training.losses import LossFn, next_item_loss, plain_next_item_loss, sampling_log_probabilities
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def fine_tune_loss(run_dir: Path, data: SequenceData | None) -> LossFn:
         return next_item_loss
     logq = sampling_log_probabilities(data.train_item_counts()) if loss == "sampled_softmax" else None
     logger.info("fine-tunes use the teacher's loss: %s", loss)
-    return teacher_loss(loss, int(train.get("n_negatives", 256)), logq, int(train.get("loss_chunk_items", 8192)))
+    return plain_next_item_loss(loss, int(train.get("n_negatives", 256)), logq, int(train.get("loss_chunk_items", 8192)))
 
 
 # Variants built from the model of another variant, and the variant whose model they reuse when it is current.

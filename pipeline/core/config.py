@@ -141,12 +141,17 @@ class TrainConfig(_Strict):
     batch_size: int = Field(128, ge=1)
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    loss: Literal["full_softmax", "chunked_softmax", "sampled_softmax"] = Field(
-        "full_softmax",
-        description="chunked_softmax: the exact full softmax in item chunks (memory bounded by the chunk); "
+    loss: Literal["auto", "full_softmax", "chunked_softmax", "sampled_softmax"] = Field(
+        "auto",
+        description="auto: full_softmax up to chunked_softmax_above_items items, chunked_softmax above; "
+                    "chunked_softmax: the exact full softmax in item chunks (memory bounded by the chunk); "
                     "sampled_softmax: log-Q corrected, for catalogues too large for any full softmax")
+    chunked_softmax_above_items: int = Field(50_000, ge=1, description="loss=auto: chunked_softmax above this many items "
+                                             "(docs/benchmarks.md: measured at batch 128 x 50)")
     loss_chunk_items: int = Field(8192, ge=1, description="chunked_softmax only: items per chunk of logits")
     n_negatives: int = Field(256, ge=1, description="sampled_softmax only")
+    sparse_item_updates: bool = Field(False, description="sampled_softmax and weight_decay=0 only: the item table's "
+                                      "touched rows updated by SparseAdam, AdamW for the rest")
     early_stopping_patience: int = Field(3, ge=1, description="epochs without a better valid NDCG@10")
     curriculum: CurriculumConfig = CurriculumConfig()
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")
@@ -159,6 +164,15 @@ class TrainConfig(_Strict):
     init_from: str | None = Field(
         None, description="warm start: a SASRec model dir (models/<run>) whose weights initialise this run; its "
         "item table grows for new items, old indices keep their rows (build features with vocab_from)")
+
+    @model_validator(mode="after")
+    def _check_sparse_item_updates(self) -> TrainConfig:
+        if self.sparse_item_updates and self.loss != "sampled_softmax":  # full/chunked: every row has gradient, every step
+            raise ValueError(f"sparse_item_updates needs loss=sampled_softmax (got {self.loss!r}): full and chunked "
+                             "softmax give every item row a gradient on every step")
+        if self.sparse_item_updates and self.weight_decay:
+            raise ValueError("sparse_item_updates: SparseAdam has no weight decay; set weight_decay=0")
+        return self
 
 
 class EvaluateConfig(_Strict):

@@ -5,8 +5,9 @@ low-rank factorisation and distillation in pipeline/compression/compress.py) bui
 model, a loss and `EngineSettings`, then call `Engine(...).fit()`. The engine owns:
 
 - the loop: bucketed next-item batches (order depends on seed and epoch only), a
-  pluggable loss (model, batch) -> (summed loss, token count), AdamW, autocast +
-  GradScaler when asked, DDP under torchrun and optional torch.compile;
+  pluggable loss (model, batch) -> (summed loss, token count), AdamW (and SparseAdam for
+  the rows of sparse embedding tables, see `build_optimizer`), autocast + GradScaler when
+  asked, DDP under torchrun and optional torch.compile;
 - validation on the valid split (full-ranking NDCG@10) after every epoch, early stopping
   after `patience` epochs without a better value, and the best weights: handed to the
   `on_improve` hook and/or kept in memory and restored at the end;
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.data.sequences import SequenceData, n_training_batches, training_batches
+from pipeline.data.sequences import Batch, SequenceData, n_training_batches, training_batches
 from pipeline.evaluation.metrics import evaluate
 from pipeline.training.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.training.distributed import SINGLE_PROCESS, Dist, all_reduce_sum, broadcast_flag
@@ -103,6 +104,71 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
 
 
+class SparseAndDense:
+    """AdamW for the dense parameters and SparseAdam for sparse embedding tables, stepped as one optimizer.
+
+    Enough of torch.optim.Optimizer for the engine, GradScaler (param_groups, step) and checkpoints
+    (state_dict / load_state_dict: one entry per optimizer).
+    """
+
+    def __init__(self, dense: torch.optim.Optimizer, sparse: torch.optim.Optimizer):
+        self.optimizers = {"dense": dense, "sparse": sparse}
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for optimizer in self.optimizers.values() for group in optimizer.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {k: v for optimizer in self.optimizers.values() for k, v in optimizer.state.items()}
+
+    def step(self, closure: Callable | None = None) -> None:
+        if closure is not None:
+            raise ValueError("SparseAndDense.step takes no closure")
+        for optimizer in self.optimizers.values():
+            optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != set(self.optimizers):
+            raise ValueError("the checkpoint's optimizer state is not a sparse-and-dense one: resume with the same "
+                             "train.sparse_item_updates as the run that wrote it")
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state[name])
+
+
+def build_optimizer(model: nn.Module, settings: EngineSettings, device: torch.device) -> torch.optim.Optimizer | SparseAndDense:
+    """AdamW over the parameters; the weights of `nn.Embedding(sparse=True)` tables go to SparseAdam instead.
+
+    A sparse table's gradient holds only the rows the step touched (sampled softmax: inputs, positives and
+    sampled negatives), and SparseAdam updates those rows and their moments only: untouched rows keep
+    their moments, where AdamW would decay them and keep moving the rows. SparseAdam has no weight decay.
+    """
+    s = settings
+    params = [p for p in model.parameters() if p.requires_grad] if s.trainable_only else list(model.parameters())
+    sparse_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding) and m.sparse}
+    options: dict = {"lr": s.lr, "betas": BETAS}
+    if s.weight_decay is not None:
+        options["weight_decay"] = s.weight_decay
+    if s.fused is not None:
+        options["fused"] = s.fused and device.type == "cuda"
+    sparse = [p for p in params if id(p) in sparse_ids]
+    if not sparse:
+        return torch.optim.AdamW(params, **options)
+    if s.weight_decay:
+        raise ValueError("sparse embedding tables are updated by SparseAdam, which has no weight decay: set weight_decay=0")
+    dense = [p for p in params if id(p) not in sparse_ids]
+    logger.info("optimizer: SparseAdam for %d sparse embedding table(s) (%s rows), AdamW for %d other tensors",
+                len(sparse), f"{sum(p.shape[0] for p in sparse):,}", len(dense))
+    return SparseAndDense(torch.optim.AdamW(dense, **options), torch.optim.SparseAdam(sparse, lr=s.lr, betas=BETAS))
+
+
 def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -154,15 +220,8 @@ class Engine:
         self.state = TrainState()
         self.best_weights: dict[str, torch.Tensor] | None = None
 
-    def _build_optimizer(self) -> torch.optim.Optimizer:
-        s = self.settings
-        params = [p for p in self.model.parameters() if p.requires_grad] if s.trainable_only else self.model.parameters()
-        options: dict = {"lr": s.lr, "betas": BETAS}
-        if s.weight_decay is not None:
-            options["weight_decay"] = s.weight_decay
-        if s.fused is not None:
-            options["fused"] = s.fused and self.device.type == "cuda"
-        return torch.optim.AdamW(params, **options)
+    def _build_optimizer(self) -> torch.optim.Optimizer | SparseAndDense:
+        return build_optimizer(self.model, self.settings, self.device)
 
     # ------------------------------------------------------------------------- the run
 
@@ -190,6 +249,23 @@ class Engine:
             self.model.load_state_dict(self.best_weights)
         return state
 
+    def train_step(self, batch: Batch) -> tuple[torch.Tensor, int]:
+        """One optimizer step on `batch` (already on the device); returns the summed loss and the local tokens."""
+        s, world = self.settings, self.world
+        with torch.autocast(self.device.type, dtype=s.amp_dtype, enabled=s.amp_dtype is not None):
+            loss_sum, local_tokens = self.loss(self.step_module, batch)
+        if s.token_normalisation == "global":
+            loss = loss_sum * world.world_size / all_reduce_sum(local_tokens, self.device, world)
+        else:
+            loss = loss_sum / max(local_tokens, 1)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.hooks.after_step is not None:
+            self.hooks.after_step(self.model)
+        return loss_sum, local_tokens
+
     def train_epoch(self, epoch: int) -> dict:
         """One pass over the training batches; returns the epoch's totals summed over ranks."""
         s, device, world = self.settings, self.device, self.world
@@ -207,18 +283,7 @@ class Engine:
             if device.type == "cuda":
                 batch = batch.pin_memory()
             batch = batch.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=s.amp_dtype, enabled=s.amp_dtype is not None):
-                loss_sum, local_tokens = self.loss(self.step_module, batch)
-            if s.token_normalisation == "global":
-                loss = loss_sum * world.world_size / all_reduce_sum(local_tokens, device, world)
-            else:
-                loss = loss_sum / max(local_tokens, 1)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            if self.hooks.after_step is not None:
-                self.hooks.after_step(self.model)
+            loss_sum, local_tokens = self.train_step(batch)
             n_sequences += len(batch.rows)
             n_tokens += local_tokens
             loss_total += float(loss_sum.detach())

@@ -11,8 +11,9 @@ offered in three shapes, not interchangeable bit for bit with each other:
 - `next_item_loss`, the compression fine-tunes' of a full-softmax teacher, is a plain function
   over the full catalogue that drops the padding column; any SASRec-shaped model (pruned,
   low-rank, coded) works.
-- `teacher_loss(...)`, the compression fine-tunes' of a teacher trained with another loss (a
-  catalogue too large for the full softmax), is `summed_next_item_loss` as a plain function.
+- `plain_next_item_loss(...)`, the compression fine-tunes' of a teacher trained with another
+  loss (a catalogue too large for the full softmax), is `summed_next_item_loss` as a plain function.
+`resolve_loss` turns `train.loss: auto` into one of them by catalogue size.
 """
 
 from __future__ import annotations
@@ -32,13 +33,33 @@ from pipeline.training.chunked_ce import chunked_cross_entropy
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, int]]
 
 
+def resolve_loss(loss: str, n_items: int, chunked_softmax_above_items: int) -> str:
+    """`train.loss` as trained: `auto` is full_softmax up to `chunked_softmax_above_items` items, chunked_softmax above.
+
+    Both compute the same exact loss; the threshold is where the dense logits' memory and time stop paying
+    off on the measured machine (docs/benchmarks.md, benchmarks/train_speed.py --mode loss-scaling).
+    """
+    if loss != "auto":
+        return loss
+    return "chunked_softmax" if n_items > chunked_softmax_above_items else "full_softmax"
+
+
 class NextItemLoss(nn.Module):
     """Wraps the model so DDP sees one forward: (inputs, targets) -> summed loss."""
 
-    def __init__(self, model: SASRec, loss: str, n_negatives: int, sampling_logq: torch.Tensor | None, chunk_items: int = 8192):
+    def __init__(self, model: SASRec, loss: str, n_negatives: int, sampling_logq: torch.Tensor | None, chunk_items: int = 8192,
+                 sparse_items: bool = False):
         super().__init__()
+        if loss not in ("full_softmax", "chunked_softmax", "sampled_softmax"):
+            raise ValueError(f"unknown loss {loss!r} (resolve 'auto' with resolve_loss first)")
+        if sparse_items and loss != "sampled_softmax":
+            raise ValueError(f"sparse item gradients need sampled_softmax: {loss} touches every item row")
         self.model = model
         self.loss = loss
+        # Sampled softmax only: the table rows of positives and negatives are looked up with
+        # F.embedding(sparse=True), so (with the model's sparse input embedding) the table's gradient
+        # is a sparse tensor of the touched rows, which SparseAdam updates (pipeline/training/engine.py).
+        self.sparse_items = sparse_items
         self.n_negatives = n_negatives
         self.chunk_items = chunk_items
         self.register_buffer("sampling_logq", sampling_logq if sampling_logq is not None else torch.zeros(0), persistent=False)
@@ -48,7 +69,7 @@ class NextItemLoss(nn.Module):
         mask = targets != 0
         # Real positions only: padding costs no FLOPs.
         return summed_next_item_loss(hidden[mask], self.model.item_weights(), targets[mask], self.loss,
-                                     self.n_negatives, self.sampling_logq, self.chunk_items)
+                                     self.n_negatives, self.sampling_logq, self.chunk_items, self.sparse_items)
 
 
 def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
@@ -57,7 +78,8 @@ def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
 
 
 def summed_next_item_loss(hidden: torch.Tensor, weights: torch.Tensor, positives: torch.Tensor, loss: str,
-                          n_negatives: int, sampling_logq: torch.Tensor | None, chunk_items: int) -> torch.Tensor:
+                          n_negatives: int, sampling_logq: torch.Tensor | None, chunk_items: int,
+                          sparse_items: bool = False) -> torch.Tensor:
     """The summed next-item loss of `hidden` (tokens x d) against the catalogue `weights` (row 0 padding)."""
     if loss == "full_softmax":
         logits = hidden @ weights.T
@@ -67,11 +89,25 @@ def summed_next_item_loss(hidden: torch.Tensor, weights: torch.Tensor, positives
         return chunked_cross_entropy(hidden, weights, positives, chunk_items)
     if loss != "sampled_softmax" or sampling_logq is None:
         raise ValueError(f"unknown loss {loss!r} (or sampled_softmax without sampling probabilities)")
-    # Sampled softmax, negatives shared by the batch, drawn by popularity; log-Q correction
-    # subtracts each sampled item's log sampling probability so the estimate is unbiased.
+    # Sampled softmax, negatives shared by the batch, drawn by popularity.
     negatives = torch.multinomial(sampling_logq.exp(), n_negatives, replacement=True)
-    pos_logit = (hidden * weights[positives]).sum(-1) - sampling_logq[positives]
-    neg_logits = hidden @ weights[negatives].T - sampling_logq[negatives]
+    # sparse_items: the rows of positives and negatives are looked up with F.embedding(sparse=True), so
+    # (with the model's sparse input embedding) the table's gradient is a sparse tensor of the touched
+    # rows, which SparseAdam updates (pipeline/training/engine.py).
+    rows = (lambda index: F.embedding(index, weights, sparse=True)) if sparse_items else weights.__getitem__
+    return sampled_softmax(hidden, rows(positives), rows(negatives), positives, negatives, sampling_logq)
+
+
+def sampled_softmax(hidden: torch.Tensor, positive_vectors: torch.Tensor, negative_vectors: torch.Tensor,
+                    positives: torch.Tensor, negatives: torch.Tensor, sampling_logq: torch.Tensor) -> torch.Tensor:
+    """Summed sampled-softmax loss of `hidden` (tokens, d) given the vectors of its positives and of the shared
+    negatives; also the loss of the sharded item table (pipeline/training/sharded.py), which looks them up itself.
+
+    Log-Q correction subtracts each sampled item's log sampling probability so the estimate is unbiased;
+    a negative that is the token's own positive is masked out.
+    """
+    pos_logit = (hidden * positive_vectors).sum(-1) - sampling_logq[positives]
+    neg_logits = hidden @ negative_vectors.T - sampling_logq[negatives]
     neg_logits = neg_logits.masked_fill(negatives.view(1, -1) == positives.view(-1, 1), float("-inf"))
     logits = _at_least_float32(torch.cat([pos_logit.unsqueeze(1), neg_logits], dim=1))
     return F.cross_entropy(logits, torch.zeros(len(positives), dtype=torch.long, device=logits.device), reduction="sum")
@@ -96,7 +132,7 @@ def next_item_loss(model: SASRec, batch: Batch) -> tuple[torch.Tensor, int]:
     return F.cross_entropy(logits, batch.targets[mask] - 1, reduction="sum"), int(mask.sum())
 
 
-def teacher_loss(loss: str, n_negatives: int, sampling_logq: torch.Tensor | None, chunk_items: int) -> LossFn:
+def plain_next_item_loss(loss: str, n_negatives: int, sampling_logq: torch.Tensor | None, chunk_items: int) -> LossFn:
     """The compression fine-tunes' loss when the teacher was not trained with the full softmax.
 
     A catalogue the teacher trained with sampled softmax (or the chunked exact loss) is too large

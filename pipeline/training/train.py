@@ -38,12 +38,12 @@ from pipeline.core.devices import select_device
 from pipeline.core.errors import TrainError
 from pipeline.core.io import Layout, write_json
 from pipeline.core.tracking import flatten, lineage_tags, mlflow_run, read_run_id, write_run_id
-from pipeline.data.sequences import load_sequences
+from pipeline.data.sequences import SequenceData, load_sequences
 from pipeline.models.sasrec import PRESETS, SASRec, SASRecConfig, count_parameters, save_model
 from pipeline.training.baselines import train_baselines
 from pipeline.training.distributed import barrier, init_distributed
 from pipeline.training.engine import Engine, EngineSettings, Hooks
-from pipeline.training.losses import NextItemLoss, module_loss
+from pipeline.training.losses import NextItemLoss, module_loss, resolve_loss, sampling_log_probabilities
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +75,13 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
 
 
 def flops_per_token(cfg: SASRecConfig, seq_len: int, loss: str, n_negatives: int) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward) for the TFLOP/s figure."""
+    """Training FLOPs per token (forward + backward = 3x forward) for the TFLOP/s figure.
+
+    Model FLOPs: chunked_softmax counts as the full softmax it equals, not with the logits it recomputes.
+    """
     d, layers = cfg.d_model, cfg.n_layers
     block = 2 * (3 * d * d + d * d + 2 * cfg.ffn_multiplier * d * d) + 2 * 2 * seq_len * d / 2  # matmuls + causal attention
-    output = 2 * d * ((cfg.n_items + 1) if loss == "full_softmax" else n_negatives + 1)
+    output = 2 * d * (n_negatives + 1 if loss == "sampled_softmax" else cfg.n_items + 1)
     return 3.0 * (layers * block + output)
 
 
@@ -90,6 +93,19 @@ def build_model_config(cfg: TrainConfig, n_items: int) -> SASRecConfig:
     if shape["d_model"] % shape["n_heads"]:
         raise TrainError(f"d_model={shape['d_model']} is not divisible by n_heads={shape['n_heads']}")
     return SASRecConfig(n_items=n_items, dropout=cfg.dropout, **shape)
+
+
+def teacher_loss(cfg: TrainConfig, model: SASRec, data: SequenceData, device: torch.device) -> NextItemLoss:
+    """The teacher's next-item loss for `cfg` (`auto` resolved on the catalogue size; `.loss` says which).
+
+    With train.sparse_item_updates the model's input lookup turns sparse too, so that the tied table's
+    gradient holds the touched rows only and the engine updates it with SparseAdam.
+    """
+    loss = resolve_loss(cfg.loss, data.n_items, cfg.chunked_softmax_above_items)
+    if cfg.sparse_item_updates:
+        model.item_embedding.sparse = True
+    logq = sampling_log_probabilities(data.train_item_counts()).to(device) if loss == "sampled_softmax" else None
+    return NextItemLoss(model, loss, cfg.n_negatives, logq, cfg.loss_chunk_items, cfg.sparse_item_updates)
 
 
 def curriculum_len(cfg: TrainConfig, max_len: int, epoch: int) -> int:
@@ -147,9 +163,8 @@ def run_train(
 
         warm_start(model, cfg.init_from)  # a checkpoint loaded by --resume below still wins
     model = model.to(device)
-    counts = torch.from_numpy(data.train_item_counts()).double() + 1.0
-    counts[0] = 0.0
-    logq = (counts / counts.sum()).log().float().to(device) if cfg.loss == "sampled_softmax" else None
+    loss_module = teacher_loss(cfg, model, data, device)
+    loss = loss_module.loss
     settings = engine_settings(cfg, seed, device, run_dir / CHECKPOINT_FILE, resume, eval_batch_size)
     amp_dtype = settings.amp_dtype
 
@@ -170,22 +185,26 @@ def run_train(
             if previous_run_id is None:
                 mlflow.log_params(flatten({"train": cfg.model_dump(mode="json"), "model": model_cfg.to_dict(), "seed": seed}))
                 mlflow.log_params({"data.users": len(data.users), "data.items": data.n_items, "model.parameters": n_params,
+                                   "train.loss_resolved": loss,
                                    "device": str(device), "precision": str(amp_dtype or "fp32"), "world_size": world.world_size})
                 mlflow.log_dict({"train": cfg.model_dump(mode="json"), "model": model_cfg.to_dict(), "seed": seed}, "config.json")
             mlflow_run_id = mlflow_active.info.run_id
             write_run_id(run_dir, mlflow_run_id)
         logger.info("train: %s preset=%s, %s parameters, device=%s, precision=%s, world=%d",
                     cfg.model, cfg.preset, f"{n_params:,}", device, amp_dtype or "fp32", world.world_size)
+        logger.info("train: loss %s%s on %s items%s", loss,
+                    f" (train.loss=auto, chunked above {cfg.chunked_softmax_above_items:,} items)" if cfg.loss == "auto" else "",
+                    f"{data.n_items:,}", ", sparse item-table updates (SparseAdam)" if cfg.sparse_item_updates else "")
 
         def log_epoch(record: dict) -> None:
             mlflow.log_metrics({k: float(v) for k, v in record.items() if k != "epoch"}, step=record["epoch"])
 
         engine = Engine(
             model, data, module_loss, settings, device, world=world,
-            loss_module=NextItemLoss(model, cfg.loss, cfg.n_negatives, logq, cfg.loss_chunk_items),
+            loss_module=loss_module,
             hooks=Hooks(on_improve=lambda m, record: save_model(m, run_dir), on_epoch_end=log_epoch if mlflow is not None else None),
             seq_len=lambda epoch: curriculum_len(cfg, model_cfg.max_len, epoch),
-            flops_per_token=lambda seq_len: flops_per_token(model_cfg, seq_len, cfg.loss, cfg.n_negatives),
+            flops_per_token=lambda seq_len: flops_per_token(model_cfg, seq_len, loss, cfg.n_negatives),
             started=started,
         )
         state = engine.fit()
@@ -193,7 +212,7 @@ def run_train(
         if world.is_main:
             baseline_seconds = train_baselines(cfg, data, run_dir, seed, device)
             write_json(state.history, run_dir / HISTORY_FILE)
-            write_json({"train": cfg.model_dump(mode="json"), "seed": seed, "parameters": n_params,
+            write_json({"train": cfg.model_dump(mode="json"), "loss_resolved": loss, "seed": seed, "parameters": n_params,
                         "best_epoch": state.best_epoch, "best_valid_ndcg10": state.best_metric,
                         "baseline_seconds": baseline_seconds}, run_dir / "train.json")
             if mlflow is not None:

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from pipeline.core.config import params_from_dict
 from pipeline.core.tracking import read_run_id
+from pipeline.training.losses import resolve_loss
 from pipeline.training.train import CHECKPOINT_FILE, curriculum_len, run_train
 from tests.helpers import build_features, copy_features
 
@@ -168,3 +169,31 @@ def test_fresh_run_discards_an_older_checkpoint_and_baselines(features, tmp_path
     assert result.mlflow_run_id is None and read_run_id(run_dir) is None
     assert torch.load(run_dir / CHECKPOINT_FILE, weights_only=True)["epoch"] == 0
     assert not (run_dir / "baselines" / "bpr.safetensors").exists()
+
+
+def test_resolve_loss_picks_chunked_softmax_above_the_threshold_only():
+    assert resolve_loss("auto", 50_000, 50_000) == "full_softmax"
+    assert resolve_loss("auto", 50_001, 50_000) == "chunked_softmax"
+    for explicit in ("full_softmax", "chunked_softmax", "sampled_softmax"):
+        assert resolve_loss(explicit, 10, 5) == explicit
+    assert params_from_dict({}).train.loss == "auto"
+
+
+def test_auto_loss_trains_as_the_loss_it_resolves_to_and_records_it(features, tmp_path, caplog):
+    """The default (`auto`) on a catalogue under the threshold is the full softmax bit for bit; above it, chunked."""
+    runs = {}
+    for name, overrides in {"auto": [], "full": ["train.loss=full_softmax"],
+                            "auto-chunked": ["train.chunked_softmax_above_items=10", "train.loss_chunk_items=7"]}.items():
+        layout = copy_features(features, tmp_path / name)
+        p = _params("train.epochs=1", *overrides)
+        with caplog.at_level("INFO", logger="pipeline.training.train"):
+            result = run_train(p.train, p.tracking, layout, seed=2)
+        recorded = json.loads((Path(result.run_dir) / "train.json").read_text())
+        runs[name] = (recorded, load_file(str(Path(result.run_dir) / "model.safetensors")))
+    assert runs["auto"][0]["loss_resolved"] == "full_softmax" and runs["auto"][0]["train"]["loss"] == "auto"
+    assert runs["full"][0]["loss_resolved"] == "full_softmax"
+    assert runs["auto-chunked"][0]["loss_resolved"] == "chunked_softmax"
+    assert "loss chunked_softmax (train.loss=auto, chunked above 10 items)" in caplog.text
+    for key, value in runs["full"][1].items():
+        torch.testing.assert_close(runs["auto"][1][key], value, rtol=0, atol=0)
+        torch.testing.assert_close(runs["auto-chunked"][1][key], value, rtol=1e-3, atol=1e-4)  # same loss, chunked
