@@ -147,6 +147,9 @@ class TrainConfig(_Strict):
                     "sampled_softmax: log-Q corrected, for catalogues too large for any full softmax")
     loss_chunk_items: int = Field(8192, ge=1, description="chunked_softmax only: items per chunk of logits")
     n_negatives: int = Field(256, ge=1, description="sampled_softmax only")
+    embedding_engine: Literal["torch", "torchrec"] = Field(
+        "torch", description="torchrec: the item table row-wise sharded over the torchrun ranks (pipeline/training/sharded.py); "
+                             "no rank holds the whole table, so it trains with loss sampled_softmax only")
     early_stopping_patience: int = Field(3, ge=1, description="epochs without a better valid NDCG@10")
     curriculum: CurriculumConfig = CurriculumConfig()
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")
@@ -159,6 +162,13 @@ class TrainConfig(_Strict):
     init_from: str | None = Field(
         None, description="warm start: a SASRec model dir (models/<run>) whose weights initialise this run; its "
         "item table grows for new items, old indices keep their rows (build features with vocab_from)")
+
+    @model_validator(mode="after")
+    def _check_embedding_engine(self) -> TrainConfig:
+        if self.embedding_engine == "torchrec" and self.loss != "sampled_softmax":
+            raise ValueError(f"embedding_engine=torchrec needs loss sampled_softmax (got {self.loss}): a row-wise sharded "
+                             "item table has no full-catalogue softmax; set train.loss: sampled_softmax")
+        return self
 
 
 class EvaluateConfig(_Strict):
