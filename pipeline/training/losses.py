@@ -52,11 +52,18 @@ class NextItemLoss(nn.Module):
         # Sampled softmax, negatives shared by the batch, drawn by popularity; log-Q correction
         # subtracts each sampled item's log sampling probability so the estimate is unbiased.
         negatives = torch.multinomial(self.sampling_logq.exp(), self.n_negatives, replacement=True)
-        pos_logit = (hidden * weights[positives]).sum(-1) - self.sampling_logq[positives]
-        neg_logits = hidden @ weights[negatives].T - self.sampling_logq[negatives]
-        neg_logits = neg_logits.masked_fill(negatives.view(1, -1) == positives.view(-1, 1), float("-inf"))
-        logits = torch.cat([pos_logit.unsqueeze(1), neg_logits], dim=1).float()
-        return F.cross_entropy(logits, torch.zeros(len(positives), dtype=torch.long, device=logits.device), reduction="sum")
+        return sampled_softmax(hidden, weights[positives], weights[negatives], positives, negatives, self.sampling_logq)
+
+
+def sampled_softmax(hidden: torch.Tensor, positive_vectors: torch.Tensor, negative_vectors: torch.Tensor,
+                    positives: torch.Tensor, negatives: torch.Tensor, sampling_logq: torch.Tensor) -> torch.Tensor:
+    """Summed sampled-softmax loss of `hidden` (tokens, d) given the vectors of its positives and of the shared
+    negatives; also the loss of the sharded item table (pipeline/training/sharded.py), which looks them up itself."""
+    pos_logit = (hidden * positive_vectors).sum(-1) - sampling_logq[positives]
+    neg_logits = hidden @ negative_vectors.T - sampling_logq[negatives]
+    neg_logits = neg_logits.masked_fill(negatives.view(1, -1) == positives.view(-1, 1), float("-inf"))
+    logits = torch.cat([pos_logit.unsqueeze(1), neg_logits], dim=1).float()
+    return F.cross_entropy(logits, torch.zeros(len(positives), dtype=torch.long, device=logits.device), reduction="sum")
 
 
 def module_loss(module: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
