@@ -37,6 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeline.core.config import TrainConfig
+from pipeline.core.errors import TrainError
 from pipeline.models.sasrec import PADDING_INDEX, SASRec, SASRecConfig
 from pipeline.training.distributed import Dist
 from pipeline.training.losses import sampled_softmax
@@ -198,3 +200,20 @@ class ShardedSASRec(nn.Module):
         state = {k: v.detach().cpu() for k, v in self.encoder.state_dict().items()}
         model.load_state_dict({**state, "item_embedding.weight": self.full_table}, strict=True)
         return model
+
+
+def shard_teacher(cfg: TrainConfig, model: SASRec, sampling_logq: torch.Tensor, world: Dist, device: torch.device, *,
+                  resume: bool, amp_dtype: torch.dtype | None) -> tuple[ShardedSASRec, nn.Module]:
+    """The train stage's sharded teacher: `model`'s initial (or warm-started) weights, its table sharded over the
+    ranks; returns the engine's model and step module. Refuses what this path does not support yet."""
+    if resume:
+        raise TrainError("train.embedding_engine=torchrec cannot --resume yet: the checkpoint would hold rank 0's rows only")
+    if amp_dtype == torch.float16:
+        raise TrainError("train.embedding_engine=torchrec cannot use fp16: the table's fused update bypasses the GradScaler; "
+                         "use train.precision bf16 or fp32")
+    if cfg.weight_decay > 0:
+        raise TrainError("train.embedding_engine=torchrec: the table's fused Adagrad has no weight decay; set train.weight_decay: 0")
+    sharded = ShardedSASRec(model.cfg, cfg.n_negatives, sampling_logq)
+    step_module = sharded.shard(world, device, cfg.lr)
+    sharded.load_encoder(model)
+    return sharded, step_module

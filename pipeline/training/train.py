@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -44,6 +44,7 @@ from pipeline.training.baselines import train_baselines
 from pipeline.training.distributed import barrier, init_distributed
 from pipeline.training.engine import Engine, EngineSettings, Hooks
 from pipeline.training.losses import NextItemLoss, module_loss
+from pipeline.training.sharded import shard_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +147,9 @@ def run_train(
         from pipeline.training.warmstart import warm_start
 
         warm_start(model, cfg.init_from)  # a checkpoint loaded by --resume below still wins
-    model = model.to(device)
+    sharded = cfg.embedding_engine == "torchrec" and cfg.model == "sasrec"
+    if not sharded:  # the sharded path copies each rank's rows to the device, never the whole table
+        model = model.to(device)
     counts = torch.from_numpy(data.train_item_counts()).double() + 1.0
     counts[0] = 0.0
     logq = (counts / counts.sum()).log().float().to(device) if cfg.loss == "sampled_softmax" else None
@@ -180,10 +183,18 @@ def run_train(
         def log_epoch(record: dict) -> None:
             mlflow.log_metrics({k: float(v) for k, v in record.items() if k != "epoch"}, step=record["epoch"])
 
+        if sharded:  # train.embedding_engine=torchrec: the item table row-wise over the ranks (pipeline/training/sharded.py)
+            engine_model, step_module = shard_teacher(cfg, model, logq, world, device, resume=resume, amp_dtype=amp_dtype)
+            loss_module, engine_settings_ = None, replace(settings, checkpoint_path=None)
+            export, before_validate = (lambda m: m.to_sasrec()), (lambda m: m.gather_table())
+        else:
+            engine_model, step_module, engine_settings_ = model, None, settings
+            loss_module = NextItemLoss(model, cfg.loss, cfg.n_negatives, logq, cfg.loss_chunk_items)
+            export, before_validate = (lambda m: m), None
         engine = Engine(
-            model, data, module_loss, settings, device, world=world,
-            loss_module=NextItemLoss(model, cfg.loss, cfg.n_negatives, logq, cfg.loss_chunk_items),
-            hooks=Hooks(on_improve=lambda m, record: save_model(m, run_dir), on_epoch_end=log_epoch if mlflow is not None else None),
+            engine_model, data, module_loss, engine_settings_, device, world=world, loss_module=loss_module, step_module=step_module,
+            hooks=Hooks(on_improve=lambda m, record: save_model(export(m), run_dir), on_epoch_end=log_epoch if mlflow is not None else None,
+                        before_validate=before_validate),
             seq_len=lambda epoch: curriculum_len(cfg, model_cfg.max_len, epoch),
             flops_per_token=lambda seq_len: flops_per_token(model_cfg, seq_len, cfg.loss, cfg.n_negatives),
             started=started,

@@ -9,9 +9,13 @@ the table: Adagrad's step hardly changes if the table's gradient is off by a con
 (a 1/N too many, say), SGD's is proportional to it.
 """
 
+import json
 import logging
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,16 +24,19 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from pydantic import ValidationError
 
-from pipeline.core.config import TrainConfig
+from pipeline.core.config import TrainConfig, params_from_dict
+from pipeline.core.errors import ConfigError
 from pipeline.data.sequences import SequenceData, training_batches
 from pipeline.evaluation.metrics import evaluate
-from pipeline.models.sasrec import SASRec, SASRecConfig
+from pipeline.models.sasrec import SASRec, SASRecConfig, load_model
 from pipeline.training.distributed import Dist
 from pipeline.training.engine import BETAS, VALID_METRIC, Engine, EngineSettings, Hooks
 from pipeline.training.losses import NextItemLoss, module_loss
 from pipeline.training.sharded import ADAGRAD_EPS, ShardedSASRec
+from tests.helpers import build_features
 
 logger = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[2]
 
 WORLD = 2
 N_ITEMS = 41  # 42 rows with padding: 21 per rank
@@ -154,4 +161,29 @@ def test_two_ranks_with_half_the_table_each_train_as_one_unsharded_process(tmp_p
 def test_torchrec_needs_the_sampled_softmax():
     with pytest.raises(ValidationError, match="embedding_engine=torchrec needs loss sampled_softmax"):
         TrainConfig(embedding_engine="torchrec", loss="full_softmax")
+    with pytest.raises(ConfigError, match="needs loss sampled_softmax"):
+        params_from_dict({}, ["train.embedding_engine=torchrec"])  # params.yaml's loss is full_softmax
     assert TrainConfig(embedding_engine="torchrec", loss="sampled_softmax").embedding_engine == "torchrec"
+
+
+@pytest.mark.slow
+def test_the_train_stage_under_torchrun_shards_the_table_and_saves_a_whole_model(tmp_path):
+    layout = build_features(tmp_path)
+    overrides = ["train.d_model=16", "train.n_heads=2", "train.n_layers=1", "train.max_len=20", "train.batch_size=32",
+                 "train.num_threads=1", "train.baselines=[popularity]", "tracking.enabled=false", "train.epochs=2",
+                 "train.embedding_engine=torchrec", "train.loss=sampled_softmax", "train.n_negatives=32"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={WORLD}", "--master_addr=127.0.0.1",
+               f"--master_port={_free_port()}", "-m", "pipeline", "train", "--workdir", str(layout.root)]
+    for override in overrides:
+        command += ["-S", override]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    n_rows = json.loads((layout.model_dir("main") / "model_config.json").read_text())["n_items"] + 1
+    half = -(-n_rows // WORLD)
+    assert f"rank 0 holds rows [0, {half}) of {n_rows}" in proc.stderr
+    assert f"rank 1 holds rows [{half}, {n_rows}) of {n_rows}" in proc.stderr
+    model = load_model(layout.model_dir("main"))  # the whole table, gathered on rank 0
+    assert model.item_embedding.weight.shape == (n_rows, 16)
+    assert torch.equal(model.item_embedding.weight[0], torch.zeros(16))  # padding
+    history = json.loads((layout.model_dir("main") / "history.json").read_text())
+    assert len(history) == 2 and all(record["valid_ndcg10"] > 0 for record in history)
