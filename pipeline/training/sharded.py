@@ -16,13 +16,13 @@ What follows from no rank holding the table:
   kernel, whose gradients the engine's AdamW would step, crashes in fbgemm-gpu-cpu 1.8.0's
   forward, and FBGEMM's CPU kernels have no Adam (SGD and Adagrad variants only). Exact
   Adagrad is torch.optim.Adagrad: a row a step does not look up keeps its value and state;
-  it has no weight decay (train.py refuses train.weight_decay > 0 here);
+  it has no weight decay (shard_teacher refuses train.weight_decay > 0);
 - validation and the saved model need the whole table: after each epoch every rank sends its
   rows, chunk by chunk, to rank 0's host memory (`gather_table`), where `score` and
-  `to_sasrec` use them. The device memory of each rank holds 1/N of the table and its Adam
-  moments throughout.
+  `to_sasrec` use them. The device memory of each rank holds 1/N of the table and of its
+  Adagrad state throughout.
 Not supported yet: resuming from a checkpoint (the engine's checkpoint is rank 0's state) and
-fp16 (the fused update bypasses the GradScaler); train.py refuses both.
+fp16 (the fused update bypasses the GradScaler); shard_teacher refuses both.
 """
 
 from __future__ import annotations
