@@ -9,7 +9,6 @@ that names the key.
 from __future__ import annotations
 
 import datetime as dt
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -152,6 +151,9 @@ class TrainConfig(_Strict):
     n_negatives: int = Field(256, ge=1, description="sampled_softmax only")
     sparse_item_updates: bool = Field(False, description="sampled_softmax and weight_decay=0 only: the item table's "
                                       "touched rows updated by SparseAdam, AdamW for the rest")
+    embedding_engine: Literal["torch", "torchrec"] = Field(
+        "torch", description="torchrec: the item table row-wise sharded over the torchrun ranks (pipeline/training/sharded.py); "
+                             "no rank holds the whole table, so it trains with loss sampled_softmax only")
     early_stopping_patience: int = Field(3, ge=1, description="epochs without a better valid NDCG@10")
     curriculum: CurriculumConfig = CurriculumConfig()
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")
@@ -166,12 +168,18 @@ class TrainConfig(_Strict):
         "item table grows for new items, old indices keep their rows (build features with vocab_from)")
 
     @model_validator(mode="after")
-    def _check_sparse_item_updates(self) -> TrainConfig:
-        if self.sparse_item_updates and self.loss != "sampled_softmax":  # full/chunked: every row has gradient, every step
-            raise ValueError(f"sparse_item_updates needs loss=sampled_softmax (got {self.loss!r}): full and chunked "
-                             "softmax give every item row a gradient on every step")
-        if self.sparse_item_updates and self.weight_decay:
-            raise ValueError("sparse_item_updates: SparseAdam has no weight decay; set weight_decay=0")
+    def _check_item_table(self) -> TrainConfig:
+        sampled, torchrec = self.loss == "sampled_softmax", self.embedding_engine == "torchrec"
+        for broken, why in (
+            (self.sparse_item_updates and not sampled, f"sparse_item_updates needs loss=sampled_softmax (got {self.loss!r}): "
+             "full and chunked softmax give every item row a gradient on every step"),
+            (self.sparse_item_updates and self.weight_decay > 0, "sparse_item_updates: SparseAdam has no weight decay; set weight_decay=0"),
+            (torchrec and not sampled, f"embedding_engine=torchrec needs loss sampled_softmax (got {self.loss}): a row-wise "
+             "sharded item table has no full-catalogue softmax"),
+            (torchrec and self.sparse_item_updates, "embedding_engine=torchrec updates its table with its own fused optimizer: "
+             "set sparse_item_updates=false")):
+            if broken:
+                raise ValueError(why)
         return self
 
 
@@ -375,44 +383,3 @@ def load_params(path: str | Path = DEFAULT_PARAMS_PATH, overrides: list[str] | N
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
     return params_from_dict(raw, overrides, source=str(path))
-
-
-def _type_name(annotation: Any) -> str:
-    text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
-    text = text or str(annotation).replace("typing.", "").replace("datetime.", "")
-    return text.replace("|", "\\|")  # a bare | would split the markdown table cell
-
-
-def reference_markdown() -> str:
-    """The configuration reference (docs/configuration.md), generated from the models above."""
-    lines = [
-        "# Configuration reference",
-        "",
-        "Generated from `pipeline/core/config.py` by `python -m pipeline config-reference > docs/configuration.md`;",
-        "a test fails when this page is stale. Every key lives in `params.yaml`; override one for a run",
-        "with `-S key=value` (CLI) or `dvc exp run -S key=value`.",
-        "",
-    ]
-
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        rows, sections = [], []
-        for name, info in model.model_fields.items():
-            key = f"{prefix}{info.alias or name}"
-            annotation = info.annotation
-            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-                sections.append((annotation, f"{key}."))
-                continue
-            default = info.get_default(call_default_factory=True)
-            symbols = {"Ge": ">=", "Gt": ">", "Le": "<=", "Lt": "<"}
-            limits = [f"{symbols[type(m).__name__]} {getattr(m, type(m).__name__.lower())}"
-                      for m in info.metadata if type(m).__name__ in symbols]
-            notes = "; ".join(filter(None, [info.description or "", ", ".join(limits)]))
-            rows.append(f"| `{key}` | `{_type_name(annotation)}` | `{json.dumps(default, default=str)}` | {notes} |")
-        if rows:
-            title = prefix.rstrip(".") or "(top level)"
-            lines.extend([f"## `{title}`", "", "| key | type | default | notes |", "| --- | --- | --- | --- |", *rows, ""])
-        for section, section_prefix in sections:
-            walk(section, section_prefix)
-
-    walk(Params, "")
-    return "\n".join(lines).rstrip() + "\n"

@@ -155,7 +155,12 @@ class SASRec(nn.Module):
 
     def hidden(self, items: torch.Tensor) -> torch.Tensor:
         """(batch, length) right-padded item indices -> (batch, length, d_model)."""
-        return self.final_norm(self._run_blocks(self._positioned(self.embed(items)), self.blocks))
+        return self.encode(self.embed(items))
+
+    def encode(self, embedded: torch.Tensor) -> torch.Tensor:
+        """`hidden` from the input vectors (batch, length, d): for a caller that looks the items up
+        itself (the sharded item table of pipeline/training/sharded.py)."""
+        return self.final_norm(self._run_blocks(self._positioned(embedded), self.blocks))
 
     def _positioned(self, embedded: torch.Tensor) -> torch.Tensor:
         length = embedded.shape[1]

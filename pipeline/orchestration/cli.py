@@ -132,7 +132,7 @@ def _show_params(params: Params, layout: Layout) -> Any:
 
 
 def _config_reference(params: Params, layout: Layout) -> Any:
-    from pipeline.core.config import reference_markdown
+    from pipeline.orchestration.config_reference import reference_markdown
 
     sys.stdout.write(reference_markdown())
     return None

@@ -90,6 +90,8 @@ class Hooks:
     after_step: Callable[[nn.Module], None] | None = None  # after every optimizer step (pruning masks)
     on_improve: Callable[[nn.Module, dict], None] | None = None  # (model, record) on a new best validation
     on_epoch_end: Callable[[dict], None] | None = None  # the epoch's record, after its checkpoint (MLflow)
+    # Every rank, after an epoch's training and before rank 0 validates (a sharded item table gathers its rows).
+    before_validate: Callable[[nn.Module], None] | None = None
 
 
 @dataclass
@@ -180,7 +182,9 @@ class Engine:
 
     `loss_module` is the module the engine wraps in DDP / torch.compile and hands to `loss`
     (the teacher's NextItemLoss, which holds the model, so that DDP sees one forward);
-    by default it is `model` itself. `seq_len(epoch)` caps the training window (curriculum);
+    by default it is `model` itself. `step_module` replaces that DDP wrapper with a module
+    that is distributed already (TorchRec's DistributedModelParallel over a sharded item
+    table, pipeline/training/sharded.py), whose parameters are `model`'s. `seq_len(epoch)` caps the training window (curriculum);
     by default the model's max_len. `flops_per_token(seq_len)` adds TFLOP/s to CUDA records.
     `started` is the perf_counter origin of the records' elapsed_seconds.
     """
@@ -195,6 +199,7 @@ class Engine:
         *,
         world: Dist = SINGLE_PROCESS,
         loss_module: nn.Module | None = None,
+        step_module: nn.Module | None = None,
         hooks: Hooks | None = None,
         seq_len: Callable[[int], int] | None = None,
         flops_per_token: Callable[[int], float] | None = None,
@@ -210,9 +215,10 @@ class Engine:
         self.seq_len = seq_len or (lambda epoch: model.cfg.max_len)
         self.flops_per_token = flops_per_token
         self.started = time.perf_counter() if started is None else started
-        step_module = loss_module if loss_module is not None else self.model
-        if world.world_size > 1:
-            step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
+        if step_module is None:
+            step_module = loss_module if loss_module is not None else self.model
+            if world.world_size > 1:
+                step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
         # dynamic=True: bucketed batches vary in length, and one graph per length would recompile all epoch.
         self.step_module = torch.compile(step_module, dynamic=True) if settings.compile else step_module
         self.optimizer = self._build_optimizer()
@@ -241,6 +247,8 @@ class Engine:
         epoch = state.epoch + 1
         while not state.stopped_early and epoch < s.epochs:
             totals = self.train_epoch(epoch)
+            if self.hooks.before_validate is not None:
+                self.hooks.before_validate(self.model)
             stop = self.world.is_main and self._end_epoch(epoch, totals)
             if broadcast_flag(stop, self.device, self.world):
                 break

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -44,6 +44,7 @@ from pipeline.training.baselines import train_baselines
 from pipeline.training.distributed import barrier, init_distributed
 from pipeline.training.engine import Engine, EngineSettings, Hooks
 from pipeline.training.losses import NextItemLoss, module_loss, resolve_loss, sampling_log_probabilities
+from pipeline.training.sharded import shard_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +163,9 @@ def run_train(
         from pipeline.training.warmstart import warm_start
 
         warm_start(model, cfg.init_from)  # a checkpoint loaded by --resume below still wins
-    model = model.to(device)
+    sharded = cfg.embedding_engine == "torchrec" and cfg.model == "sasrec"
+    if not sharded:  # the sharded path copies each rank's rows to the device, never the whole table
+        model = model.to(device)
     loss_module = teacher_loss(cfg, model, data, device)
     loss = loss_module.loss
     settings = engine_settings(cfg, seed, device, run_dir / CHECKPOINT_FILE, resume, eval_batch_size)
@@ -199,10 +202,20 @@ def run_train(
         def log_epoch(record: dict) -> None:
             mlflow.log_metrics({k: float(v) for k, v in record.items() if k != "epoch"}, step=record["epoch"])
 
+        if sharded:  # train.embedding_engine=torchrec: the item table row-wise over the ranks (pipeline/training/sharded.py)
+            # The sharded teacher computes its own loss (it looks its rows up itself): no NextItemLoss.
+            engine_model, step_module = shard_teacher(cfg, model, loss_module.sampling_logq, world, device, resume=resume,
+                                                      amp_dtype=amp_dtype)
+            engine_loss_module, engine_settings_ = None, replace(settings, checkpoint_path=None)
+            export, before_validate = (lambda m: m.to_sasrec()), (lambda m: m.gather_table())
+        else:
+            engine_model, step_module, engine_settings_, engine_loss_module = model, None, settings, loss_module
+            export, before_validate = (lambda m: m), None
         engine = Engine(
-            model, data, module_loss, settings, device, world=world,
-            loss_module=loss_module,
-            hooks=Hooks(on_improve=lambda m, record: save_model(m, run_dir), on_epoch_end=log_epoch if mlflow is not None else None),
+            engine_model, data, module_loss, engine_settings_, device, world=world, loss_module=engine_loss_module,
+            step_module=step_module,
+            hooks=Hooks(on_improve=lambda m, record: save_model(export(m), run_dir), on_epoch_end=log_epoch if mlflow is not None else None,
+                        before_validate=before_validate),
             seq_len=lambda epoch: curriculum_len(cfg, model_cfg.max_len, epoch),
             flops_per_token=lambda seq_len: flops_per_token(model_cfg, seq_len, loss, cfg.n_negatives),
             started=started,

@@ -60,29 +60,6 @@ def test_cli_reports_config_error_without_traceback(tmp_path, capsys, caplog):
     assert "Traceback" not in capsys.readouterr().err
 
 
-def test_configuration_reference_is_up_to_date():
-    from pathlib import Path
-
-    from pipeline.core.config import reference_markdown
-
-    page = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
-    assert page.read_text(encoding="utf-8") == reference_markdown(), (
-        "docs/configuration.md is stale: run `python -m pipeline config-reference > docs/configuration.md`"
-    )
-
-
-def test_reference_lists_every_key_of_params_yaml():
-    import yaml
-
-    from pipeline.core.config import reference_markdown
-    from pipeline.core.tracking import flatten
-
-    reference = reference_markdown()
-    for key in flatten(yaml.safe_load(open("params.yaml", encoding="utf-8"))):
-        if not key.startswith("ingest.file.columns."):
-            assert f"`{key}`" in reference, key
-
-
 def test_params_yaml_states_exactly_the_schema_defaults():
     """One copy of every default: the schema's. params.yaml writes the same values out (with comments),
     so a run from params.yaml and a config built in code (`params_from_dict({})`) cannot drift apart."""
