@@ -309,7 +309,9 @@ def test_fine_tunes_use_the_loss_the_teacher_was_trained_with(compressed, tmp_pa
     data = load_sequences(layout.features_dir)
     assert fine_tune_loss(run_dir, data) is next_item_loss  # the tiny teacher trained with the full softmax
     recorded = json.loads((run_dir / "train.json").read_text())
+    assert recorded["loss_resolved"] == "full_softmax"  # train.loss auto on a tiny catalogue
     recorded["train"].update(loss="sampled_softmax", n_negatives=8)
+    recorded["loss_resolved"] = "sampled_softmax"
     (run_dir / "train.json").write_text(json.dumps(recorded))
     sampled = fine_tune_loss(run_dir, data)
     batch = next(training_batches(data, 16, 20, seed=0, epoch=0))
