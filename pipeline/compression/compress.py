@@ -134,6 +134,14 @@ def pq_codebook_size(requested: int, n_rows: int) -> int:
     return min(requested, n_rows)
 
 
+def pq_subspaces(requested: int, d_model: int) -> int:
+    """The sub-spaces used: the requested number, capped at d_model (one dimension each); it must divide d_model."""
+    n_subspaces = min(requested, d_model)
+    if d_model % n_subspaces:
+        raise CompressError(f"compress.pq.n_subspaces={requested} must divide the teacher's d_model={d_model}")
+    return n_subspaces
+
+
 def _coded_model(teacher: SASRec, data: SequenceData | None, loss: LossFn, cfg: CompressConfig, seed: int,
                  device: torch.device, out_dir: Path, fingerprint: dict) -> tuple[SASRec, dict]:
     """Codes assigned from the teacher's table, then fine-tuned; reused from variants/pq when current."""
@@ -141,11 +149,10 @@ def _coded_model(teacher: SASRec, data: SequenceData | None, loss: LossFn, cfg: 
     if reused is not None:
         return reused
     q = cfg.pq
-    if teacher.cfg.d_model % q.n_subspaces:
-        raise CompressError(f"compress.pq.n_subspaces={q.n_subspaces} must divide the teacher's d_model={teacher.cfg.d_model}")
+    n_subspaces = pq_subspaces(q.n_subspaces, teacher.cfg.d_model)
     table = teacher.item_embedding.weight.detach().cpu()
     started = time.perf_counter()
-    model = code_teacher(teacher, q.n_subspaces, pq_codebook_size(q.codebook_size, table.shape[0]), seed)
+    model = code_teacher(teacher, n_subspaces, pq_codebook_size(q.codebook_size, table.shape[0]), seed)
     with torch.no_grad():
         error = (model.item_weights()[1:] - table[1:]).square().sum() / table[1:].square().sum()
     info: dict = {"assignment": {"relative_squared_error": round(float(error), 6),

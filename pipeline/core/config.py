@@ -229,7 +229,7 @@ class PQConfig(_Strict):
     """Item codes (product quantization): each item is one uint8 code in each of n_subspaces codebooks."""
 
     n_subspaces: int = Field(32, ge=1, description="codes per item; must divide d_model (d_model / n_subspaces dims each); "
-                             "32 keeps the default data within 1% of the teacher, 16 loses 3.7% there (docs/benchmarks.md)")
+                             "capped at d_model; 32 keeps the default data within 1% of the teacher, 16 loses 3.7% (docs/benchmarks.md)")
     codebook_size: int = Field(
         256, ge=2, le=256, description="centroids per sub-space, code 0 reserved for padding; capped at the "
         "catalogue's rows (n_items + 1) so a small catalogue works")

@@ -296,6 +296,10 @@ def test_pq_codebooks_are_capped_at_the_catalogue(compressed, tmp_path):
     params = params_from_dict({}, ["compress.pq.n_subspaces=4", "compress.pq.finetune_epochs=0"]).compress
     built = compress_variant(params, layout, "main", "pq", seed=0)
     assert json.loads((Path(built["path"]) / VARIANT_FILE).read_text())["codebook_size"] == rows
+    capped = params_from_dict({}, ["compress.pq.n_subspaces=64", "compress.pq.codebook_size=16",
+                                   "compress.pq.finetune_epochs=0"]).compress
+    built = compress_variant(capped, layout, "main", "pq", seed=0)  # more sub-spaces than the teacher's 32 dimensions
+    assert json.loads((Path(built["path"]) / VARIANT_FILE).read_text())["n_subspaces"] == 32
     bad = params_from_dict({}, ["compress.pq.n_subspaces=5"]).compress
     with pytest.raises(CompressError, match="n_subspaces=5 must divide the teacher's d_model=32"):
         compress_variant(bad, layout, "main", "pq", seed=0)
