@@ -13,12 +13,17 @@ from torch import nn
 
 from pipeline.models.codes import PADDING_CODE, ItemCodes, assign_codes
 from pipeline.models.sasrec import SASRec, SASRecConfig
-from pipeline.models.scoring import ExcludeArg, PQPostings, kernels_for, pq_postings, pq_top_k
+from pipeline.models.scoring import ExcludeArg, PQPostings, dense_top_k, kernels_for, pq_postings, pq_top_k
 
 CODES_PREFIX = "pq"  # state_dict keys pq.codes (uint8) and pq.codebooks
 # From this many rows up the inverted lists of the codes are built (once, 4 bytes per row and sub-space)
 # for the pruned exact search; below it a plain scan of the codes is as fast (docs/benchmarks.md).
 POSTINGS_MIN_ROWS = 100_000
+# Up to this many rows, inference scores the reconstructed table (built once per codebooks version,
+# n_rows x d fp32: 2.5 MiB at 10k x 64) with the dense scorer instead of scanning the codes: one user
+# over 10k rows took 0.19 ms dense against 0.24 ms for PQ m=8 (more sub-spaces cost more), over 100k
+# rows 2.43 ms against 0.97 ms (docs/benchmarks.md, serving at scale, quiet rerun).
+DENSE_SCAN_MAX_ROWS = 10_000
 
 
 class CodedTable(nn.Module):
@@ -70,11 +75,24 @@ class CodedSASRec(SASRec):
         return self.item_codes().reconstruct()
 
     def top_k(self, user_vectors: torch.Tensor, k: int, exclude: ExcludeArg = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact top-k from the codes: per-user lookup tables, then the PQ scan (pipeline/models/scoring.py)."""
+        """Exact top-k from the codes: per-user lookup tables, then the PQ scan (pipeline/models/scoring.py);
+        on a small catalogue the dense scan of the reconstructed table, which is faster there."""
+        if self.table.codes.shape[0] <= DENSE_SCAN_MAX_ROWS:
+            return dense_top_k(user_vectors.float(), self._reconstructed(), k, exclude)
         codes = self.item_codes()
         with torch.no_grad():
             lut = codes.lookup_tables(user_vectors.float())
         return pq_top_k(lut, codes.codes, k, exclude, postings=self._postings())
+
+    def _reconstructed(self) -> torch.Tensor:
+        """The dense table the codes stand for, rebuilt when the codebooks change (fine-tuning steps them in place)."""
+        version = (self.table.codebooks.data_ptr(), self.table.codebooks._version)
+        cached = getattr(self, "_cached_table", None)
+        if cached is None or cached[0] != version:
+            with torch.no_grad():
+                cached = (version, self.item_codes().reconstruct().float().contiguous())
+            self._cached_table = cached
+        return cached[1]
 
     def _postings(self) -> PQPostings | None:
         """Inverted lists of the (fixed) codes for the pruned search, built on first use on a large CPU table."""

@@ -19,11 +19,12 @@ def model():
     return code_teacher(teacher, n_subspaces=4, codebook_size=64, seed=0).eval()
 
 
-@pytest.mark.parametrize("pruned", [False, True])
-def test_top_k_through_the_codes_equals_the_dense_top_k(model, monkeypatch, pruned):
-    monkeypatch.setattr(coded, "POSTINGS_MIN_ROWS", 1 if pruned else 10**9)
+@pytest.mark.parametrize("path", ["codes", "pruned", "dense"])
+def test_top_k_through_the_codes_equals_the_dense_top_k(model, monkeypatch, path):
+    monkeypatch.setattr(coded, "POSTINGS_MIN_ROWS", 1 if path == "pruned" else 10**9)
+    monkeypatch.setattr(coded, "DENSE_SCAN_MAX_ROWS", 10**9 if path == "dense" else 0)
     model._cached_postings = None
-    assert (model._postings() is not None) == pruned
+    assert (model._postings() is not None) == (path == "pruned")
     users = torch.randn(5, 16)
     exclude = [[1, 2, 3], [], [5] * 3, list(range(1, 500)), [7]]
     dense = model.item_weights().detach()
@@ -44,3 +45,20 @@ def test_recommender_serves_the_coded_model_like_its_dense_reconstruction(model)
     for row, history in enumerate(histories):
         scores[row, history] = float("-inf")
     assert torch.equal(items, torch.topk(scores, 10).indices)
+
+
+def test_the_dense_scan_follows_the_codebooks(model, monkeypatch):
+    """A fine-tune steps the codebooks in place: the cached reconstruction must not serve stale scores."""
+    monkeypatch.setattr(coded, "DENSE_SCAN_MAX_ROWS", 10**9)
+    users = torch.randn(3, 16)
+    before, _ = model.top_k(users, 10)
+    original = model.table.codebooks.detach().clone()
+    try:
+        with torch.no_grad():
+            model.table.codebooks.mul_(-1.0)  # every score flips sign: the best become the worst
+        after, _ = model.top_k(users, 10)
+        reference, _ = dense_top_k(users, model.item_weights().detach(), 10)
+        assert torch.equal(after, reference) and not torch.equal(after, before)
+    finally:
+        with torch.no_grad():
+            model.table.codebooks.copy_(original)
