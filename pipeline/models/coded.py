@@ -68,7 +68,13 @@ class CodedSASRec(SASRec):
         return self.table.item_codes()
 
     def embed(self, items: torch.Tensor) -> torch.Tensor:
+        if self._serves_dense():  # one lookup instead of the codes' few small ops per request
+            return torch.nn.functional.embedding(items, self._reconstructed())
         return self.item_codes().reconstruct(items)
+
+    def _serves_dense(self) -> bool:
+        """Inference on a small catalogue: the cached reconstruction stands in for the codes (see DENSE_SCAN_MAX_ROWS)."""
+        return self.table.codes.shape[0] <= DENSE_SCAN_MAX_ROWS and not self.training and not torch.is_grad_enabled()
 
     def item_weights(self) -> torch.Tensor:
         """The reconstructed table (for callers that need it dense; scoring does not)."""
@@ -78,7 +84,7 @@ class CodedSASRec(SASRec):
         """Exact top-k from the codes: per-user lookup tables, then the PQ scan (pipeline/models/scoring.py);
         on a small catalogue the dense scan of the reconstructed table, which is faster there."""
         if self.table.codes.shape[0] <= DENSE_SCAN_MAX_ROWS:
-            return dense_top_k(user_vectors.float(), self._reconstructed(), k, exclude)
+            return dense_top_k(user_vectors.float(), self._reconstructed(), k, exclude)  # no autograd: top_k never trains
         codes = self.item_codes()
         with torch.no_grad():
             lut = codes.lookup_tables(user_vectors.float())
