@@ -37,7 +37,7 @@ import torch
 
 from pipeline.compression.distill import build_student, distillation_loss
 from pipeline.compression.pruning import apply_masks, magnitude_masks, prune_structured, sparsity_of
-from pipeline.core.config import CompressConfig
+from pipeline.core.config import CompressConfig, TrainConfig
 from pipeline.core.devices import select_device
 from pipeline.core.errors import CompressError
 from pipeline.core.io import Layout
@@ -106,7 +106,9 @@ def fine_tune_loss(run_dir: Path, data: SequenceData | None) -> LossFn:
         return next_item_loss
     logq = sampling_log_probabilities(data.train_item_counts()) if loss == "sampled_softmax" else None
     logger.info("fine-tunes use the teacher's loss: %s", loss)
-    return plain_next_item_loss(loss, int(train.get("n_negatives", 256)), logq, int(train.get("loss_chunk_items", 8192)))
+    defaults = TrainConfig()  # a train.json from before a key existed: the schema's default, the one copy of it
+    return plain_next_item_loss(loss, int(train.get("n_negatives", defaults.n_negatives)), logq,
+                                int(train.get("loss_chunk_items", defaults.loss_chunk_items)))
 
 
 # Variants built from the model of another variant, and the variant whose model they reuse when it is current.

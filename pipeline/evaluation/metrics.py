@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.data.sequences import Batch, ScoreFn, SequenceData, evaluation_batches, evaluation_rows, seen_items
-from pipeline.models.scoring import Exclusion, chunked_top_k, target_rank_counts
+from pipeline.models.scoring import Exclusion, chunked_top_k, masked_scores, target_rank_counts
 
 logger = logging.getLogger(__name__)
 
@@ -70,15 +70,6 @@ def seen_exclusion(data: SequenceData, batch: Batch, split: str) -> Exclusion:
     return Exclusion(start, keys % width)
 
 
-def _masked(scores: torch.Tensor, exclusion: Exclusion) -> torch.Tensor:
-    """`scores` with padding and excluded items at -inf (what the sampled protocols draw from)."""
-    scores = scores.float().clone()
-    users, items = exclusion.pairs(scores.device)
-    scores[users, items] = float("-inf")
-    scores[:, 0] = float("-inf")  # padding is never a recommendation
-    return scores
-
-
 def evaluate(
     score_fn: ScoreFn,
     data: SequenceData,
@@ -120,7 +111,7 @@ def evaluate(
             for k in ks:
                 top_items[k][top[:, :k].reshape(-1).to(device)] = True
             if sampled_strategies:
-                scores = _masked(scores, exclusion)
+                scores = masked_scores(scores, exclusion)  # what the sampled protocols draw from
             for strategy in sampled_strategies:
                 sampled_ranks = _sampled_ranks(scores, batch.targets, popularity, strategy, sampled_negatives, generator)
                 for name, values in metrics_from_ranks(sampled_ranks, [k for k in ks if k <= sampled_negatives]).items():

@@ -72,9 +72,13 @@ class CodedSASRec(SASRec):
             return torch.nn.functional.embedding(items, self._reconstructed())
         return self.item_codes().reconstruct(items)
 
+    def _small(self) -> bool:
+        """A catalogue small enough for the dense scan of the cached reconstruction (see DENSE_SCAN_MAX_ROWS)."""
+        return self.table.codes.shape[0] <= DENSE_SCAN_MAX_ROWS
+
     def _serves_dense(self) -> bool:
-        """Inference on a small catalogue: the cached reconstruction stands in for the codes (see DENSE_SCAN_MAX_ROWS)."""
-        return self.table.codes.shape[0] <= DENSE_SCAN_MAX_ROWS and not self.training and not torch.is_grad_enabled()
+        """Inference on a small catalogue: the cached reconstruction stands in for the codes."""
+        return self._small() and not self.training and not torch.is_grad_enabled()
 
     def item_weights(self) -> torch.Tensor:
         """The reconstructed table (for callers that need it dense; scoring does not)."""
@@ -83,7 +87,7 @@ class CodedSASRec(SASRec):
     def top_k(self, user_vectors: torch.Tensor, k: int, exclude: ExcludeArg = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-k from the codes: per-user lookup tables, then the PQ scan (pipeline/models/scoring.py);
         on a small catalogue the dense scan of the reconstructed table, which is faster there."""
-        if self.table.codes.shape[0] <= DENSE_SCAN_MAX_ROWS:
+        if self._small():
             return dense_top_k(user_vectors.float(), self._reconstructed(), k, exclude)  # no autograd: top_k never trains
         codes = self.item_codes()
         with torch.no_grad():

@@ -152,8 +152,8 @@ def _scan(kernels: ModuleType, kernel: Callable, n_users: int, n_rows: int, k: i
     return _merged_top_k(kernels, values, rows)
 
 
-def _one_chunk_top_k(scores: torch.Tensor, k: int, exclusion: Exclusion) -> tuple[torch.Tensor, torch.Tensor]:
-    """Small catalogues: one masked fill over all scores and torch.topk (fewer calls than the kernels)."""
+def masked_scores(scores: torch.Tensor, exclusion: Exclusion) -> torch.Tensor:
+    """A float copy of `scores` (B, n_rows) with padding and every excluded row at -inf, in one fill."""
     scores = scores.float().clone()
     width = scores.shape[1]
     users = np.repeat(np.arange(exclusion.n_users, dtype=np.int64), np.diff(exclusion.start))
@@ -161,7 +161,12 @@ def _one_chunk_top_k(scores: torch.Tensor, k: int, exclusion: Exclusion) -> tupl
     masked = np.concatenate([np.arange(exclusion.n_users, dtype=np.int64) * width + PADDING_ROW,
                              users[inside] * width + exclusion.rows[inside]])
     scores.view(-1).index_fill_(0, torch.from_numpy(masked).to(scores.device), float("-inf"))
-    top = torch.topk(scores, k, dim=1)
+    return scores
+
+
+def _one_chunk_top_k(scores: torch.Tensor, k: int, exclusion: Exclusion) -> tuple[torch.Tensor, torch.Tensor]:
+    """Small catalogues: one masked fill over all scores and torch.topk (fewer calls than the kernels)."""
+    top = torch.topk(masked_scores(scores, exclusion), k, dim=1)
     return _finish(top.values, top.indices)
 
 
@@ -213,11 +218,7 @@ def target_rank_counts(scores: torch.Tensor, targets: torch.Tensor, exclusion: E
         kernels.run_blocks(kernels.target_rank_counts, n_blocks, _threads(), scores_array, targets.numpy(),
                            exclusion.rows, exclusion.start, greater, ties)
         return torch.from_numpy(greater), torch.from_numpy(ties)
-    masked = scores.detach().float().clone()
-    users, rows = exclusion.pairs(scores.device)
-    inside = (rows >= 0) & (rows < width)
-    masked[users[inside], rows[inside]] = float("-inf")
-    masked[:, PADDING_ROW] = float("-inf")
+    masked = masked_scores(scores.detach(), exclusion)
     target_scores = scores.detach().float().gather(1, targets.view(-1, 1))
     masked.scatter_(1, targets.view(-1, 1), float("-inf"))  # the target is not its own competitor
     return (masked > target_scores).sum(1), (masked == target_scores).sum(1)
