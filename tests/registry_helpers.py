@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.core.config import TrackingConfig, params_from_dict
+from pipeline.core.config import PolicyConfig, RegistryConfig, TrackingConfig, params_from_dict
 from pipeline.core.io import Layout, write_json
 from pipeline.data.sequences import load_sequences
 from pipeline.evaluation.metrics import evaluate
@@ -90,3 +90,32 @@ def compress(layout: Layout, kinds: tuple[str, ...] = ("int8_table",)) -> dict[s
         models[kind] = measure(layout, directory, kind)
     write_compression(layout, models)
     return models
+
+
+# ----------------------------------------------------------------------------- registry tests
+
+
+# The policy without its default latency criteria (registry.policy.max_latency_p50_ms: 50.0, min_latency_speedup: 1.0).
+NO_BUDGET = RegistryConfig(policy=PolicyConfig(max_latency_p50_ms=None, min_latency_speedup=None))
+
+
+def sqlite_tracking(root: Path) -> TrackingConfig:
+    return TrackingConfig(tracking_uri=f"sqlite:///{root}/mlflow.db")
+
+
+def aliases(tracking: TrackingConfig, name: str = "leanrec") -> dict[str, str]:
+    from mlflow import MlflowClient
+
+    found = MlflowClient(tracking.tracking_uri, tracking.tracking_uri).get_registered_model(name).aliases
+    return {alias: str(version) for alias, version in found.items()}
+
+
+def register_only(work: Layout, tracking: TrackingConfig, name: str, cfg: RegistryConfig | None = None, **figures) -> dict:
+    """Register one model as the challenger: quality measured, latency fabricated (1 ms unless given), so the
+    default latency budget never depends on how loaded the test machine is."""
+    from pipeline.registry.register import register
+
+    entry = measure(work, work.model_dir(name) if name in ("random", "main") else work.root / name, "fp32")
+    entry.update({"latency_p50_ms": 1.0, **figures})
+    write_compression(work, {"teacher": entry})
+    return register(cfg or RegistryConfig(), tracking, work)

@@ -285,7 +285,9 @@ class DriftConfig(_Strict):
 class PolicyConfig(_Strict):
     """How `register` picks the candidate among the teacher and its compressed variants."""
 
-    metric: Literal["ndcg@10", "hr@10"] = Field("ndcg@10", description="highest wins (ties: the smaller model)")
+    metric: Literal["ndcg@10", "hr@10"] = Field("ndcg@10", description="quality measure the candidates are ranked by")
+    tolerance: float = Field(0.01, ge=0.0, lt=1.0, description="candidates within this share of the best metric count as "
+                             "equal: the fastest of them wins (then the smallest), so noise never picks a slower model")
     max_latency_p50_ms: float | None = Field(50.0, gt=0, description="CPU p50 latency budget per request; null: no budget")
     max_size_bytes: int | None = Field(None, ge=1, description="size budget on disk; null: no budget")
     min_latency_speedup: float | None = Field(
@@ -300,6 +302,13 @@ class RegistryConfig(_Strict):
     ndcg_tolerance: float = Field(
         0.01, ge=0.0, lt=1.0,
         description="promote unless the challenger's NDCG@10 is below the champion's by more than this share")
+    allow_promotion: bool = Field(True, description="false: promote gates and reports, but never moves the champion")
+    min_history_agreement: float = Field(
+        0.9, ge=0.0, le=1.0, description="share of the champion's history items the test users still have; below it (or "
+        "with no test user known to the champion) the data differ and the gate refuses; 0: check the catalogue only")
+    min_target_coverage: float = Field(0.5, ge=0.0, le=1.0,
+                                       description="share of the test targets the champion must know for a comparable gate")
+    lock_timeout_s: float = Field(1800.0, gt=0, description="wait this long for a concurrent promotion; older locks are stale")
 
 
 class RecommendConfig(_Strict):

@@ -1,32 +1,43 @@
 """Promotion gate and rollback on the MLflow registry.
 
-- `promote`: the challenger and the current champion are both scored on the
+- `promote`: the challenger and the reference champion are both scored on the
   *current* test split (data/features); the `champion` alias moves to the
   challenger only if its NDCG@10 is not below the champion's by more than
   `registry.ndcg_tolerance` (relative) and its CPU p50 latency is within
-  `registry.policy.max_latency_p50_ms`. With no champion yet, the challenger
+  `registry.policy.max_latency_p50_ms`. With no champion ever, the challenger
   becomes champion if it is within the latency budget. Decision and figures go to
   the version's tags and reports/promotion.json.
+- The reference champion is the one the alias names, or, when that version was
+  deleted or its artifacts are corrupt, the newest earlier champion of the
+  history (`leanrec.champion_history`) that still loads and verifies; when none
+  does, promote refuses and says what to do, never "no champion yet".
+- Like with like (`comparability`): the gate refuses when the current split
+  cannot judge the champion fairly, i.e. its test users' histories are not
+  (a continuation of) the ones the champion was registered with, or the
+  champion knows too few of the test targets. A smoke run on other data can
+  therefore never replace a real champion.
 - `rollback`: `champion` moves back to the version it replaced (recorded in the
-  `leanrec.previous_champion` tag when it was promoted).
+  `leanrec.previous_champion` tag when it was promoted), or to the newest
+  earlier champion that still exists when that one is gone.
 
 Aliases only (model stages are deprecated). Safety guarantees, and what they
 rest on:
+- Promotions and rollbacks of one model are serialised by a lock the store
+  enforces (`store.promotion_lock`: a registered model created as the lock, whose
+  unique name makes acquiring it an atomic compare-and-set over SQL or REST).
+  The second of two concurrent promotions waits, then is gated against the
+  first one's result; an alias moved meanwhile without the lock (by hand) is
+  noticed before the write and reported `superseded`, not overwritten.
 - Once a champion exists, `champion` always names an existing version: aliases
-  are only ever *overwritten* (one upsert in the store: SQL row or REST call),
-  never deleted then re-set, and versions are never deleted here.
+  are only ever *overwritten* (one upsert in the store), never deleted then re-set.
 - An error before the alias moves leaves every alias as it was; an error after
   it moved (tags, report) moves it back before the error is raised.
-- Two promotions at once are not serialised (neither SQLite nor the REST API
-  offers an atomic compare-and-set on aliases): each is checked against the
-  champion it read, and the last alias write wins. The registry is never left
-  without a champion, and the winner passed its gate against a valid champion;
-  the loser notices the alias is no longer its version and reports `superseded`.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +52,11 @@ from pipeline.registry.store import (
     TAG_PREVIOUS,
     TAG_ROLLED_BACK,
     alias_version,
+    champion_history,
+    get_version,
     load_servable,
+    promotion_lock,
+    record_champion,
     registry_client,
     tag_key,
     utc_now,
@@ -101,6 +116,56 @@ def score_on_split(servable: Any, features_dir: Path, split: str = "test", seed:
     return {"ndcg@10": metrics["full/NDCG@10"], "hr@10": metrics["full/HR@10"], "users": metrics["users"]}
 
 
+COMPARABILITY_USERS = 5000  # test users sampled for the history agreement (seeded)
+
+
+def comparability(servable: Any, features_dir: Path, cfg: RegistryConfig, seed: int = 0) -> tuple[bool, dict, list[str]]:
+    """Can the current test split judge this (champion) model fairly? (comparable, figures, reasons)
+
+    - history agreement: for test users the model knows, the share of the items it was registered
+      with for them that are still in their current sequence (1.0 on the same data, about 1.0 when the
+      data grew by appending; low when the same IDs name other people, e.g. another synthetic draw);
+    - target coverage: the share of test targets the model knows (it can never recommend the others).
+    """
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from pipeline.data.features import ITEM_VOCAB_FILE, USER_VOCAB_FILE
+    from pipeline.data.sequences import load_sequences
+
+    data = load_sequences(features_dir)
+    to_model = servable.index_map(pq.read_table(features_dir / ITEM_VOCAB_FILE).to_pandas())
+    user_vocab = pq.read_table(features_dir / USER_VOCAB_FILE).to_pandas()
+    raw_user = dict(zip(user_vocab["index"].tolist(), user_vocab["id"].tolist(), strict=True))
+    rows = np.flatnonzero(data.n_test > 0)
+    targets = data.items[data.offsets[rows] + data.n_train[rows] + data.n_valid[rows]]
+    coverage = float(np.mean(to_model[targets] > 0)) if len(rows) else 0.0
+    known = [int(r) for r in rows if servable.user_history(raw_user[int(data.users[r])]) is not None]
+    rng = np.random.default_rng(seed)
+    sample = known if len(known) <= COMPARABILITY_USERS else rng.choice(known, COMPARABILITY_USERS, replace=False).tolist()
+    agreements = []
+    for row in sample:
+        registered = set(servable.user_history(raw_user[int(data.users[row])]).tolist())
+        current = set(to_model[data.items[data.offsets[row] : data.offsets[row + 1]]].tolist())
+        if registered:
+            agreements.append(len(registered & current) / len(registered))
+    agreement = float(np.mean(agreements)) if agreements else None
+    figures = {"test_users": len(rows), "users_known": len(known), "history_agreement": agreement,
+               "target_coverage": coverage}
+    reasons = []
+    if coverage < cfg.min_target_coverage:
+        reasons.append(f"the champion knows {coverage:.1%} of this split's test targets, under "
+                       f"registry.min_target_coverage {cfg.min_target_coverage:.0%}: another catalogue")
+    if cfg.min_history_agreement > 0:
+        if agreement is None:
+            reasons.append("no test user of this split is known to the champion: nothing shows the data are the same "
+                           "(registry.min_history_agreement=0 gates on the catalogue alone)")
+        elif agreement < cfg.min_history_agreement:
+            reasons.append(f"the test users' histories hold {agreement:.1%} of the items the champion was registered "
+                           f"with for them, under registry.min_history_agreement {cfg.min_history_agreement:.0%}: other data")
+    return not reasons, figures, reasons
+
+
 def _float_tag(version: Any, figure: str) -> float | None:
     value = version.tags.get(tag_key(figure))
     try:
@@ -129,65 +194,139 @@ def decide(cfg: RegistryConfig, challenger: dict, champion: dict | None) -> tupl
     return within_latency and not_worse, reasons
 
 
+@dataclass
+class Reference:
+    """The champion the gate compares against, and why the ones tried before it could not be."""
+
+    version: Any | None = None
+    servable: Any | None = None
+    skipped: list[str] = field(default_factory=list)
+    ever: bool = False  # was there ever a champion (alias or history)?
+
+
+def reference_champion(client: Any, name: str, alias: Any | None, exclude: str) -> Reference:
+    """The alias's version when it loads and verifies, else the newest earlier healthy champion."""
+    history = [entry["version"] for entry in reversed(champion_history(client, name)) if entry.get("event") == "promoted"]
+    candidates = ([str(alias.version)] if alias is not None else []) + history
+    reference = Reference(ever=bool(candidates))
+    seen: set[str] = set()
+    for version in candidates:
+        if version in seen or version == exclude:
+            continue
+        seen.add(version)
+        try:
+            model_version = get_version(client, name, version)
+            if model_version.tags.get(TAG_ROLLED_BACK) and version != (alias and str(alias.version)):
+                reference.skipped.append(f"version {version} was rolled back")
+                continue
+            reference.servable = load_servable(client, name, version)
+        except RegistryError as err:
+            reference.skipped.append(str(err))
+            logger.warning("the gate cannot use %s", err)
+            continue
+        reference.version = model_version
+        return reference
+    return reference
+
+
 def promote(cfg: RegistryConfig, tracking: TrackingConfig, layout: Layout, version: str | None = None, seed: int = 0) -> dict:
     """Gate the challenger (or `version`) against the champion; move `champion` only if it passes."""
     client = registry_client(tracking, layout.root)
     name = cfg.model_name
-    if version is not None:
-        challenger = client.get_model_version(name, str(version))
-    else:
-        challenger = alias_version(client, name, CHALLENGER)
-        if challenger is None:
-            raise RegistryError(f"{name} has no {CHALLENGER!r} alias: run the register stage first")
-    champion = alias_version(client, name, CHAMPION)
     from pipeline.core.tracking import directory_sha256
 
-    report: dict[str, Any] = {
-        "model_name": name, "challenger_version": str(challenger.version),
-        "champion_version": None if champion is None else str(champion.version),
-        "split": "test", "features_sha256": directory_sha256(layout.features_dir), "at": utc_now(),
-        "ndcg_tolerance": cfg.ndcg_tolerance, "max_latency_p50_ms": cfg.policy.max_latency_p50_ms,
-    }
-    if champion is not None and str(champion.version) == str(challenger.version):
-        report.update(decision="unchanged", promoted=False, reasons=["the challenger is already the champion"],
-                      champion_after=str(champion.version))
-        write_json(report, layout.reports_dir / PROMOTION_REPORT)
-        return report
+    with promotion_lock(client, name, cfg.lock_timeout_s):
+        if version is not None:
+            challenger = get_version(client, name, version)
+        else:
+            challenger = alias_version(client, name, CHALLENGER)
+            if challenger is None:
+                raise RegistryError(f"{name} has no {CHALLENGER!r} alias: run the register stage first")
+        champion = alias_version(client, name, CHAMPION)
+        report: dict[str, Any] = {
+            "model_name": name, "challenger_version": str(challenger.version),
+            "champion_version": None if champion is None else str(champion.version),
+            "split": "test", "features_sha256": directory_sha256(layout.features_dir), "at": utc_now(),
+            "ndcg_tolerance": cfg.ndcg_tolerance, "max_latency_p50_ms": cfg.policy.max_latency_p50_ms,
+        }
+        if champion is not None and str(champion.version) == str(challenger.version):
+            report.update(decision="unchanged", promoted=False, reasons=["the challenger is already the champion"],
+                          champion_after=str(champion.version))
+            write_json(report, layout.reports_dir / PROMOTION_REPORT)
+            return report
+        return _gate_and_move(cfg, client, layout, challenger, champion, report, seed)
 
-    challenger_figures = score_on_split(load_servable(name, challenger.version), layout.features_dir, seed=seed)
+
+def _refuse(report: dict, reasons: list[str], layout: Layout, decision: str = "refused") -> dict:
+    report.update(decision=decision, promoted=False, reasons=reasons, champion_after=report["champion_version"])
+    logger.warning("promotion of %s version %s %s: %s", report["model_name"], report["challenger_version"], decision,
+                   "; ".join(reasons))
+    write_json(report, layout.reports_dir / PROMOTION_REPORT)
+    return report
+
+
+def _gate_and_move(cfg: RegistryConfig, client: Any, layout: Layout, challenger: Any, champion: Any | None,
+                   report: dict, seed: int) -> dict:
+    name = cfg.model_name
+    if challenger.tags.get(TAG_ROLLED_BACK):
+        return _refuse(report, [f"version {challenger.version} was rolled back at {challenger.tags[TAG_ROLLED_BACK]}; "
+                                "register a new model to try again"], layout, "rejected")
+    try:
+        challenger_servable = load_servable(client, name, challenger.version)
+    except RegistryError as err:
+        return _refuse(report, [f"the challenger cannot be served: {err}"], layout, "rejected")
+    reference = reference_champion(client, name, champion, exclude=str(challenger.version))
+    report["skipped_champions"] = reference.skipped
+    if reference.ever and reference.version is None:
+        return _refuse(report, [*reference.skipped, "no earlier champion can be scored, so the challenger cannot be "
+                                "gated: roll back to (or re-register) a healthy version, or delete the 'champion' alias "
+                                "and the model's leanrec.champion_history tag to start the registry afresh"], layout)
+    if reference.version is not None:
+        report["reference_version"] = str(reference.version.version)
+        comparable, figures, reasons = comparability(reference.servable, layout.features_dir, cfg, seed)
+        report["comparability"] = figures
+        if not comparable:
+            return _refuse(report, [f"version {reference.version.version} (champion) cannot be judged on this run's "
+                                    "test split, so the scores are not comparable", *reasons], layout)
+
+    challenger_figures = score_on_split(challenger_servable, layout.features_dir, seed=seed)
     challenger_figures["latency_p50_ms"] = _float_tag(challenger, "latency_p50_ms")
     champion_figures = None
-    if champion is not None:
-        champion_figures = score_on_split(load_servable(name, champion.version), layout.features_dir, seed=seed)
-        champion_figures["latency_p50_ms"] = _float_tag(champion, "latency_p50_ms")
+    if reference.version is not None:
+        champion_figures = score_on_split(reference.servable, layout.features_dir, seed=seed)
+        champion_figures["latency_p50_ms"] = _float_tag(reference.version, "latency_p50_ms")
     promoted, reasons = decide(cfg, challenger_figures, champion_figures)
-    if challenger.tags.get(TAG_ROLLED_BACK):
+    reasons = [*reference.skipped, *reasons]
+    if promoted and not cfg.allow_promotion:
         promoted = False
-        reasons.append(f"version {challenger.version} was rolled back at {challenger.tags[TAG_ROLLED_BACK]}; "
-                       "register a new model to try again")
+        reasons.append("the gate passed, but registry.allow_promotion is false: the champion stays")
     report.update(challenger=challenger_figures, champion=champion_figures, promoted=promoted, reasons=reasons,
-                  decision="promoted" if promoted else "rejected")
+                  decision="promoted" if promoted else ("not_allowed" if not cfg.allow_promotion else "rejected"))
     logger.info("promotion of %s version %s: %s (%s)", name, challenger.version, report["decision"], "; ".join(reasons))
 
     moved = False
     try:
         if promoted:
-            previous = "" if champion is None else str(champion.version)
-            client.set_model_version_tag(name, challenger.version, TAG_PREVIOUS, previous or "none")
-            # The single write that promotes: an overwrite, so `champion` never points nowhere.
-            client.set_registered_model_alias(name, CHAMPION, challenger.version)
-            moved = True
-            after = alias_version(client, name, CHAMPION)
-            report["champion_after"] = None if after is None else str(after.version)
-            if report["champion_after"] != str(challenger.version):
-                report["decision"] = "superseded"
-                logger.warning("a concurrent promotion moved %s to version %s after this one", CHAMPION, report["champion_after"])
+            # The version check: an alias moved since it was read (by hand, without the lock) is not overwritten.
+            now = alias_version(client, name, CHAMPION)
+            if (None if now is None else str(now.version)) != report["champion_version"]:
+                report.update(decision="superseded", promoted=False, champion_after=None if now is None else str(now.version))
+                reasons.append(f"{CHAMPION} moved to version {report['champion_after']} while this gate ran; rerun promote")
+                logger.warning("%s moved to version %s while the gate ran", CHAMPION, report["champion_after"])
+            else:
+                previous = "none" if reference.version is None else str(reference.version.version)
+                client.set_model_version_tag(name, challenger.version, TAG_PREVIOUS, previous)
+                # The single write that promotes: an overwrite, so `champion` never points nowhere.
+                client.set_registered_model_alias(name, CHAMPION, challenger.version)
+                moved = True
+                record_champion(client, name, str(challenger.version), "promoted")
+                report["champion_after"] = str(challenger.version)
         else:
             report["champion_after"] = report["champion_version"]
         figures = {
             TAG_DECISION: report["decision"],
             "leanrec.promotion.at": report["at"],
-            "leanrec.promotion.champion_version": report["champion_version"] or "none",
+            "leanrec.promotion.champion_version": report.get("reference_version") or "none",
             "leanrec.promotion.reasons": "; ".join(reasons)[:5000],
             "leanrec.promotion.challenger_ndcg_at_10": f"{challenger_figures['ndcg@10']:.6f}",
         }
@@ -212,18 +351,35 @@ def _restore_champion(client: Any, name: str, champion: Any | None) -> None:
 
 
 def rollback(cfg: RegistryConfig, tracking: TrackingConfig, layout: Layout) -> dict:
-    """Move `champion` back to the version the current champion replaced."""
+    """Move `champion` back to the version the current champion replaced (or the newest earlier one that exists)."""
     client = registry_client(tracking, layout.root)
     name = cfg.model_name
-    champion = alias_version(client, name, CHAMPION)
-    if champion is None:
-        raise RegistryError(f"{name} has no {CHAMPION!r}: nothing to roll back")
-    previous = champion.tags.get(TAG_PREVIOUS, "none")
-    if previous in ("", "none"):
-        raise RegistryError(f"{name} version {champion.version} was the first champion: there is no previous one to roll back to")
-    client.get_model_version(name, previous)  # fails clearly if that version is gone
-    client.set_registered_model_alias(name, CHAMPION, previous)
-    at = utc_now()
-    client.set_model_version_tag(name, champion.version, TAG_ROLLED_BACK, at)
-    logger.info("%s: %s moved back from version %s to %s", name, CHAMPION, champion.version, previous)
-    return {"model_name": name, "rolled_back": str(champion.version), "champion": str(previous), "at": at}
+    with promotion_lock(client, name, cfg.lock_timeout_s):
+        champion = alias_version(client, name, CHAMPION)
+        if champion is None:
+            raise RegistryError(f"{name} has no {CHAMPION!r}: nothing to roll back")
+        previous = champion.tags.get(TAG_PREVIOUS, "none")
+        if previous in ("", "none"):
+            raise RegistryError(f"{name} version {champion.version} was the first champion: there is no previous one to roll back to")
+        history = [e["version"] for e in reversed(champion_history(client, name)) if e.get("event") == "promoted"]
+        skipped = []
+        older = history[history.index(previous) + 1 :] if previous in history else []
+        for candidate in dict.fromkeys([previous, *older]):
+            if candidate == str(champion.version):
+                continue
+            try:
+                get_version(client, name, candidate)
+            except RegistryError as err:
+                skipped.append(str(err))
+                continue
+            break
+        else:
+            raise RegistryError(f"{name} version {champion.version} replaced version {previous}, and no earlier champion "
+                                f"exists any more ({'; '.join(skipped)}): nothing to roll back to")
+        client.set_registered_model_alias(name, CHAMPION, candidate)
+        at = utc_now()
+        client.set_model_version_tag(name, champion.version, TAG_ROLLED_BACK, at)
+        record_champion(client, name, candidate, "rolled_back")
+    logger.info("%s: %s moved back from version %s to %s", name, CHAMPION, champion.version, candidate)
+    return {"model_name": name, "rolled_back": str(champion.version), "champion": str(candidate), "at": at,
+            "skipped": skipped}

@@ -1,9 +1,11 @@
 """MLflow model registry: register the policy's candidate, gate its promotion, roll back.
 
 - `register`: among the teacher and its variants in reports/compression.json, the
-  candidate is the best by `registry.policy.metric` within the latency and size
+  candidate is picked by `registry.policy.metric` within the latency and size
   budgets and at least `registry.policy.min_latency_speedup` times as fast as the
-  teacher (so a "compressed" pick is never slower than what it compresses); it is
+  teacher (so a "compressed" pick is never slower than what it compresses); the
+  models within `registry.policy.tolerance` of the best metric count as equal and
+  the fastest of them wins (then the smallest), so noise never decides; it is
   logged as the servable pyfunc (pipeline/serving/pyfunc.py), registered as a new
   version of `registry.model_name` with its figures and lineage as tags, and
   aliased `challenger`. A version whose files (model + features) have the same
@@ -15,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +30,11 @@ from pipeline.registry.store import (
     COMPRESSION_REPORT,
     FIGURES,
     REGISTRATION_REPORT,
+    TAG_ARTIFACTS,
     TAG_CONTENT,
     TAG_TEACHER,
     TAG_WORKDIR,
+    artifacts_sha256,
     registry_client,
     tag_key,
 )
@@ -75,8 +81,15 @@ def select_candidate(report: dict, policy: Any) -> tuple[str, dict[str, str]]:
             eligible.append(name)
     if not eligible:
         raise RegistryError("no model meets the registry policy: " + "; ".join(f"{n}: {r}" for n, r in reasons.items()))
-    # Best metric; ties go to the smaller model, then to the name (deterministic).
-    best = max(eligible, key=lambda n: (models[n][policy.metric], -(models[n].get("size_bytes") or 0), n))
+    # Quality within the tolerance of the best is a tie (the figures are noisy): the cheaper model to serve
+    # wins, by batch-1 latency, then size, then quality, then name (deterministic).
+    top = max(models[n][policy.metric] for n in eligible)
+    equal = [n for n in eligible if models[n][policy.metric] >= top * (1.0 - policy.tolerance)]
+    inf = float("inf")
+    best = min(equal, key=lambda n: (models[n].get("latency_p50_ms") or inf, models[n].get("size_bytes") or inf,
+                                     -models[n][policy.metric], n))
+    for name in equal:
+        reasons[name] = f"within {policy.tolerance:.1%} of the best {policy.metric}, but slower or larger than {best}"
     reasons[best] = "selected"
     return best, reasons
 
@@ -91,6 +104,17 @@ def content_sha256(model_dir: Path, features_sha: str) -> str:
         digest.update(hashlib.sha256(file.read_bytes()).digest())
     digest.update(features_sha.encode())
     return digest.hexdigest()
+
+
+def stored_sha256(model_uri: str) -> str:
+    """`artifacts_sha256` of a logged model, downloaded back from the artifact store."""
+    import mlflow
+
+    staging = tempfile.mkdtemp(prefix="leanrec-register-")
+    try:
+        return artifacts_sha256(Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=staging)))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _ensure_registered_model(client: Any, name: str) -> None:
@@ -157,6 +181,8 @@ def register(cfg: RegistryConfig, tracking: TrackingConfig, layout: Layout) -> d
             mlflow.log_metrics({tag_key(f).removeprefix("leanrec.metric."): float(entry[f])
                                 for f in FIGURES if isinstance(entry.get(f), int | float)})
             info = log_servable(model_dir, layout.features_dir)
+            # Hashed as the store returns it, before registering, so the version never exists without its hash.
+            tags[TAG_ARTIFACTS] = stored_sha256(info.model_uri)
             version = mlflow.register_model(info.model_uri, cfg.model_name, tags={k: v for k, v in tags.items() if v})
         created = True
         logger.info("registered %s as %s version %s", candidate, cfg.model_name, version.version)

@@ -23,43 +23,18 @@ from pipeline.registry import promote as promotion
 from pipeline.registry.promote import promote, rollback
 from pipeline.registry.register import register, select_candidate
 from tests.helpers import copy_repo
-from tests.registry_helpers import build_trained, clone_workdir, compress, measure, save_random_model, write_compression
+from tests.registry_helpers import (
+    NO_BUDGET,
+    aliases,
+    compress,
+    measure,
+    register_only,
+    save_random_model,
+    sqlite_tracking,
+    write_compression,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    layout = build_trained(tmp_path_factory.mktemp("trained"))
-    save_random_model(layout, "random")
-    return layout
-
-
-@pytest.fixture
-def work(trained, tmp_path):
-    return clone_workdir(trained, tmp_path / "work")
-
-
-def _tracking(root: Path) -> TrackingConfig:
-    return TrackingConfig(tracking_uri=f"sqlite:///{root}/mlflow.db")
-
-
-def _aliases(tracking: TrackingConfig, name: str = "leanrec") -> dict[str, str]:
-    aliases = MlflowClient(tracking.tracking_uri, tracking.tracking_uri).get_registered_model(name).aliases
-    return {alias: str(version) for alias, version in aliases.items()}
-
-
-# The policy without its default latency criteria (registry.policy.max_latency_p50_ms: 50.0, min_latency_speedup: 1.0).
-NO_BUDGET = RegistryConfig(policy=PolicyConfig(max_latency_p50_ms=None, min_latency_speedup=None))
-
-
-def _register_only(work, tracking, name: str, cfg: RegistryConfig | None = None, **figures) -> dict:
-    """Register one model (fabricated latency where given) as the challenger."""
-    cfg = cfg or RegistryConfig()
-    entry = measure(work, work.model_dir(name) if name in ("random", "main") else work.root / name, "fp32")
-    entry.update(figures)
-    write_compression(work, {"teacher": entry})
-    return register(cfg, tracking, work)
 
 
 # ----------------------------------------------------------------------------- policy
@@ -110,9 +85,9 @@ def test_policy_errors_name_the_problem():
 
 def test_register_tags_aliases_and_is_idempotent(work, tmp_path):
     figures = compress(work, ("int8_table", "int4_table"))
-    tracking = _tracking(tmp_path)
+    tracking = sqlite_tracking(tmp_path)
     first = register(NO_BUDGET, tracking, work)
-    best = max(figures, key=lambda n: (figures[n]["ndcg@10"], -figures[n]["size_bytes"]))
+    best = select_candidate(json.loads((work.reports_dir / "compression.json").read_text()), NO_BUDGET.policy)[0]
     assert first["candidate"] == best and first["created"] and first["version"] == "1"
     assert json.loads((work.reports_dir / "registration.json").read_text())["version"] == "1"
     client = MlflowClient(tracking.tracking_uri, tracking.tracking_uri)
@@ -133,34 +108,34 @@ def test_register_tags_aliases_and_is_idempotent(work, tmp_path):
                                                  max_size_bytes=min(f["size_bytes"] for f in figures.values())))
     third = register(smaller, tracking, work)
     assert third["candidate"] == min(figures, key=lambda n: figures[n]["size_bytes"]) and third["version"] == "2"
-    assert _aliases(tracking) == {"challenger": "2"}
+    assert aliases(tracking) == {"challenger": "2"}
 
 
 def test_register_needs_compression_report_and_tracking(work, tmp_path):
     with pytest.raises(RegistryError, match="compression.json not found"):
-        register(RegistryConfig(), _tracking(tmp_path), work)
+        register(RegistryConfig(), sqlite_tracking(tmp_path), work)
     compress(work, ())
     with pytest.raises(RegistryError, match="tracking.enabled=true"):
-        register(RegistryConfig(), TrackingConfig(enabled=False), work)
+        register(NO_BUDGET, TrackingConfig(enabled=False), work)
 
 
 # ----------------------------------------------------------------------------- promote / rollback
 
 
 def test_first_model_becomes_champion_then_gate_both_ways_and_rollback(work, tmp_path):
-    tracking = _tracking(tmp_path)
-    _register_only(work, tracking, "main")
+    tracking = sqlite_tracking(tmp_path)
+    register_only(work, tracking, "main")
     first = promote(RegistryConfig(), tracking, work)
     assert first["decision"] == "promoted" and first["champion_version"] is None
-    assert _aliases(tracking) == {"challenger": "1", "champion": "1"}
+    assert aliases(tracking) == {"challenger": "1", "champion": "1"}
     assert promote(RegistryConfig(), tracking, work)["decision"] == "unchanged"
 
     # A worse model (untrained): registered as challenger, not promoted.
-    _register_only(work, tracking, "random")
+    register_only(work, tracking, "random")
     worse = promote(RegistryConfig(), tracking, work)
     assert worse["decision"] == "rejected" and not worse["promoted"]
     assert worse["challenger"]["ndcg@10"] < worse["champion"]["ndcg@10"] * 0.99
-    assert _aliases(tracking) == {"challenger": "2", "champion": "1"}
+    assert aliases(tracking) == {"challenger": "2", "champion": "1"}
     saved = json.loads((work.reports_dir / "promotion.json").read_text())
     assert saved["decision"] == "rejected" and saved["champion_after"] == "1"
     client = MlflowClient(tracking.tracking_uri, tracking.tracking_uri)
@@ -172,38 +147,38 @@ def test_first_model_becomes_champion_then_gate_both_ways_and_rollback(work, tmp
     shutil.copytree(work.model_dir("main"), work.root / "models" / "copy")
     (work.root / "models" / "copy" / "model_config.json").write_text(
         json.dumps({**json.loads((work.model_dir("main") / "model_config.json").read_text()), "dropout": 0.1}))
-    _register_only(work, tracking, "models/copy")
+    register_only(work, tracking, "models/copy")
     better = promote(RegistryConfig(), tracking, work)
     assert better["decision"] == "promoted" and better["challenger"]["ndcg@10"] == pytest.approx(better["champion"]["ndcg@10"])
-    assert _aliases(tracking)["champion"] == "3"
+    assert aliases(tracking)["champion"] == "3"
     assert client.get_model_version("leanrec", "3").tags["leanrec.previous_champion"] == "1"
 
     back = rollback(RegistryConfig(), tracking, work)
     assert back == {**back, "rolled_back": "3", "champion": "1"}
-    assert _aliases(tracking)["champion"] == "1"
+    assert aliases(tracking)["champion"] == "1"
     with pytest.raises(RegistryError, match="first champion"):
         rollback(RegistryConfig(), tracking, work)
     # The rolled-back version is not promoted again by a rerun of promote.
     again = promote(RegistryConfig(), tracking, work, version="3")
     assert again["decision"] == "rejected" and "rolled back" in again["reasons"][-1]
-    assert _aliases(tracking)["champion"] == "1"
+    assert aliases(tracking)["champion"] == "1"
 
 
 def test_latency_budget_blocks_promotion(work, tmp_path):
-    tracking = _tracking(tmp_path)
-    _register_only(work, tracking, "random")
+    tracking = sqlite_tracking(tmp_path)
+    register_only(work, tracking, "random")
     promote(RegistryConfig(), tracking, work)
-    _register_only(work, tracking, "main", NO_BUDGET, latency_p50_ms=80.0)  # better, but slow
+    register_only(work, tracking, "main", NO_BUDGET, latency_p50_ms=80.0)  # better, but slow
     assert RegistryConfig().policy.max_latency_p50_ms == 50.0  # the default budget (params.yaml's)
     result = promote(RegistryConfig(), tracking, work)
     assert result["decision"] == "rejected" and "over the budget 50.0" in result["reasons"][0]
     assert result["challenger"]["ndcg@10"] > result["champion"]["ndcg@10"]
-    assert _aliases(tracking)["champion"] == "1"
+    assert aliases(tracking)["champion"] == "1"
     assert promote(NO_BUDGET, tracking, work)["decision"] == "promoted"  # no budget: the better model wins
 
 
 def test_no_challenger_and_no_champion_errors(work, tmp_path):
-    tracking = _tracking(tmp_path)
+    tracking = sqlite_tracking(tmp_path)
     with pytest.raises(RegistryError, match="no 'challenger' alias"):
         promote(RegistryConfig(), tracking, work)
     with pytest.raises(RegistryError, match="no 'champion'"):
@@ -212,11 +187,11 @@ def test_no_challenger_and_no_champion_errors(work, tmp_path):
 
 @pytest.mark.parametrize("fail_at", ["decision_tag", "report"])
 def test_failure_mid_promotion_leaves_aliases_as_they_were(work, tmp_path, monkeypatch, fail_at):
-    tracking = _tracking(tmp_path)
-    _register_only(work, tracking, "random")
+    tracking = sqlite_tracking(tmp_path)
+    register_only(work, tracking, "random")
     promote(RegistryConfig(), tracking, work)
-    _register_only(work, tracking, "main")
-    before = _aliases(tracking)
+    register_only(work, tracking, "main")
+    before = aliases(tracking)
     assert before == {"challenger": "2", "champion": "1"}
     if fail_at == "decision_tag":  # after the alias moved: the tags fail
         original = MlflowClient.set_model_version_tag
@@ -234,38 +209,38 @@ def test_failure_mid_promotion_leaves_aliases_as_they_were(work, tmp_path, monke
         monkeypatch.setattr(promotion, "write_json", failing_write)
     with pytest.raises(RegistryError, match="aliases left as they were"):
         promote(RegistryConfig(), tracking, work)
-    assert _aliases(tracking) == before
+    assert aliases(tracking) == before
     monkeypatch.undo()
     assert promote(RegistryConfig(), tracking, work)["decision"] == "promoted"
 
 
 def test_failure_before_first_champion_leaves_no_champion(work, tmp_path, monkeypatch):
-    tracking = _tracking(tmp_path)
-    _register_only(work, tracking, "main")
+    tracking = sqlite_tracking(tmp_path)
+    register_only(work, tracking, "main")
     monkeypatch.setattr(promotion, "write_json", lambda data, target: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(RegistryError):
         promote(RegistryConfig(), tracking, work)
-    assert _aliases(tracking) == {"challenger": "1"}
+    assert aliases(tracking) == {"challenger": "1"}
 
 
-def test_concurrent_promotions_never_leave_the_registry_without_a_champion(work, tmp_path, monkeypatch):
-    tracking = _tracking(tmp_path)
-    _register_only(work, tracking, "random")
+def test_concurrent_promotions_are_serialised_and_the_second_is_gated_against_the_first(work, tmp_path, monkeypatch):
+    tracking = sqlite_tracking(tmp_path)
+    register_only(work, tracking, "random")
     promote(RegistryConfig(), tracking, work)
-    versions = [_register_only(work, tracking, "main")["version"]]
+    versions = [register_only(work, tracking, "main")["version"]]
     shutil.copytree(work.model_dir("main"), work.root / "models" / "copy")
     (work.root / "models" / "copy" / "model_config.json").write_text(
         json.dumps({**json.loads((work.model_dir("main") / "model_config.json").read_text()), "dropout": 0.1}))
-    versions.append(_register_only(work, tracking, "models/copy")["version"])
-    # Both promotions read the same champion and decide before either writes: the race is forced, not hoped for.
+    versions.append(register_only(work, tracking, "models/copy")["version"])
+    # Both promotions read the same champion and reach the lock together: the race is forced, not hoped for.
     barrier = threading.Barrier(2, timeout=60)
-    original_decide = promotion.decide
+    original_lock = promotion.promotion_lock
 
-    def decide_together(*args, **kwargs):
+    def lock_together(*args, **kwargs):
         barrier.wait()
-        return original_decide(*args, **kwargs)
+        return original_lock(*args, **kwargs)
 
-    monkeypatch.setattr(promotion, "decide", decide_together)
+    monkeypatch.setattr(promotion, "promotion_lock", lock_together)
     client = MlflowClient(tracking.tracking_uri, tracking.tracking_uri)
     seen, errors, results = [], [], {}
     done = threading.Event()
@@ -287,17 +262,22 @@ def test_concurrent_promotions_never_leave_the_registry_without_a_champion(work,
     for worker in workers:
         worker.start()
     for worker in workers:
-        worker.join(timeout=120)
+        worker.join(timeout=180)
     done.set()
     watcher.join(timeout=30)
     assert not errors, errors
     assert seen and set(seen) <= {"1", *versions}
+    # One ran first against version 1; the other waited for the lock and was gated against the first's result.
+    first, second = sorted(results.values(), key=lambda r: r["champion_version"] != "1")
+    assert first["champion_version"] == "1" and first["decision"] == "promoted"
+    assert second["champion_version"] == first["challenger_version"] and second["decision"] == "promoted"
     final = str(client.get_model_version_by_alias("leanrec", "champion").version)
-    assert final in versions
-    decisions = {v: r["decision"] for v, r in results.items()}
-    assert all(r["champion_version"] == "1" for r in results.values())  # both were gated against the same champion
-    assert decisions[final] == "promoted"
-    assert all(d in ("promoted", "superseded") for d in decisions.values())
+    assert final == second["challenger_version"]
+    # The rollback chain skips nothing: second -> first -> 1.
+    monkeypatch.undo()
+    assert rollback(RegistryConfig(), tracking, work)["champion"] == first["challenger_version"]
+    assert rollback(RegistryConfig(), tracking, work)["champion"] == "1"
+    assert not client.search_registered_models("name='leanrec.promotion-lock'")  # released
 
 
 def test_cli_register_promote_rollback(work, tmp_path, capsys):
@@ -413,7 +393,7 @@ def test_dvc_repro_ends_with_a_champion_and_a_worse_run_is_not_promoted(tmp_path
     for stage in ("register", "promote", "recommend"):
         assert f"Running stage '{stage}'" in first
     tracking = TrackingConfig(tracking_uri=f"sqlite:///{repo}/mlflow.db")
-    assert _aliases(tracking) == {"challenger": "1", "champion": "1"}
+    assert aliases(tracking) == {"challenger": "1", "champion": "1"}
     assert json.loads((repo / "reports/promotion.json").read_text())["decision"] == "promoted"
     assert json.loads((repo / "reports/recommend.json").read_text())["version"] == "1"
     assert "Running stage" not in dvc("repro")  # nothing changed: no stage, no new version
@@ -422,7 +402,7 @@ def test_dvc_repro_ends_with_a_champion_and_a_worse_run_is_not_promoted(tmp_path
     promotion = json.loads((repo / "reports/promotion.json").read_text())
     assert promotion["decision"] == "rejected", promotion
     assert promotion["challenger"]["ndcg@10"] < promotion["champion"]["ndcg@10"]
-    assert _aliases(tracking) == {"challenger": "2", "champion": "1"}
+    assert aliases(tracking) == {"challenger": "2", "champion": "1"}
     assert json.loads((repo / "reports/recommend.json").read_text())["version"] == "1"
 
 
