@@ -25,9 +25,9 @@ TRAIN = {"epochs": 4, "d_model": 16, "n_heads": 1, "max_len": 20, "dropout": 0.0
          "baselines": [], "device": "cpu", "early_stopping_patience": 5}
 
 
-def build_trained(root: Path) -> Layout:
-    """Tiny features and a trained teacher in models/main (tracking off)."""
-    layout = build_features(root)
+def build_trained(root: Path, overrides: dict | None = None) -> Layout:
+    """Tiny features (TINY with `overrides`) and a trained teacher in models/main (tracking off)."""
+    layout = build_features(root, overrides)
     params = params_from_dict({"train": TRAIN})
     run_train(params.train, TrackingConfig(enabled=False), layout, seed=0)
     return layout
@@ -119,3 +119,23 @@ def register_only(work: Layout, tracking: TrackingConfig, name: str, cfg: Regist
     entry.update({"latency_p50_ms": 1.0, **figures})
     write_compression(work, {"teacher": entry})
     return register(cfg or RegistryConfig(), tracking, work)
+
+
+def stored_model_dir(tracking: TrackingConfig, version: str, name: str = "leanrec") -> Path:
+    """Where the artifact store keeps a registered version's files (a local folder in these tests)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(tracking.tracking_uri)
+    source = MlflowClient(tracking.tracking_uri, tracking.tracking_uri).get_model_version(name, version).source
+    location = mlflow.get_logged_model(source.removeprefix("models:/")).artifact_location
+    return Path(location.removeprefix("file://"))
+
+
+def copy_of_teacher(work: Layout, name: str, dropout: float) -> str:
+    """The teacher's weights under models/<name> with another config value: same quality, other content hash."""
+    target = work.root / "models" / name
+    shutil.copytree(work.model_dir("main"), target)
+    config = json.loads((work.model_dir("main") / "model_config.json").read_text())
+    (target / "model_config.json").write_text(json.dumps({**config, "dropout": dropout}))
+    return f"models/{name}"

@@ -308,7 +308,7 @@ class RegistryConfig(_Strict):
         "with no test user known to the champion) the data differ and the gate refuses; 0: check the catalogue only")
     min_target_coverage: float = Field(0.5, ge=0.0, le=1.0,
                                        description="share of the test targets the champion must know for a comparable gate")
-    lock_timeout_s: float = Field(1800.0, gt=0, description="wait this long for a concurrent promotion; older locks are stale")
+    lock_timeout_s: float = Field(1800.0, gt=0, description="wait this long for a concurrent promotion; a lock twice as old is stale")
 
 
 class RecommendConfig(_Strict):

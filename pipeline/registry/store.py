@@ -238,7 +238,7 @@ def _lock_holder(client: Any, lock_name: str) -> dict | None:
 
 
 def _is_stale(holder: dict, timeout_s: float) -> bool:
-    """A lock whose process is gone (same host) or older than the timeout was left by a crash."""
+    """A lock whose process is gone (same host) or older than twice the timeout was left by a crash."""
     if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
         try:
             os.kill(holder["pid"], 0)
@@ -246,14 +246,15 @@ def _is_stale(holder: dict, timeout_s: float) -> bool:
             return True
         except PermissionError:
             pass
-    return time.time() - float(holder.get("since", time.time())) > timeout_s
+    return time.time() - float(holder.get("since", time.time())) > 2 * timeout_s
 
 
 @contextmanager
 def promotion_lock(client: Any, name: str, timeout_s: float, poll_s: float = 0.2) -> Iterator[None]:
     """Hold the model's promotion lock: a compare-and-set the store enforces (unique model names).
 
-    Waits for a running promotion up to `timeout_s`; a lock left by a crashed process is broken.
+    Waits for a running promotion up to `timeout_s`; a lock left by a crashed process is broken (at
+    once on the same host, where its pid shows it; elsewhere when older than twice the timeout).
     """
     from mlflow.exceptions import MlflowException
 
@@ -276,7 +277,8 @@ def promotion_lock(client: Any, name: str, timeout_s: float, poll_s: float = 0.2
             continue
         if time.monotonic() > deadline:
             raise RegistryError(f"another promotion or rollback of {name} holds the lock {lock_name!r} ({holder}); waited "
-                                f"{timeout_s:.0f} s (registry.lock_timeout_s). If none is running, delete that registered model")
+                                f"{timeout_s:.0f} s (registry.lock_timeout_s); it counts as stale after {2 * timeout_s:.0f} s. If none is "
+                                "running, delete that registered model")
         time.sleep(poll_s)
     try:
         yield
