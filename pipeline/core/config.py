@@ -112,7 +112,8 @@ class SplitConfig(_Strict):
 
 
 class FeaturesConfig(_Strict):
-    min_rating: float | None = Field(3.0, description="implicit-feedback threshold; null keeps every rating")
+    min_rating: float | None = Field(3.0, description="implicit-feedback threshold on explicit ratings; a source whose rows "
+                                     "all share one rating (a file without a rating column) keeps every row; null keeps all")
     dedupe: Literal["first", "last", "none"] = Field("first", description="which repeat of a (user, item) pair to keep")
     min_user_interactions: int = Field(5, ge=1)
     min_item_interactions: int = Field(5, ge=1)

@@ -134,8 +134,12 @@ def fail_orphaned_runs(cfg: TrackingConfig, root: Path, run_name: str, keep: str
     return ended
 
 
-def existing_run_id(cfg: TrackingConfig, root: Path, run_id: str | None) -> str | None:
-    """`run_id` if the tracking store holds it (not deleted), so that it can be re-opened; else None, with a warning."""
+def resumable_run_id(cfg: TrackingConfig, root: Path, run_id: str | None) -> str | None:
+    """`run_id` if it can be re-opened to record the rest of a resumed run; else None (a new run records it).
+
+    Only a run that did not finish is re-opened (left RUNNING by a killed process, or FAILED): a FINISHED
+    run's artifacts may back a registered model version, and continuing it would change them.
+    """
     if run_id is None or not cfg.enabled:
         return None
     from mlflow.exceptions import MlflowException
@@ -147,6 +151,9 @@ def existing_run_id(cfg: TrackingConfig, root: Path, run_id: str | None) -> str 
         run = None
     if run is None or run.info.lifecycle_stage == "deleted":
         logger.warning("MLflow run %s is not in %s (any more): a new run records the rest", run_id, resolve_tracking_uri(cfg, root))
+        return None
+    if run.info.status == "FINISHED":
+        logger.info("MLflow run %s finished: a new run records the resumed epochs", run_id)
         return None
     return run_id
 

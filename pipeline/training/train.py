@@ -52,12 +52,12 @@ from pipeline.core.errors import TrainError
 from pipeline.core.io import Layout, write_json
 from pipeline.core.tracking import (
     directory_sha256,
-    existing_run_id,
     fail_orphaned_runs,
     flatten,
     lineage_tags,
     mlflow_run,
     read_run_id,
+    resumable_run_id,
     write_run_id,
 )
 from pipeline.data.sequences import SequenceData, load_sequences
@@ -282,7 +282,7 @@ def run_train(
 
     previous_run_id = (meta.get("mlflow_run_id") or read_run_id(run_dir)) if resuming else None
     if world.is_main and tracking.enabled:
-        previous_run_id = existing_run_id(tracking, layout.root, previous_run_id)
+        previous_run_id = resumable_run_id(tracking, layout.root, previous_run_id)
         fail_orphaned_runs(tracking, layout.root, f"train-{cfg.run_name}", keep=previous_run_id)
     if not resuming:
         write_run_id(run_dir, None)  # an untracked fresh run has no MLflow run (and DVC expects the file)

@@ -110,3 +110,17 @@ def test_every_opened_run_records_its_process(tmp_path):
     tags = MlflowClient(cfg.tracking_uri).get_run(run.info.run_id).data.tags
     assert {key: tags[key] for key in PROCESS_TAGS} == process_tags()
     mlflow.set_tracking_uri(None)
+
+
+def test_only_a_run_that_did_not_finish_is_reopened_by_a_resumed_train(tmp_path):
+    from pipeline.core.tracking import resumable_run_id
+
+    cfg = params_from_dict({}, [f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]).tracking
+    client = MlflowClient(cfg.tracking_uri)
+    experiment = client.create_experiment("leanrec")
+    killed, failed, finished, deleted = (client.create_run(experiment).info.run_id for _ in range(4))
+    client.set_terminated(failed, "FAILED")
+    client.set_terminated(finished, "FINISHED")  # its artifacts may back a registered version: never continued
+    client.delete_run(deleted)
+    assert [resumable_run_id(cfg, tmp_path, r) for r in (killed, failed, finished, deleted, "0" * 32, None)] == [
+        killed, failed, None, None, None, None]
