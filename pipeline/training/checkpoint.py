@@ -8,6 +8,7 @@ and says how a checkpoint differs from the run about to resume it (`config_diffe
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -45,7 +46,7 @@ def _flat(tree: object, prefix: str = "") -> dict[str, object]:
 
 
 def config_differences(recorded: dict, current: dict, ignore: tuple[str, ...] = ()) -> list[str]:
-    """'key: recorded X, now Y' for every (dotted) key whose value differs; keys under `ignore` are skipped."""
+    """'key: X there, Y now' (recorded, current) for every dotted key whose value differs; keys under `ignore` are skipped."""
     before, after = _flat(recorded), _flat(current)
     skipped = lambda key: any(key == i or key.startswith(f"{i}.") for i in ignore)  # noqa: E731
     missing = object()
@@ -68,6 +69,4 @@ def shape_differences(saved: dict[str, torch.Tensor], expected: dict[str, torch.
 
 def checkpoint_meta(checkpoint: dict) -> dict | None:
     """The plain values the engine saved with the checkpoint (EngineSettings.checkpoint_meta), if any."""
-    import json
-
     return json.loads(checkpoint["meta_json"]) if "meta_json" in checkpoint else None
