@@ -66,3 +66,38 @@ def test_dvc_repro_runs_and_second_repro_does_nothing(repo_copy):
     third = _run([*dvc, "repro"], repo_copy, env)
     assert "Running stage 'features'" in third.stdout
     assert "Running stage 'ingest'" not in third.stdout and "Running stage 'validate'" not in third.stdout
+
+
+def test_dvc_repro_after_a_killed_train_resumes_it(tmp_path):
+    """`dvc repro` killed (SIGKILL, the whole process group) during train, then `dvc repro` again: DVC keeps the
+    checkpoint (no stage output), and train continues from it instead of starting over."""
+    import signal
+    import time
+
+    import torch
+
+    repo = copy_repo(tmp_path / "repo", epochs=8, commit=False)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "GX_ANALYTICS_ENABLED": "false"}
+    dvc = [sys.executable, "-m", "dvc"]
+    checkpoint = repo / "models/main/checkpoints/last.pt"
+    proc = subprocess.Popen([*dvc, "repro", "train"], cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        if checkpoint.exists() and torch.load(checkpoint, weights_only=True)["epoch"] >= 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "dvc repro finished before train could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # dvc and the train process it started
+    proc.wait()
+    killed_at = torch.load(checkpoint, weights_only=True)["epoch"]
+    assert killed_at < 7
+
+    again = _run([*dvc, "repro", "train"], repo, env)
+    assert "Running stage 'train'" in again.stdout and "Running stage 'features'" not in again.stdout
+    log = again.stdout + again.stderr
+    assert "resuming the interrupted run of this configuration" in log, log[-3000:]
+    history = json.loads((repo / "models/main/history.json").read_text())
+    assert [h["epoch"] for h in history] == list(range(len(history))) and len(history) > killed_at + 1
+    assert (repo / "models/main/model.safetensors").exists()
+    assert json.loads(_run([*dvc, "status", "train", "--json"], repo, env).stdout) == {}

@@ -55,6 +55,7 @@ from pipeline.models.variants import (
     size_on_disk,
     variants_dir,
 )
+from pipeline.training.checkpoint import NOT_TEACHER_KEYS, config_differences
 from pipeline.training.engine import Engine, EngineSettings, Hooks
 from pipeline.training.losses import LossFn, next_item_loss, plain_next_item_loss, sampling_log_probabilities
 
@@ -194,11 +195,42 @@ def _export_encoder(source: SASRec, directory: Path, kind: str) -> None:
                 f"{(directory / ENCODER_FILE).stat().st_size:,}", time.perf_counter() - started)
 
 
-def compress_variant(cfg: CompressConfig, layout: Layout, run_name: str, name: str, seed: int) -> dict:
-    """Build variant `name` of the teacher in models/<run_name>/ -> models/<run_name>/variants/<name>/."""
-    run_dir = layout.model_dir(run_name)
+def check_teacher(run_dir: Path, train_cfg: TrainConfig | None) -> None:
+    """Refuse a teacher that is not the SASRec the train stage wrote there for `train_cfg`.
+
+    models/<run>/train.json is what the last train run there recorded (written at its end, removed at
+    its start): without it the model is from a run that failed or from no run at all; with another
+    train.model, the model file is not its; with other settings than `train_cfg` (keys that change the
+    teacher's weights), it was trained for another configuration. Compressing it would build
+    variants of a model the current configuration never produced.
+    """
+    rerun = "run the train stage (train.model=sasrec) for the current configuration first"
     if not (run_dir / WEIGHTS_FILE).exists():
-        raise CompressError(f"no SASRec teacher in {run_dir}: run the train stage (train.model=sasrec) first")
+        raise CompressError(f"no SASRec teacher in {run_dir}: {rerun}")
+    info = run_dir / "train.json"
+    if not info.exists():
+        raise CompressError(f"{run_dir} has a model but no train.json: it was not written by a finished train run; {rerun}")
+    recorded = json.loads(info.read_text(encoding="utf-8")).get("train", {})
+    if recorded.get("model", "sasrec") != "sasrec":
+        raise CompressError(f"the last train run in {run_dir} trained train.model={recorded['model']}, not a SASRec: "
+                            f"its {WEIGHTS_FILE} is not the teacher; {rerun}")
+    if train_cfg is not None:
+        # A train.json from before a key existed ran with the schema's default for it.
+        recorded = {**TrainConfig().model_dump(mode="json"), **recorded}
+        differences = config_differences(recorded, train_cfg.model_dump(mode="json"), ignore=NOT_TEACHER_KEYS)
+        if differences:
+            raise CompressError(f"the teacher in {run_dir} was trained with other train settings than the current ones "
+                                f"({'; '.join(differences)}): {rerun}")
+
+
+def compress_variant(cfg: CompressConfig, layout: Layout, run_name: str, name: str, seed: int,
+                     train_cfg: TrainConfig | None = None) -> dict:
+    """Build variant `name` of the teacher in models/<run_name>/ -> models/<run_name>/variants/<name>/.
+
+    With `train_cfg` (the stage's: params.train), the teacher must have been trained with it (`check_teacher`).
+    """
+    run_dir = layout.model_dir(run_name)
+    check_teacher(run_dir, train_cfg)
     started = time.perf_counter()
     torch.manual_seed(seed)
     teacher = load_model(run_dir)
@@ -270,12 +302,13 @@ def compress_variant(cfg: CompressConfig, layout: Layout, run_name: str, name: s
     return result
 
 
-def run_compress(cfg: CompressConfig, layout: Layout, run_name: str, seed: int) -> dict:
+def run_compress(cfg: CompressConfig, layout: Layout, run_name: str, seed: int, train_cfg: TrainConfig | None = None) -> dict:
     """Every variant in `cfg.variants`; distilled before distilled+int8 (pq before pq+int8) so the model is trained once."""
+    check_teacher(layout.model_dir(run_name), train_cfg)  # before any variant directory is touched
     order = sorted(cfg.variants, key=lambda n: n in REUSED_FROM)
     out_dir = variants_dir(layout, run_name)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = {name: compress_variant(cfg, layout, run_name, name, seed) for name in order}
+    results = {name: compress_variant(cfg, layout, run_name, name, seed, train_cfg) for name in order}
     for stale in out_dir.iterdir():  # variants no longer listed in params would be reported as current
         if stale.is_dir() and stale.name not in results:
             shutil.rmtree(stale)

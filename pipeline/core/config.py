@@ -10,14 +10,24 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.core.errors import ConfigError
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
+
+
+def _not_only_dots(name: str) -> str:
+    if not name.strip("."):  # "." and ".." are the directory itself and its parent, not a name in it
+        raise ValueError(f"{name!r} names no directory of its own: use letters, digits, '_', '-' (and '.' inside a name)")
+    return name
+
+
+# A name that becomes one path component (models/<run_name>/): no separators, not "." or "..".
+PathName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$"), AfterValidator(_not_only_dots)]
 
 
 class _Strict(BaseModel):
@@ -102,7 +112,8 @@ class SplitConfig(_Strict):
 
 
 class FeaturesConfig(_Strict):
-    min_rating: float | None = Field(3.0, description="implicit-feedback threshold; null keeps every rating")
+    min_rating: float | None = Field(3.0, description="implicit-feedback threshold on explicit ratings; a source whose rows "
+                                     "all share one rating (a file without a rating column) keeps every row; null keeps all")
     dedupe: Literal["first", "last", "none"] = Field("first", description="which repeat of a (user, item) pair to keep")
     min_user_interactions: int = Field(5, ge=1)
     min_item_interactions: int = Field(5, ge=1)
@@ -162,7 +173,7 @@ class TrainConfig(_Strict):
     num_threads: int | None = Field(None, ge=1, description="CPU threads; null lets torch decide")
     baselines: list[Literal["popularity", "bpr"]] = Field(["popularity", "bpr"], description="trained beside the model")
     bpr: BPRConfig = BPRConfig()
-    run_name: str = Field("main", pattern=r"^[A-Za-z0-9_.-]+$", description="models/<run_name>/")
+    run_name: PathName = Field("main", description="models/<run_name>/")
     init_from: str | None = Field(
         None, description="warm start: a SASRec model dir (models/<run>) whose weights initialise this run; its "
         "item table grows for new items, old indices keep their rows (build features with vocab_from)")
@@ -184,7 +195,8 @@ class TrainConfig(_Strict):
 
 
 class EvaluateConfig(_Strict):
-    ks: list[int] = Field([10, 20, 50], description="cut-offs of HR/NDCG/Recall/Coverage")
+    ks: list[Annotated[int, Field(ge=1)]] = Field(
+        [10, 20, 50], min_length=1, description="cut-offs of HR/NDCG/Recall/Coverage; at most the catalogue's items")
     batch_size: int = Field(512, ge=1)
     sampled_negatives: int = Field(100, ge=1, description="negatives of the sampled (paper) protocols")
     sampled_strategies: list[Literal["uniform", "popularity"]] = ["uniform", "popularity"]

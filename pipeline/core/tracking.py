@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 
 RUN_INFO_FILE = "run.json"  # in models/<run>/: the MLflow run that trained it
+# The process that last opened a run: a RUNNING run whose process is gone was killed (fail_orphaned_runs).
+PROCESS_TAGS = ("leanrec.process.host", "leanrec.process.pid", "leanrec.process.started")
 
 
 def write_run_id(run_dir: Path, run_id: str | None) -> None:
@@ -78,9 +81,81 @@ def mlflow_run(
     experiment_id = _experiment_id(mlflow, cfg, root)
     with mlflow.start_run(
         run_id=run_id, experiment_id=None if run_id else experiment_id, run_name=None if run_id else run_name,
-        tags=tags, log_system_metrics=system_metrics,
+        tags={**(tags or {}), **process_tags()}, log_system_metrics=system_metrics,
     ) as run:
         yield run
+
+
+def process_tags(pid: int | None = None) -> dict[str, str]:
+    """Which process holds a run open: host, pid and the process's start time (a reused pid is another process)."""
+    import psutil
+
+    process = psutil.Process(pid or os.getpid())
+    return dict(zip(PROCESS_TAGS, (socket.gethostname(), str(process.pid), f"{process.create_time():.3f}"), strict=True))
+
+
+def process_gone(tags: dict[str, str]) -> bool | None:
+    """True when the process recorded in a run's tags is no longer running; None when this host cannot tell."""
+    import psutil
+
+    host, pid, started = (tags.get(key) for key in PROCESS_TAGS)
+    if host != socket.gethostname() or pid is None or started is None:
+        return None  # another machine's process (or a run from before the tags): not ours to judge
+    try:
+        return f"{psutil.Process(int(pid)).create_time():.3f}" != started
+    except psutil.NoSuchProcess:
+        return True
+
+
+def fail_orphaned_runs(cfg: TrackingConfig, root: Path, run_name: str, keep: str | None = None) -> list[str]:
+    """End as FAILED the runs named `run_name` still RUNNING whose process is gone (killed: no end_run ran).
+
+    `keep` (the run about to be resumed) is left alone. Runs of other hosts, or without process tags,
+    are left too: their process cannot be checked from here. Returns the run ids it ended.
+    """
+    if not cfg.enabled:
+        return []
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(resolve_tracking_uri(cfg, root))
+    experiment = client.get_experiment_by_name(cfg.experiment)
+    if experiment is None:
+        return []
+    running = client.search_runs([experiment.experiment_id],
+                                 filter_string=f"attributes.status = 'RUNNING' and attributes.run_name = '{run_name}'")
+    ended = []
+    for run in running:
+        if run.info.run_id != keep and process_gone(run.data.tags):
+            client.set_tag(run.info.run_id, "leanrec.ended_by", "its process was gone (killed) when a later run started")
+            client.set_terminated(run.info.run_id, "FAILED")
+            ended.append(run.info.run_id)
+    if ended:
+        logger.warning("MLflow: %d run(s) %s left RUNNING by a killed process marked FAILED: %s", len(ended), run_name, ended)
+    return ended
+
+
+def resumable_run_id(cfg: TrackingConfig, root: Path, run_id: str | None) -> str | None:
+    """`run_id` if it can be re-opened to record the rest of a resumed run; else None (a new run records it).
+
+    Only a run that did not finish is re-opened (left RUNNING by a killed process, or FAILED): a FINISHED
+    run's artifacts may back a registered model version, and continuing it would change them.
+    """
+    if run_id is None or not cfg.enabled:
+        return None
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        run = MlflowClient(resolve_tracking_uri(cfg, root)).get_run(run_id)
+    except MlflowException:
+        run = None
+    if run is None or run.info.lifecycle_stage == "deleted":
+        logger.warning("MLflow run %s is not in %s (any more): a new run records the rest", run_id, resolve_tracking_uri(cfg, root))
+        return None
+    if run.info.status == "FINISHED":
+        logger.info("MLflow run %s finished: a new run records the resumed epochs", run_id)
+        return None
+    return run_id
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

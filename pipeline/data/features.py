@@ -1,13 +1,15 @@
 """Stage `features`: validated interactions -> model-ready sequences, vocabularies and splits.
 
 Steps, each counted in the stats so no row disappears unexplained:
-1. implicit-feedback threshold (rating >= min_rating);
+1. implicit-feedback threshold (rating >= min_rating) on explicit ratings (a source whose rows all
+   share one rating, such as a file without a rating column, keeps every row: `rating_threshold`);
 2. per-user chronological order, then de-duplication of (user, item) pairs;
 3. iterative k-core filtering (users and items with too few interactions);
 4. ID vocabularies: index 0 is padding; with `vocab_from`, an earlier
    vocabulary is extended (new IDs appended) and never renumbered;
 5. leave-one-out (last item test, second to last validation) or global
-   temporal split.
+   temporal split; a split without train, validation or test users is refused here
+   (`check_split`), not after the first training epoch.
 
 Outputs in data/features/ (Parquet, zstd): interactions.parquet (one row per
 kept interaction with its split), sequences.parquet (one row per user: item
@@ -123,6 +125,48 @@ def _split_counts(lengths: np.ndarray, user_of_row: np.ndarray, timestamps: np.n
     return labels, {"strategy": "temporal", "valid_from": as_time(valid_cut), "test_from": as_time(test_cut)}
 
 
+def rating_threshold(min_rating: float | None, ratings: pd.Series) -> float | None:
+    """The implicit-feedback threshold to apply: `min_rating` when the source has explicit ratings, else None.
+
+    A source without ratings gives every row the same weight (a file without a rating column: 1.0,
+    pipeline/data/sources/convert.py), and a threshold over one value either keeps every row or drops
+    them all; it is a preference signal only where ratings differ (MovieLens 1-5, the synthetic
+    source's 3-5 signal and 1-2 noise, event weights). So one rating value means implicit feedback:
+    every row is kept, with a warning if the threshold would have dropped them.
+    """
+    if min_rating is None or ratings.empty:
+        return min_rating
+    low, high = float(ratings.min()), float(ratings.max())
+    if low != high:
+        return min_rating
+    if low < min_rating:
+        logger.warning("features: every rating is %g (implicit feedback, no explicit ratings): features.min_rating=%g "
+                       "is not applied, every row is kept", low, min_rating)
+    return None
+
+
+def check_split(per_user_split: np.ndarray, cfg: FeaturesConfig) -> None:
+    """Refuse a split that train or evaluate cannot use, before they start: which setting to change.
+
+    Training needs users with 2+ train items; validation (early stopping) and test need users with a
+    held-out item and some history before it (pipeline/data/sequences.py: evaluation_rows).
+    """
+    n_train, n_valid, n_test = per_user_split[:, 0], per_user_split[:, 1], per_user_split[:, 2]
+    counts = {"train": int((n_train >= 2).sum()), "valid": int(((n_valid > 0) & (n_train > 0)).sum()),
+              "test": int(((n_test > 0) & (n_train + n_valid > 0)).sum())}
+    empty = [name for name, count in counts.items() if count == 0]
+    if not empty:
+        return
+    if cfg.split.strategy == "leave_one_out":
+        fix = ("leave_one_out holds out the last two items of users with 3+ interactions: raise "
+               f"features.min_user_interactions (now {cfg.min_user_interactions}) to 3 or more, or use more data")
+    else:
+        fix = (f"the temporal cut-offs (features.split.valid_fraction={cfg.split.valid_fraction}, "
+               f"test_fraction={cfg.split.test_fraction}) leave no user with both history and a held-out item there: "
+               "change them, or use features.split.strategy=leave_one_out")
+    raise FeaturesError(f"the split leaves no {' and no '.join(empty)} users ({counts} of {len(per_user_split)}); {fix}")
+
+
 def _percentiles(lengths: np.ndarray) -> dict:
     if len(lengths) == 0:
         return {}
@@ -140,8 +184,9 @@ def run_features(cfg: FeaturesConfig, layout: Layout) -> FeaturesResult:
     rows_in = len(frame)
     counts: dict[str, int] = {"rows_in": rows_in}
 
-    if cfg.min_rating is not None:
-        frame = frame[frame[schema.RATING] >= cfg.min_rating]
+    threshold = rating_threshold(cfg.min_rating, frame[schema.RATING])
+    if threshold is not None:
+        frame = frame[frame[schema.RATING] >= threshold]
     counts["dropped_below_min_rating"] = rows_in - len(frame)
 
     # Chronological per user; the stable sort keeps the source order for equal timestamps.
@@ -182,6 +227,7 @@ def run_features(cfg: FeaturesConfig, layout: Layout) -> FeaturesResult:
     labels, split_info = _split_counts(lengths, user_of_row, timestamps_us, cfg)
     per_user_split = np.zeros((len(users), 3), dtype=np.int64)
     np.add.at(per_user_split, (user_of_row, labels), 1)
+    check_split(per_user_split, cfg)
 
     interactions = pa.table({
         "user_idx": pa.array(user_index, pa.int32()),
@@ -209,6 +255,7 @@ def run_features(cfg: FeaturesConfig, layout: Layout) -> FeaturesResult:
         "user_vocab_size": len(user_vocab),
         "item_vocab_size": len(item_vocab),
         "vocab_extended_from": str(vocab_dir) if vocab_dir else None,
+        "min_rating_applied": threshold,  # null: no threshold, or no explicit ratings to apply it to
         "kcore_passes": kcore_passes,
         "rows": counts,
         "split": {**split_info, **{name: int(per_user_split[:, i].sum()) for i, name in enumerate(SPLITS)}},

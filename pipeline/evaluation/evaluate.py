@@ -46,6 +46,16 @@ def load_scorers(run_dir: Path, device: torch.device) -> dict[str, tuple[ScoreFn
     return scorers
 
 
+def check_ks(ks: Iterable[int], n_items: int) -> None:
+    """A cut-off above the catalogue has no top-k to take: refuse it, naming the setting and the catalogue's size."""
+    from pipeline.core.errors import EvaluateError
+
+    too_large = sorted(k for k in set(ks) if k > n_items)
+    if too_large:
+        raise EvaluateError(f"evaluate.ks {too_large} exceed the catalogue's {n_items:,} items: "
+                            f"use cut-offs of at most {n_items:,}")
+
+
 def markdown_table(results: dict[str, dict[str, float]], columns: Iterable[str] = HEADLINE) -> str:
     columns = list(columns)
     lines = ["| model | " + " | ".join(c.replace("full/", "") for c in columns) + " |", "| --- |" + " ---: |" * len(columns)]
@@ -67,11 +77,12 @@ def run_evaluate(eval_cfg, train_cfg, tracking, layout, seed: int, split: str = 
     from pipeline.data.sequences import load_sequences
 
     run_dir = layout.model_dir(train_cfg.run_name)
+    data = load_sequences(layout.features_dir)
+    check_ks(eval_cfg.ks, data.n_items)  # before any model is loaded or scored
     device = select_device(train_cfg.device, "train.device")
     scorers = load_scorers(run_dir, device)
     if not scorers:
         raise EvaluateError(f"no trained model in {run_dir}: run the train stage first")
-    data = load_sequences(layout.features_dir)
     results = {}
     for name, (score_fn, max_len) in scorers.items():
         results[name] = evaluate(

@@ -96,8 +96,8 @@ def _compress(params: Params, layout: Layout, variant: str | None = None) -> Any
     from pipeline.compression.compress import compress_variant, run_compress
 
     if variant is not None:
-        return compress_variant(params.compress, layout, params.train.run_name, variant, seed=params.seed)
-    return run_compress(params.compress, layout, params.train.run_name, seed=params.seed)
+        return compress_variant(params.compress, layout, params.train.run_name, variant, seed=params.seed, train_cfg=params.train)
+    return run_compress(params.compress, layout, params.train.run_name, seed=params.seed, train_cfg=params.train)
 
 
 def _register(params: Params, layout: Layout) -> Any:

@@ -83,6 +83,11 @@ class EngineSettings:
     restore_best: bool = False
     checkpoint_path: Path | None = None  # written after every epoch (rank 0)
     resume: bool = False  # continue from checkpoint_path if it exists; otherwise a fresh run deletes it
+    # Also keep a CPU copy of the best weights in the checkpoint (the teacher: a resumed run whose
+    # model file was deleted, as `dvc repro` deletes a stage's outputs, writes its best weights again).
+    checkpoint_best: bool = False
+    # Plain values saved with every checkpoint (the teacher: the configuration it belongs to, its MLflow run).
+    checkpoint_meta: dict | None = None
 
 
 @dataclass
@@ -348,6 +353,8 @@ class Engine:
     def _keep_best(self, record: dict) -> None:
         if self.settings.restore_best:
             self.best_weights = copy.deepcopy(self.model.state_dict())
+        elif self.settings.checkpoint_best:
+            self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         if self.hooks.on_improve is not None:
             self.hooks.on_improve(self.model, record)
 
@@ -371,6 +378,8 @@ class Engine:
         checkpoint = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                       "scaler": self.scaler.state_dict(), "torch_rng": torch.get_rng_state(), **state,
                       "history_json": json.dumps(self.state.history)}
+        if self.settings.checkpoint_meta is not None:
+            checkpoint["meta_json"] = json.dumps(self.settings.checkpoint_meta)
         if self.best_weights is not None:
             checkpoint["best_model"] = self.best_weights
         save_checkpoint(path, checkpoint)
@@ -381,8 +390,9 @@ class Engine:
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scaler.load_state_dict(checkpoint["scaler"])
         torch.set_rng_state(checkpoint["torch_rng"])
-        if "best_model" in checkpoint:
-            self.best_weights = {k: v.to(self.device) for k, v in checkpoint["best_model"].items()}
+        if "best_model" in checkpoint and (self.settings.restore_best or self.settings.checkpoint_best):
+            target = self.device if self.settings.restore_best else torch.device("cpu")
+            self.best_weights = {k: v.to(target) for k, v in checkpoint["best_model"].items()}
         self.state = TrainState(**{k.name: checkpoint[k.name] for k in fields(TrainState) if k.name != "history"},
                                 history=json.loads(checkpoint["history_json"]))
         logger.info("resuming %s after epoch %d (best %s=%.4f)", path, self.state.epoch, VALID_METRIC, self.state.best_metric)

@@ -17,16 +17,29 @@ CPU). Every rank builds the same global batches and takes its slice, and the
 loss is normalised by the global token count, so N processes compute the same
 update as one process with the same batch size.
 
-A checkpoint is written atomically after every epoch; `resume=True` continues
-from it and ends where an uninterrupted run would (batch order depends only on
-seed and epoch, RNG state is restored). Early stopping on validation NDCG@10
-keeps the best weights in models/<run>/model.safetensors.
+A checkpoint is written atomically after every epoch, with the configuration it belongs to
+(`resume_fingerprint`: the train keys that decide the weights, the model shape, the seed, the
+features' content hash), the best weights so far and the MLflow run. A run continues from it,
+and ends where an uninterrupted run would (batch order depends only on seed and epoch, RNG state
+is restored), when it is asked to (`resume=True`, `--resume`: a checkpoint of another configuration
+or shape is refused, naming what differs) or, without being asked, when the checkpoint is of an
+interrupted run of this same configuration (a killed `dvc repro` reruns the stage; the model file
+DVC deleted is written again from the checkpoint's best weights). A checkpoint of another
+configuration, or of a finished run, is replaced (a warning names what differed). A killed run
+leaves its MLflow run RUNNING: the resumed run re-opens it, and runs of this name whose process is
+gone are marked FAILED when the next one starts. Early stopping on validation NDCG@10 keeps the
+best weights in models/<run>/model.safetensors.
+
+models/<run>/ describes only this run: what an earlier run left that this one does not write (a
+SASRec model when train.model=popularity, its train.json and history, the variants compressed
+from it) is removed when the run starts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,10 +50,26 @@ from pipeline.core.config import TrackingConfig, TrainConfig
 from pipeline.core.devices import select_device
 from pipeline.core.errors import TrainError
 from pipeline.core.io import Layout, write_json
-from pipeline.core.tracking import flatten, lineage_tags, mlflow_run, read_run_id, write_run_id
+from pipeline.core.tracking import (
+    directory_sha256,
+    fail_orphaned_runs,
+    flatten,
+    lineage_tags,
+    mlflow_run,
+    read_run_id,
+    resumable_run_id,
+    write_run_id,
+)
 from pipeline.data.sequences import SequenceData, load_sequences
-from pipeline.models.sasrec import PRESETS, SASRec, SASRecConfig, count_parameters, save_model
+from pipeline.models.sasrec import CONFIG_FILE, PRESETS, WEIGHTS_FILE, SASRec, SASRecConfig, count_parameters, save_model
 from pipeline.training.baselines import train_baselines
+from pipeline.training.checkpoint import (
+    RESUMABLE_CHANGES,
+    checkpoint_meta,
+    config_differences,
+    load_checkpoint,
+    shape_differences,
+)
 from pipeline.training.distributed import barrier, init_distributed
 from pipeline.training.engine import Engine, EngineSettings, Hooks
 from pipeline.training.losses import NextItemLoss, module_loss, resolve_loss, sampling_log_probabilities
@@ -50,6 +79,8 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoints/last.pt"
 HISTORY_FILE = "history.json"
+TRAIN_INFO_FILE = "train.json"
+VARIANTS_DIR = "variants"  # the compress stage's, built from the teacher this run replaces
 
 
 @dataclass
@@ -126,7 +157,70 @@ def engine_settings(cfg: TrainConfig, seed: int, device: torch.device, checkpoin
         eval_batch_size=eval_batch_size, desc="epoch", token_normalisation="global", weight_decay=cfg.weight_decay,
         fused=True, trainable_only=False, amp_dtype=autocast_dtype(cfg, device), compile=cfg.compile,
         reseed=False, validate_initial=False, restore_best=False, checkpoint_path=checkpoint_path, resume=resume,
+        checkpoint_best=True,
     )
+
+
+def resume_fingerprint(cfg: TrainConfig, model_cfg: SASRecConfig, loss: str, seed: int, features_sha256: str) -> dict:
+    """What a checkpoint must match to be resumed: everything that decides the weights (not epochs, device...)."""
+    train = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RESUMABLE_CHANGES}
+    return {"train": train, "model": model_cfg.to_dict(), "loss_resolved": loss, "seed": seed,
+            "features_sha256": features_sha256}
+
+
+def plan_resume(path: Path, fingerprint: dict, model: SASRec, epochs: int, asked: bool) -> dict | None:
+    """The checkpoint to continue from (memory-mapped), or None for a fresh run; see the module docstring.
+
+    `asked` (--resume): a checkpoint of another shape or configuration is an error that says what differs.
+    Otherwise only an interrupted run of the same configuration is resumed; any other checkpoint is replaced.
+    """
+    if not path.exists():
+        if asked:
+            logger.info("no checkpoint at %s: starting from scratch", path)
+        return None
+    checkpoint = load_checkpoint(path, mmap=True)
+    meta = checkpoint_meta(checkpoint)
+    problems = shape_differences(checkpoint["model"], model.state_dict())
+    if meta is not None:
+        problems += config_differences(meta["fingerprint"], fingerprint)
+    elif not asked:
+        problems.append("it records no configuration (written before checkpoints did)")
+    if problems:
+        if asked:
+            raise TrainError(f"--resume: the checkpoint {path} is not of this configuration: {'; '.join(problems)}. Train with "
+                             "the configuration that wrote it, or without --resume to start afresh (the checkpoint is replaced)")
+        logger.warning("checkpoint %s is of another configuration (%s): starting afresh, it is replaced", path, "; ".join(problems))
+        return None
+    if not asked and (checkpoint["stopped_early"] or checkpoint["epoch"] + 1 >= epochs):
+        logger.info("checkpoint %s is of a finished run: starting afresh", path)
+        return None
+    if not asked:
+        logger.info("resuming the interrupted run of this configuration from %s (epoch %d done)", path, checkpoint["epoch"])
+    return checkpoint
+
+
+def clear_stale_outputs(run_dir: Path, resuming: bool, checkpoint: dict | None, model_cfg: SASRecConfig) -> None:
+    """Remove what an earlier run left in `run_dir` that this run does not write; a resumed run keeps its best model.
+
+    A resumed run whose model file is gone (`dvc repro` deletes a stage's outputs before it reruns) writes
+    it again from the checkpoint's best weights, so it exists even if no later epoch improves on them.
+    """
+    stale = [TRAIN_INFO_FILE, HISTORY_FILE, VARIANTS_DIR] + ([] if resuming else [WEIGHTS_FILE, CONFIG_FILE])
+    for name in stale:
+        target = run_dir / name
+        if target.exists():
+            logger.info("removing %s, left by an earlier run", target)
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+    if checkpoint is not None and not (run_dir / WEIGHTS_FILE).exists():
+        if "best_model" not in checkpoint:
+            logger.warning("%s is missing and the checkpoint holds no best weights: it is written at the next better epoch",
+                           run_dir / WEIGHTS_FILE)
+            return
+        best = SASRec(model_cfg)
+        best.load_state_dict(checkpoint["best_model"])
+        save_model(best, run_dir)
+        logger.info("%s written again from the checkpoint's best weights (epoch %d)", run_dir / WEIGHTS_FILE,
+                    checkpoint["best_epoch"])
 
 
 def run_train(
@@ -168,13 +262,29 @@ def run_train(
         model = model.to(device)
     loss_module = teacher_loss(cfg, model, data, device)
     loss = loss_module.loss
-    settings = engine_settings(cfg, seed, device, run_dir / CHECKPOINT_FILE, resume, eval_batch_size)
-    amp_dtype = settings.amp_dtype
 
     n_params = count_parameters(model)
     tags = lineage_tags(layout.root, layout.features_dir) if world.is_main and tracking.enabled else {}
-    previous_run_id = read_run_id(run_dir) if resume else None
-    if not resume:
+    checkpoint_path = run_dir / CHECKPOINT_FILE
+    fingerprint = resume_fingerprint(cfg, model_cfg, loss, seed,
+                                     tags.get("leanrec.features.sha256") or directory_sha256(layout.features_dir))
+    # The sharded teacher keeps no engine checkpoint (pipeline/training/sharded.py): --resume is its own.
+    checkpoint = None if sharded else plan_resume(checkpoint_path, fingerprint, model, cfg.epochs if cfg.model == "sasrec" else 0,
+                                                   asked=resume)
+    resuming = resume if sharded else checkpoint is not None
+    barrier(world)  # every rank has read the checkpoint before rank 0 changes the run dir
+    if world.is_main:
+        clear_stale_outputs(run_dir, resuming, checkpoint, model_cfg)
+    meta = (checkpoint_meta(checkpoint) or {}) if checkpoint is not None else {}
+    settings = engine_settings(cfg, seed, device, checkpoint_path, resuming, eval_batch_size)
+    amp_dtype = settings.amp_dtype
+    del checkpoint  # the engine loads it again (mapped, so cheaply)
+
+    previous_run_id = (meta.get("mlflow_run_id") or read_run_id(run_dir)) if resuming else None
+    if world.is_main and tracking.enabled:
+        previous_run_id = resumable_run_id(tracking, layout.root, previous_run_id)
+        fail_orphaned_runs(tracking, layout.root, f"train-{cfg.run_name}", keep=previous_run_id)
+    if not resuming:
         write_run_id(run_dir, None)  # an untracked fresh run has no MLflow run (and DVC expects the file)
     mlflow_run_id = None
     tracking_ctx = (mlflow_run(tracking, layout.root, f"train-{cfg.run_name}", run_id=previous_run_id, tags=tags)
@@ -193,6 +303,8 @@ def run_train(
                 mlflow.log_dict({"train": cfg.model_dump(mode="json"), "model": model_cfg.to_dict(), "seed": seed}, "config.json")
             mlflow_run_id = mlflow_active.info.run_id
             write_run_id(run_dir, mlflow_run_id)
+        # Every checkpoint says which configuration (and MLflow run) it belongs to.
+        settings = replace(settings, checkpoint_meta={"fingerprint": fingerprint, "mlflow_run_id": mlflow_run_id})
         logger.info("train: %s preset=%s, %s parameters, device=%s, precision=%s, world=%d",
                     cfg.model, cfg.preset, f"{n_params:,}", device, amp_dtype or "fp32", world.world_size)
         logger.info("train: loss %s%s on %s items%s", loss,
@@ -227,10 +339,10 @@ def run_train(
             write_json(state.history, run_dir / HISTORY_FILE)
             write_json({"train": cfg.model_dump(mode="json"), "loss_resolved": loss, "seed": seed, "parameters": n_params,
                         "best_epoch": state.best_epoch, "best_valid_ndcg10": state.best_metric,
-                        "baseline_seconds": baseline_seconds}, run_dir / "train.json")
+                        "baseline_seconds": baseline_seconds}, run_dir / TRAIN_INFO_FILE)
             if mlflow is not None:
                 mlflow.log_metrics({"best_valid_ndcg10": max(state.best_metric, 0.0), "best_epoch": state.best_epoch})
-                if (run_dir / "model.safetensors").exists():
+                if (run_dir / WEIGHTS_FILE).exists():
                     mlflow.log_artifacts(str(run_dir), artifact_path="model")
     barrier(world)
     return TrainResult(

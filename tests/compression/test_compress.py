@@ -18,7 +18,7 @@ from pipeline.evaluation.metrics import evaluate
 from pipeline.models.coded import CodedSASRec
 from pipeline.models.onnx_encoder import ENCODER_FILE, OnnxEncoder
 from pipeline.models.recommender import Recommender
-from pipeline.models.sasrec import WEIGHTS_FILE, SASRec, SASRecConfig, load_model
+from pipeline.models.sasrec import WEIGHTS_FILE, SASRec, SASRecConfig, load_model, save_model
 from pipeline.models.sparse import densify_state, sparsify_state
 from pipeline.models.variants import VARIANT_FILE, load_variant, save_variant, size_on_disk
 from pipeline.training.losses import next_item_loss
@@ -329,3 +329,35 @@ def test_fine_tunes_use_the_loss_the_teacher_was_trained_with(compressed, tmp_pa
     with caplog.at_level("INFO", logger="pipeline.compression.compress"):
         compress_variant(params, layout, "main", "pq", seed=0)
     assert "fine-tunes use the teacher's loss: sampled_softmax" in caplog.text
+
+
+def test_compress_refuses_a_teacher_the_current_train_config_did_not_produce(tmp_path):
+    """A popularity run after a SASRec run leaves no SASRec behind, and compress never builds variants of a stale model."""
+    layout = build_features(tmp_path)
+    run_dir = layout.model_dir("main")
+    small = ["train.d_model=16", "train.n_heads=1", "train.n_layers=1", "train.max_len=20", "train.num_threads=1",
+             "train.baselines=[popularity]", "tracking.enabled=false"]
+    sasrec = params_from_dict({}, [*small, "train.epochs=1"])
+    run_train(sasrec.train, sasrec.tracking, layout, seed=0)
+    int8 = params_from_dict({}, ["compress.variants=[int8]"]).compress
+    run_compress(int8, layout, "main", seed=0, train_cfg=sasrec.train)  # its own teacher: built
+    assert (run_dir / "variants" / "int8").is_dir()
+    teacher = load_model(run_dir)
+    longer = params_from_dict({}, [*small, "train.epochs=2", "train.device=cpu"])  # the device does not change the teacher
+    with pytest.raises(CompressError, match=r"other train settings than the current ones \(epochs: 1 there, 2 now\)"):
+        run_compress(int8, layout, "main", seed=0, train_cfg=longer.train)
+
+    popularity = params_from_dict({}, [*small, "train.model=popularity"])
+    run_train(popularity.train, popularity.tracking, layout, seed=0)
+    left = {p.name for p in run_dir.iterdir()}
+    assert WEIGHTS_FILE not in left and "model_config.json" not in left and "variants" not in left
+    assert (run_dir / "baselines" / "popularity.safetensors").exists()
+    assert json.loads((run_dir / "train.json").read_text())["train"]["model"] == "popularity"
+    with pytest.raises(CompressError, match="no SASRec teacher"):
+        run_compress(int8, layout, "main", seed=0, train_cfg=popularity.train)
+    save_model(teacher, run_dir)  # a SASRec file beside a popularity run's train.json, as train left it before
+    with pytest.raises(CompressError, match="trained train.model=popularity, not a SASRec"):
+        compress_variant(int8, layout, "main", "int8", seed=0)
+    (run_dir / "train.json").unlink()  # a model no finished train run wrote
+    with pytest.raises(CompressError, match="no train.json"):
+        compress_variant(int8, layout, "main", "int8", seed=0)

@@ -72,3 +72,21 @@ def test_params_yaml_states_exactly_the_schema_defaults():
     from_schema = params_from_dict({}).model_dump(mode="json", by_alias=True)
     assert from_yaml == from_schema
 
+
+
+@pytest.mark.parametrize(("ks", "problem"), [([0], "greater than or equal to 1"), ([], "at least 1 item"),
+                                             ([10, -5], "greater than or equal to 1")])
+def test_evaluate_ks_are_checked_at_load_time(ks, problem):
+    with pytest.raises(ConfigError, match=rf"evaluate\.ks.*{problem}"):
+        params_from_dict({}, [f"evaluate.ks={ks}"])
+
+
+@pytest.mark.parametrize("name", [".", "..", "...", "a/b", "", "../x"])
+def test_run_name_must_name_a_directory_of_its_own(name):
+    with pytest.raises(ConfigError, match=r"train\.run_name"):
+        params_from_dict({"train": {"run_name": name}})
+
+
+def test_run_names_with_dots_inside_are_fine():
+    assert params_from_dict({}, ["train.run_name=v1.2"]).train.run_name == "v1.2"
+    assert params_from_dict({}, ["train.run_name=.hidden"]).train.run_name == ".hidden"

@@ -61,3 +61,66 @@ def test_flatten_and_dvc_lock_hash(tmp_path):
     )
     assert dvc_locked_hash(tmp_path, "data/features") == "abc.dir"
     assert dvc_locked_hash(tmp_path, "data/other") is None
+
+
+def test_runs_left_running_by_a_killed_process_are_marked_failed(tmp_path):
+    """RUNNING runs of the name whose process (host, pid, start time) is gone end FAILED; the rest are left alone."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from pipeline.core.tracking import PROCESS_TAGS, fail_orphaned_runs, process_tags
+
+    cfg = params_from_dict({}, [f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]).tracking
+    client = MlflowClient(cfg.tracking_uri)
+    experiment = client.create_experiment("leanrec")
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()  # its pid now names no process (or, reused, one that started later)
+    host = socket.gethostname()
+    mine = process_tags()
+    cases = {
+        "killed": dict(zip(PROCESS_TAGS, (host, str(done.pid), "1.000"), strict=True)),
+        "pid reused by another process": {**mine, PROCESS_TAGS[2]: "1.000"},
+        "alive": mine,
+        "other host": dict(zip(PROCESS_TAGS, ("elsewhere.invalid", str(done.pid), "1.000"), strict=True)),
+        "no process tags": {},
+    }
+    runs = {case: client.create_run(experiment, run_name="train-main", tags=tags).info.run_id for case, tags in cases.items()}
+    other_name = client.create_run(experiment, run_name="train-other", tags=cases["killed"]).info.run_id
+    resumed = client.create_run(experiment, run_name="train-main", tags=cases["killed"]).info.run_id
+
+    ended = fail_orphaned_runs(cfg, tmp_path, "train-main", keep=resumed)
+    assert sorted(ended) == sorted([runs["killed"], runs["pid reused by another process"]])
+    status = {case: client.get_run(run_id).info.status for case, run_id in runs.items()}
+    assert status == {"killed": "FAILED", "pid reused by another process": "FAILED", "alive": "RUNNING",
+                      "other host": "RUNNING", "no process tags": "RUNNING"}
+    assert client.get_run(other_name).info.status == "RUNNING" and client.get_run(resumed).info.status == "RUNNING"
+    assert os.getpid() == int(mine[PROCESS_TAGS[1]])
+    assert fail_orphaned_runs(cfg, tmp_path, "train-main", keep=resumed) == []  # nothing left to end
+    mlflow.set_tracking_uri(None)
+
+
+def test_every_opened_run_records_its_process(tmp_path):
+    from pipeline.core.tracking import PROCESS_TAGS, mlflow_run, process_tags
+
+    cfg = params_from_dict({}, [f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]).tracking
+    with mlflow_run(cfg, tmp_path, "train-main", system_metrics=False) as run:
+        pass
+    tags = MlflowClient(cfg.tracking_uri).get_run(run.info.run_id).data.tags
+    assert {key: tags[key] for key in PROCESS_TAGS} == process_tags()
+    mlflow.set_tracking_uri(None)
+
+
+def test_only_a_run_that_did_not_finish_is_reopened_by_a_resumed_train(tmp_path):
+    from pipeline.core.tracking import resumable_run_id
+
+    cfg = params_from_dict({}, [f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]).tracking
+    client = MlflowClient(cfg.tracking_uri)
+    experiment = client.create_experiment("leanrec")
+    killed, failed, finished, deleted = (client.create_run(experiment).info.run_id for _ in range(4))
+    client.set_terminated(failed, "FAILED")
+    client.set_terminated(finished, "FINISHED")  # its artifacts may back a registered version: never continued
+    client.delete_run(deleted)
+    assert [resumable_run_id(cfg, tmp_path, r) for r in (killed, failed, finished, deleted, "0" * 32, None)] == [
+        killed, failed, None, None, None, None]

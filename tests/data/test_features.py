@@ -60,12 +60,13 @@ def test_padding_index_is_reserved(layout):
 
 
 def test_threshold_dedupe_and_accounting(layout):
-    rows = [(1, 1, 1, 5), (1, 2, 2, 1), (1, 1, 3, 4), (1, 3, 4, 4), (1, 4, 5, 4)]
+    rows = [(1, 1, 1, 5), (1, 2, 2, 1), (1, 1, 3, 4), (1, 3, 4, 4), (1, 4, 5, 4), (1, 5, 6, 4)]
     _write(layout, rows)
     stats = run_features(_cfg(min_rating=3.0), layout).stats
     assert stats["rows"] == {
-        "rows_in": 5, "dropped_below_min_rating": 1, "dropped_duplicate_pairs": 1, "dropped_kcore": 0, "rows_out": 3,
+        "rows_in": 6, "dropped_below_min_rating": 1, "dropped_duplicate_pairs": 1, "dropped_kcore": 0, "rows_out": 4,
     }
+    assert stats["min_rating_applied"] == 3.0
     inter = pd.read_parquet(layout.features_dir / "interactions.parquet")
     # keep="first": the earliest (user 1, item 1) survives.
     first_item = _vocab(layout, "item")[1]
@@ -73,7 +74,8 @@ def test_threshold_dedupe_and_accounting(layout):
 
 
 def test_dedupe_last_keeps_latest(layout):
-    _write(layout, [(1, 1, 1, 5), (1, 2, 2, 5), (1, 1, 3, 5)])
+    # User 2 gives the split its validation and test users.
+    _write(layout, [(1, 1, 1, 5), (1, 2, 2, 5), (1, 1, 3, 5), *((2, i, 10 + i, 5) for i in range(1, 5))])
     run_features(_cfg(dedupe="last"), layout)
     seq = _sequences(layout)
     items = _vocab(layout, "item")
@@ -138,9 +140,9 @@ def test_vocabulary_is_stable_across_incremental_append(tmp_path):
 
 def test_incremental_vocab_with_other_id_type_is_rejected(tmp_path):
     first, second = Layout(tmp_path / "a"), Layout(tmp_path / "b")
-    _write(first, [(1, 1, 1, 5), (1, 2, 2, 5)])
+    _write(first, [(1, i, i, 5) for i in range(1, 5)])
     run_features(_cfg(), first)
-    _write(second, [("u1", "i1", 1, 5), ("u1", "i2", 2, 5)])
+    _write(second, [("u1", f"i{i}", i, 5) for i in range(1, 5)])
     with pytest.raises(FeaturesError, match="ID type"):
         run_features(_cfg(vocab_from=str(first.features_dir)), second)
 
@@ -159,3 +161,39 @@ def test_outputs_are_zstd_parquet_with_stats(layout):
 def test_missing_input_is_a_clear_error(layout):
     with pytest.raises(FeaturesError, match="run the validate stage first"):
         run_features(_cfg(), layout)
+
+
+def test_a_split_without_validation_or_test_users_is_refused_with_the_setting_to_change(layout):
+    # Every user has two interactions: leave_one_out holds nothing out, so train would fail after its first epoch.
+    _write(layout, [(u, i, u * 10 + i, 5) for u in range(1, 6) for i in (1, 2)])
+    with pytest.raises(FeaturesError, match=r"no valid and no test users .*features\.min_user_interactions \(now 1\) to 3"):
+        run_features(_cfg(), layout)
+    assert not (layout.features_dir / "sequences.parquet").exists()
+    # Temporal: the test cut-off leaves only user 9's rows, and user 9 has no history before them.
+    _write(layout, [*((u, i, i, 5) for u in range(1, 6) for i in range(1, 5)), (9, 1, 100, 5), (9, 2, 101, 5)])
+    temporal = {"strategy": "temporal", "valid_fraction": 0.05, "test_fraction": 0.05}
+    with pytest.raises(FeaturesError, match=r"no test users .*features\.split\.valid_fraction"):
+        run_features(_cfg(split=temporal), layout)
+
+
+def test_a_file_without_a_rating_column_keeps_its_rows_with_the_default_threshold(tmp_path):
+    """Implicit feedback (every row weight 1.0) passes the default features.min_rating=3.0; explicit ratings are still
+    thresholded (test_threshold_dedupe_and_accounting)."""
+    import shutil
+
+    from pipeline.core.config import params_from_dict
+    from pipeline.data.ingest import run_ingest
+
+    source = tmp_path / "clicks.csv"
+    lines = ["user_id,item_id,timestamp"] + [f"u{u},i{(u + k) % 12},{1_700_000_000 + 60 * (u * 20 + k)}"
+                                             for u in range(30) for k in range(8)]
+    source.write_text("\n".join(lines) + "\n")
+    params = params_from_dict({}, ["ingest.source=file", f"ingest.file.path={source}"])
+    assert params.features.min_rating == 3.0  # the default, unchanged for explicit ratings
+    layout = Layout(tmp_path / "work")
+    run_ingest(params.ingest, layout, seed=0)
+    layout.validated_interactions.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(layout.raw_interactions, layout.validated_interactions)
+    stats = run_features(params.features, layout).stats
+    assert stats["rows"]["rows_in"] == 240 and stats["rows"]["dropped_below_min_rating"] == 0
+    assert stats["interactions"] == 240 and stats["min_rating_applied"] is None

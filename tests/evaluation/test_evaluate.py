@@ -89,3 +89,17 @@ def test_popularity_scorer_uses_train_counts():
     assert counts.tolist() == [0, 1, 2, 2, 0, 0, 0]
     m = evaluate(popularity_scores(counts), data, "valid", ks=[3], max_len=10, sampled_strategies=(), progress=False)
     assert 0.0 <= m["full/HR@3"] <= 1.0
+
+
+def test_cut_offs_above_the_catalogue_are_refused_before_scoring(tmp_path):
+    from pipeline.core.config import params_from_dict
+    from pipeline.core.errors import EvaluateError
+    from pipeline.data.sequences import load_sequences
+    from pipeline.evaluation.evaluate import run_evaluate
+    from tests.helpers import build_features
+
+    layout = build_features(tmp_path)  # no model trained: the check comes before any is looked for
+    n_items = load_sequences(layout.features_dir).n_items
+    params = params_from_dict({}, [f"evaluate.ks=[10,{n_items + 1},100000]", "tracking.enabled=false"])
+    with pytest.raises(EvaluateError, match=rf"evaluate\.ks \[{n_items + 1}, 100000\] exceed the catalogue's {n_items:,} items"):
+        run_evaluate(params.evaluate, params.train, params.tracking, layout, seed=0)

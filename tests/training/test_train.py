@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.core.config import params_from_dict
+from pipeline.core.errors import TrainError
 from pipeline.core.tracking import read_run_id
 from pipeline.training.losses import resolve_loss
 from pipeline.training.train import CHECKPOINT_FILE, curriculum_len, run_train
@@ -197,3 +199,117 @@ def test_auto_loss_trains_as_the_loss_it_resolves_to_and_records_it(features, tm
     for key, value in runs["full"][1].items():
         torch.testing.assert_close(runs["auto"][1][key], value, rtol=0, atol=0)
         torch.testing.assert_close(runs["auto-chunked"][1][key], value, rtol=1e-3, atol=1e-4)  # same loss, chunked
+
+
+def test_resume_against_a_checkpoint_of_another_shape_says_what_differs(features, tmp_path, caplog):
+    layout = copy_features(features, tmp_path)
+    first = _params("train.epochs=1")
+    run_train(first.train, first.tracking, layout, seed=1)
+    wider = _params("train.epochs=1", "train.d_model=32")
+    with pytest.raises(TrainError, match=r"not of this configuration: item_embedding\.weight: \(\d+, 16\) there, \(\d+, 32\) now.*"
+                                         r"train\.d_model: 16 there, 32 now"):
+        run_train(wider.train, wider.tracking, layout, seed=1, resume=True)
+    # Without --resume (what `dvc repro` runs) the checkpoint of another configuration is replaced, with a warning.
+    with caplog.at_level("WARNING", logger="pipeline.training.train"):
+        result = run_train(wider.train, wider.tracking, layout, seed=1)
+    assert "is of another configuration" in caplog.text and "train.d_model: 16 there, 32 now" in caplog.text
+    assert result.epochs_run == 1
+    meta = json.loads(torch.load(layout.model_dir("main") / CHECKPOINT_FILE, weights_only=True)["meta_json"])
+    assert meta["fingerprint"]["model"]["d_model"] == 32
+
+
+def test_an_unfinished_run_of_the_same_configuration_continues_without_being_asked(features, tmp_path, caplog):
+    """A run of the same configuration with more epochs continues the checkpoint and ends where one run would."""
+    straight = copy_features(features, tmp_path / "straight")
+    four = _params("train.epochs=4", "train.early_stopping_patience=10")
+    a = run_train(four.train, four.tracking, straight, seed=1)
+    continued = copy_features(features, tmp_path / "continued")
+    two = _params("train.epochs=2", "train.early_stopping_patience=10")
+    run_train(two.train, two.tracking, continued, seed=1)
+    (continued.model_dir("main") / "model.safetensors").unlink()  # as `dvc repro` deletes the stage's outputs
+    with caplog.at_level("INFO", logger="pipeline.training.train"):
+        b = run_train(four.train, four.tracking, continued, seed=1)
+    assert "resuming the interrupted run of this configuration" in caplog.text
+    assert [h["valid_ndcg10"] for h in b.history] == [h["valid_ndcg10"] for h in a.history]
+    weights_a, weights_b = (load_file(str(Path(r.run_dir) / "model.safetensors")) for r in (a, b))
+    for key in weights_a:
+        torch.testing.assert_close(weights_a[key], weights_b[key], rtol=0, atol=0)
+    # Fewer epochs than the checkpoint holds: a finished run, so a fresh one starts.
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pipeline.training.train"):
+        again = run_train(two.train, two.tracking, continued, seed=1)
+    assert "finished run: starting afresh" in caplog.text and again.epochs_run == 2
+
+
+def _train_outs(run_name: str = "main") -> list[str]:
+    """The train stage's outputs in dvc.yaml, in the work dir: what `dvc repro` deletes before it reruns the stage."""
+    import yaml
+
+    outs = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["outs"]
+    return [(next(iter(o)) if isinstance(o, dict) else o).replace("${train.run_name}", run_name) for o in outs
+            if not (isinstance(o, dict) and next(iter(o.values())).get("persist"))]
+
+
+@pytest.mark.slow
+def test_a_killed_train_rerun_as_dvc_reruns_it_resumes_and_finishes_its_mlflow_run(features, tmp_path):
+    """SIGKILL after a checkpoint, the stage's DVC outputs deleted, the same command again (no --resume):
+    it resumes, ends with the uninterrupted run's weights, and the killed MLflow run is re-opened and FINISHED."""
+    from mlflow.tracking import MlflowClient
+
+    overrides = ["train.epochs=5", "train.early_stopping_patience=10", "train.d_model=32"]
+    straight = copy_features(features, tmp_path / "straight")
+    subprocess.run(_cli(straight.root, *overrides), check=True, capture_output=True, cwd=ROOT, timeout=600)
+
+    killed = copy_features(features, tmp_path / "killed")
+    tracked = [*overrides, "tracking.enabled=true", f"tracking.tracking_uri=sqlite:///{killed.root}/mlflow.db"]
+    proc = subprocess.Popen(_cli(killed.root, *tracked), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = killed.model_dir("main") / CHECKPOINT_FILE
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if checkpoint.exists() and torch.load(checkpoint, weights_only=True)["epoch"] >= 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert torch.load(checkpoint, weights_only=True)["epoch"] < 4
+    client = MlflowClient(f"sqlite:///{killed.root}/mlflow.db")
+    [orphan] = client.search_runs([client.get_experiment_by_name("leanrec").experiment_id])
+    assert orphan.info.status == "RUNNING"  # nothing ended it
+    outs = _train_outs()
+    assert "models/main/checkpoints" not in outs  # DVC must not delete the checkpoint before the rerun
+    for out in outs:
+        target = killed.root / out
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+
+    rerun = subprocess.run(_cli(killed.root, *tracked), capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming the interrupted run of this configuration" in rerun.stderr
+    a = load_file(str(straight.model_dir("main") / "model.safetensors"))
+    b = load_file(str(killed.model_dir("main") / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    [run] = client.search_runs([client.get_experiment_by_name("leanrec").experiment_id])
+    assert run.info.run_id == orphan.info.run_id and run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "valid_ndcg10")] == [0, 1, 2, 3, 4]
+
+
+def test_a_train_run_ends_the_runs_a_killed_train_left_running(features, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    import mlflow
+    from pipeline.core.tracking import PROCESS_TAGS
+
+    layout = copy_features(features, tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("leanrec")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    killed = client.create_run(experiment, run_name="train-main",
+                               tags=dict(zip(PROCESS_TAGS, (socket.gethostname(), str(gone.pid), "1.000"), strict=True)))
+    p = params_from_dict({}, [*FAST, "train.epochs=1", f"tracking.tracking_uri={uri}"])
+    result = run_train(p.train, p.tracking, layout, seed=1)
+    assert client.get_run(killed.info.run_id).info.status == "FAILED"
+    assert client.get_run(result.mlflow_run_id).info.status == "FINISHED"
+    mlflow.set_tracking_uri(None)
