@@ -86,6 +86,8 @@ class IngestConfig(_Strict):
     synthetic: SyntheticConfig = SyntheticConfig()
     movielens: MovieLensConfig = MovieLensConfig()
     file: FileConfig = FileConfig()
+    pseudonymise_users: bool = Field(False, description="replace user IDs by keyed HMAC-SHA256 pseudonyms as they "
+                                     "are read; the key comes from env LEANREC_PSEUDONYM_KEY or LEANREC_PSEUDONYM_KEY_FILE")
 
 
 class ValidateConfig(_Strict):
@@ -330,6 +332,7 @@ class RecommendConfig(_Strict):
     histories: Literal["features", "champion"] = Field(
         "features", description="users and histories to recommend for: features (data/features of the work dir, "
         "mapped to the champion's items) or champion (the known users' histories registered with the champion)")
+    explain: bool = Field(False, description="add each item's top supporting history items and weights (list columns)")
 
 
 class Params(_Strict):

@@ -2,6 +2,11 @@
 
 Rows the source cannot be parsed into go to data/quarantine/ingest.parquet with
 a reason; reports/ingest.json accounts for every row read.
+
+With `ingest.pseudonymise_users` every user ID is replaced by its keyed pseudonym
+(pipeline/data/pseudonym.py) as the rows are read, before anything is written, and a
+quarantined row's raw text by its keyed hash: no raw user ID is stored by this or any
+later stage.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from tqdm import tqdm
 from pipeline.core import schema
 from pipeline.core.config import IngestConfig
 from pipeline.core.io import Layout, parquet_stream, write_json, write_parquet
+from pipeline.data import pseudonym
 from pipeline.data.sources import synthetic
 
 logger = logging.getLogger(__name__)
@@ -46,18 +52,30 @@ def _write_quarantine(quarantine: pd.DataFrame, source: str, target: Path) -> No
     write_parquet(frame, target)
 
 
-def _ingest_synthetic(cfg: IngestConfig, layout: Layout, seed: int) -> tuple[int, pd.DataFrame, dict]:
+def _pseudonymised(table: pa.Table, key: bytes | None) -> pa.Table:
+    """The table with its user IDs replaced by their pseudonyms (a string column); unchanged without a key."""
+    if key is None:
+        return table
+    position = table.schema.get_field_index(schema.USER)
+    users = pa.array(pseudonym.pseudonymise(table.column(position).to_pylist(), key), pa.string())
+    return table.set_column(position, pa.field(schema.USER, pa.string(), nullable=table.schema.field(position).nullable), users)
+
+
+def _ingest_synthetic(cfg: IngestConfig, layout: Layout, seed: int, key: bytes | None) -> tuple[int, pd.DataFrame, dict]:
     rows = 0
-    with parquet_stream(layout.raw_interactions, schema.raw_schema(pa.int64())) as writer:
+    target_schema = schema.raw_schema(pa.int64())
+    if key is not None:
+        target_schema = target_schema.set(0, pa.field(schema.USER, pa.string()))
+    with parquet_stream(layout.raw_interactions, target_schema) as writer:
         chunks = synthetic.generate(cfg.synthetic, seed)
         for table in tqdm(chunks, total=synthetic.n_chunks_for(cfg.synthetic), desc="synthetic", unit="chunk", disable=None):
-            writer.write_table(table)
+            writer.write_table(_pseudonymised(table, key).cast(target_schema))
             rows += table.num_rows
     empty = pd.DataFrame({"line": pd.Series(dtype="int64"), "raw": pd.Series(dtype="str"), "reason": pd.Series(dtype="str")})
     return rows, empty, {"generator": cfg.synthetic.model_dump(mode="json"), "seed": seed}
 
 
-def _ingest_from_reader(cfg: IngestConfig, layout: Layout) -> tuple[int, pd.DataFrame, dict]:
+def _ingest_from_reader(cfg: IngestConfig, layout: Layout, key: bytes | None) -> tuple[int, pd.DataFrame, dict]:
     # Imported here so the synthetic path does not pay for the readers' imports.
     from pipeline.data.sources import files, movielens
 
@@ -65,17 +83,23 @@ def _ingest_from_reader(cfg: IngestConfig, layout: Layout) -> tuple[int, pd.Data
         result = movielens.read_movielens(cfg.movielens)
     else:
         result = files.read_file(cfg.file)
-    write_parquet(result.table, layout.raw_interactions)
-    return result.table.num_rows, result.quarantine, result.details
+    quarantine = result.quarantine
+    if key is not None and len(quarantine):
+        quarantine = quarantine.assign(raw=pseudonym.redact(quarantine["raw"].tolist(), key))
+    write_parquet(_pseudonymised(result.table, key), layout.raw_interactions)
+    return result.table.num_rows, quarantine, result.details
 
 
 def run_ingest(cfg: IngestConfig, layout: Layout, seed: int) -> IngestResult:
     started = time.perf_counter()
-    logger.info("ingest: source=%s -> %s", cfg.source, layout.raw_interactions)
+    logger.info("ingest: source=%s -> %s%s", cfg.source, layout.raw_interactions,
+                " (user IDs pseudonymised)" if cfg.pseudonymise_users else "")
+    key = pseudonym.load_key() if cfg.pseudonymise_users else None  # before reading: a missing key fails fast
     if cfg.source == "synthetic":
-        rows_written, quarantine, details = _ingest_synthetic(cfg, layout, seed)
+        rows_written, quarantine, details = _ingest_synthetic(cfg, layout, seed, key)
     else:
-        rows_written, quarantine, details = _ingest_from_reader(cfg, layout)
+        rows_written, quarantine, details = _ingest_from_reader(cfg, layout, key)
+    details = {**details, "pseudonymised_users": cfg.pseudonymise_users}
 
     quarantine_path = layout.quarantine_dir / QUARANTINE_FILE
     _write_quarantine(quarantine, cfg.source, quarantine_path)
