@@ -128,26 +128,28 @@ def gradient_weights(recommender: Recommender, histories: Sequence[Sequence[int]
 
 def explain(recommender: Recommender, histories: Sequence[Sequence[int]], items: Sequence[Sequence[int]],
             top_n: int = DEFAULT_TOP_N, method: Method = "occlusion") -> list[list[Explanation]]:
-    """For each history and each of its recommended `items` (the same number per history), the top_n history
-    items with a positive weight, largest first, as (item index, weight); see the module docstring."""
+    """For each history and each of its recommended `items`, the top_n history items with a positive weight,
+    largest first, as (item index, weight); see the module docstring. A row of `items` may be shorter than
+    the others (a user who has seen almost everything) or empty (nothing to explain)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if top_n < 1:
         raise ValueError(f"top_n must be at least 1, got {top_n}")
     if len(histories) != len(items):
         raise ValueError(f"{len(histories)} histories but {len(items)} rows of recommended items")
-    if not histories:
-        return []
-    if len({len(row) for row in items}) != 1 or not len(items[0]):
-        raise ValueError("give the same, non-zero number of recommended items for every history")
-    weights = gradient_weights(recommender, histories, items) if method == "gradient" else None
+    rows = [r for r, row in enumerate(items) if len(row)]
+    result: list[list[Explanation]] = [[] for _ in items]
+    if not rows:
+        return result
+    width = max(len(items[r]) for r in rows)
+    # Shorter rows padded with their own first item (explained, then dropped): one batch for every user.
+    padded = [list(map(int, items[r])) + [int(items[r][0])] * (width - len(items[r])) for r in rows]
+    chosen = [histories[r] for r in rows]
+    weights = gradient_weights(recommender, chosen, padded) if method == "gradient" else None
     if weights is None:
-        weights = occlusion_weights(recommender, histories, items)
-    result = []
-    for candidates, drops in weights:
-        per_item = []
-        for column in drops.T.tolist():  # one recommended item
+        weights = occlusion_weights(recommender, chosen, padded)
+    for r, (candidates, drops) in zip(rows, weights, strict=True):
+        for column in drops.T.tolist()[: len(items[r])]:  # one recommended item
             ranked = sorted(zip(candidates, column, strict=True), key=lambda pair: -pair[1])
-            per_item.append([(item, float(w)) for item, w in ranked[:top_n] if w > 0])
-        result.append(per_item)
+            result[r].append([(item, float(w)) for item, w in ranked[:top_n] if w > 0])
     return result

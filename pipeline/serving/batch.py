@@ -13,7 +13,10 @@ when complete (atomic write).
 
 Output `data/recommendations/recommendations.parquet`, one row per (user, rank):
 user_id, rank (1 = best), item_id, score, source (`model`, or `popularity` for a
-user none of whose items the champion knows).
+user none of whose items the champion knows). With `recommend.explain` two list
+columns more: `because` (the raw IDs of the history items that most support the
+item, best first: pipeline/models/explain.py, occlusion) and `because_weights` (the
+drop of the item's score without each); empty for popularity rows.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pipeline.core.errors import ServingError
 from pipeline.core.io import Layout, parquet_stream, write_json
 from pipeline.data.features import ITEM_VOCAB_FILE, SEQUENCES_FILE, USER_VOCAB_FILE
 from pipeline.data.sequences import load_sequences
+from pipeline.models.explain import explain
 from pipeline.models.recommender import Recommender
 from pipeline.serving.pyfunc import Servable
 
@@ -51,6 +55,19 @@ def check_histories(cfg: RecommendConfig, layout: Layout) -> None:
     if cfg.histories == "features" and not (layout.features_dir / SEQUENCES_FILE).exists():
         raise ServingError(f"{layout.features_dir} has no features: run the features stage first "
                            "(or set recommend.histories=champion)")
+
+
+def _explanations(servable: Servable, histories: list[list[int]], results: list) -> dict[str, list]:
+    """The `because` / `because_weights` columns of one batch, row for row with its (user, rank) rows."""
+    items = [indices if source == "model" else [] for indices, _, source in results]
+    explained = explain(servable.recommender, histories, items)
+    because, weights = [], []
+    for (indices, _, _), per_item in zip(results, explained, strict=True):
+        for position in range(len(indices)):
+            supporting = per_item[position] if position < len(per_item) else []
+            because.append(servable.raw_ids([i for i, _ in supporting]))
+            weights.append([w for _, w in supporting])
+    return {"because": because, "because_weights": weights}
 
 
 def run_recommend(cfg: RecommendConfig, servable: Servable, layout: Layout, *, model_name: str, version: str) -> dict:
@@ -80,6 +97,8 @@ def run_recommend(cfg: RecommendConfig, servable: Servable, layout: Layout, *, m
     item_type = pa.int64() if servable.ids_are_int else pa.string()
     schema = pa.schema([("user_id", id_type), ("rank", pa.int16()), ("item_id", item_type),
                         ("score", pa.float32()), ("source", pa.string())])
+    if cfg.explain:
+        schema = schema.append(pa.field("because", pa.list_(item_type))).append(pa.field("because_weights", pa.list_(pa.float32())))
 
     n_users = len(user_ids)
     n_rows = 0
@@ -102,6 +121,8 @@ def run_recommend(cfg: RecommendConfig, servable: Servable, layout: Layout, *, m
                 batch["item_id"].extend(servable.raw_ids(indices))
                 batch["score"].extend(scores)
                 batch["source"].extend([source] * len(indices))
+            if cfg.explain:
+                batch.update(_explanations(servable, histories, results))
             writer.write_table(pa.table(batch, schema=schema))
             n_rows += len(batch["rank"])
     summary = {
