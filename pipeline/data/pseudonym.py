@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -37,6 +38,7 @@ KEY_ENV = "LEANREC_PSEUDONYM_KEY"
 KEY_FILE_ENV = "LEANREC_PSEUDONYM_KEY_FILE"
 PREFIX = "pu-"
 HEX_CHARS = 32
+PATTERN = f"{PREFIX}[0-9a-f]{{{HEX_CHARS}}}"  # a whole pseudonym, as a regular expression
 MIN_KEY_BYTES = 16
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 _CHECK_MESSAGE = b"leanrec pseudonym key check"
@@ -58,9 +60,7 @@ def redact(texts: Iterable[str], key: bytes) -> list[str]:
 
 
 def is_pseudonym(value: object) -> bool:
-    if not isinstance(value, str) or len(value) != len(PREFIX) + HEX_CHARS or not value.startswith(PREFIX):
-        return False
-    return all(c in "0123456789abcdef" for c in value[len(PREFIX):])
+    return isinstance(value, str) and re.fullmatch(PATTERN, value) is not None
 
 
 def key_check(key: bytes) -> str:

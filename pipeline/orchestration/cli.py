@@ -127,6 +127,42 @@ def _recommend(params: Params, layout: Layout) -> Any:
     return run_recommend(params.recommend, servable, layout, model_name=params.registry.model_name, version=version)
 
 
+def _explain(params: Params, layout: Layout, user_id: str | None = None, k: int | None = None) -> Any:
+    """The champion's top-k for one known user, each item with the history items that most support it."""
+    from pipeline.models.explain import explain
+    from pipeline.registry.store import load_champion
+
+    if user_id is None:
+        raise ConfigError("explain needs --user-id (a user known to the champion)")
+    k = params.recommend.k if k is None else k
+    if k < 1:
+        raise ConfigError(f"--k must be at least 1, got {k}")
+    servable, version = load_champion(params.registry, params.tracking, layout.root)
+    key: Any = user_id
+    if servable.pseudonymised:
+        from pipeline.data.pseudonym import load_key, pseudonymise
+
+        key = pseudonymise([user_id], load_key())[0]
+    elif servable.user_ids_are_int:
+        if not user_id.lstrip("-").isdigit():
+            raise ConfigError(f"the champion's user IDs are integers, got --user-id {user_id!r}")
+        key = int(user_id)
+    history = servable.user_history(key)
+    if history is None:
+        raise ConfigError(f"user {user_id!r} is not among the champion's {len(servable.user_row)} known users")
+    history = history.tolist()
+    ((indices, scores, source),) = servable.recommend_indices([history], min(k, servable.n_items))
+    (because,) = explain(servable.recommender, [history], [indices])
+    return {
+        "user_id": user_id, "model_name": params.registry.model_name, "version": str(version), "source": source,
+        "recommendations": [
+            {"item_id": item, "score": score,
+             "because": [{"item_id": servable.raw_ids([i])[0], "weight": round(w, 6)} for i, w in supporting]}
+            for item, score, supporting in zip(servable.raw_ids(indices), scores, because, strict=True)
+        ],
+    }
+
+
 def _show_params(params: Params, layout: Layout) -> Any:
     return params.model_dump(mode="json", by_alias=True)
 
@@ -152,6 +188,7 @@ STAGES: dict[str, Callable[[Params, Layout], Any]] = {
     "promote": _promote,
     "rollback": _rollback,
     "recommend": _recommend,
+    "explain": _explain,
     "show-params": _show_params,
     "config-reference": _config_reference,
 }
@@ -174,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--resume", action="store_true", help="train: continue from the last checkpoint")
     parser.add_argument("--model-version", help="promote: gate this registered version instead of the challenger")
+    parser.add_argument("--user-id", help="explain: the (raw) user ID whose recommendations to explain")
+    parser.add_argument("--k", type=int, help="explain: items to recommend and explain (default: recommend.k)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -192,7 +231,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--resume only applies to the train stage")
         if args.model_version is not None and args.stage != "promote":
             raise ConfigError("--model-version only applies to the promote stage")
+        if (args.user_id is not None or args.k is not None) and args.stage != "explain":
+            raise ConfigError("--user-id and --k only apply to the explain command")
         stage_kwargs: dict[str, Any] = {"resume": True} if args.resume else {}
+        if args.stage == "explain":
+            stage_kwargs.update(user_id=args.user_id, k=args.k)
         if args.model_version is not None:
             stage_kwargs["model_version"] = args.model_version
         result = STAGES[args.stage](params, Layout(Path(args.workdir)), **stage_kwargs)

@@ -9,6 +9,14 @@ first, never an item of the history; `source` says whether the model
 history with no known item) answered, and `unknown_items` counts the history
 items that are not in the catalogue (they are ignored).
 
+`explain: true` in a row adds `because` (per recommended item, the raw IDs of up
+to 3 history items that most support it, best first: pipeline/models/explain.py)
+and `because_weights` (the drop of the item's score without each); the columns
+appear when any row asks, null for the others. A model registered with
+pseudonymised users (ingest.pseudonymise_users) takes raw user IDs and hashes them
+with the key from the server's environment (pipeline/data/pseudonym.py); it refuses
+to load without that key.
+
 A malformed request raises `MlflowException` with INVALID_PARAMETER_VALUE, so
 `mlflow models serve` answers HTTP 400 with the message.
 
@@ -18,6 +26,7 @@ and torch through `pipeline.models.recommender` when the model loads).
 
 from __future__ import annotations
 
+import json
 import logging
 import numbers
 import shutil
@@ -35,16 +44,19 @@ import pyarrow.parquet as pq
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+from pipeline.data import pseudonym
+
 logger = logging.getLogger(__name__)
 
 MODEL_ARTIFACT = "model"  # the variant (or teacher) directory
 DATA_ARTIFACT = "serving_data"  # vocabularies, popularity and known users' histories
 ITEMS_FILE = "items.parquet"  # id, index, popularity (interactions in the features)
 USERS_FILE = "users.parquet"  # id, items (the user's item indices, oldest first)
+PRIVACY_FILE = "privacy.json"  # pseudonymised_users, key_check (pipeline/data/pseudonym.py)
 DEFAULT_K = 10
 MAX_ROWS = 10_000  # rows per request
 CHUNK = 512  # histories scored at once
-COLUMNS = ("user_id", "history", "k")
+COLUMNS = ("user_id", "history", "k", "explain")
 # Packages the pyfunc imports; pinned to the versions installed where the model is logged.
 REQUIREMENTS = ("mlflow", "torch", "torchao", "safetensors", "pandas", "pyarrow", "numpy", "numba")
 ENCODER_REQUIREMENTS = ("onnxruntime",)  # added when the model directory holds an ONNX encoder
@@ -52,8 +64,8 @@ ENCODER_REQUIREMENTS = ("onnxruntime",)  # added when the model directory holds 
 # import graph): the registered model ships only these, not the readers, validation, training or registry.
 SERVED_MODULES = (
     "core/config.py", "core/errors.py", "core/io.py", "core/schema.py",
-    "data/features.py", "data/sequences.py",
-    "models/coded.py", "models/codes.py", "models/onnx_encoder.py", "models/quantize.py", "models/recommender.py",
+    "data/features.py", "data/pseudonym.py", "data/sequences.py",
+    "models/coded.py", "models/codes.py", "models/explain.py", "models/onnx_encoder.py", "models/quantize.py", "models/recommender.py",
     "models/sasrec.py", "models/scoring.py", "models/sparse.py", "models/topk_kernels.py", "models/variants.py",
     "serving/pyfunc.py",
 )
@@ -96,7 +108,26 @@ def build_serving_data(features_dir: Path, target: Path) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pandas(items, preserve_index=False), target / ITEMS_FILE)
     pq.write_table(users, target / USERS_FILE)
+    write_privacy(users, target / PRIVACY_FILE)
     return target
+
+
+def users_pseudonymised(users: pa.Table) -> bool:
+    """True when every known user ID is a pseudonym (ingest.pseudonymise_users): requests must be hashed."""
+    import pyarrow.compute as pc
+
+    ids = users.column("id")
+    return (users.num_rows > 0 and pa.types.is_string(ids.type)
+            and bool(pc.all(pc.match_substring_regex(ids, f"^{pseudonym.PATTERN}$")).as_py()))
+
+
+def write_privacy(users: pa.Table, target: Path) -> None:
+    """Whether the users are pseudonymised and, when the key is set here, its public check value."""
+    from pipeline.core.io import write_json
+
+    pseudonymised = users_pseudonymised(users)
+    key = pseudonym.load_key(required=False) if pseudonymised else None
+    write_json({"pseudonymised_users": pseudonymised, "key_check": pseudonym.key_check(key) if key else None}, target)
 
 
 class Servable:
@@ -119,6 +150,7 @@ class Servable:
         self._values = column.values.to_numpy()
         self.user_row = {self._key(v): row for row, v in enumerate(users.column("id").to_pylist())}
         self.user_ids_are_int = pa.types.is_integer(users.schema.field("id").type)
+        self.pseudonymised = users_pseudonymised(users)  # request user IDs are hashed with the server's key
 
     @classmethod
     def load(cls, model_dir: str | Path, data_dir: str | Path, device: str = "cpu") -> Servable:
@@ -194,6 +226,15 @@ def _is_missing(value: Any) -> bool:
         return False
 
 
+def parse_explain(value: Any, where: str) -> bool:
+    """A row's optional `explain` flag: true or false (missing: false); anything else is a bad request."""
+    if _is_missing(value):
+        return False
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    raise bad_request(f"{where}: explain must be true or false, got {value!r} ({type(value).__name__})")
+
+
 def parse_request(frame: Any, servable: Servable) -> list[dict]:
     """Validate a request DataFrame: each row -> {user_id, history (raw), k}. Raises bad_request."""
     if isinstance(frame, dict):
@@ -205,7 +246,7 @@ def parse_request(frame: Any, servable: Servable) -> list[dict]:
         raise bad_request(f"the request must be a table (DataFrame) with a user_id or history column, got {type(frame).__name__}")
     unknown = [c for c in frame.columns if c not in COLUMNS]
     if unknown:
-        raise bad_request(f"unknown column(s) {unknown}; a request has user_id or history, and optionally k")
+        raise bad_request(f"unknown column(s) {unknown}; a request has user_id or history, and optionally k and explain")
     if "user_id" not in frame.columns and "history" not in frame.columns:
         raise bad_request("the request needs a user_id column (known users) or a history column (a list of item IDs)")
     if len(frame) == 0:
@@ -229,7 +270,7 @@ def parse_request(frame: Any, servable: Servable) -> list[dict]:
         is_integer = isinstance(user_id, numbers.Integral) and not isinstance(user_id, bool)
         if user_id is not None and not (isinstance(user_id, str) or is_integer):
             raise bad_request(f"{where}: user_id must be an integer or a string, got {user_id!r} ({type(user_id).__name__})")
-        if user_id is not None and servable.user_ids_are_int != isinstance(user_id, numbers.Integral):
+        if user_id is not None and not servable.pseudonymised and servable.user_ids_are_int != isinstance(user_id, numbers.Integral):
             kind = "integers" if servable.user_ids_are_int else "strings"
             raise bad_request(f"{where}: user IDs are {kind}, got {user_id!r} ({type(user_id).__name__})")
         if history is not None:
@@ -247,18 +288,49 @@ def parse_request(frame: Any, servable: Servable) -> list[dict]:
             raise bad_request(f"{where}: k must be an integer, got {k!r} ({type(k).__name__})")
         if not 1 <= int(k) <= max_k:
             raise bad_request(f"{where}: k must be between 1 and {max_k}, got {k}")
-        requests.append({"user_id": user_id, "history": history, "k": int(k)})
+        requests.append({"user_id": user_id, "history": history, "k": int(k), "explain": parse_explain(row.get("explain"), where)})
     return requests
 
 
-def answer(servable: Servable, requests: list[dict]) -> pd.DataFrame:
+def server_key(servable: Servable, data_dir: Path) -> bytes | None:
+    """The pseudonym key a model with pseudonymised users needs (from this server's environment), checked
+    against the key it was registered with; None for a model with raw user IDs."""
+    if not servable.pseudonymised:
+        return None
+    try:
+        key = pseudonym.load_key()
+    except pseudonym.PseudonymKeyError as err:
+        raise pseudonym.PseudonymKeyError(f"this model's user IDs are pseudonymised, so the server needs the "
+                                          f"same key: {err}") from None
+    privacy = data_dir / PRIVACY_FILE
+    expected = json.loads(privacy.read_text(encoding="utf-8")).get("key_check") if privacy.exists() else None
+    if expected is not None and pseudonym.key_check(key) != expected:
+        raise pseudonym.PseudonymKeyError("the server's pseudonym key is not the one this model's users were "
+                                          "pseudonymised with: set the same LEANREC_PSEUDONYM_KEY(_FILE) as at ingest")
+    return key
+
+
+def explanations(servable: Servable, histories: list[list[int]], results: list, ks: list[int]) -> list[tuple[list, list]]:
+    """Per request, per recommended item: the raw IDs of its top supporting history items and their weights."""
+    from pipeline.models.explain import explain
+
+    items = [indices[:k] if source == "model" else [] for (indices, _, source), k in zip(results, ks, strict=True)]
+    out = []
+    for per_item in explain(servable.recommender, histories, items):
+        out.append(([servable.raw_ids([i for i, _ in s]) for s in per_item], [[float(w) for _, w in s] for s in per_item]))
+    return out
+
+
+def answer(servable: Servable, requests: list[dict], key: bytes | None = None) -> pd.DataFrame:
     histories: list[list[int]] = []
     unknown_counts: list[int] = []
     for request in requests:
         if request["history"] is not None:
             indices, unknown = servable.item_indices(request["history"])
         else:
-            known = servable.user_history(request["user_id"])
+            # A model with pseudonymised users knows them by pseudonym: the raw ID is hashed with the server's key.
+            lookup = pseudonym.pseudonymise([request["user_id"]], key)[0] if key is not None else request["user_id"]
+            known = servable.user_history(lookup)
             indices, unknown = ([] if known is None else known.tolist()), 0
         histories.append(indices)
         unknown_counts.append(unknown)
@@ -274,9 +346,18 @@ def answer(servable: Servable, requests: list[dict]) -> pd.DataFrame:
             "source": source,
             "unknown_items": unknown,
         })
+    wanted = [r for r, request in enumerate(requests) if request.get("explain")]
+    if wanted:  # only the rows asking for explanations pay for them; the others get null
+        because = explanations(servable, [histories[r] for r in wanted], [results[r] for r in wanted],
+                               [requests[r]["k"] for r in wanted])
+        for row in rows:
+            row["because"] = row["because_weights"] = None
+        for r, (ids, weights) in zip(wanted, because, strict=True):
+            rows[r]["because"], rows[r]["because_weights"] = ids, weights
     if sum(unknown_counts):
         logger.info("ignored %d unknown item(s) in %d request row(s)", sum(unknown_counts), len(requests))
-    frame = pd.DataFrame(rows, columns=["user_id", "items", "scores", "source", "unknown_items"])
+    columns = ["user_id", "items", "scores", "source", "unknown_items"] + (["because", "because_weights"] if wanted else [])
+    frame = pd.DataFrame(rows, columns=columns)
     # object dtype keeps None (JSON null) for history rows; a string column would hold NaN (invalid JSON).
     frame["user_id"] = pd.Series([row["user_id"] for row in rows], dtype=object)
     return frame
@@ -288,9 +369,10 @@ class LeanRecModel(mlflow.pyfunc.PythonModel):
     # No type hints on these two: MLflow would try to derive the signature from them.
     def load_context(self, context):  # noqa: ANN001, ANN201
         self.servable = Servable.load(context.artifacts[MODEL_ARTIFACT], context.artifacts[DATA_ARTIFACT])
+        self.key = server_key(self.servable, Path(context.artifacts[DATA_ARTIFACT]))
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
-        return answer(self.servable, parse_request(model_input, self.servable))
+        return answer(self.servable, parse_request(model_input, self.servable), getattr(self, "key", None))
 
 
 def signature_and_example(servable: Servable) -> tuple[Any, pd.DataFrame]:
@@ -305,6 +387,7 @@ def signature_and_example(servable: Servable) -> tuple[Any, pd.DataFrame]:
         ColSpec(AnyType(), "user_id", required=False),
         ColSpec(AnyType(), "history", required=False),
         ColSpec(AnyType(), "k", required=False),
+        ColSpec(AnyType(), "explain", required=False),
     ])
     outputs = Schema([
         ColSpec(DataType.string, "user_id", required=False),
@@ -312,6 +395,8 @@ def signature_and_example(servable: Servable) -> tuple[Any, pd.DataFrame]:
         ColSpec(Array(DataType.double), "scores"),
         ColSpec(DataType.string, "source"),
         ColSpec(DataType.long, "unknown_items"),
+        ColSpec(AnyType(), "because", required=False),
+        ColSpec(AnyType(), "because_weights", required=False),
     ])
     history = servable.raw_ids(list(range(1, min(3, servable.n_items) + 1)))
     example = pd.DataFrame({"history": [history], "k": [5]})

@@ -119,8 +119,9 @@ def test_any_variant_is_servable(served):
 def test_signature_and_input_example_are_logged(served):
     info = served["teacher_info"]
     inputs = {c.name: c for c in info.signature.inputs.inputs}
-    assert set(inputs) == {"user_id", "history", "k"} and not any(c.required for c in inputs.values())
-    assert {c.name for c in info.signature.outputs.inputs} == {"user_id", "items", "scores", "source", "unknown_items"}
+    assert set(inputs) == {"user_id", "history", "k", "explain"} and not any(c.required for c in inputs.values())
+    assert {c.name for c in info.signature.outputs.inputs} == {"user_id", "items", "scores", "source", "unknown_items",
+                                                               "because", "because_weights"}
     assert info.saved_input_example_info is not None
 
 
