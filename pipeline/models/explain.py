@@ -28,7 +28,7 @@ takes 12.2 s and gradient x input 5.8 s. Occlusion is the default: 1.7x the fait
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -153,3 +153,15 @@ def explain(recommender: Recommender, histories: Sequence[Sequence[int]], items:
             ranked = sorted(zip(candidates, column, strict=True), key=lambda pair: -pair[1])
             result[r].append([(item, float(w)) for item, w in ranked[:top_n] if w > 0])
     return result
+
+
+def explain_results(recommender: Recommender, histories: Sequence[Sequence[int]],
+                    results: Sequence[tuple[list[int], list[float], str]], raw_ids: Callable[[list[int]], list],
+                    ks: Sequence[int] | None = None) -> list[tuple[list[list], list[list[float]]]]:
+    """`explain` for recommendation results (indices, scores, source) as the serving code has them: per result,
+    per recommended item (its first ks[r]), the raw IDs of the supporting items and their weights. Results
+    not from the model (the popularity fallback) get no explanations."""
+    ks = ks or [len(indices) for indices, _, _ in results]
+    items = [list(indices[:k]) if source == "model" else [] for (indices, _, source), k in zip(results, ks, strict=True)]
+    return [([raw_ids([i for i, _ in s]) for s in per_item], [[w for _, w in s] for s in per_item])
+            for per_item in explain(recommender, histories, items)]

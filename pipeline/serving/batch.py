@@ -36,7 +36,7 @@ from pipeline.core.errors import ServingError
 from pipeline.core.io import Layout, parquet_stream, write_json
 from pipeline.data.features import ITEM_VOCAB_FILE, SEQUENCES_FILE, USER_VOCAB_FILE
 from pipeline.data.sequences import load_sequences
-from pipeline.models.explain import explain
+from pipeline.models.explain import explain_results
 from pipeline.models.recommender import Recommender
 from pipeline.serving.pyfunc import Servable
 
@@ -59,14 +59,12 @@ def check_histories(cfg: RecommendConfig, layout: Layout) -> None:
 
 def _explanations(servable: Servable, histories: list[list[int]], results: list) -> dict[str, list]:
     """The `because` / `because_weights` columns of one batch, row for row with its (user, rank) rows."""
-    items = [indices if source == "model" else [] for indices, _, source in results]
-    explained = explain(servable.recommender, histories, items)
     because, weights = [], []
-    for (indices, _, _), per_item in zip(results, explained, strict=True):
+    for (indices, _, _), (ids, values) in zip(results, explain_results(servable.recommender, histories, results,
+                                                                         servable.raw_ids), strict=True):
         for position in range(len(indices)):
-            supporting = per_item[position] if position < len(per_item) else []
-            because.append(servable.raw_ids([i for i, _ in supporting]))
-            weights.append([w for _, w in supporting])
+            because.append(ids[position] if position < len(ids) else [])
+            weights.append(values[position] if position < len(values) else [])
     return {"because": because, "because_weights": weights}
 
 

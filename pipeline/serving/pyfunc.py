@@ -26,7 +26,6 @@ and torch through `pipeline.models.recommender` when the model loads).
 
 from __future__ import annotations
 
-import json
 import logging
 import numbers
 import shutil
@@ -45,6 +44,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from pipeline.data import pseudonym
+from pipeline.serving import privacy
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,6 @@ MODEL_ARTIFACT = "model"  # the variant (or teacher) directory
 DATA_ARTIFACT = "serving_data"  # vocabularies, popularity and known users' histories
 ITEMS_FILE = "items.parquet"  # id, index, popularity (interactions in the features)
 USERS_FILE = "users.parquet"  # id, items (the user's item indices, oldest first)
-PRIVACY_FILE = "privacy.json"  # pseudonymised_users, key_check (pipeline/data/pseudonym.py)
 DEFAULT_K = 10
 MAX_ROWS = 10_000  # rows per request
 CHUNK = 512  # histories scored at once
@@ -67,7 +66,7 @@ SERVED_MODULES = (
     "data/features.py", "data/pseudonym.py", "data/sequences.py",
     "models/coded.py", "models/codes.py", "models/explain.py", "models/onnx_encoder.py", "models/quantize.py", "models/recommender.py",
     "models/sasrec.py", "models/scoring.py", "models/sparse.py", "models/topk_kernels.py", "models/variants.py",
-    "serving/pyfunc.py",
+    "serving/privacy.py", "serving/pyfunc.py",
 )
 
 
@@ -108,26 +107,8 @@ def build_serving_data(features_dir: Path, target: Path) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pandas(items, preserve_index=False), target / ITEMS_FILE)
     pq.write_table(users, target / USERS_FILE)
-    write_privacy(users, target / PRIVACY_FILE)
+    privacy.write_privacy(users, target)
     return target
-
-
-def users_pseudonymised(users: pa.Table) -> bool:
-    """True when every known user ID is a pseudonym (ingest.pseudonymise_users): requests must be hashed."""
-    import pyarrow.compute as pc
-
-    ids = users.column("id")
-    return (users.num_rows > 0 and pa.types.is_string(ids.type)
-            and bool(pc.all(pc.match_substring_regex(ids, f"^{pseudonym.PATTERN}$")).as_py()))
-
-
-def write_privacy(users: pa.Table, target: Path) -> None:
-    """Whether the users are pseudonymised and, when the key is set here, its public check value."""
-    from pipeline.core.io import write_json
-
-    pseudonymised = users_pseudonymised(users)
-    key = pseudonym.load_key(required=False) if pseudonymised else None
-    write_json({"pseudonymised_users": pseudonymised, "key_check": pseudonym.key_check(key) if key else None}, target)
 
 
 class Servable:
@@ -150,7 +131,7 @@ class Servable:
         self._values = column.values.to_numpy()
         self.user_row = {self._key(v): row for row, v in enumerate(users.column("id").to_pylist())}
         self.user_ids_are_int = pa.types.is_integer(users.schema.field("id").type)
-        self.pseudonymised = users_pseudonymised(users)  # request user IDs are hashed with the server's key
+        self.pseudonymised = privacy.users_pseudonymised(users)  # request user IDs are hashed with the server's key
 
     @classmethod
     def load(cls, model_dir: str | Path, data_dir: str | Path, device: str = "cpu") -> Servable:
@@ -292,35 +273,6 @@ def parse_request(frame: Any, servable: Servable) -> list[dict]:
     return requests
 
 
-def server_key(servable: Servable, data_dir: Path) -> bytes | None:
-    """The pseudonym key a model with pseudonymised users needs (from this server's environment), checked
-    against the key it was registered with; None for a model with raw user IDs."""
-    if not servable.pseudonymised:
-        return None
-    try:
-        key = pseudonym.load_key()
-    except pseudonym.PseudonymKeyError as err:
-        raise pseudonym.PseudonymKeyError(f"this model's user IDs are pseudonymised, so the server needs the "
-                                          f"same key: {err}") from None
-    privacy = data_dir / PRIVACY_FILE
-    expected = json.loads(privacy.read_text(encoding="utf-8")).get("key_check") if privacy.exists() else None
-    if expected is not None and pseudonym.key_check(key) != expected:
-        raise pseudonym.PseudonymKeyError("the server's pseudonym key is not the one this model's users were "
-                                          "pseudonymised with: set the same LEANREC_PSEUDONYM_KEY(_FILE) as at ingest")
-    return key
-
-
-def explanations(servable: Servable, histories: list[list[int]], results: list, ks: list[int]) -> list[tuple[list, list]]:
-    """Per request, per recommended item: the raw IDs of its top supporting history items and their weights."""
-    from pipeline.models.explain import explain
-
-    items = [indices[:k] if source == "model" else [] for (indices, _, source), k in zip(results, ks, strict=True)]
-    out = []
-    for per_item in explain(servable.recommender, histories, items):
-        out.append(([servable.raw_ids([i for i, _ in s]) for s in per_item], [[float(w) for _, w in s] for s in per_item]))
-    return out
-
-
 def answer(servable: Servable, requests: list[dict], key: bytes | None = None) -> pd.DataFrame:
     histories: list[list[int]] = []
     unknown_counts: list[int] = []
@@ -348,8 +300,10 @@ def answer(servable: Servable, requests: list[dict], key: bytes | None = None) -
         })
     wanted = [r for r, request in enumerate(requests) if request.get("explain")]
     if wanted:  # only the rows asking for explanations pay for them; the others get null
-        because = explanations(servable, [histories[r] for r in wanted], [results[r] for r in wanted],
-                               [requests[r]["k"] for r in wanted])
+        from pipeline.models.explain import explain_results
+
+        because = explain_results(servable.recommender, [histories[r] for r in wanted], [results[r] for r in wanted],
+                                  servable.raw_ids, [requests[r]["k"] for r in wanted])
         for row in rows:
             row["because"] = row["because_weights"] = None
         for r, (ids, weights) in zip(wanted, because, strict=True):
@@ -369,7 +323,7 @@ class LeanRecModel(mlflow.pyfunc.PythonModel):
     # No type hints on these two: MLflow would try to derive the signature from them.
     def load_context(self, context):  # noqa: ANN001, ANN201
         self.servable = Servable.load(context.artifacts[MODEL_ARTIFACT], context.artifacts[DATA_ARTIFACT])
-        self.key = server_key(self.servable, Path(context.artifacts[DATA_ARTIFACT]))
+        self.key = privacy.server_key(self.servable.pseudonymised, Path(context.artifacts[DATA_ARTIFACT]))
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
         return answer(self.servable, parse_request(model_input, self.servable), getattr(self, "key", None))
