@@ -22,7 +22,7 @@ from pipeline.models.recommender import Recommender
 from pipeline.models.variants import save_variant
 from pipeline.registry.promote import promote
 from pipeline.registry.register import register
-from pipeline.serving.pyfunc import log_servable
+from pipeline.serving.pyfunc import MAX_HISTORY, log_servable, parse_request
 from tests.registry.test_registry import _free_port, _stop, _wait_for, start_server
 from tests.registry_helpers import build_trained, compress, measure, write_compression
 
@@ -118,8 +118,8 @@ def test_any_variant_is_servable(served):
 
 def test_signature_and_input_example_are_logged(served):
     info = served["teacher_info"]
-    inputs = {c.name: c for c in info.signature.inputs.inputs}
-    assert set(inputs) == {"user_id", "history", "k"} and not any(c.required for c in inputs.values())
+    # No input schema: MLflow would drop the columns it does not name before predict sees them.
+    assert info.signature.inputs is None
     assert {c.name for c in info.signature.outputs.inputs} == {"user_id", "items", "scores", "source", "unknown_items"}
     assert info.saved_input_example_info is not None
 
@@ -139,6 +139,11 @@ def test_signature_and_input_example_are_logged(served):
         (pd.DataFrame({"user_id": [1, None], "history": [[1], None]}), "row 0: give a user_id or a history, not both"),
         (pd.DataFrame({"user_id": [None], "history": [None]}), "give a user_id or a history"),
         (pd.DataFrame({"user_id": pd.Series([], dtype="int64")}), "no rows"),
+        (pd.DataFrame({"history": [[1, 2]], "K": [3]}), r"unknown column\(s\) \['K'\]"),
+        (pd.DataFrame({"user_id": [1], "user": [2], "kk": [3]}), r"unknown column\(s\) \['user', 'kk'\]"),
+        (pd.DataFrame({"history": [[1] * (MAX_HISTORY + 1)]}), f"row 0: history holds {MAX_HISTORY + 1} items; at most"),
+        (pd.DataFrame({"history": [[1], 7]}), "row 1: history must be a list of item IDs, got int"),
+        (pd.DataFrame({"history": [[1, True]]}), r"item IDs are integers, got True \(bool\)"),
     ],
 )
 def test_bad_requests_raise_invalid_parameter_value(served, request_frame, message):
@@ -146,6 +151,50 @@ def test_bad_requests_raise_invalid_parameter_value(served, request_frame, messa
         served["teacher"].predict(request_frame)
     assert err.value.error_code == "INVALID_PARAMETER_VALUE"
     assert err.value.get_http_status_code() == 400
+
+
+@pytest.mark.parametrize("column", ["user_id", "history", "k", "K"])
+def test_an_error_quotes_at_most_a_short_repr_of_the_offending_value(served, column):
+    """A 20 MB value (an ID, an item, a k, a column name) comes back as a message of a few hundred characters."""
+    huge = "u" * 20_000_000
+    frame = pd.DataFrame({
+        "user_id": {"user_id": [huge]}, "history": {"history": [[huge]]}, "k": {"history": [[1]], "k": [huge]},
+        "K": {"history": [[1]], huge: [1]},
+    }[column])
+    with pytest.raises(MlflowException) as err:
+        served["teacher"].predict(frame)
+    assert err.value.get_http_status_code() == 400
+    assert len(err.value.message) < 400 and "uuuu" in err.value.message, err.value.message[:400]
+
+
+def test_a_history_at_the_cap_is_scored_on_its_most_recent_items(served):
+    """MAX_HISTORY items are accepted; the answer is the model's for the last max_len of them."""
+    history = [int(served["item_id"][i]) for i in _full_history(served, 2)]
+    long = (history * (MAX_HISTORY // len(history) + 1))[-MAX_HISTORY:]
+    got = served["teacher"].predict(pd.DataFrame({"history": [long], "k": [5]})).iloc[0]
+    rec = Recommender.load(served["layout"].model_dir("main"))
+    expected, _ = rec.recommend([[served["item_index"][i] for i in long]], k=5)
+    assert list(got["items"]) == [int(served["item_id"][i]) for i in expected[0].tolist()]
+
+
+def test_a_request_holds_at_most_max_request_items(served, monkeypatch):
+    from pipeline.serving import pyfunc
+
+    monkeypatch.setattr(pyfunc, "MAX_REQUEST_ITEMS", 10)
+    servable = served["teacher"].unwrap_python_model().servable
+    assert len(parse_request(pd.DataFrame({"history": [[1] * 5, [2] * 5]}), servable)) == 2
+    with pytest.raises(MlflowException, match="row 2: the request's histories hold more than 10 items"):
+        parse_request(pd.DataFrame({"history": [[1] * 5, [2] * 5, [3]]}), servable)
+
+
+def test_records_and_column_dicts_are_accepted_in_process(served):
+    servable = served["teacher"].unwrap_python_model().servable
+    records = parse_request([{"history": [1, 2], "k": 3}, {"user_id": 5}], servable)
+    columns = parse_request({"history": [[1, 2]], "k": [3]}, servable)
+    assert records[0] == columns[0] == {"user_id": None, "history": [1, 2], "k": 3}
+    assert records[1] == {"user_id": 5, "history": None, "k": 10}
+    with pytest.raises(MlflowException, match="the request is not a table"):
+        parse_request({"user_id": 5}, servable)
 
 
 # ----------------------------------------------------------------------------- HTTP
