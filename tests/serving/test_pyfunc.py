@@ -11,50 +11,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 from mlflow.exceptions import MlflowException
 
-import mlflow
 from pipeline.core.config import PolicyConfig, RegistryConfig, TrackingConfig
-from pipeline.data.sequences import load_sequences
 from pipeline.models.recommender import Recommender
 from pipeline.models.variants import save_variant
 from pipeline.registry.promote import promote
 from pipeline.registry.register import register
-from pipeline.serving.pyfunc import MAX_HISTORY, log_servable, parse_request
+from pipeline.serving.pyfunc import MAX_HISTORY, parse_request
 from tests.registry.test_registry import _free_port, _stop, _wait_for, start_server
-from tests.registry_helpers import build_trained, compress, measure, write_compression
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """A trained teacher and its int8_table variant, logged as pyfuncs to a SQLite store and loaded back."""
-    root = tmp_path_factory.mktemp("serving")
-    layout = build_trained(root)
-    from pipeline.models.sasrec import load_model
-
-    variant_dir = save_variant(load_model(layout.model_dir("main")), layout.model_dir("main") / "variants" / "int8_table", "int8_table")
-    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
-    # Artifacts beside the store: a SQLite store's default artifact root is ./mlruns in the current directory.
-    experiment = mlflow.create_experiment("serving", artifact_location=(root / "mlartifacts").as_uri())
-    with mlflow.start_run(experiment_id=experiment):
-        teacher_info = log_servable(layout.model_dir("main"), layout.features_dir, name="teacher")
-        variant_info = log_servable(variant_dir, layout.features_dir, name="variant")
-    data = load_sequences(layout.features_dir)
-    items = pq.read_table(layout.features_dir / "item_vocab.parquet").to_pandas()
-    users = pq.read_table(layout.features_dir / "user_vocab.parquet").to_pandas()
-    return {
-        "layout": layout, "data": data, "teacher": mlflow.pyfunc.load_model(teacher_info.model_uri),
-        "variant": mlflow.pyfunc.load_model(variant_info.model_uri), "teacher_info": teacher_info,
-        "item_id": dict(zip(items["index"], items["id"], strict=True)), "item_index": dict(zip(items["id"], items["index"], strict=True)),
-        "user_id": dict(zip(users["index"], users["id"], strict=True)), "variant_dir": variant_dir,
-    }
-
-
-def _full_history(served, row: int) -> list[int]:
-    data = served["data"]
-    return data.items[data.offsets[row] : data.offsets[row + 1]].tolist()
+from tests.registry_helpers import compress, measure, write_compression
+from tests.serving.helpers import full_history as _full_history
 
 
 def test_known_users_get_the_models_top_k_of_their_whole_history(served):
