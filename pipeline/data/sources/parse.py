@@ -32,6 +32,10 @@ INT64_MAX = np.iinfo(np.int64).max
 INTEGER_ID_PATTERN = r"^\s*(?P<digits>-?\d{1,18})(?:\.0*)?\s*$"
 NUMBER_PATTERN = r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"
 ISO_DATE_PREFIX = re.compile(r"^\s*\d{4}-\d{1,2}-\d{1,2}")
+# Arrow's string casts accept more than the patterns above: hexadecimal integers ("0x1f" -> 31), "nan",
+# "inf". The fast path (one cast for the whole column) is taken only when no value holds a character
+# outside plain decimal notation, so a value converts the same whatever its neighbours in the column.
+NOT_PLAIN_DECIMAL = r"[^0-9eE.+\-\s]"
 
 
 def bad_mask(mask: pa.ChunkedArray | pa.Array) -> np.ndarray | None:
@@ -56,10 +60,11 @@ def parse_integer_ids(values: pa.ChunkedArray) -> tuple[pa.ChunkedArray, np.ndar
         bad = bad_mask(pc.and_(pc.invert(integral), pc.invert(pc.is_nan(values))))
         return pc.cast(pc.if_else(integral, values, None), pa.int64()), bad
     strings = as_strings(values)
-    try:
-        return pc.cast(strings, pa.int64()), None
-    except pa.ArrowInvalid:
-        pass
+    if _plain_decimal(strings):
+        try:
+            return pc.cast(strings, pa.int64()), None
+        except pa.ArrowInvalid:
+            pass
     digits = pc.struct_field(pc.extract_regex(strings, INTEGER_ID_PATTERN), "digits")
     bad = bad_mask(pc.and_(pc.is_valid(strings), pc.is_null(digits)))
     return pc.cast(digits, pa.int64()), bad
@@ -72,7 +77,7 @@ def parse_numbers(values: pa.ChunkedArray) -> tuple[pa.ChunkedArray, np.ndarray 
     if pa.types.is_floating(values.type) or pa.types.is_decimal(values.type):
         return pc.cast(values, pa.float64()), None
     strings = as_strings(values)
-    for target in (pa.int64(), pa.float64()):
+    for target in (pa.int64(), pa.float64()) if _plain_decimal(strings) else ():
         try:
             return pc.cast(strings, target), None
         except pa.ArrowInvalid:
@@ -86,9 +91,18 @@ def parse_numbers(values: pa.ChunkedArray) -> tuple[pa.ChunkedArray, np.ndarray 
         return pc.cast(numbers_only, pa.float64()), bad
 
 
+def _plain_decimal(strings: pa.ChunkedArray) -> bool:
+    return not pc.any(pc.match_substring_regex(strings, NOT_PLAIN_DECIMAL)).as_py()
+
+
 def parse_datetimes(values: pa.ChunkedArray) -> tuple[pa.ChunkedArray, np.ndarray | None]:
-    """ISO 8601 strings -> UTC. Strings without a zone offset are taken as UTC."""
+    """ISO 8601 strings (YYYY-MM-DD first) -> UTC. Strings without a zone offset are taken as UTC."""
     strings = as_strings(values)
+    # pandas reads "-1" or "2020" as dates too: a value that does not start with a date is bad.
+    not_dated = bad_mask(pc.and_(pc.is_valid(strings), pc.invert(pc.match_substring_regex(strings, ISO_DATE_PREFIX.pattern))))
+    if not_dated is not None:
+        timestamps, bad = parse_datetimes(pc.if_else(pa.array(not_dated), pa.scalar(None, pa.string()), strings))
+        return timestamps, not_dated if bad is None else bad | not_dated
     # Arrow's parser is fastest but all-or-nothing, and wants one kind of string
     # per column: all with an offset, or all without.
     for parsed_type in (schema.TIMESTAMP_TYPE, pa.timestamp("us")):
