@@ -232,7 +232,9 @@ class Converter:
         ratings = None
         if self.columns.rating is not None:
             numbers, bad = parse_numbers(batch[self.columns.rating])
-            ratings = pc.cast(numbers, pa.float32())
+            # safe=False: an integer past 2**24 rounds to the nearest float32 instead of failing the file;
+            # a rating out of range is validate's to quarantine.
+            ratings = pc.cast(numbers, pa.float32(), safe=False)
             problems.append(("non_numeric_rating", bad))
         if self.event_weights is not None:
             events = as_strings(batch[self.columns.event])

@@ -28,8 +28,10 @@ MICROS_PER_UNIT: dict[str, int] = {"s": 1_000_000, "ms": 1_000, "us": 1}
 INT64_MAX = np.iinfo(np.int64).max
 
 # An integer id, optionally written as a float with a zero fraction ("12.0", as
-# pandas writes int columns holding NaN). 18 digits always fit in int64.
-INTEGER_ID_PATTERN = r"^\s*(?P<digits>-?\d{1,18})(?:\.0*)?\s*$"
+# pandas writes int columns holding NaN), leading zeros allowed. 18 digits always fit in int64; 19
+# digits fit up to INT64_DIGITS (a larger one is bad, as the fast cast of the whole column finds).
+INTEGER_ID_PATTERN = r"^\s*(?P<sign>-?)0*(?P<digits>\d{1,19})(?:\.0*)?\s*$"
+INT64_DIGITS = {"": str(2**63 - 1), "-": str(2**63)}
 NUMBER_PATTERN = r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"
 ISO_DATE_PREFIX = re.compile(r"^\s*\d{4}-\d{1,2}-\d{1,2}")
 # Arrow's string casts accept more than the patterns above: hexadecimal integers ("0x1f" -> 31), "nan",
@@ -65,9 +67,13 @@ def parse_integer_ids(values: pa.ChunkedArray) -> tuple[pa.ChunkedArray, np.ndar
             return pc.cast(strings, pa.int64()), None
         except pa.ArrowInvalid:
             pass
-    digits = pc.struct_field(pc.extract_regex(strings, INTEGER_ID_PATTERN), "digits")
+    parts = pc.extract_regex(strings, INTEGER_ID_PATTERN)
+    sign, digits = pc.struct_field(parts, "sign"), pc.struct_field(parts, "digits")
+    for prefix, limit in INT64_DIGITS.items():
+        too_large = pc.and_(pc.equal(sign, prefix), pc.and_(pc.equal(pc.utf8_length(digits), 19), pc.greater(digits, limit)))
+        digits = pc.if_else(pc.fill_null(too_large, False), pa.scalar(None, pa.string()), digits)
     bad = bad_mask(pc.and_(pc.is_valid(strings), pc.is_null(digits)))
-    return pc.cast(digits, pa.int64()), bad
+    return pc.cast(pc.binary_join_element_wise(sign, digits, ""), pa.int64()), bad
 
 
 def parse_numbers(values: pa.ChunkedArray) -> tuple[pa.ChunkedArray, np.ndarray | None]:

@@ -274,7 +274,10 @@ def _parse_with_arrow(
         convert_options=pacsv.ConvertOptions(
             column_types={name: pa.string() for name in columns},
             include_columns=columns,
-            strings_can_be_null=True,  # an empty field is null, not ""
+            # An empty field is null, not "", and only an empty one: pyarrow's default null_values would
+            # also turn "NA", "null", "nan", "N/A"... into nulls, losing string IDs that read so.
+            strings_can_be_null=True,
+            null_values=[""],
         ),
     )
     return table, rejected
@@ -289,9 +292,11 @@ def _read_text_chunk(
     n_undecodable = len(quarantine) - quarantined_before  # not UTF-8, or a stray CR: blanked, set aside
     try:
         parsed, rejected = _parse_chunk(chunk, layout, wanted)
-        if layout.quoted and any("\n" in text for text in rejected.texts):
+        n_rows = parsed.num_rows + len(rejected.numbers)
+        if layout.quoted and (n_rows != len(chunk._nonblank_lines) or any("\n" in text for text in rejected.texts)):
             # An unbalanced quote made pyarrow swallow the following lines into one
-            # row. Lines are records here, so this chunk is parsed again without
+            # row (rejected, or with the right field count accepted: fewer rows than
+            # lines). Lines are records here, so this chunk is parsed again without
             # quoting: every line is then accounted for, the broken one quarantined.
             logger.warning("unbalanced quote in lines %d+; parsing that chunk without quoting", chunk.first_line)
             parsed, rejected = _parse_chunk(chunk, replace(layout, quoted=False), wanted)
@@ -305,8 +310,9 @@ def _read_text_chunk(
     quarantine.add(rejected_lines[too_many], list(texts[too_many]), "extra_fields")
     quarantine.add(rejected_lines[~too_many], list(texts[~too_many]), "missing_fields")
 
-    # Counted here, independently of where the rows go next, so `convert.finish` can check none was lost.
-    n_data_lines = n_undecodable + len(rejected_numbers) + parsed.num_rows
+    # Counted from the lines, independently of the parser and of where the rows go next, so
+    # `convert.finish` can check none was lost.
+    n_data_lines = n_undecodable + len(chunk._nonblank_lines)
     row_lines = _RowLines(chunk, rejected_numbers)
     if layout.fillers:
         filler_used = functools.reduce(pc.or_, (pc.is_valid(parsed[name]) for name in layout.fillers))

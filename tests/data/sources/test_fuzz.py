@@ -260,3 +260,54 @@ def test_header_names_in_errors_are_cut_to_short_tokens(tmp_path):
 def test_a_pyarrow_error_keeps_its_reason_but_not_the_data():
     assert text.arrow_reason(pa.ArrowInvalid(f"CSV parse error: Expected 3 columns, got 1: {SECRET}")) == (
         "CSV parse error: Expected 3 columns, got 1")
+
+
+# --------------------------------------------------------------------------- what the fuzzing found, pinned
+
+
+def _read_csv(tmp_path: Path, content: bytes, **overrides):
+    path = tmp_path / "log.csv"
+    path.write_bytes(content)
+    return files.read_file(file_config(path, columns={"user": "u", "item": "i", "timestamp": "t", "rating": "r"}, **overrides))
+
+
+def test_a_stray_carriage_return_quarantines_its_line_instead_of_splitting_it(tmp_path):
+    result = _read_csv(tmp_path, b"u,i,t,r\n1,2,3,4\n5,6\r,7,8\n9,10,11,12\r\n", id_type="int")
+    assert result.details["rows_read"] == 3 and result.table.num_rows == 2
+    assert list(zip(result.quarantine["line"], result.quarantine["reason"], strict=True)) == [(3, "stray_carriage_return")]
+
+
+def test_a_carriage_return_in_the_header_is_a_clear_error(tmp_path):
+    with pytest.raises(IngestError, match="the first line cannot be split"):
+        _read_csv(tmp_path, b"u,i\r,t,r\n1,2,3,4\n")
+
+
+@pytest.mark.parametrize("neighbour", [None, "x"])
+def test_a_value_converts_the_same_whatever_its_neighbours(tmp_path, neighbour):
+    """Hexadecimal IDs, 'nan' ratings and non-date strings are bad alone too; 19-digit IDs convert next to bad ones."""
+    lines = [b"u,i,t,r", b"0x1f,1,5,1", b"1,1000000000000000000,5,nan", b"2,3,5,16777217"]
+    if neighbour:
+        lines.append(b"x,y,5,1")
+    result = _read_csv(tmp_path, b"\n".join(lines) + b"\n", id_type="int")
+    reasons = dict(zip(result.quarantine["line"], result.quarantine["reason"], strict=True))
+    assert reasons[2] == "non_numeric_user_id" and reasons[3] == "non_numeric_rating"
+    assert result.table.to_pylist()[0]["item_id"] == 3 and result.table.to_pylist()[0]["rating"] == 16777216.0
+    converted, bad = parse.parse_integer_ids(pa.chunked_array([pa.array(["1000000000000000000", neighbour])]))
+    assert converted.to_pylist()[0] == 10**18 and (bad is None or not bad[0])
+    dates, bad = parse.parse_datetimes(pa.chunked_array([pa.array(["-1", "2020-01-02", neighbour])]))
+    assert bad is not None and bad[0] and dates.to_pylist()[1] is not None
+
+
+def test_only_an_empty_field_is_missing(tmp_path):
+    """'NA', 'null', 'nan' are IDs like any other string (pyarrow's default null values would drop them)."""
+    result = _read_csv(tmp_path, b"u,i,t,r\nNA,null,5,1\nN/A,nan,5,\n")
+    assert [(row["user_id"], row["item_id"], row["rating"]) for row in result.table.to_pylist()] == [
+        ("NA", "null", 1.0), ("N/A", "nan", None)]
+
+
+def test_an_unbalanced_quote_never_swallows_the_next_line(tmp_path):
+    """'1,2,5,"' + newline + '3' reads as one row of four fields under quoting: each line must stay a record."""
+    result = _read_csv(tmp_path, b'u,i,t,r\n1,2,5,"\n3\n4,5,6,7\n', id_type="int")
+    assert result.details["rows_read"] == 3 == result.table.num_rows + len(result.quarantine)
+    assert list(zip(result.quarantine["line"], result.quarantine["reason"], strict=True)) == [
+        (2, "non_numeric_rating"), (3, "missing_fields")]
