@@ -210,7 +210,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--requests", type=int, default=2000, help="at most this many requests per client count")
     parser.add_argument("--seconds", type=float, default=30.0, help="at most this long per client count")
-    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=300, help="requests sent first, not measured (JIT, caches)")
     parser.add_argument("--out", type=Path, default=RESULTS / "serving-load.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -34,4 +34,5 @@ def served(tmp_path_factory):
         "variant": mlflow.pyfunc.load_model(variant_info.model_uri), "teacher_info": teacher_info,
         "item_id": dict(zip(items["index"], items["id"], strict=True)), "item_index": dict(zip(items["id"], items["index"], strict=True)),
         "user_id": dict(zip(users["index"], users["id"], strict=True)), "variant_dir": variant_dir,
+        "tracking_uri": f"sqlite:///{root}/mlflow.db",
     }

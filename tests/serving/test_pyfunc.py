@@ -219,6 +219,7 @@ def test_mlflow_models_serve_answers_invocations_for_the_champion(served, tmp_pa
             ({"dataframe_records": [{"history": [1, "x"]}]}, "item IDs are integers"),
             ({"dataframe_split": {"columns": ["history"], "data": [[[1, 2]]]}, "params": {"bogus": 1}}, None),
             ({"dataframe_records": [{"history": "not a list"}]}, "history"),
+            ({"dataframe_records": [{"user_id": known, "K": 3}]}, "unknown column(s) ['K']"),  # not dropped by MLflow
         ]:
             status, body = _post(url, payload)
             if message is None:  # a well-formed request in another layout still works
@@ -250,3 +251,40 @@ def test_the_model_ships_exactly_the_modules_serving_imports(tmp_path):
     probe = ("import sys; sys.path.insert(0, sys.argv[1]); import pipeline.serving.pyfunc as served; "
              "assert served.__file__.startswith(sys.argv[1]), served.__file__")
     subprocess.run([sys.executable, "-c", probe, str(tmp_path / "code")], check=True, cwd=tmp_path)
+
+
+@pytest.mark.slow
+def test_the_leanrec_server_guards_mlflows_app_over_http(served, tmp_path):
+    """python -m pipeline.serving.server with 2 workers: deep JSON, huge values, long histories and typos are 4xx."""
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": served["tracking_uri"], "MLFLOW_MODELS_WORKERS": "2"}
+    proc = start_server([sys.executable, "-m", "pipeline.serving.server", "-m", served["teacher_info"].model_uri,
+                         "--host", "127.0.0.1", "--port", str(port)], tmp_path, env)
+    try:
+        _wait_for(f"http://127.0.0.1:{port}/ping", proc)
+        url = f"http://127.0.0.1:{port}/invocations"
+        known = int(served["user_id"][served["data"].users[0]])
+        status, body = _post(url, {"dataframe_records": [{"user_id": known, "k": 3}, {"history": [1, 2]}]})
+        assert status == 200 and len(body["predictions"][0]["items"]) == 3, body
+        deep = json.dumps({"dataframe_records": [{"history": 0}]}).replace("0", "[" * 100_000 + "]" * 100_000)
+        request = urllib.request.Request(url, data=deep.encode(), headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(request, timeout=60)
+        assert err.value.code == 400 and "nests 100003 levels deep" in json.loads(err.value.read())["message"]
+        for payload, message in [
+            ({"dataframe_records": [{"history": [1, 2], "K": 3}]}, "unknown column(s) ['K']"),
+            ({"dataframe_records": [{"history": [1] * (MAX_HISTORY + 1)}]}, f"at most {MAX_HISTORY} are accepted"),
+            ({"dataframe_records": [{"user_id": "u" * 20_000_000}]}, "user IDs are integers"),
+        ]:
+            status, body = _post(url, payload)
+            assert status == 400 and message in body["message"], (status, str(body)[:500])
+            assert len(json.dumps(body)) < 2000
+        assert _worker_count(proc.pid) == 2  # MLFLOW_MODELS_WORKERS
+    finally:
+        _stop(proc)
+
+
+def _worker_count(pid: int) -> int:
+    """uvicorn's worker processes: the server's children started by multiprocessing's spawn (not its resource tracker)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return sum(b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes() for child in children)
