@@ -19,7 +19,7 @@ from pipeline.models.recommender import Recommender
 from pipeline.models.variants import save_variant
 from pipeline.registry.promote import promote
 from pipeline.registry.register import register
-from pipeline.serving.pyfunc import MAX_HISTORY, parse_request
+from pipeline.serving.request import MAX_HISTORY, parse_request
 from tests.registry.test_registry import _free_port, _stop, _wait_for, start_server
 from tests.registry_helpers import compress, measure, write_compression
 from tests.serving.helpers import full_history as _full_history
@@ -146,9 +146,9 @@ def test_a_history_at_the_cap_is_scored_on_its_most_recent_items(served):
 
 
 def test_a_request_holds_at_most_max_request_items(served, monkeypatch):
-    from pipeline.serving import pyfunc
+    from pipeline.serving import request
 
-    monkeypatch.setattr(pyfunc, "MAX_REQUEST_ITEMS", 10)
+    monkeypatch.setattr(request, "MAX_REQUEST_ITEMS", 10)
     servable = served["teacher"].unwrap_python_model().servable
     assert len(parse_request(pd.DataFrame({"history": [[1] * 5, [2] * 5]}), servable)) == 2
     with pytest.raises(MlflowException, match="row 2: the request's histories hold more than 10 items"):

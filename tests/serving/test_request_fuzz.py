@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlflow.exceptions import MlflowException
 
-from pipeline.serving.pyfunc import MAX_HISTORY, SHOWN_CHARS
+from pipeline.serving.request import MAX_HISTORY, SHOWN_CHARS
 
 FUZZ = settings(max_examples=80, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
