@@ -37,7 +37,8 @@ ISO_DATE_PREFIX = re.compile(r"^\s*\d{4}-\d{1,2}-\d{1,2}")
 # Arrow's string casts accept more than the patterns above: hexadecimal integers ("0x1f" -> 31), "nan",
 # "inf". The fast path (one cast for the whole column) is taken only when no value holds a character
 # outside plain decimal notation, so a value converts the same whatever its neighbours in the column.
-NOT_PLAIN_DECIMAL = r"[^0-9eE.+\-\s]"
+_PLAIN_DECIMAL_BYTES = np.zeros(256, dtype=bool)
+_PLAIN_DECIMAL_BYTES[np.frombuffer(b"0123456789eE.+- \t\n\r\x0b\x0c", dtype=np.uint8)] = True
 
 
 def bad_mask(mask: pa.ChunkedArray | pa.Array) -> np.ndarray | None:
@@ -98,7 +99,17 @@ def parse_numbers(values: pa.ChunkedArray) -> tuple[pa.ChunkedArray, np.ndarray 
 
 
 def _plain_decimal(strings: pa.ChunkedArray) -> bool:
-    return not pc.any(pc.match_substring_regex(strings, NOT_PLAIN_DECIMAL)).as_py()
+    """No value holds a character outside plain decimal notation (a scan of the string bytes, no regex)."""
+    for chunk in strings.chunks:
+        if len(chunk) == 0:
+            continue
+        _, offsets_buffer, data_buffer = chunk.buffers()
+        width = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
+        offsets = np.frombuffer(offsets_buffer, dtype=width)[chunk.offset : chunk.offset + len(chunk) + 1]
+        data = np.frombuffer(data_buffer, dtype=np.uint8)[offsets[0] : offsets[-1]] if data_buffer else np.empty(0, np.uint8)
+        if not _PLAIN_DECIMAL_BYTES[data].all():
+            return False
+    return True
 
 
 def parse_datetimes(values: pa.ChunkedArray) -> tuple[pa.ChunkedArray, np.ndarray | None]:
