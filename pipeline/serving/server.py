@@ -9,7 +9,9 @@ catch: HTTP 500. `RequestGuard` reads the body first and answers
 
 in MLflow's error format (`{"error_code": "BAD_REQUEST", "message": ...}`); every other request
 reaches MLflow's app unchanged (same routes, same request and response JSON, same pyfunc, whose
-`parse_request` answers 400 for a malformed table).
+`parse_request` answers 400 for a malformed table), except that an error response over
+MAX_ERROR_BYTES keeps only a cut version of its message (MLflow prefixes a predict error's message
+with the whole request table as pandas prints it, long column names included).
 
     python -m pipeline.serving.server -m models:/leanrec@champion --host 127.0.0.1 --port 5001 --workers 2
 
@@ -33,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 2**20  # a request of MAX_ROWS rows with long histories fits well below this
 MAX_JSON_DEPTH = 32  # nesting levels of the request JSON ({"dataframe_records": [{"history": [...]}]} is 4)
+MAX_ERROR_BYTES = 4096  # an error response longer than this keeps a cut version of its message
 MODEL_PATH_ENV = "LEANREC_SERVED_MODEL_PATH"  # the downloaded model directory, for the workers
 WORKERS_ENV = "MLFLOW_MODELS_WORKERS"  # the same variable `mlflow models serve --workers` reads
 TIMEOUT_ENV = "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"  # read by MLflow's app: seconds per request
@@ -66,10 +69,12 @@ def _error_body(message: str) -> bytes:
 class RequestGuard:
     """ASGI middleware: a POST body is read whole, refused when too large or too deeply nested, else passed on."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int = MAX_BODY_BYTES, max_depth: int = MAX_JSON_DEPTH):
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int = MAX_BODY_BYTES, max_depth: int = MAX_JSON_DEPTH,
+                 max_error_bytes: int = MAX_ERROR_BYTES):
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.max_depth = max_depth
+        self.max_error_bytes = max_error_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -105,7 +110,53 @@ class RequestGuard:
             replayed = True
             return {"type": "http.request", "body": bytes(body), "more_body": False}
 
-        await self.app(scope, replay, send)
+        await self.app(scope, replay, _ShortErrors(send, self.max_error_bytes))
+
+
+class _ShortErrors:
+    """The `send` of an error response: a JSON body over max_bytes keeps only a cut version of its message.
+
+    MLflow prefixes the message of a predict error with the request table as pandas prints it
+    ("Failed to predict data '<table>'. \nError: <message>"); pandas cuts long cells but not column
+    names, so a 20 MB column name came back twice. The part after "Error: " is LeanRec's own message.
+    """
+
+    def __init__(self, send: Send, max_bytes: int):
+        self.send = send
+        self.max_bytes = max_bytes
+        self.start: Message | None = None
+        self.body = bytearray()
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start" and message["status"] >= 400:
+            self.start = message  # held back until the body is complete
+            return
+        if self.start is None or message["type"] != "http.response.body":
+            await self.send(message)
+            return
+        self.body += message.get("body", b"")
+        if message.get("more_body", False):
+            return
+        body = bytes(self.body)
+        if len(body) > self.max_bytes:
+            body = _cut_error(body, self.max_bytes)
+        headers = [(k, v) for k, v in self.start.get("headers", []) if k.lower() != b"content-length"]
+        await self.send({**self.start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+        await self.send({"type": "http.response.body", "body": body})
+
+
+def _cut_error(body: bytes, max_bytes: int) -> bytes:
+    try:
+        error = json.loads(body)
+        message = str(error["message"])
+    except (ValueError, KeyError, TypeError, RecursionError):
+        error, message = {"error_code": "BAD_REQUEST"}, body.decode("utf-8", errors="replace")
+    message = message.rsplit("\nError: ", 1)[-1]
+    keep = max_bytes // 2
+    if len(message) > keep:
+        message = message[: keep // 2] + " ... " + message[-keep // 2 :]
+    slim = {key: value for key, value in error.items() if key in ("error_code", "sqlstate", "error_class")}
+    return json.dumps({**slim, "message": message}).encode()
 
 
 async def _reply(send: Send, status: int, message: str) -> None:

@@ -131,3 +131,17 @@ def test_workers_come_from_the_flag_or_mlflows_variable(monkeypatch):
     assert started["workers"] == 2
     with pytest.raises(SystemExit):
         main(["-m", "models:/leanrec@champion", "--workers", "0"])
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    ({"history": [1], "K" * 20_000_000: 1}, "unknown column(s) ['KKKKKKKK"),  # MLflow's prefix prints column names whole
+    ({"history": ["h" * 20_000_000]}, "item IDs are integers, got 'hhhh"),
+    ({"history": [1] * 5_000_000}, "history holds 5000000 items"),
+    ({"k": "k" * 20_000_000, "history": [1]}, "k must be an integer, got 'kkk"),
+])
+def test_no_error_over_http_echoes_a_huge_value(client, row, message):
+    """MLflow prefixes a 400's message with the request table as pandas prints it: that too must stay short."""
+    response = _invoke(client, json.dumps({"dataframe_records": [row]}))
+    assert response.status_code == 400
+    assert len(response.content) < 3000 and message in response.json()["message"], response.content[:3000]
+    assert response.headers["content-length"] == str(len(response.content))
