@@ -38,13 +38,12 @@ _SHORT_REPR.maxlevel = 2
 _SHORT_REPR.maxlong = SHOWN_CHARS
 
 
-
 def bad_request(message: str) -> MlflowException:
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 def shown(value: Any) -> str:
-    """A short repr of a request value for an error message: never more than about SHOWN_CHARS characters."""
+    """A short repr of a request value for an error message: at most 2 * SHOWN_CHARS characters and "..."."""
     text = _SHORT_REPR.repr(value)
     return text if len(text) <= 2 * SHOWN_CHARS else text[: 2 * SHOWN_CHARS] + "..."
 
@@ -57,8 +56,10 @@ def _shown_names(names: Sequence[Any]) -> str:
 def _is_missing(value: Any) -> bool:
     if value is None:
         return True
+    if isinstance(value, list | tuple | dict | str | bytes | np.ndarray):  # never turned into an array here
+        return False
     try:
-        return bool(pd.isna(value)) if np.ndim(value) == 0 else False
+        return bool(pd.isna(value))
     except (TypeError, ValueError):
         return False
 
