@@ -37,3 +37,26 @@ def test_explain_adds_the_supporting_history_items_of_every_recommendation(champ
             assert list(line["because"]) == [raw_item[i] for i, _ in because]
             np.testing.assert_allclose(line["because_weights"], [w for _, w in because], rtol=1e-4, atol=1e-5)
             assert set(line["because"]) <= {raw_item[i] for i in history}
+
+
+def test_cli_explains_a_user_of_a_champion_with_integer_user_ids(champion, capsys):
+    import json
+
+    from pipeline.orchestration.cli import main
+
+    layout, tracking, registered = champion
+    data = load_sequences(layout.features_dir)
+    users = pq.read_table(layout.features_dir / "user_vocab.parquet").to_pandas()
+    raw_user = dict(zip(users["index"], users["id"], strict=True))[data.users[3]]
+    argv = ["explain", "--workdir", str(layout.root), "-S", f"tracking.tracking_uri={tracking.tracking_uri}",
+            "--user-id", str(raw_user), "--k", "2"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["version"] == registered["version"] and len(out["recommendations"]) == 2
+    history = data.items[data.offsets[3] : data.offsets[3 + 1]].tolist()
+    items = pq.read_table(layout.features_dir / "item_vocab.parquet").to_pandas()
+    raw_item = dict(zip(items["index"], items["id"], strict=True))
+    expected, _ = Recommender.load(layout.root / registered["path"]).recommend([history], k=2)
+    assert [r["item_id"] for r in out["recommendations"]] == [raw_item[i] for i in expected[0].tolist()]
+    assert all(b["item_id"] in {raw_item[i] for i in history} for r in out["recommendations"] for b in r["because"])
+    assert main(argv[:-4] + ["--user-id", "not-a-number"]) == 2

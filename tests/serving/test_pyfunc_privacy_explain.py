@@ -76,6 +76,8 @@ def test_raw_user_ids_are_pseudonymised_with_the_servers_key_and_explained(serve
     history = [served["item_id"][i] for i in _history(served, 2)]
     (row,) = served["model"].predict(pd.DataFrame({"history": [history], "explain": [True]})).to_dict("records")
     assert len(row["because"]) == 10 and {i for ids in row["because"] for i in ids} <= set(history)
+    unknown = served["model"].predict(pd.DataFrame({"history": [[10**12]], "explain": [True]})).iloc[0]
+    assert unknown["source"] == "popularity" and list(unknown["because"]) == []  # the fallback has no model reasons
 
 
 @pytest.mark.parametrize("value", ["yes", 2, 1.5, [True]])
