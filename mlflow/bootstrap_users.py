@@ -154,8 +154,9 @@ def bootstrap(uri: str, env: dict[str, str]) -> list[Account]:
     # The MLflow clients read the credentials from the environment (never from the URI, never logged).
     os.environ["MLFLOW_TRACKING_USERNAME"] = env.get("MLFLOW_AUTH_ADMIN_USERNAME") or "admin"
     os.environ["MLFLOW_TRACKING_PASSWORD"] = admin_password
-    from mlflow import MlflowClient
     from mlflow.server.auth.client import AuthServiceClient
+
+    from mlflow import MlflowClient
 
     auth = AuthServiceClient(uri)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)

@@ -112,8 +112,9 @@ def test_bootstrap_accounts_need_distinct_users_and_passwords():
 
 @pytest.mark.slow
 def test_basic_auth_server_splits_workers_from_people(tmp_path, monkeypatch):
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
+
+    from mlflow import MlflowClient
 
     secrets_env = auth_env()
     port = _free_port()
