@@ -5,9 +5,12 @@ validated with Debian's `docker-compose config` (package docker-compose).
 """
 
 import os
+import pwd
 import re
+import secrets
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -260,3 +263,65 @@ def test_mlflow_requires_login_with_one_user_per_client():
     assert "MLFLOW_TRACKING_PASSWORD" not in _compose()["x-airflow-common"]["environment"]
     # healthy only once the bootstrap has created the users (the worker can log in)
     assert "/api/2.0/mlflow/users/current" in " ".join(services["mlflow"]["healthcheck"]["test"])
+
+
+@pytest.fixture
+def postgres_server():
+    """A throwaway Postgres cluster on a Unix socket (no TCP), with a password-protected superuser."""
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if initdb is None or pg_ctl is None or shutil.which("psql") is None:
+        pytest.skip("needs the PostgreSQL server binaries (initdb, pg_ctl, psql)")
+    as_user: list[str] = []
+    directory = Path(tempfile.mkdtemp(prefix="leanrec-pg-"))
+    if os.geteuid() == 0:  # initdb refuses root: run the cluster as the `postgres` system user
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no `postgres` user to run the cluster")
+        os.chown(directory, owner.pw_uid, owner.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    directory.chmod(0o755)
+    password = secrets.token_urlsafe(16)
+    (directory / "pw").write_text(password)
+    if as_user:
+        os.chown(directory / "pw", owner.pw_uid, owner.pw_gid)
+    data = directory / "data"
+    subprocess.run([*as_user, initdb, "-D", str(data), "-U", "superuser", "--auth=scram-sha-256",
+                    f"--pwfile={directory / 'pw'}"], check=True, capture_output=True, timeout=120)
+    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-l", str(directory / "log"), "-w", "-o",
+                    f"-k {directory} -c listen_addresses=''", "start"], check=True, capture_output=True, timeout=120)
+    try:
+        yield {"PGHOST": str(directory), "PGUSER": "superuser", "PGPASSWORD": password}
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True, timeout=60)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_postgres_init_gives_each_service_its_own_unprivileged_role(postgres_server):
+    values = _env_example()
+    init = {name: _expand(value) for name, value in _compose()["services"]["postgres-init"]["environment"].items()
+            if not name.startswith("PG")}
+    init.update(AIRFLOW_DB_PASSWORD=secrets.token_urlsafe(12), MLFLOW_DB_PASSWORD=secrets.token_urlsafe(12))
+    env = {**os.environ, **postgres_server, **init}
+    for _ in range(2):  # idempotent: the init job runs at every `docker compose up`
+        run = subprocess.run(["bash", str(ROOT / "stack" / "postgres-init.sh")], env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert run.returncode == 0, run.stderr
+
+    def psql(user: str, password: str, database: str, sql: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["psql", "-d", database, "-tAc", sql], capture_output=True, text=True, timeout=60,
+                              env={**env, "PGUSER": user, "PGPASSWORD": password})
+
+    airflow = (values["AIRFLOW_DB_USER"], init["AIRFLOW_DB_PASSWORD"])
+    mlflow = (values["MLFLOW_DB_USER"], init["MLFLOW_DB_PASSWORD"])
+    for (user, password), own, others in ((airflow, [values["AIRFLOW_DB"]], [values["MLFLOW_DB"], values["MLFLOW_AUTH_DB"]]),
+                                          (mlflow, [values["MLFLOW_DB"], values["MLFLOW_AUTH_DB"]], [values["AIRFLOW_DB"]])):
+        for database in own:  # it migrates its own schema: creates tables there
+            created = psql(user, password, database,
+                           "CREATE TABLE probe (x int); DROP TABLE probe; "
+                           "SELECT rolsuper, rolcreatedb, rolcreaterole FROM pg_roles WHERE rolname = current_user")
+            assert created.returncode == 0 and created.stdout.split()[-1] == "f|f|f", created.stderr
+        for database in others:
+            refused = psql(user, password, database, "SELECT 1")
+            assert refused.returncode != 0 and "CONNECT" in refused.stderr, f"{user} reaches {database}"
+        assert psql(user, "wrong-password", own[0], "SELECT 1").returncode != 0
