@@ -122,11 +122,15 @@ def start_run(prepare: Callable[[str, dict[str, Any]], Path], failure: str) -> d
 
 
 def overrides_field(example: str) -> Param:
-    """The form's free field: any other params.yaml key, `key=value` like the CLI's -S."""
+    """The form's free field: other params.yaml keys, `key=value` like the CLI's -S, limited to the
+    keys a person triggering a run should set (runs.FORM_OVERRIDE_PREFIXES; the prepare task refuses
+    any other, naming it)."""
     return Param(
         [], type="array", items={"type": "string", "pattern": OVERRIDE_PATTERN}, title="Other overrides",
-        description=f"Any other params.yaml key for this run, one key=value per line (e.g. {example}), "
-                    "exactly like the CLI's -S.",
+        description=f"Other params.yaml keys for this run, one key=value per line (e.g. {example}), like the "
+                    f"CLI's -S. Allowed: {', '.join(runs.FORM_OVERRIDE_PREFIXES)} and the keys under them, except "
+                    f"{', '.join(runs.FORM_OVERRIDE_REFUSED)} (paths, the tracking server and the registry are "
+                    "set in params.yaml or with the CLI).",
     )
 
 
