@@ -53,6 +53,7 @@ FORM_KEYS: dict[str, str] = {
     "promotion_metric": "registry.policy.metric",
     "promotion_tolerance": "registry.ndcg_tolerance",
     "latency_budget_ms": "registry.policy.max_latency_p50_ms",
+    "allow_promotion": "registry.allow_promotion",
     "recommendations_per_user": "recommend.k",
 }
 SOURCE_PATH_KEYS = {"movielens": "ingest.movielens.path", "file": "ingest.file.path"}
