@@ -4,8 +4,8 @@ mlflow/server.sh runs it once the basic-auth server answers; it is safe to run a
 (a restart, a rotated password): a user that exists gets the password from the environment again.
 
     worker   LEANREC_MLFLOW_WORKER_USERNAME (default leanrec-worker) / LEANREC_MLFLOW_WORKER_PASSWORD
-             MANAGE on the experiment and the registered model: logs runs, registers versions,
-             moves and deletes the `challenger` / `champion` aliases.
+             MANAGE on the experiment, the registered model and its promotion lock: logs runs,
+             registers versions, moves and deletes the `challenger` / `champion` aliases.
     reader   LEANREC_MLFLOW_READER_USERNAME (default leanrec-reader) / LEANREC_MLFLOW_READER_PASSWORD
              READ: people browse runs and models; they cannot register or move an alias.
     serving  LEANREC_MLFLOW_SERVING_USERNAME (default leanrec-serving) / LEANREC_MLFLOW_SERVING_PASSWORD
@@ -31,6 +31,10 @@ from dataclasses import dataclass
 logger = logging.getLogger("leanrec.mlflow.bootstrap")
 
 WORKER_PERMISSION = "MANAGE"  # the delete of an alias needs MANAGE (EDIT: update only)
+# The promote stage's lock is a registered model `<model><LOCK_SUFFIX>` it creates and deletes
+# (pipeline/registry/store.py LOCK_SUFFIX; this script runs in the MLflow image, without `pipeline`).
+# The worker gets MANAGE on that name before it exists, so it can break a stale lock whoever made it.
+LOCK_SUFFIX = ".promotion-lock"
 READ_PERMISSION = "READ"
 
 
@@ -167,6 +171,8 @@ def bootstrap(uri: str, env: dict[str, str]) -> list[Account]:
         _ensure_user(auth, account)
         _grant(auth, account.username, "experiment", experiment_id, account.permission)
         _grant(auth, account.username, "registered_model", model, account.permission)
+        if account.role == "worker":
+            _grant(auth, account.username, "registered_model", model + LOCK_SUFFIX, account.permission)
         logger.info("%s: %s on experiment %s and registered model %s", account.username, account.permission,
                     experiment_id, model)
     return wanted

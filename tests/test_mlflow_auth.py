@@ -29,6 +29,16 @@ def _bootstrap_module():
     return module
 
 
+def bootstrap_lock_suffix() -> str:
+    return _bootstrap_module().LOCK_SUFFIX
+
+
+def test_the_bootstrap_knows_the_promotion_lock_name():
+    from pipeline.registry.store import LOCK_SUFFIX
+
+    assert bootstrap_lock_suffix() == LOCK_SUFFIX
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -57,7 +67,7 @@ def _start(tmp_path: Path, env: dict[str, str]) -> subprocess.Popen:
 def _stop(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        proc.wait(timeout=90)  # server.sh waits for MLflow's workers, then removes its auth config
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
@@ -155,6 +165,14 @@ def test_basic_auth_server_splits_workers_from_people(tmp_path, monkeypatch):
                         lambda: reader.create_run(experiment.experiment_id)):
             with pytest.raises(MlflowException, match="403"):
                 refused()
+        # Whoever creates the promotion lock's name (a squatter), the worker can break it when stale.
+        lock = "leanrec" + bootstrap_lock_suffix()
+        reader.create_registered_model(lock, description='{"since": 0}')
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", WORKER)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", secrets_env["LEANREC_MLFLOW_WORKER_PASSWORD"])
+        MlflowClient(uri, uri).delete_registered_model(lock)
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", READER)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", secrets_env["LEANREC_MLFLOW_READER_PASSWORD"])
         # A wrong password is refused like no password.
         assert status(uri, "/api/2.0/mlflow/users/current", WORKER, "wrong-password-123") == 401
 
