@@ -158,6 +158,12 @@ def test_basic_auth_server_splits_workers_from_people(tmp_path, monkeypatch):
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", secrets_env["LEANREC_MLFLOW_READER_PASSWORD"])
         reader = MlflowClient(uri, uri)
         assert reader.get_model_version_by_alias("leanrec", "champion").version == version.version
+        # ... and downloads it, as the model server (read only too) does.
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        from mlflow.artifacts import download_artifacts
+
+        local = Path(download_artifacts(artifact_uri="models:/leanrec@champion", dst_path=str(tmp_path / "download")))
+        assert (local / "weights.txt").read_text() == "a model"
         for refused in (lambda: reader.set_registered_model_alias("leanrec", "champion", version.version),
                         lambda: reader.delete_registered_model_alias("leanrec", "champion"),
                         lambda: reader.create_model_version("leanrec", f"runs:/{run.info.run_id}/model",
