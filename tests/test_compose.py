@@ -4,9 +4,13 @@ No Docker engine runs on these machines, so the stack itself is not started here
 validated with Debian's `docker-compose config` (package docker-compose).
 """
 
+import os
+import pwd
 import re
+import secrets
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -47,7 +51,7 @@ def test_no_secret_is_written_in_the_compose_file():
 
 def test_mlflow_image_uses_the_project_mlflow_version():
     pinned = re.search(r"^mlflow==(\S+)$", (ROOT / "constraints.txt").read_text(), flags=re.M).group(1)
-    assert f'"mlflow=={pinned}"' in (ROOT / "mlflow" / "Dockerfile").read_text()
+    assert f'"mlflow[auth]=={pinned}"' in (ROOT / "mlflow" / "Dockerfile").read_text()  # the basic-auth app
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="needs the Debian package docker-compose")
@@ -58,13 +62,30 @@ def test_compose_file_validates_and_requires_secrets(tmp_path):
     empty = tmp_path / "empty.env"
     empty.write_text("")
     missing = subprocess.run(["docker-compose", "--env-file", str(empty), "-f", str(COMPOSE), "config", "--quiet"],
-                             capture_output=True, text=True, timeout=60, cwd=tmp_path)
+                             capture_output=True, text=True, timeout=60, cwd=tmp_path, env=_env_without_stack_variables())
     assert missing.returncode != 0 and "POSTGRES_USER" in missing.stderr
+
+
+def _env_without_stack_variables() -> dict[str, str]:
+    """This process's environment less anything .env.example sets (compose would read it first)."""
+    return {k: v for k, v in os.environ.items() if k not in _env_example()}
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="needs the Debian package docker-compose")
+def test_compose_stops_naming_each_missing_secret(tmp_path):
+    env = _env_without_stack_variables()
+    for name in sorted(_secret_variables()):
+        partial = tmp_path / f"without-{name}.env"
+        partial.write_text("".join(f"{k}={v}\n" for k, v in _env_example().items() if k != name))
+        result = subprocess.run(["docker-compose", "--env-file", str(partial), "-f", str(COMPOSE), "config", "--quiet"],
+                                capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+        assert result.returncode != 0, f"compose starts without {name}"
+        assert f"set {name} in .env" in result.stderr, result.stderr
 
 
 # ----------------------------------------------------------------------------- the stack agrees with itself
 
-STACK_SERVICES = {"postgres", "redis", "minio", "minio-init", "mlflow", "airflow-init", "airflow-apiserver",
+STACK_SERVICES = {"postgres", "postgres-init", "redis", "minio", "minio-init", "mlflow", "airflow-init", "airflow-apiserver",
                   "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer", "airflow-worker-cpu",
                   "airflow-worker-gpu", "model-server"}
 ONE_SHOT = {"postgres-init", "minio-init", "airflow-init"}
@@ -138,7 +159,8 @@ def test_gpu_worker_queue_and_pool_match_the_airflow_settings():
 def test_bucket_and_mlflow_uris_agree_across_services_and_dvc():
     services = _compose()["services"]
     bucket = _env_example()["MINIO_BUCKET"]
-    assert "$${MINIO_BUCKET}" in services["minio-init"]["entrypoint"][-1]
+    assert services["minio-init"]["environment"]["MINIO_BUCKET"].startswith("${MINIO_BUCKET:?")
+    assert 'mc mb --ignore-existing "stack/$MINIO_BUCKET"' in (ROOT / "stack" / "minio-init.sh").read_text()
     assert _expand(services["mlflow"]["environment"]["MLFLOW_ARTIFACTS_DESTINATION"]) == f"s3://{bucket}/mlflow"
     assert services["mlflow"]["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
     dvc_config = (ROOT / ".dvc" / "config").read_text()
@@ -155,4 +177,151 @@ def test_model_server_serves_the_registry_champion():
     model_name = _yaml.safe_load((ROOT / "params.yaml").read_text()).get("registry", {}).get("model_name", "leanrec")
     assert f"models:/{_expand('${REGISTERED_MODEL:-leanrec}')}@champion" in _expand(command)
     assert _env_example()["REGISTERED_MODEL"] == model_name
-    assert "--env-manager local" in command
+    assert command.startswith("python -m pipeline.serving.server")  # the guarded server, not bare `mlflow models serve`
+
+
+# ----------------------------------------------------------------------------- least privilege: one credential per service
+
+SECRET = re.compile(r"PASSWORD|SECRET|_KEY$|ACCESS_KEY|_USER$")
+
+
+def _secret_variables() -> set[str]:
+    return {name for name in _variables(COMPOSE.read_text(encoding="utf-8")) if SECRET.search(name)}
+
+
+def _services_using(variable: str) -> set[str]:
+    services = _compose()["services"]
+    return {name for name, service in services.items() if re.search(rf"\$\{{{variable}\b", yaml.safe_dump(service))}
+
+
+def test_every_secret_must_be_set_and_is_only_a_placeholder_in_env_example():
+    text = COMPOSE.read_text(encoding="utf-8")
+    for name in _secret_variables():
+        uses = re.findall(rf"(?<!\$)\$\{{{name}(:[-?])?", text)
+        assert uses and all(use == ":?" for use in uses), f"${{{name}}} must be ${{{name}:?...}} everywhere"
+    values = _env_example()
+    for name in _secret_variables():
+        if "PASSWORD" in name or "SECRET" in name:
+            assert values[name].startswith("change-me"), f".env.example holds a value for {name}"
+
+
+def test_the_postgres_superuser_is_only_for_postgres_and_its_init():
+    assert _services_using("POSTGRES_USER") == _services_using("POSTGRES_PASSWORD") == {"postgres", "postgres-init"}
+    services = _compose()["services"]
+    airflow = _expand(_compose()["x-airflow-common"]["environment"]["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
+    mlflow = services["mlflow"]["environment"]
+    values = _env_example()
+    assert airflow.startswith(f"postgresql+psycopg2://{values['AIRFLOW_DB_USER']}:")
+    assert _expand(mlflow["MLFLOW_BACKEND_STORE_URI"]).startswith(f"postgresql://{values['MLFLOW_DB_USER']}:")
+    assert _expand(mlflow["MLFLOW_AUTH_DATABASE_URI"]).endswith(f"/{values['MLFLOW_AUTH_DB']}")
+    roles = {values["POSTGRES_USER"], values["AIRFLOW_DB_USER"], values["MLFLOW_DB_USER"]}
+    assert len(roles) == 3
+    assert _services_using("AIRFLOW_DB_PASSWORD") == {"postgres-init"} | AIRFLOW_SERVICES - {"model-server"}
+    assert _services_using("MLFLOW_DB_PASSWORD") == {"postgres-init", "mlflow"}
+    init = services["postgres-init"]
+    assert init["volumes"] == ["./stack/postgres-init.sh:/usr/local/bin/leanrec-postgres-init:ro"]
+    script = (ROOT / "stack" / "postgres-init.sh").read_text()
+    assert "NOSUPERUSER NOCREATEDB NOCREATEROLE" in script and "REVOKE ALL ON DATABASE" in script
+
+
+AIRFLOW_SERVICES = {"airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer",
+                    "airflow-worker-cpu", "airflow-worker-gpu", "model-server"}
+
+
+def test_minio_root_keys_are_only_for_minio_and_its_init():
+    assert _services_using("MINIO_ROOT_USER") == _services_using("MINIO_ROOT_PASSWORD") == {"minio", "minio-init"}
+    mlflow = _compose()["services"]["mlflow"]["environment"]
+    assert mlflow["AWS_ACCESS_KEY_ID"] == "${MINIO_MLFLOW_ACCESS_KEY:?set MINIO_MLFLOW_ACCESS_KEY in .env}"
+    assert _services_using("MINIO_MLFLOW_SECRET_KEY") == {"minio-init", "mlflow"}
+    assert _services_using("MINIO_DVC_SECRET_KEY") == {"minio-init"}  # DVC runs on the host, with its own keys
+    values = _env_example()
+    assert len({values["MINIO_ROOT_USER"], values["MINIO_MLFLOW_ACCESS_KEY"], values["MINIO_DVC_ACCESS_KEY"]}) == 3
+    script = (ROOT / "stack" / "minio-init.sh").read_text()
+    # one user per client, each with a policy on its own prefix of the bucket only
+    assert 'user "$MINIO_MLFLOW_ACCESS_KEY" "$MINIO_MLFLOW_SECRET_KEY" mlflow' in script
+    assert 'user "$MINIO_DVC_ACCESS_KEY" "$MINIO_DVC_SECRET_KEY" dvc' in script
+    assert '"Resource": ["arn:aws:s3:::$MINIO_BUCKET/$3/*"]' in script
+    assert "AWS_ACCESS_KEY_ID=$MINIO_DVC_ACCESS_KEY" in ENV_EXAMPLE.read_text()
+
+
+def test_mlflow_requires_login_with_one_user_per_client():
+    services = _compose()["services"]
+    mlflow = services["mlflow"]["environment"]
+    assert mlflow["MLFLOW_AUTH_ADMIN_PASSWORD"].startswith("${MLFLOW_ADMIN_PASSWORD:?")
+    assert 'CMD ["leanrec-mlflow-server"]' in (ROOT / "mlflow" / "Dockerfile").read_text()
+    assert "--app-name basic-auth" in (ROOT / "mlflow" / "server.sh").read_text()
+    clients = {"airflow-worker-cpu": "WORKER", "airflow-worker-gpu": "WORKER", "model-server": "SERVING"}
+    for name, role in clients.items():
+        env = services[name]["environment"]
+        assert env["MLFLOW_TRACKING_USERNAME"] == mlflow[f"LEANREC_MLFLOW_{role}_USERNAME"], name
+        assert env["MLFLOW_TRACKING_PASSWORD"] == mlflow[f"LEANREC_MLFLOW_{role}_PASSWORD"], name
+    # Only the workers hold the worker's password, only the model server the serving one; the people's
+    # (reader) and the admin's go to the MLflow server alone.
+    assert _services_using("MLFLOW_WORKER_PASSWORD") == {"mlflow", "airflow-worker-cpu", "airflow-worker-gpu"}
+    assert _services_using("MLFLOW_SERVING_PASSWORD") == {"mlflow", "model-server"}
+    assert _services_using("MLFLOW_READER_PASSWORD") == _services_using("MLFLOW_ADMIN_PASSWORD") == {"mlflow"}
+    assert "MLFLOW_TRACKING_PASSWORD" not in _compose()["x-airflow-common"]["environment"]
+    # healthy only once the bootstrap has created the users (the worker can log in)
+    assert "/api/2.0/mlflow/users/current" in " ".join(services["mlflow"]["healthcheck"]["test"])
+
+
+@pytest.fixture
+def postgres_server():
+    """A throwaway Postgres cluster on a Unix socket (no TCP), with a password-protected superuser."""
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if initdb is None or pg_ctl is None or shutil.which("psql") is None:
+        pytest.skip("needs the PostgreSQL server binaries (initdb, pg_ctl, psql)")
+    as_user: list[str] = []
+    directory = Path(tempfile.mkdtemp(prefix="leanrec-pg-"))
+    if os.geteuid() == 0:  # initdb refuses root: run the cluster as the `postgres` system user
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no `postgres` user to run the cluster")
+        os.chown(directory, owner.pw_uid, owner.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    directory.chmod(0o755)
+    password = secrets.token_urlsafe(16)
+    (directory / "pw").write_text(password)
+    if as_user:
+        os.chown(directory / "pw", owner.pw_uid, owner.pw_gid)
+    data = directory / "data"
+    subprocess.run([*as_user, initdb, "-D", str(data), "-U", "superuser", "--auth=scram-sha-256",
+                    f"--pwfile={directory / 'pw'}"], check=True, capture_output=True, timeout=120)
+    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-l", str(directory / "log"), "-w", "-o",
+                    f"-k {directory} -c listen_addresses=''", "start"], check=True, capture_output=True, timeout=120)
+    try:
+        yield {"PGHOST": str(directory), "PGUSER": "superuser", "PGPASSWORD": password}
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True, timeout=60)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_postgres_init_gives_each_service_its_own_unprivileged_role(postgres_server):
+    values = _env_example()
+    init = {name: _expand(value) for name, value in _compose()["services"]["postgres-init"]["environment"].items()
+            if not name.startswith("PG")}
+    init.update(AIRFLOW_DB_PASSWORD=secrets.token_urlsafe(12), MLFLOW_DB_PASSWORD=secrets.token_urlsafe(12))
+    env = {**os.environ, **postgres_server, **init}
+    for _ in range(2):  # idempotent: the init job runs at every `docker compose up`
+        run = subprocess.run(["bash", str(ROOT / "stack" / "postgres-init.sh")], env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert run.returncode == 0, run.stderr
+
+    def psql(user: str, password: str, database: str, sql: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["psql", "-d", database, "-tAc", sql], capture_output=True, text=True, timeout=60,
+                              env={**env, "PGUSER": user, "PGPASSWORD": password})
+
+    airflow = (values["AIRFLOW_DB_USER"], init["AIRFLOW_DB_PASSWORD"])
+    mlflow = (values["MLFLOW_DB_USER"], init["MLFLOW_DB_PASSWORD"])
+    for (user, password), own, others in ((airflow, [values["AIRFLOW_DB"]], [values["MLFLOW_DB"], values["MLFLOW_AUTH_DB"]]),
+                                          (mlflow, [values["MLFLOW_DB"], values["MLFLOW_AUTH_DB"]], [values["AIRFLOW_DB"]])):
+        for database in own:  # it migrates its own schema: creates tables there
+            created = psql(user, password, database,
+                           "CREATE TABLE probe (x int); DROP TABLE probe; "
+                           "SELECT rolsuper, rolcreatedb, rolcreaterole FROM pg_roles WHERE rolname = current_user")
+            assert created.returncode == 0 and created.stdout.split()[-1] == "f|f|f", created.stderr
+        for database in others:
+            refused = psql(user, password, database, "SELECT 1")
+            assert refused.returncode != 0 and "CONNECT" in refused.stderr, f"{user} reaches {database}"
+        assert psql(user, "wrong-password", own[0], "SELECT 1").returncode != 0

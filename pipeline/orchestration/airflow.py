@@ -122,17 +122,22 @@ def start_run(prepare: Callable[[str, dict[str, Any]], Path], failure: str) -> d
 
 
 def overrides_field(example: str) -> Param:
-    """The form's free field: any other params.yaml key, `key=value` like the CLI's -S."""
+    """The form's free field: other params.yaml keys, `key=value` like the CLI's -S, limited to the
+    keys a person triggering a run should set (runs.FORM_OVERRIDE_PREFIXES; the prepare task refuses
+    any other, naming it)."""
     return Param(
         [], type="array", items={"type": "string", "pattern": OVERRIDE_PATTERN}, title="Other overrides",
-        description=f"Any other params.yaml key for this run, one key=value per line (e.g. {example}), "
-                    "exactly like the CLI's -S.",
+        description=f"Other params.yaml keys for this run, one key=value per line (e.g. {example}), like the "
+                    f"CLI's -S. Allowed: {', '.join(runs.FORM_OVERRIDE_PREFIXES)} and the keys under them, except "
+                    f"{', '.join(runs.FORM_OVERRIDE_REFUSED)} (paths, the tracking server and the registry are "
+                    "set in params.yaml or with the CLI).",
     )
 
 
 def training_form(defaults: Params, **own: Param) -> dict[str, Param]:
     """The form of the DAGs that train: the data fields, the DAG's `own` fields, then training,
-    compression, the promotion policy and other overrides (the order of the fields in the UI).
+    compression, the promotion policy (and whether the run may promote at all) and other overrides
+    (the order of the fields in the UI).
 
     Defaults come from `defaults` (the project's params.yaml); runs.FORM_KEYS maps each field to its
     params key. Every call builds new Param objects from this one spec, so two DAGs share the spec,
@@ -193,6 +198,14 @@ def training_form(defaults: Params, **own: Param) -> dict[str, Param]:
             title="Latency budget (ms)",
             description="CPU p50 latency budget per request: slower models are neither registered nor promoted. "
                         "Empty: the value in params.yaml.",
+        ),
+        # Whether this run may move `champion` at all (a smoke or experimental run: off); the gate
+        # still runs and reports, and `challenger` is still registered.
+        "allow_promotion": Param(
+            defaults.registry.allow_promotion, type="boolean", title="Allow promotion",
+            description="On: the registered challenger becomes champion if it passes the gate. Off: the run "
+                        "registers and gates it, reports the decision, and never moves champion (a smoke or "
+                        "experimental run).",
         ),
         "overrides": overrides_field("train.lr=0.001 or drift.action=warn"),
     }

@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.core.config import Params, VariantName, load_params, params_from_dict
+from pipeline.core.config import Params, VariantName, load_params, params_from_dict, parse_override
 from pipeline.core.errors import ConfigError, ValidationFailed
 from pipeline.core.io import Layout, atomic_path, write_json
 
@@ -53,6 +53,7 @@ FORM_KEYS: dict[str, str] = {
     "promotion_metric": "registry.policy.metric",
     "promotion_tolerance": "registry.ndcg_tolerance",
     "latency_budget_ms": "registry.policy.max_latency_p50_ms",
+    "allow_promotion": "registry.allow_promotion",
     "recommendations_per_user": "recommend.k",
 }
 SOURCE_PATH_KEYS = {"movielens": "ingest.movielens.path", "file": "ingest.file.path"}
@@ -61,6 +62,31 @@ COMPRESSION_VARIANTS = typing.get_args(VariantName)
 # Keys holding paths: relative values are relative to the project root (where the CLI and DVC
 # run), so they are made absolute before a run works in its own directory.
 PATH_KEYS = ("ingest.movielens.path", "ingest.file.path", "features.vocab_from", "train.init_from", "drift.reference")
+
+# The keys a DAG run's free `overrides` field may set: what a person triggering a run should tune
+# (data generation, thresholds, training, compression, evaluation, the promotion policy), never
+# where the run reads or writes (paths, the model directory name, the tracking server or experiment,
+# the registered model, a download URL). A key is allowed when it is one of these prefixes or under
+# one (`train` allows `train.lr`, `train.bpr.epochs`), unless it is, holds or lies under one of
+# FORM_OVERRIDE_REFUSED. Only the form is limited: the CLI's -S and DVC take any key.
+FORM_OVERRIDE_PREFIXES = (
+    "seed",
+    "ingest.synthetic",
+    "ingest.movielens.variant",
+    "ingest.file.format", "ingest.file.sep", "ingest.file.header", "ingest.file.columns", "ingest.file.id_type",
+    "ingest.file.timestamp_unit", "ingest.file.event_weights",
+    "validate",
+    "features.min_rating", "features.dedupe", "features.min_user_interactions", "features.min_item_interactions",
+    "features.max_kcore_iterations", "features.split",
+    "train",
+    "evaluate",
+    "compress",
+    "drift",
+    "registry.policy", "registry.ndcg_tolerance", "registry.allow_promotion",
+    "recommend.k", "recommend.batch_size", "recommend.device", "recommend.histories",
+    "tracking.enabled",
+)
+FORM_OVERRIDE_REFUSED = (*PATH_KEYS, "train.run_name")
 
 
 def project_root() -> Path:
@@ -122,7 +148,30 @@ def overrides_from_form(form: dict[str, Any]) -> list[str]:
     extra = form.get("overrides") or []
     if not isinstance(extra, list) or not all(isinstance(item, str) for item in extra):
         raise ConfigError(f"overrides must be a list of 'key=value' strings, got {extra!r}")
-    return overrides + [item.strip() for item in extra if item.strip()]
+    extra = [item.strip() for item in extra if item.strip()]
+    for item in extra:
+        check_form_override(parse_override(item)[0])
+    return overrides + extra
+
+
+def form_override_allowed(key: str) -> bool:
+    """Whether the form's free `overrides` may set `key` (FORM_OVERRIDE_PREFIXES, less FORM_OVERRIDE_REFUSED)."""
+    def under(inner: str, outer: str) -> bool:
+        return inner == outer or inner.startswith(outer + ".")
+
+    if not any(under(key, prefix) for prefix in FORM_OVERRIDE_PREFIXES):
+        return False
+    # `train.init_from` itself, what lies under it, and `train={...}`, which would set it too.
+    return not any(under(key, refused) or under(refused, key) for refused in FORM_OVERRIDE_REFUSED)
+
+
+def check_form_override(key: str) -> None:
+    """A ConfigError naming `key` and the allowed keys unless the form's `overrides` may set it."""
+    if not form_override_allowed(key):
+        raise ConfigError(
+            f"override {key!r} is not allowed from the Airflow form. Allowed: {', '.join(FORM_OVERRIDE_PREFIXES)} "
+            f"and the keys under them, except {', '.join(FORM_OVERRIDE_REFUSED)}. Any key can be set with the "
+            "CLI's -S (python -m pipeline ... -S key=value) or in params.yaml.")
 
 
 def _absolute_paths(tree: dict[str, Any], base: Path) -> dict[str, Any]:

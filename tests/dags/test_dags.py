@@ -131,7 +131,7 @@ def test_form_fields_are_typed_documented_and_default_to_params_yaml(train_dag):
         "source": "string", "data_path": ["null", "string"], "synthetic_interactions": "integer",
         "synthetic_items": "integer", "model": "string", "preset": "string", "epochs": "integer",
         "compression_variants": "array", "promotion_metric": "string", "promotion_tolerance": "number",
-        "latency_budget_ms": ["null", "number"], "overrides": "array",
+        "latency_budget_ms": ["null", "number"], "allow_promotion": "boolean", "overrides": "array",
     }
     assert {name: field["type"] for name, field in schema.items()} == expected_types
     assert schema["source"]["enum"] == ["synthetic", "movielens", "file"]
@@ -167,6 +167,33 @@ def test_form_choices_match_the_pipeline():
 
     defaults = load_params(ROOT / "params.yaml").compress.variants
     assert set(TRAINED_VARIANTS) < set(runs.COMPRESSION_VARIANTS) and set(defaults) <= set(runs.COMPRESSION_VARIANTS)
+
+
+def test_the_form_says_whether_a_run_may_promote(train_dag, airflow_home):
+    defaults = load_params(ROOT / "params.yaml")
+    # In the promotion section, right before the free overrides, on by default (params.yaml's value).
+    names = list(train_dag.params)
+    assert names[names.index("latency_budget_ms") + 1] == "allow_promotion" and names[-1] == "overrides"
+    assert train_dag.params.dump()["allow_promotion"] is defaults.registry.allow_promotion is True
+    incremental = _dagbag().dags["leanrec_incremental"]
+    assert incremental.params.get_param("allow_promotion").schema == train_dag.params.get_param("allow_promotion").schema
+    # The DAG run's resolved configuration carries the switch the promote stage reads.
+    for value in (True, False):
+        form = {**train_dag.params.dump(), "allow_promotion": value}
+        params, overrides = runs.effective_params(form)
+        assert params.registry.allow_promotion is value
+        assert f"registry.allow_promotion={'true' if value else 'false'}" in overrides
+    from airflow.sdk.exceptions import ParamValidationError
+
+    with pytest.raises(ParamValidationError):
+        train_dag.params.get_param("allow_promotion").resolve("no")
+
+
+def test_a_run_that_may_not_promote_writes_it_in_its_params(tmp_path, monkeypatch):
+    monkeypatch.setenv("LEANREC_RUNS_DIR", str(tmp_path / "runs"))
+    root = runs.prepare_run("smoke__1", {"allow_promotion": False}, base_params=ROOT / "params.yaml")
+    assert runs.run_params(root).registry.allow_promotion is False
+    assert json.loads((root / runs.RUN_INFO_FILE).read_text())["overrides"] == ["registry.allow_promotion=false"]
 
 
 def test_promotion_fields_set_the_registry_policy():

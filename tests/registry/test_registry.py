@@ -23,6 +23,7 @@ from pipeline.registry import promote as promotion
 from pipeline.registry.promote import promote, rollback
 from pipeline.registry.register import register, select_candidate
 from tests.helpers import copy_repo
+from tests.mlflow_server import WORKER, auth_env, wait_for_login, worker_credentials
 from tests.registry_helpers import (
     NO_BUDGET,
     aliases,
@@ -347,16 +348,20 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-def test_register_and_promote_against_a_tracking_server(work, tmp_path):
+def test_register_and_promote_against_a_tracking_server(work, tmp_path, monkeypatch):
     port = _free_port()
+    passwords = auth_env()  # server.sh runs MLflow's basic-auth app; the stages log in as the worker
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path}/server.db",
+           "MLFLOW_AUTH_DATABASE_URI": f"sqlite:///{tmp_path}/auth.db",
            "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "server-artifacts"),
-           "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port)}
+           "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port), **passwords}
     env.pop("MLFLOW_TRACKING_URI", None)
+    for key, value in worker_credentials(passwords).items():
+        monkeypatch.setenv(key, value)
     proc = start_server(["bash", str(ROOT / "mlflow" / "server.sh")], tmp_path, env)
     try:
-        _wait_for(f"http://127.0.0.1:{port}/health", proc)
+        wait_for_login(f"http://127.0.0.1:{port}", WORKER, passwords["LEANREC_MLFLOW_WORKER_PASSWORD"], proc)
         tracking = TrackingConfig(tracking_uri=f"http://127.0.0.1:{port}")
         compress(work, ("int8_table",))
         registered = register(NO_BUDGET, tracking, work)
