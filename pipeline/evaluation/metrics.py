@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from pipeline.core.errors import EvaluateError
 from pipeline.data.sequences import Batch, ScoreFn, SequenceData, evaluation_batches, evaluation_rows, seen_items
+from pipeline.models.rerank import unit_rows
 from pipeline.models.scoring import Exclusion, chunked_top_k, masked_scores, target_rank_counts
 
 logger = logging.getLogger(__name__)
@@ -78,12 +79,6 @@ def metrics_from_ranks(ranks: torch.Tensor, ks: Iterable[int]) -> dict[str, torc
         out[f"Recall@{k}"] = hit  # one held-out item per user: recall equals hit rate
         out[f"NDCG@{k}"] = hit / torch.log2(ranks + 2.0)
     return out
-
-
-def unit_rows(table: torch.Tensor) -> torch.Tensor:
-    """`table` (n_rows, d) as float32 rows of unit L2 norm; an all-zero row (padding) stays zero."""
-    table = table.detach().float()
-    return table / table.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 def intra_list_diversity(lists: torch.Tensor, unit_vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

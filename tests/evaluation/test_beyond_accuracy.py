@@ -16,8 +16,8 @@ from pipeline.evaluation.metrics import (
     intra_list_diversity,
     novelty,
     self_information,
-    unit_rows,
 )
+from pipeline.models.rerank import unit_rows
 
 # Items 1..4: 1 and 2 point the same way, 3 is orthogonal to them, 4 is opposite to 1.
 TABLE = torch.tensor([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [-1.0, 0.0]])
