@@ -35,11 +35,11 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.core.errors import EvaluateError
 from pipeline.data.sequences import Batch, ScoreFn, SequenceData, evaluation_batches, evaluation_rows, seen_items
-from pipeline.models.rerank import unit_rows
 from pipeline.models.scoring import Exclusion, chunked_top_k, masked_scores, target_rank_counts
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def metrics_from_ranks(ranks: torch.Tensor, ks: Iterable[int]) -> dict[str, torc
 def intra_list_diversity(lists: torch.Tensor, unit_vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per list (B, k) of item indices: (1 - mean cosine over its item pairs, whether it has a pair).
 
-    Padding entries (index 0) are not items and take part in no pair; `unit_vectors` are `unit_rows`.
+    Padding entries (index 0) are not items and take part in no pair; `unit_vectors` are rows of unit norm.
     """
     valid = lists > 0
     vectors = unit_vectors[lists] * valid.unsqueeze(-1)  # (B, k, d), padding slots zeroed
@@ -224,7 +224,7 @@ def evaluate(
     totals: dict[str, float] = {}
     top_items = {k: torch.zeros(data.n_items + 1, dtype=torch.bool, device=device) for k in ks}
     lists = None if not beyond_accuracy else ListMetrics(
-        ks, data.n_items, data.train_item_counts(), None if item_vectors is None else unit_rows(item_vectors))
+        ks, data.n_items, data.train_item_counts(), None if item_vectors is None else F.normalize(item_vectors.detach().float(), dim=1))
     n_users = 0
     batches = evaluation_batches(data, split, batch_size, max_len)
     n_batches = -(-len(evaluation_rows(data, split)) // batch_size)

@@ -9,6 +9,7 @@ its accuracy / diversity trade-off (benchmarks/diversity_tradeoff.py, docs/bench
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 # Candidates re-ranked per requested item: MMR picks k of the model's top CANDIDATES_PER_K * k.
 CANDIDATES_PER_K = 5
@@ -21,8 +22,7 @@ def candidate_count(k: int, n_items: int) -> int:
 
 def unit_rows(table: torch.Tensor) -> torch.Tensor:
     """`table` (n_rows, d) as float32 rows of unit L2 norm (cosine = dot product); an all-zero row (padding) stays zero."""
-    table = table.detach().float()
-    return table / table.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return F.normalize(table.detach().float(), dim=1)
 
 
 def mmr_rerank(items: torch.Tensor, scores: torch.Tensor, unit_vectors: torch.Tensor, k: int, weight: float,
