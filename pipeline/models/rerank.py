@@ -59,7 +59,8 @@ def mmr_rerank(items: torch.Tensor, scores: torch.Tensor, unit_vectors: torch.Te
     span = high - low
     relevance = torch.where(span > 0, (values - low) / span.clamp_min(1e-300), torch.ones_like(values))
     relevance = relevance.masked_fill(~eligible, 0.0)
-    vectors = unit_vectors.to(items.device)[items].double()  # (B, N, d)
+    vectors = unit_vectors.to(items.device)[items].float()  # (B, N, d)
+    similarities = torch.bmm(vectors, vectors.transpose(1, 2)).double()  # (B, N, N) cosines, one batched GEMM
     rows = torch.arange(n_rows, device=items.device)
     available = eligible.clone()
     max_similarity = torch.zeros_like(values)  # to the chosen items; 0 while none is chosen
@@ -72,7 +73,7 @@ def mmr_rerank(items: torch.Tensor, scores: torch.Tensor, unit_vectors: torch.Te
         chosen_items[:, step] = torch.where(found, items[rows, pick], torch.zeros_like(pick))
         chosen_scores[:, step] = torch.where(found, scores[rows, pick], torch.full_like(scores[:, 0], float("-inf")))
         available[rows, pick] = False
-        similarity = (vectors * vectors[rows, pick].unsqueeze(1)).sum(-1)
+        similarity = similarities[rows, pick]  # (B, N): every candidate's cosine to the item just chosen
         # the max over S: the first pick's similarity replaces the empty set's 0 (a row with nothing
         # left to pick is changed too, harmlessly: it has no candidate to rank)
         max_similarity = similarity if step == 0 else torch.maximum(max_similarity, similarity)
