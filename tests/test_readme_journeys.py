@@ -43,7 +43,7 @@ def test_the_readme_has_three_journeys_with_commands():
     commands = "\n".join(c for t in titles for c in journeys()[t])
     for expected in ("dvc repro", "dvc exp run -S", "dvc metrics diff", "dvc plots show", "run_airflow.sh standalone",
                      "dags trigger leanrec_train", "mlflow ui", "pipeline promote", "pipeline rollback",
-                     "mlflow models serve -m models:/leanrec@champion", "curl"):
+                     "pipeline.serving.server -m models:/leanrec@champion", "curl"):
         assert expected in commands
 
 
@@ -65,7 +65,8 @@ def _server_url(command: str) -> str:
     if "run_airflow.sh" in command:
         return "http://127.0.0.1:8080/api/v2/monitor/health"
     port = re.search(r"--port (\d+)", command).group(1)
-    return f"http://127.0.0.1:{port}/" + ("ping" if "models serve" in command else "health")
+    served = "models serve" in command or "pipeline.serving.server" in command
+    return f"http://127.0.0.1:{port}/" + ("ping" if served else "health")
 
 
 def _wait_for_dag_run(repo: Path, env: dict, timeout: float = 900) -> str:

@@ -10,9 +10,10 @@ history with no known item) answered, and `unknown_items` counts the history
 items that are not in the catalogue (they are ignored).
 
 A malformed request raises `MlflowException` with INVALID_PARAMETER_VALUE, so
-`mlflow models serve` answers HTTP 400 with the message.
+`mlflow models serve` answers HTTP 400 with the message (`request.parse_request`:
+unknown columns, types, `k`, the size limits).
 
-This module imports only what the pyfunc needs (pandas, numpy, pyarrow, mlflow,
+This module imports only what the pyfunc needs (pandas, numpy, pyarrow, mlflow, pydantic,
 and torch through `pipeline.models.recommender` when the model loads).
 """
 
@@ -32,8 +33,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+from pipeline.serving.request import parse_request
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +42,9 @@ MODEL_ARTIFACT = "model"  # the variant (or teacher) directory
 DATA_ARTIFACT = "serving_data"  # vocabularies, popularity and known users' histories
 ITEMS_FILE = "items.parquet"  # id, index, popularity (interactions in the features)
 USERS_FILE = "users.parquet"  # id, items (the user's item indices, oldest first)
-DEFAULT_K = 10
-MAX_ROWS = 10_000  # rows per request
 CHUNK = 512  # histories scored at once
-COLUMNS = ("user_id", "history", "k")
 # Packages the pyfunc imports; pinned to the versions installed where the model is logged.
-REQUIREMENTS = ("mlflow", "torch", "torchao", "safetensors", "pandas", "pyarrow", "numpy", "numba")
+REQUIREMENTS = ("mlflow", "torch", "torchao", "safetensors", "pandas", "pyarrow", "numpy", "numba", "pydantic")
 ENCODER_REQUIREMENTS = ("onnxruntime",)  # added when the model directory holds an ONNX encoder
 # The modules of `pipeline` the served model imports (tests/serving/test_pyfunc.py checks this against the
 # import graph): the registered model ships only these, not the readers, validation, training or registry.
@@ -55,7 +53,7 @@ SERVED_MODULES = (
     "data/features.py", "data/sequences.py",
     "models/coded.py", "models/codes.py", "models/onnx_encoder.py", "models/quantize.py", "models/recommender.py",
     "models/sasrec.py", "models/scoring.py", "models/sparse.py", "models/topk_kernels.py", "models/variants.py",
-    "serving/pyfunc.py",
+    "serving/pyfunc.py", "serving/request.py",
 )
 
 
@@ -70,10 +68,6 @@ def model_files(directory: Path) -> list[Path]:
     if not any(f.name == CONFIG_FILE for f in files):
         raise FileNotFoundError(f"{directory} holds no saved model ({CONFIG_FILE} missing)")
     return files
-
-
-def bad_request(message: str) -> MlflowException:
-    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 # ----------------------------------------------------------------------------- serving data
@@ -145,13 +139,6 @@ class Servable:
         indices = [i for i in known if i is not None]
         return indices, len(known) - len(indices)
 
-    def check_item_type(self, value: Any, where: str) -> None:
-        is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-        if self.ids_are_int and not is_int:
-            raise bad_request(f"{where}: item IDs are integers, got {value!r} ({type(value).__name__})")
-        if not self.ids_are_int and not isinstance(value, str):
-            raise bad_request(f"{where}: item IDs are strings, got {value!r} ({type(value).__name__})")
-
     def recommend_indices(self, histories: Sequence[Sequence[int]], k: int) -> list[tuple[list[int], list[float], str]]:
         """Top-k (indices, scores, source) per history of item indices; empty history: popularity."""
         out: list[tuple[list[int], list[float], str] | None] = [None] * len(histories)
@@ -183,72 +170,6 @@ class Servable:
 
 
 # ----------------------------------------------------------------------------- the pyfunc
-
-
-def _is_missing(value: Any) -> bool:
-    if value is None:
-        return True
-    try:
-        return bool(pd.isna(value)) if np.ndim(value) == 0 else False
-    except (TypeError, ValueError):
-        return False
-
-
-def parse_request(frame: Any, servable: Servable) -> list[dict]:
-    """Validate a request DataFrame: each row -> {user_id, history (raw), k}. Raises bad_request."""
-    if isinstance(frame, dict):
-        try:
-            frame = pd.DataFrame(frame)
-        except ValueError as err:
-            raise bad_request(f"the request is not a table: {err}") from None
-    if not isinstance(frame, pd.DataFrame):
-        raise bad_request(f"the request must be a table (DataFrame) with a user_id or history column, got {type(frame).__name__}")
-    unknown = [c for c in frame.columns if c not in COLUMNS]
-    if unknown:
-        raise bad_request(f"unknown column(s) {unknown}; a request has user_id or history, and optionally k")
-    if "user_id" not in frame.columns and "history" not in frame.columns:
-        raise bad_request("the request needs a user_id column (known users) or a history column (a list of item IDs)")
-    if len(frame) == 0:
-        raise bad_request("the request has no rows")
-    if len(frame) > MAX_ROWS:
-        raise bad_request(f"at most {MAX_ROWS} rows per request, got {len(frame)}")
-    max_k = min(1000, servable.n_items)
-    requests = []
-    for position, row in enumerate(frame.to_dict("records")):
-        where = f"row {position}"
-        user_id = row.get("user_id")
-        history = row.get("history")
-        user_id = None if _is_missing(user_id) else user_id
-        history = None if _is_missing(history) else history
-        if user_id is None and history is None:
-            raise bad_request(f"{where}: give a user_id or a history")
-        if user_id is not None and history is not None:
-            raise bad_request(f"{where}: give a user_id or a history, not both")
-        if isinstance(user_id, float) and user_id.is_integer():
-            user_id = int(user_id)  # an integer column with missing values arrives as float
-        is_integer = isinstance(user_id, numbers.Integral) and not isinstance(user_id, bool)
-        if user_id is not None and not (isinstance(user_id, str) or is_integer):
-            raise bad_request(f"{where}: user_id must be an integer or a string, got {user_id!r} ({type(user_id).__name__})")
-        if user_id is not None and servable.user_ids_are_int != isinstance(user_id, numbers.Integral):
-            kind = "integers" if servable.user_ids_are_int else "strings"
-            raise bad_request(f"{where}: user IDs are {kind}, got {user_id!r} ({type(user_id).__name__})")
-        if history is not None:
-            if isinstance(history, str | bytes) or not isinstance(history, Sequence | np.ndarray):
-                raise bad_request(f"{where}: history must be a list of item IDs, got {type(history).__name__}")
-            history = list(history)
-            for item in history:
-                servable.check_item_type(item, f"{where}: history")
-        k = row.get("k")
-        if _is_missing(k):
-            k = DEFAULT_K
-        elif isinstance(k, float) and k.is_integer():
-            k = int(k)  # a column with missing values arrives as float
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-            raise bad_request(f"{where}: k must be an integer, got {k!r} ({type(k).__name__})")
-        if not 1 <= int(k) <= max_k:
-            raise bad_request(f"{where}: k must be between 1 and {max_k}, got {k}")
-        requests.append({"user_id": user_id, "history": history, "k": int(k)})
-    return requests
 
 
 def answer(servable: Servable, requests: list[dict]) -> pd.DataFrame:
@@ -295,17 +216,14 @@ class LeanRecModel(mlflow.pyfunc.PythonModel):
 
 def signature_and_example(servable: Servable) -> tuple[Any, pd.DataFrame]:
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Schema
+    from mlflow.types.schema import Array, ColSpec, DataType, Schema
 
     id_type = DataType.long if servable.ids_are_int else DataType.string
-    # The input columns are typed by parse_request, not by MLflow's schema: a request mixing user_id rows
-    # and history rows has missing values in every column (pandas turns them into floats), which MLflow's
-    # long / array types reject. parse_request gives each row the same checks and a message naming the row.
-    inputs = Schema([
-        ColSpec(AnyType(), "user_id", required=False),
-        ColSpec(AnyType(), "history", required=False),
-        ColSpec(AnyType(), "k", required=False),
-    ])
+    # No input schema: MLflow's schema enforcement keeps only the columns a schema names and drops the
+    # rest with a log line, so a misspelt column (`K`) would silently fall back to the default. Without
+    # one, `predict` sees every column and `parse_request` (RequestRow) refuses unknown ones with a 400
+    # naming them, types each row (a request mixing user_id and history rows has missing values in every
+    # column, which MLflow's long / array types reject) and gives messages naming the row.
     outputs = Schema([
         ColSpec(DataType.string, "user_id", required=False),
         ColSpec(Array(id_type), "items"),
@@ -315,7 +233,7 @@ def signature_and_example(servable: Servable) -> tuple[Any, pd.DataFrame]:
     ])
     history = servable.raw_ids(list(range(1, min(3, servable.n_items) + 1)))
     example = pd.DataFrame({"history": [history], "k": [5]})
-    return ModelSignature(inputs=inputs, outputs=outputs), example
+    return ModelSignature(inputs=None, outputs=outputs), example
 
 
 def served_code(target: Path) -> Path:

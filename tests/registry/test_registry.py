@@ -359,11 +359,11 @@ def test_register_and_promote_against_a_tracking_server(work, tmp_path):
         _wait_for(f"http://127.0.0.1:{port}/health", proc)
         tracking = TrackingConfig(tracking_uri=f"http://127.0.0.1:{port}")
         compress(work, ("int8_table",))
-        registered = register(RegistryConfig(), tracking, work)
+        registered = register(NO_BUDGET, tracking, work)
         assert promote(RegistryConfig(), tracking, work)["decision"] == "promoted"
         save_random_model(work, "random", seed=3)
         write_compression(work, {"teacher": measure(work, work.model_dir("random"), "fp32")})
-        worse = register(RegistryConfig(), tracking, work)
+        worse = register(NO_BUDGET, tracking, work)
         assert promote(RegistryConfig(), tracking, work)["decision"] == "rejected"
         client = MlflowClient(tracking.tracking_uri, tracking.tracking_uri)
         aliases = {a: str(v) for a, v in client.get_registered_model("leanrec").aliases.items()}

@@ -11,50 +11,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 from mlflow.exceptions import MlflowException
 
-import mlflow
 from pipeline.core.config import PolicyConfig, RegistryConfig, TrackingConfig
-from pipeline.data.sequences import load_sequences
 from pipeline.models.recommender import Recommender
 from pipeline.models.variants import save_variant
 from pipeline.registry.promote import promote
 from pipeline.registry.register import register
-from pipeline.serving.pyfunc import log_servable
+from pipeline.serving.request import MAX_HISTORY, parse_request
 from tests.registry.test_registry import _free_port, _stop, _wait_for, start_server
-from tests.registry_helpers import build_trained, compress, measure, write_compression
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """A trained teacher and its int8_table variant, logged as pyfuncs to a SQLite store and loaded back."""
-    root = tmp_path_factory.mktemp("serving")
-    layout = build_trained(root)
-    from pipeline.models.sasrec import load_model
-
-    variant_dir = save_variant(load_model(layout.model_dir("main")), layout.model_dir("main") / "variants" / "int8_table", "int8_table")
-    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
-    # Artifacts beside the store: a SQLite store's default artifact root is ./mlruns in the current directory.
-    experiment = mlflow.create_experiment("serving", artifact_location=(root / "mlartifacts").as_uri())
-    with mlflow.start_run(experiment_id=experiment):
-        teacher_info = log_servable(layout.model_dir("main"), layout.features_dir, name="teacher")
-        variant_info = log_servable(variant_dir, layout.features_dir, name="variant")
-    data = load_sequences(layout.features_dir)
-    items = pq.read_table(layout.features_dir / "item_vocab.parquet").to_pandas()
-    users = pq.read_table(layout.features_dir / "user_vocab.parquet").to_pandas()
-    return {
-        "layout": layout, "data": data, "teacher": mlflow.pyfunc.load_model(teacher_info.model_uri),
-        "variant": mlflow.pyfunc.load_model(variant_info.model_uri), "teacher_info": teacher_info,
-        "item_id": dict(zip(items["index"], items["id"], strict=True)), "item_index": dict(zip(items["id"], items["index"], strict=True)),
-        "user_id": dict(zip(users["index"], users["id"], strict=True)), "variant_dir": variant_dir,
-    }
-
-
-def _full_history(served, row: int) -> list[int]:
-    data = served["data"]
-    return data.items[data.offsets[row] : data.offsets[row + 1]].tolist()
+from tests.registry_helpers import compress, measure, write_compression
+from tests.serving.helpers import full_history as _full_history
 
 
 def test_known_users_get_the_models_top_k_of_their_whole_history(served):
@@ -118,8 +86,8 @@ def test_any_variant_is_servable(served):
 
 def test_signature_and_input_example_are_logged(served):
     info = served["teacher_info"]
-    inputs = {c.name: c for c in info.signature.inputs.inputs}
-    assert set(inputs) == {"user_id", "history", "k"} and not any(c.required for c in inputs.values())
+    # No input schema: MLflow would drop the columns it does not name before predict sees them.
+    assert info.signature.inputs is None
     assert {c.name for c in info.signature.outputs.inputs} == {"user_id", "items", "scores", "source", "unknown_items"}
     assert info.saved_input_example_info is not None
 
@@ -139,6 +107,11 @@ def test_signature_and_input_example_are_logged(served):
         (pd.DataFrame({"user_id": [1, None], "history": [[1], None]}), "row 0: give a user_id or a history, not both"),
         (pd.DataFrame({"user_id": [None], "history": [None]}), "give a user_id or a history"),
         (pd.DataFrame({"user_id": pd.Series([], dtype="int64")}), "no rows"),
+        (pd.DataFrame({"history": [[1, 2]], "K": [3]}), r"unknown column\(s\) \['K'\]"),
+        (pd.DataFrame({"user_id": [1], "user": [2], "kk": [3]}), r"unknown column\(s\) \['user', 'kk'\]"),
+        (pd.DataFrame({"history": [[1] * (MAX_HISTORY + 1)]}), f"row 0: history holds {MAX_HISTORY + 1} items; at most"),
+        (pd.DataFrame({"history": [[1], 7]}), "row 1: history must be a list of item IDs, got int"),
+        (pd.DataFrame({"history": [[1, True]]}), r"item IDs are integers, got True \(bool\)"),
     ],
 )
 def test_bad_requests_raise_invalid_parameter_value(served, request_frame, message):
@@ -146,6 +119,50 @@ def test_bad_requests_raise_invalid_parameter_value(served, request_frame, messa
         served["teacher"].predict(request_frame)
     assert err.value.error_code == "INVALID_PARAMETER_VALUE"
     assert err.value.get_http_status_code() == 400
+
+
+@pytest.mark.parametrize("column", ["user_id", "history", "k", "K"])
+def test_an_error_quotes_at_most_a_short_repr_of_the_offending_value(served, column):
+    """A 20 MB value (an ID, an item, a k, a column name) comes back as a message of a few hundred characters."""
+    huge = "u" * 20_000_000
+    frame = pd.DataFrame({
+        "user_id": {"user_id": [huge]}, "history": {"history": [[huge]]}, "k": {"history": [[1]], "k": [huge]},
+        "K": {"history": [[1]], huge: [1]},
+    }[column])
+    with pytest.raises(MlflowException) as err:
+        served["teacher"].predict(frame)
+    assert err.value.get_http_status_code() == 400
+    assert len(err.value.message) < 400 and "uuuu" in err.value.message, err.value.message[:400]
+
+
+def test_a_history_at_the_cap_is_scored_on_its_most_recent_items(served):
+    """MAX_HISTORY items are accepted; the answer is the model's for the last max_len of them."""
+    history = [int(served["item_id"][i]) for i in _full_history(served, 2)]
+    long = (history * (MAX_HISTORY // len(history) + 1))[-MAX_HISTORY:]
+    got = served["teacher"].predict(pd.DataFrame({"history": [long], "k": [5]})).iloc[0]
+    rec = Recommender.load(served["layout"].model_dir("main"))
+    expected, _ = rec.recommend([[served["item_index"][i] for i in long]], k=5)
+    assert list(got["items"]) == [int(served["item_id"][i]) for i in expected[0].tolist()]
+
+
+def test_a_request_holds_at_most_max_request_items(served, monkeypatch):
+    from pipeline.serving import request
+
+    monkeypatch.setattr(request, "MAX_REQUEST_ITEMS", 10)
+    servable = served["teacher"].unwrap_python_model().servable
+    assert len(parse_request(pd.DataFrame({"history": [[1] * 5, [2] * 5]}), servable)) == 2
+    with pytest.raises(MlflowException, match="row 2: the request's histories hold more than 10 items"):
+        parse_request(pd.DataFrame({"history": [[1] * 5, [2] * 5, [3]]}), servable)
+
+
+def test_records_and_column_dicts_are_accepted_in_process(served):
+    servable = served["teacher"].unwrap_python_model().servable
+    records = parse_request([{"history": [1, 2], "k": 3}, {"user_id": 5}], servable)
+    columns = parse_request({"history": [[1, 2]], "k": [3]}, servable)
+    assert records[0] == columns[0] == {"user_id": None, "history": [1, 2], "k": 3}
+    assert records[1] == {"user_id": 5, "history": None, "k": 10}
+    with pytest.raises(MlflowException, match="the request is not a table"):
+        parse_request({"user_id": 5}, servable)
 
 
 # ----------------------------------------------------------------------------- HTTP
@@ -202,6 +219,7 @@ def test_mlflow_models_serve_answers_invocations_for_the_champion(served, tmp_pa
             ({"dataframe_records": [{"history": [1, "x"]}]}, "item IDs are integers"),
             ({"dataframe_split": {"columns": ["history"], "data": [[[1, 2]]]}, "params": {"bogus": 1}}, None),
             ({"dataframe_records": [{"history": "not a list"}]}, "history"),
+            ({"dataframe_records": [{"user_id": known, "K": 3}]}, "unknown column(s) ['K']"),  # not dropped by MLflow
         ]:
             status, body = _post(url, payload)
             if message is None:  # a well-formed request in another layout still works
@@ -233,3 +251,40 @@ def test_the_model_ships_exactly_the_modules_serving_imports(tmp_path):
     probe = ("import sys; sys.path.insert(0, sys.argv[1]); import pipeline.serving.pyfunc as served; "
              "assert served.__file__.startswith(sys.argv[1]), served.__file__")
     subprocess.run([sys.executable, "-c", probe, str(tmp_path / "code")], check=True, cwd=tmp_path)
+
+
+@pytest.mark.slow
+def test_the_leanrec_server_guards_mlflows_app_over_http(served, tmp_path):
+    """python -m pipeline.serving.server with 2 workers: deep JSON, huge values, long histories and typos are 4xx."""
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": served["tracking_uri"], "MLFLOW_MODELS_WORKERS": "2"}
+    proc = start_server([sys.executable, "-m", "pipeline.serving.server", "-m", served["teacher_info"].model_uri,
+                         "--host", "127.0.0.1", "--port", str(port)], tmp_path, env)
+    try:
+        _wait_for(f"http://127.0.0.1:{port}/ping", proc)
+        url = f"http://127.0.0.1:{port}/invocations"
+        known = int(served["user_id"][served["data"].users[0]])
+        status, body = _post(url, {"dataframe_records": [{"user_id": known, "k": 3}, {"history": [1, 2]}]})
+        assert status == 200 and len(body["predictions"][0]["items"]) == 3, body
+        deep = json.dumps({"dataframe_records": [{"history": 0}]}).replace("0", "[" * 100_000 + "]" * 100_000)
+        request = urllib.request.Request(url, data=deep.encode(), headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(request, timeout=60)
+        assert err.value.code == 400 and "nests 100003 levels deep" in json.loads(err.value.read())["message"]
+        for payload, message in [
+            ({"dataframe_records": [{"history": [1, 2], "K": 3}]}, "unknown column(s) ['K']"),
+            ({"dataframe_records": [{"history": [1] * (MAX_HISTORY + 1)}]}, f"at most {MAX_HISTORY} are accepted"),
+            ({"dataframe_records": [{"user_id": "u" * 20_000_000}]}, "user IDs are integers"),
+        ]:
+            status, body = _post(url, payload)
+            assert status == 400 and message in body["message"], (status, str(body)[:500])
+            assert len(json.dumps(body)) < 2000
+        assert _worker_count(proc.pid) == 2  # MLFLOW_MODELS_WORKERS
+    finally:
+        _stop(proc)
+
+
+def _worker_count(pid: int) -> int:
+    """uvicorn's worker processes: the server's children started by multiprocessing's spawn (not its resource tracker)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return sum(b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes() for child in children)

@@ -3,6 +3,7 @@
 Quarantine reasons (`ReadResult.quarantine["reason"]`):
 
     invalid_utf8           the line's bytes are not UTF-8 (`raw` is their repr())
+    stray_carriage_return  a CR inside the line (not the CR of a CRLF ending): it would split the record
     extra_fields           more fields than the header / format has
     missing_fields         fewer fields (e.g. a truncated last line)
     malformed_separator    a lone ':' where '::' belongs, the field count still right
@@ -14,7 +15,7 @@ Quarantine reasons (`ReadResult.quarantine["reason"]`):
     non_numeric_rating
     unknown_event          an event missing from `event_weights`
 
-A row gets the first reason that applies, in this order. The first four are
+A row gets the first reason that applies, in this order. The first five are
 found by `text` while it splits lines; the rest here, by `Converter`.
 
 Contract with the validate stage: the reader only rejects what it cannot
@@ -231,7 +232,9 @@ class Converter:
         ratings = None
         if self.columns.rating is not None:
             numbers, bad = parse_numbers(batch[self.columns.rating])
-            ratings = pc.cast(numbers, pa.float32())
+            # safe=False: an integer past 2**24 rounds to the nearest float32 instead of failing the file;
+            # a rating out of range is validate's to quarantine.
+            ratings = pc.cast(numbers, pa.float32(), safe=False)
             problems.append(("non_numeric_rating", bad))
         if self.event_weights is not None:
             events = as_strings(batch[self.columns.event])

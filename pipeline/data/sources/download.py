@@ -37,7 +37,8 @@ def _fetch_md5(url: str, timeout_s: float) -> str:
         text = response.read(64 * 1024).decode("ascii", errors="replace")
     match = re.search(r"\b[0-9a-fA-F]{32}\b", text)
     if match is None:
-        raise IngestError(f"{url} holds no MD5 checksum (got {text[:80]!r})")
+        # Never quote what was read: base_url may point at any file (file:///...).
+        raise IngestError(f"{url} holds no MD5 checksum (32 hex digits) in its first {len(text)} characters")
     return match.group(0).lower()
 
 
@@ -62,7 +63,8 @@ def _extract_zip(archive: Path, target: Path) -> None:
         with zipfile.ZipFile(archive) as bundle:
             for name in bundle.namelist():
                 if name.startswith(("/", "\\")) or ".." in Path(name).parts:
-                    raise IngestError(f"{archive.name} holds an unsafe path {name!r}; not extracting it")
+                    shown = repr(name[:40]) + ("..." if len(name) > 40 else "")
+                    raise IngestError(f"{archive.name} holds an unsafe path {shown}; not extracting it")
             bundle.extractall(target)
     except zipfile.BadZipFile as err:
         raise IngestError(f"{archive.name} is not a valid zip archive: {err}") from None

@@ -18,7 +18,15 @@ import pyarrow.parquet as pq
 from pipeline.core.config import ColumnMapping, FileConfig
 from pipeline.core.errors import IngestError
 from pipeline.data.sources.convert import Converter, Locate, Quarantine, ReadResult, finish, mapped_columns
-from pipeline.data.sources.text import Delimited, bom_length, describe_line, peek_first_line, read_delimited
+from pipeline.data.sources.text import (
+    Delimited,
+    arrow_reason,
+    bom_length,
+    describe_line,
+    peek_first_line,
+    read_delimited,
+    tokens,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +49,7 @@ def _check_mapped_columns(path: Path, columns: ColumnMapping, found: list[str], 
     missing = [name for name in mapped if name not in found]
     if missing:
         raise IngestError(
-            f"{path}: column(s) {missing} named in ingest.file.columns are missing; the file has {found}{hint}"
+            f"{path}: column(s) {missing} named in ingest.file.columns are missing; the file has {tokens(found)}{hint}"
         )
 
 
@@ -62,12 +70,12 @@ def _read_csv(
     if len(names) == 1 and len(mapped_columns(cfg.columns)) > 1:
         hint += (
             f". The first line parses as a single column with sep={cfg.sep!r}: the separator is probably wrong "
-            f"(first line: {describe_line(first_line)})"
+            f"(its first line is {describe_line(first_line)})"
         )
     _check_mapped_columns(path, cfg.columns, names, hint)
     duplicated = sorted({name for name in names if names.count(name) > 1})
     if duplicated:
-        raise IngestError(f"{path}: the header repeats column name(s) {duplicated}; names must be unique")
+        raise IngestError(f"{path}: the header repeats column name(s) {tokens(duplicated)}; names must be unique")
     layout = Delimited(tuple(names), cfg.sep, quoted)
     tables, counts = read_delimited(
         path, layout, data_start=data_start, first_line=first_data_line, converter=converter, quarantine=quarantine
@@ -89,7 +97,7 @@ def _read_parquet(path: Path, converter: Converter) -> tuple[list[pa.Table], dic
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as err:
-        raise IngestError(f"{path} is not a readable Parquet file: {err}") from None
+        raise IngestError(f"{path} is not a readable Parquet file: {arrow_reason(err)}") from None
     _check_mapped_columns(path, converter.columns, parquet.schema_arrow.names)
     wanted = mapped_columns(converter.columns)
     tables: list[pa.Table] = []
@@ -101,7 +109,7 @@ def _read_parquet(path: Path, converter: Converter) -> tuple[list[pa.Table], dic
             tables.append(converter.convert(columns, _parquet_locator(rows_table, offset)))
             offset += batch.num_rows
     except (pa.ArrowInvalid, OSError) as err:
-        raise IngestError(f"{path}: cannot read Parquet rows after row {offset}: {err}") from None
+        raise IngestError(f"{path}: cannot read Parquet rows after row {offset}: {arrow_reason(err)}") from None
     return tables, {"data_lines": offset, "blank_lines": 0, "row_groups": parquet.num_row_groups}
 
 

@@ -28,10 +28,17 @@ MICROS_PER_UNIT: dict[str, int] = {"s": 1_000_000, "ms": 1_000, "us": 1}
 INT64_MAX = np.iinfo(np.int64).max
 
 # An integer id, optionally written as a float with a zero fraction ("12.0", as
-# pandas writes int columns holding NaN). 18 digits always fit in int64.
-INTEGER_ID_PATTERN = r"^\s*(?P<digits>-?\d{1,18})(?:\.0*)?\s*$"
+# pandas writes int columns holding NaN), leading zeros allowed. 18 digits always fit in int64; 19
+# digits fit up to INT64_DIGITS (a larger one is bad, as the fast cast of the whole column finds).
+INTEGER_ID_PATTERN = r"^\s*(?P<sign>-?)0*(?P<digits>\d{1,19})(?:\.0*)?\s*$"
+INT64_DIGITS = {"": str(2**63 - 1), "-": str(2**63)}
 NUMBER_PATTERN = r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"
 ISO_DATE_PREFIX = re.compile(r"^\s*\d{4}-\d{1,2}-\d{1,2}")
+# Arrow's string casts accept more than the patterns above: hexadecimal integers ("0x1f" -> 31), "nan",
+# "inf". The fast path (one cast for the whole column) is taken only when no value holds a character
+# outside plain decimal notation, so a value converts the same whatever its neighbours in the column.
+_PLAIN_DECIMAL_BYTES = np.zeros(256, dtype=bool)
+_PLAIN_DECIMAL_BYTES[np.frombuffer(b"0123456789eE.+- \t\n\r\x0b\x0c", dtype=np.uint8)] = True
 
 
 def bad_mask(mask: pa.ChunkedArray | pa.Array) -> np.ndarray | None:
@@ -56,13 +63,18 @@ def parse_integer_ids(values: pa.ChunkedArray) -> tuple[pa.ChunkedArray, np.ndar
         bad = bad_mask(pc.and_(pc.invert(integral), pc.invert(pc.is_nan(values))))
         return pc.cast(pc.if_else(integral, values, None), pa.int64()), bad
     strings = as_strings(values)
-    try:
-        return pc.cast(strings, pa.int64()), None
-    except pa.ArrowInvalid:
-        pass
-    digits = pc.struct_field(pc.extract_regex(strings, INTEGER_ID_PATTERN), "digits")
+    if _plain_decimal(strings):
+        try:
+            return pc.cast(strings, pa.int64()), None
+        except pa.ArrowInvalid:
+            pass
+    parts = pc.extract_regex(strings, INTEGER_ID_PATTERN)
+    sign, digits = pc.struct_field(parts, "sign"), pc.struct_field(parts, "digits")
+    for prefix, limit in INT64_DIGITS.items():
+        too_large = pc.and_(pc.equal(sign, prefix), pc.and_(pc.equal(pc.utf8_length(digits), 19), pc.greater(digits, limit)))
+        digits = pc.if_else(pc.fill_null(too_large, False), pa.scalar(None, pa.string()), digits)
     bad = bad_mask(pc.and_(pc.is_valid(strings), pc.is_null(digits)))
-    return pc.cast(digits, pa.int64()), bad
+    return pc.cast(pc.binary_join_element_wise(sign, digits, ""), pa.int64()), bad
 
 
 def parse_numbers(values: pa.ChunkedArray) -> tuple[pa.ChunkedArray, np.ndarray | None]:
@@ -72,7 +84,7 @@ def parse_numbers(values: pa.ChunkedArray) -> tuple[pa.ChunkedArray, np.ndarray 
     if pa.types.is_floating(values.type) or pa.types.is_decimal(values.type):
         return pc.cast(values, pa.float64()), None
     strings = as_strings(values)
-    for target in (pa.int64(), pa.float64()):
+    for target in (pa.int64(), pa.float64()) if _plain_decimal(strings) else ():
         try:
             return pc.cast(strings, target), None
         except pa.ArrowInvalid:
@@ -86,9 +98,28 @@ def parse_numbers(values: pa.ChunkedArray) -> tuple[pa.ChunkedArray, np.ndarray 
         return pc.cast(numbers_only, pa.float64()), bad
 
 
+def _plain_decimal(strings: pa.ChunkedArray) -> bool:
+    """No value holds a character outside plain decimal notation (a scan of the string bytes, no regex)."""
+    for chunk in strings.chunks:
+        if len(chunk) == 0:
+            continue
+        _, offsets_buffer, data_buffer = chunk.buffers()
+        width = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
+        offsets = np.frombuffer(offsets_buffer, dtype=width)[chunk.offset : chunk.offset + len(chunk) + 1]
+        data = np.frombuffer(data_buffer, dtype=np.uint8)[offsets[0] : offsets[-1]] if data_buffer else np.empty(0, np.uint8)
+        if not _PLAIN_DECIMAL_BYTES[data].all():
+            return False
+    return True
+
+
 def parse_datetimes(values: pa.ChunkedArray) -> tuple[pa.ChunkedArray, np.ndarray | None]:
-    """ISO 8601 strings -> UTC. Strings without a zone offset are taken as UTC."""
+    """ISO 8601 strings (YYYY-MM-DD first) -> UTC. Strings without a zone offset are taken as UTC."""
     strings = as_strings(values)
+    # pandas reads "-1" or "2020" as dates too: a value that does not start with a date is bad.
+    not_dated = bad_mask(pc.and_(pc.is_valid(strings), pc.invert(pc.match_substring_regex(strings, ISO_DATE_PREFIX.pattern))))
+    if not_dated is not None:
+        timestamps, bad = parse_datetimes(pc.if_else(pa.array(not_dated), pa.scalar(None, pa.string()), strings))
+        return timestamps, not_dated if bad is None else bad | not_dated
     # Arrow's parser is fastest but all-or-nothing, and wants one kind of string
     # per column: all with an offset, or all without.
     for parsed_type in (schema.TIMESTAMP_TYPE, pa.timestamp("us")):

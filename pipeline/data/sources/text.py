@@ -5,7 +5,8 @@ How text is read, and why (files go up to 32M lines):
 * the file is read in chunks of whole lines (`CHUNK_BYTES`), so memory holds one
   chunk of text at a time, not the file;
 * a chunk is checked as UTF-8 in one call; only when that fails is it split
-  into lines to find and quarantine the undecodable ones;
+  into lines to find and quarantine the undecodable ones; likewise the lines
+  holding a carriage return that does not end them (pyarrow would split them);
 * pyarrow.csv parses the chunk with every column read as a string and an
   `invalid_row_handler` that captures lines with the wrong number of fields
   (with their text and row number);
@@ -44,6 +45,10 @@ CHUNK_BYTES = 64 * 2**20
 ARROW_BLOCK_BYTES = 4 * 2**20
 
 FILLER_PREFIX = "__filler_"
+# What an error message may quote of a file: a token (a column name) as a repr cut at this many
+# characters, never a line; a line is described by its line number, length and field counts.
+QUOTED_CHARS = 16
+QUOTED_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,10 @@ class Delimited:
 
     def split(self, line: str) -> list[str]:
         if self.quoted:
-            return next(pycsv.reader([line], delimiter=self.separator))
+            try:
+                return next(pycsv.reader([line], delimiter=self.separator))
+            except pycsv.Error as err:  # e.g. a carriage return inside the line
+                raise IngestError(f"the first line cannot be split into fields: {err}") from None
         return line.split(self.separator)
 
 
@@ -177,6 +185,27 @@ def _blank_undecodable_lines(chunk: _TextChunk, quarantine: Quarantine) -> _Text
     return _TextChunk(b"\n".join(lines), chunk.first_line)
 
 
+def _blank_lines_with_stray_carriage_returns(chunk: _TextChunk, quarantine: Quarantine) -> _TextChunk:
+    """Quarantine the lines holding a CR that does not end them, and blank them.
+
+    pyarrow ends a row at a lone CR as at a newline, so such a line would parse as two rows
+    (and the rows after it would be traced to the wrong lines); lines are records here.
+    """
+    data = np.frombuffer(chunk.data, dtype=np.uint8)
+    carriage_returns = np.flatnonzero(data == ord("\r"))
+    if len(carriage_returns) == 0:
+        return chunk
+    stray = carriage_returns[data[carriage_returns + 1] != ord("\n")]  # data ends with "\n": +1 is in range
+    if len(stray) == 0:
+        return chunk
+    bad_indexes = np.unique(np.searchsorted(chunk._line_starts, stray, side="right") - 1)
+    quarantine.add(chunk.first_line + bad_indexes, chunk.texts(chunk.first_line + bad_indexes), "stray_carriage_return")
+    lines = chunk.data.split(b"\n")
+    for index in bad_indexes.tolist():
+        lines[index] = b""
+    return _TextChunk(b"\n".join(lines), chunk.first_line)
+
+
 @dataclass
 class _RejectedRows:
     """pyarrow's invalid_row_handler: records the lines that have the wrong number of fields."""
@@ -245,7 +274,10 @@ def _parse_with_arrow(
         convert_options=pacsv.ConvertOptions(
             column_types={name: pa.string() for name in columns},
             include_columns=columns,
-            strings_can_be_null=True,  # an empty field is null, not ""
+            # An empty field is null, not "", and only an empty one: pyarrow's default null_values would
+            # also turn "NA", "null", "nan", "N/A"... into nulls, losing string IDs that read so.
+            strings_can_be_null=True,
+            null_values=[""],
         ),
     )
     return table, rejected
@@ -256,18 +288,20 @@ def _read_text_chunk(
 ) -> tuple[pa.Table, int]:
     """One chunk -> its raw-schema rows; also how many data lines (not blank) it held."""
     quarantined_before = len(quarantine)
-    chunk = _blank_undecodable_lines(chunk, quarantine)
-    n_undecodable = len(quarantine) - quarantined_before
+    chunk = _blank_lines_with_stray_carriage_returns(_blank_undecodable_lines(chunk, quarantine), quarantine)
+    n_undecodable = len(quarantine) - quarantined_before  # not UTF-8, or a stray CR: blanked, set aside
     try:
         parsed, rejected = _parse_chunk(chunk, layout, wanted)
-        if layout.quoted and any("\n" in text for text in rejected.texts):
+        n_rows = parsed.num_rows + len(rejected.numbers)
+        if layout.quoted and (n_rows != len(chunk._nonblank_lines) or any("\n" in text for text in rejected.texts)):
             # An unbalanced quote made pyarrow swallow the following lines into one
-            # row. Lines are records here, so this chunk is parsed again without
+            # row (rejected, or with the right field count accepted: fewer rows than
+            # lines). Lines are records here, so this chunk is parsed again without
             # quoting: every line is then accounted for, the broken one quarantined.
             logger.warning("unbalanced quote in lines %d+; parsing that chunk without quoting", chunk.first_line)
             parsed, rejected = _parse_chunk(chunk, replace(layout, quoted=False), wanted)
     except pa.ArrowInvalid as err:
-        raise IngestError(f"cannot parse the lines from line {chunk.first_line} on: {err}") from None
+        raise IngestError(f"cannot parse the lines from line {chunk.first_line} on: {arrow_reason(err)}") from None
 
     rejected_numbers = np.asarray(rejected.numbers, dtype=np.int64)
     rejected_lines = chunk.lines_of_row_numbers(rejected_numbers)
@@ -276,8 +310,9 @@ def _read_text_chunk(
     quarantine.add(rejected_lines[too_many], list(texts[too_many]), "extra_fields")
     quarantine.add(rejected_lines[~too_many], list(texts[~too_many]), "missing_fields")
 
-    # Counted here, independently of where the rows go next, so `convert.finish` can check none was lost.
-    n_data_lines = n_undecodable + len(rejected_numbers) + parsed.num_rows
+    # Counted from the lines, independently of the parser and of where the rows go next, so
+    # `convert.finish` can check none was lost.
+    n_data_lines = n_undecodable + len(chunk._nonblank_lines)
     row_lines = _RowLines(chunk, rejected_numbers)
     if layout.fillers:
         filler_used = functools.reduce(pc.or_, (pc.is_valid(parsed[name]) for name in layout.fillers))
@@ -315,10 +350,27 @@ def bom_length(path: Path) -> int:
         return 3 if stream.read(3) == b"\xef\xbb\xbf" else 0
 
 
+def token(text: str) -> str:
+    """A token read from a file (a column name) for an error message: a repr cut at QUOTED_CHARS characters."""
+    return repr(text[:QUOTED_CHARS]) + ("..." if len(text) > QUOTED_CHARS else "")
+
+
+def tokens(texts: list[str]) -> str:
+    """Up to QUOTED_TOKENS tokens, each cut by `token`, as a list."""
+    more = f", and {len(texts) - QUOTED_TOKENS} more" if len(texts) > QUOTED_TOKENS else ""
+    return "[" + ", ".join(token(text) for text in texts[:QUOTED_TOKENS]) + more + "]"
+
+
+def arrow_reason(err: Exception) -> str:
+    """pyarrow's message without what it quotes of the data ("Expected 4 columns, got 1: <the row>")."""
+    parts = str(err).splitlines()[0].split(": ") if str(err) else [type(err).__name__]
+    return ": ".join(parts[:2])[:120]
+
+
 def describe_line(line: str) -> str:
-    shown = repr(line[:120]) + ("..." if len(line) > 120 else "")
+    """How a line splits, without quoting it (it may be any file's content)."""
     candidates = (("\t", "tab"), ("::", "'::'"), (",", "comma"), (";", "semicolon"), ("|", "pipe"), (" ", "space"))
     n_fields, name = max((len(line.split(sep)), name) for sep, name in candidates)
     if n_fields > 1:
-        return f"{shown}, which looks like {n_fields} {name}-separated fields"
-    return f"{shown}, which has no tab, '::', comma, semicolon, pipe or space in it"
+        return f"{len(line)} characters long, which looks like {n_fields} {name}-separated fields"
+    return f"{len(line)} characters long, with no tab, '::', comma, semicolon, pipe or space in it"
