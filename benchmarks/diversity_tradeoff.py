@@ -109,8 +109,9 @@ def chart(report: dict, target: Path) -> None:
     ild = [r["ild@10"] for r in rows.values()]
     ndcg = [r["ndcg@10"] for r in rows.values()]
     ax.plot(ild, ndcg, "-o", color="tab:blue")
-    for weight, r in rows.items():
-        ax.annotate(f"λ={weight}", (r["ild@10"], r["ndcg@10"]), xytext=(6, 4), textcoords="offset points", fontsize=8)
+    for position, (weight, r) in enumerate(rows.items()):  # labels alternate above and below: close points stay legible
+        ax.annotate(f"λ={weight}", (r["ild@10"], r["ndcg@10"]), xytext=(4, 6 if position % 2 else -12),
+                    textcoords="offset points", fontsize=8)
     ax.set_xlabel("ILD@10 (1 - mean pairwise cosine, teacher's item table)")
     ax.set_ylabel("NDCG@10 (test split, full ranking)")
     ax.set_title(f"MMR re-ranking on {report['dataset']}: accuracy vs diversity")

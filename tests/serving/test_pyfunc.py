@@ -159,8 +159,8 @@ def test_records_and_column_dicts_are_accepted_in_process(served):
     servable = served["teacher"].unwrap_python_model().servable
     records = parse_request([{"history": [1, 2], "k": 3}, {"user_id": 5}], servable)
     columns = parse_request({"history": [[1, 2]], "k": [3]}, servable)
-    assert records[0] == columns[0] == {"user_id": None, "history": [1, 2], "k": 3}
-    assert records[1] == {"user_id": 5, "history": None, "k": 10}
+    assert records[0] == columns[0] == {"user_id": None, "history": [1, 2], "k": 3, "diversity": 0.0}
+    assert records[1] == {"user_id": 5, "history": None, "k": 10, "diversity": 0.0}
     with pytest.raises(MlflowException, match="the request is not a table"):
         parse_request({"user_id": 5}, servable)
 
