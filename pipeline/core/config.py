@@ -327,6 +327,8 @@ class RegistryConfig(_Strict):
 
 class RecommendConfig(_Strict):
     k: int = Field(10, ge=1, le=1000, description="items per user")
+    diversity_weight: float = Field(0.0, ge=0.0, le=1.0, description="MMR re-ranking of the model's top CANDIDATES_PER_K x k "
+                                    "candidates (pipeline/models/rerank.py): weight of similarity to the items above vs relevance; 0: off")
     batch_size: int = Field(1024, ge=1)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")
     histories: Literal["features", "champion"] = Field(

@@ -8,6 +8,10 @@ warm-up, with the thread count pinned and recorded. Timing runs in interleaved
 rounds, each in a rotated order, so drift of a shared machine falls on every
 model alike; the figures are medians over rounds.
 
+Beside NDCG@10/HR@10 each model gets the beyond-accuracy metrics of its top-10 lists
+(pipeline/evaluation/metrics.py: ILD@10 in the teacher's item table for every model, novelty,
+coverage, Gini index of exposure).
+
 Outputs: reports/compression.json (DVC metrics), reports/compression.md,
 reports/compression.png (Pareto chart: NDCG@10 against batch-1 latency, point
 area proportional to bytes on disk), and one MLflow child run per variant under
@@ -28,7 +32,7 @@ from pipeline.core.config import CompressConfig, EvaluateConfig, TrackingConfig,
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import Layout, atomic_path, write_json
 from pipeline.data.sequences import evaluation_batches, load_sequences
-from pipeline.evaluation.metrics import evaluate
+from pipeline.evaluation.metrics import BEYOND_ACCURACY, evaluate
 from pipeline.evaluation.serving_cost import measure_serving
 from pipeline.models.coded import CODES_PREFIX
 from pipeline.models.recommender import Recommender
@@ -122,10 +126,12 @@ def measure_models(directories: dict[str, Path], layout: Layout, cfg: CompressCo
     batch = next(evaluation_batches(data, split, 1 << 30, max_len))
     histories = [row[: int(n)].tolist() for row, n in zip(batch.inputs, batch.lengths)]
     rows: dict[str, dict] = {}
+    # ILD in one vector space for every model: the teacher's item table (a variant's own table is compressed).
+    teacher_vectors = models[TEACHER].item_weights().detach()
     for name, model in models.items():
         quality = evaluate(lambda b, m=model: m.score(b.inputs, b.lengths), data, split, ks=(10,),
                            batch_size=eval_cfg.batch_size, max_len=model.cfg.max_len, sampled_strategies=(), seed=seed,
-                           progress=False)
+                           progress=False, beyond_accuracy=True, item_vectors=teacher_vectors)
         directory = directories[name]
         variant = json.loads((directory / VARIANT_FILE).read_text()) if (directory / VARIANT_FILE).exists() else {"kind": "fp32"}
         rows[name] = {
@@ -133,6 +139,7 @@ def measure_models(directories: dict[str, Path], layout: Layout, cfg: CompressCo
             "kind": variant["kind"],
             "runtime": "onnx" if model.encoder is not None else "torch",  # what computes the user vector on CPU
             "ndcg@10": quality["full/NDCG@10"], "hr@10": quality["full/HR@10"],
+            **{f"{metric.lower()}@10": quality[f"full/{metric}@10"] for metric in BEYOND_ACCURACY},
             "size_bytes": size_on_disk(directory),
             "parameters": parameter_count(model),
             "nonzero_parameters": nonzero_parameters(model),
@@ -172,6 +179,17 @@ def markdown(report: dict) -> str:
             f"{r['size_bytes'] / 1024:,.1f} | {r['size_ratio']:.2f}x | {r['bytes_per_item']:.1f} | "
             f"{r['nonzero_parameters']:,} | {r['latency_p50_ms']:.3f} | {r['latency_p95_ms']:.3f} | "
             f"{r['latency_speedup']:.2f}x | {r['throughput_users_s']:,.0f} |")
+    lines += [
+        "",
+        "Beyond accuracy on the top-10 lists: ILD@10 = 1 - mean pairwise cosine of the listed items in the teacher's "
+        "item table (one space for every model); Novelty@10 = mean -log2 training popularity share; Coverage@10 = "
+        "share of the catalogue listed; Gini@10 = Gini index of exposure over every item.",
+        "",
+        "| model | ILD@10 | Novelty@10 | Coverage@10 | Gini@10 |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in report["models"].items():
+        lines.append(f"| {name} | {r['ild@10']:.4f} | {r['novelty@10']:.3f} | {r['coverage@10']:.4f} | {r['gini@10']:.4f} |")
     return "\n".join(lines) + "\n"
 
 

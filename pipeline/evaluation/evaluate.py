@@ -20,6 +20,8 @@ logger = logging.getLogger(__name__)
 
 METRICS_REPORT = "metrics.json"
 HEADLINE = ("full/NDCG@10", "full/HR@10", "full/MRR", "full/Coverage@10")
+# Beyond accuracy on the top-10 lists (pipeline/evaluation/metrics.py: BEYOND_ACCURACY).
+BEYOND_HEADLINE = ("full/ILD@10", "full/Novelty@10", "full/Coverage@10", "full/Gini@10")
 
 
 def load_scorers(run_dir: Path, device: torch.device) -> dict[str, tuple[ScoreFn, int]]:
@@ -44,6 +46,20 @@ def load_scorers(run_dir: Path, device: torch.device) -> dict[str, tuple[ScoreFn
         bpr = bpr.to(device).eval()
         scorers["bpr"] = (bpr_scores(bpr), 1)
     return scorers
+
+
+def reference_item_vectors(run_dir: Path) -> tuple[torch.Tensor | None, str]:
+    """The one item-vector space ILD is measured in for every model of a run, and its name: the
+    SASRec teacher's item embedding table; without a teacher, the BPR baseline's item factors."""
+    from safetensors.torch import load_file
+
+    from pipeline.models.sasrec import WEIGHTS_FILE
+
+    if (run_dir / WEIGHTS_FILE).exists():
+        return load_file(str(run_dir / WEIGHTS_FILE))["item_embedding.weight"], "the SASRec teacher's item embedding table"
+    if (run_dir / "baselines" / "bpr.safetensors").exists():
+        return load_file(str(run_dir / "baselines" / "bpr.safetensors"))["item.weight"], "the BPR baseline's item factors"
+    return None, "none (no SASRec teacher or BPR model: ILD not measured)"
 
 
 def check_ks(ks: Iterable[int], n_items: int) -> None:
@@ -83,19 +99,27 @@ def run_evaluate(eval_cfg, train_cfg, tracking, layout, seed: int, split: str = 
     scorers = load_scorers(run_dir, device)
     if not scorers:
         raise EvaluateError(f"no trained model in {run_dir}: run the train stage first")
+    item_vectors, space = reference_item_vectors(run_dir)
     results = {}
     for name, (score_fn, max_len) in scorers.items():
         results[name] = evaluate(
             score_fn, data, split, ks=eval_cfg.ks, batch_size=eval_cfg.batch_size, max_len=max_len, device=device,
             sampled_negatives=eval_cfg.sampled_negatives, sampled_strategies=eval_cfg.sampled_strategies, seed=seed,
+            beyond_accuracy=True, item_vectors=item_vectors,
         )
-        logger.info("%s: %s", name, {k: round(results[name][k], 4) for k in HEADLINE})
-    report = {"split": split, "models": results}
+        logger.info("%s: %s", name, {k: round(results[name][k], 4) for k in (*HEADLINE, *BEYOND_HEADLINE) if k in results[name]})
+    report = {"split": split, "item_vectors": space, "models": results}
     protocol = ("Full ranking over all items with each user's earlier items excluded (`full/*`); `sampled_*` rank the "
                 f"held-out item against {eval_cfg.sampled_negatives} sampled unseen items, for comparison with papers only.")
+    beyond = (f"Beyond accuracy, on each user's top-10 list: ILD@10 = 1 - mean pairwise cosine of the listed items in one "
+              f"vector space for every model ({space}); Novelty@10 = mean -log2 of the items' share of the training "
+              "interactions; Coverage@10 = share of the catalogue listed for anybody; Gini@10 = Gini index of exposure "
+              "over every item (0: equal).")
     write_json(report, layout.reports_dir / METRICS_REPORT)
     with atomic_path(layout.reports_dir / "metrics.md") as tmp:
-        tmp.write_text(f"# Test metrics ({split} split)\n\n{protocol}\n\n{markdown_table(results)}\n", encoding="utf-8")
+        tmp.write_text(f"# Test metrics ({split} split)\n\n{protocol}\n\n{markdown_table(results)}\n\n"
+                       f"## Diversity and novelty\n\n{beyond}\n\n{markdown_table(results, BEYOND_HEADLINE)}\n",
+                       encoding="utf-8")
     run_id = read_run_id(run_dir)
     with mlflow_run(tracking, layout.root, f"evaluate-{train_cfg.run_name}", run_id=run_id, system_metrics=False) as active:
         if active is not None:

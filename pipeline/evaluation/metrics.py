@@ -12,6 +12,20 @@ published tables.
 
 Ties are broken at random (seeded): a constant scorer must not get credit
 for the order items happen to have in the vocabulary.
+
+Beyond accuracy (`BEYOND_ACCURACY`, on each user's top-K list of the split, seen items excluded;
+computed when `evaluate` is given an item-vector space):
+
+- ILD@K, intra-list diversity: 1 - the mean cosine similarity over the list's item pairs, in one
+  fixed item-vector space for every model (the evaluate stage passes the teacher's item embedding
+  table), so lists of different models are compared in the same space; lists with fewer than two
+  items have no pairs and are left out of the mean.
+- Novelty@K: the mean self-information -log2(p_i) of the listed items, p_i = the item's share of the
+  training interactions (an item never seen in training counts as seen once: finite, the highest value).
+- Coverage@K: the share of the catalogue in at least one user's list.
+- Gini@K: the Gini index of exposure (how many lists each item appears in) over every catalogue
+  item, recommended or not: 0 when every item is listed equally often, (n - 1) / n when one item
+  takes all the exposure.
 """
 
 from __future__ import annotations
@@ -21,12 +35,22 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
+from pipeline.core.errors import EvaluateError
 from pipeline.data.sequences import Batch, ScoreFn, SequenceData, evaluation_batches, evaluation_rows, seen_items
 from pipeline.models.scoring import Exclusion, chunked_top_k, masked_scores, target_rank_counts
 
 logger = logging.getLogger(__name__)
+
+# The beyond-accuracy metrics of the top-K lists, declared once (reports take names and meanings from here).
+BEYOND_ACCURACY = {
+    "ILD": "intra-list diversity: 1 - mean pairwise cosine of the listed items' vectors (one fixed item space)",
+    "Novelty": "mean self-information -log2(training popularity share) of the listed items, bits",
+    "Coverage": "share of the catalogue in at least one list",
+    "Gini": "Gini index of exposure over every catalogue item (0: equal exposure, near 1: one item for all)",
+}
 
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -57,6 +81,106 @@ def metrics_from_ranks(ranks: torch.Tensor, ks: Iterable[int]) -> dict[str, torc
     return out
 
 
+def intra_list_diversity(lists: torch.Tensor, unit_vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per list (B, k) of item indices: (1 - mean cosine over its item pairs, whether it has a pair).
+
+    Padding entries (index 0) are not items and take part in no pair; `unit_vectors` are rows of unit norm.
+    """
+    valid = lists > 0
+    vectors = unit_vectors[lists] * valid.unsqueeze(-1)  # (B, k, d), padding slots zeroed
+    cosines = vectors @ vectors.transpose(1, 2)  # (B, k, k)
+    n = valid.sum(1).double()
+    pairs = n * (n - 1)  # ordered pairs i != j
+    off_diagonal = cosines.sum((1, 2)).double() - (vectors * vectors).sum((1, 2)).double()
+    has_pair = pairs > 0
+    return torch.where(has_pair, 1.0 - off_diagonal / pairs.clamp_min(1.0), torch.zeros_like(n)), has_pair
+
+
+def self_information(train_counts: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """-log2(share of the training interactions) per item index, an unseen item counted once; padding 0."""
+    counts = torch.as_tensor(train_counts).double().clone()
+    counts[0] = 0.0
+    total = float(counts.sum())
+    if total <= 0:
+        raise EvaluateError("no training interactions: novelty needs the items' training popularity")
+    info = -torch.log2(counts.clamp_min(1.0) / total)
+    info[0] = 0.0
+    return info
+
+
+def novelty(lists: torch.Tensor, information: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per list (B, k): (mean self-information of its items, whether it has an item); padding ignored."""
+    valid = lists > 0
+    n = valid.sum(1).double()
+    total = (information.to(lists.device)[lists] * valid).sum(1)
+    return total / n.clamp_min(1.0), n > 0
+
+
+def gini_index(exposure: np.ndarray | torch.Tensor) -> float:
+    """Gini index of non-negative exposure counts, one per catalogue item (every item, listed or not).
+
+    G = sum_i (2i - n - 1) x_(i) / (n sum x), x sorted ascending, i = 1..n: 0 for equal exposure,
+    (n - 1) / n when one item has it all; 0 when nothing was exposed.
+    """
+    x = torch.as_tensor(exposure).double().flatten().sort().values
+    n, total = x.numel(), float(x.sum())
+    if n == 0 or total == 0:
+        return 0.0
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    return float(((2 * i - n - 1) * x).sum() / (n * total))
+
+
+class ListMetrics:
+    """Beyond-accuracy metrics (and, given targets, HR/NDCG) of top-K lists, accumulated batch by batch.
+
+    `add(lists, targets)` takes (B, >= max(ks)) item indices best first (0 = an empty slot);
+    `result()` gives `full/ILD@k`, `full/Novelty@k`, `full/Coverage@k`, `full/Gini@k` for each k
+    (ILD only with `unit_vectors`), and `full/HR@k`, `full/NDCG@k` of the lists when targets were given.
+    """
+
+    def __init__(self, ks: Iterable[int], n_items: int, train_counts: np.ndarray | torch.Tensor,
+                 unit_vectors: torch.Tensor | None = None):
+        self.ks = sorted(set(int(k) for k in ks))
+        self.n_items = n_items
+        self.information = self_information(train_counts)
+        if unit_vectors is not None and unit_vectors.shape[0] != n_items + 1:
+            raise EvaluateError(f"item vectors have {unit_vectors.shape[0]} rows, the catalogue {n_items} items "
+                             "plus padding: use the table of a model trained on these features")
+        self.unit_vectors = None if unit_vectors is None else unit_vectors.detach().float().cpu()
+        self.exposure = {k: torch.zeros(n_items + 1, dtype=torch.float64) for k in self.ks}
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, float] = {}
+        self.n_lists = 0
+
+    def _add(self, name: str, values: torch.Tensor, valid: torch.Tensor) -> None:
+        self.sums[name] = self.sums.get(name, 0.0) + float(values[valid].sum())
+        self.counts[name] = self.counts.get(name, 0.0) + float(valid.sum())
+
+    def add(self, lists: torch.Tensor, targets: torch.Tensor | None = None) -> None:
+        lists = lists.long().cpu()
+        for k in self.ks:
+            top = lists[:, :k]
+            self.exposure[k] += torch.bincount(top.reshape(-1), minlength=self.n_items + 1).double()
+            self._add(f"Novelty@{k}", *novelty(top, self.information))
+            if self.unit_vectors is not None:
+                self._add(f"ILD@{k}", *intra_list_diversity(top, self.unit_vectors))
+        if targets is not None:
+            hits = lists[:, : max(self.ks)] == targets.view(-1, 1).long().cpu()
+            # the target's 0-based position in the list; a miss ranks past every cut-off
+            ranks = torch.where(hits.any(1), hits.double().argmax(1), torch.full((len(lists),), float(self.n_items + 1)))
+            for name, values in metrics_from_ranks(ranks, self.ks).items():
+                if name != "MRR":  # the list's MRR would be truncated at its length
+                    self._add(name, values, torch.ones(len(values), dtype=torch.bool))
+        self.n_lists += len(lists)
+
+    def result(self) -> dict[str, float]:
+        out = {f"full/{name}": total / self.counts[name] if self.counts[name] else 0.0 for name, total in self.sums.items()}
+        for k, exposure in self.exposure.items():
+            out[f"full/Coverage@{k}"] = float((exposure[1:] > 0).sum()) / self.n_items
+            out[f"full/Gini@{k}"] = gini_index(exposure[1:])
+        return out
+
+
 def seen_exclusion(data: SequenceData, batch: Batch, split: str) -> Exclusion:
     """Each user's items before `split`'s target, sorted and unique, less the target itself: a
     re-consumed target (possible without de-duplication) stays rankable."""
@@ -82,8 +206,15 @@ def evaluate(
     sampled_strategies: Iterable[str] = ("uniform", "popularity"),
     seed: int = 0,
     progress: bool = True,
+    beyond_accuracy: bool = False,
+    item_vectors: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Metrics of `score_fn` on `split` ("valid" or "test"), averaged over users with a target."""
+    """Metrics of `score_fn` on `split` ("valid" or "test"), averaged over users with a target.
+
+    With `beyond_accuracy`, also the beyond-accuracy metrics of each user's top-k lists for every k
+    in `ks` (`BEYOND_ACCURACY`: novelty against the training popularity, Gini index of exposure, and
+    ILD when `item_vectors` ((n_items + 1, d), e.g. the teacher's item table) give the vector space).
+    """
     ks = sorted(set(int(k) for k in ks))
     device = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
@@ -92,6 +223,8 @@ def evaluate(
     popularity = torch.from_numpy(data.train_item_counts()).double().to(device) if "popularity" in sampled_strategies else None
     totals: dict[str, float] = {}
     top_items = {k: torch.zeros(data.n_items + 1, dtype=torch.bool, device=device) for k in ks}
+    lists = None if not beyond_accuracy else ListMetrics(
+        ks, data.n_items, data.train_item_counts(), None if item_vectors is None else F.normalize(item_vectors.detach().float(), dim=1))
     n_users = 0
     batches = evaluation_batches(data, split, batch_size, max_len)
     n_batches = -(-len(evaluation_rows(data, split)) // batch_size)
@@ -110,6 +243,8 @@ def evaluate(
                                    max(ks), exclusion, scores.device)
             for k in ks:
                 top_items[k][top[:, :k].reshape(-1).to(device)] = True
+            if lists is not None:
+                lists.add(top)
             if sampled_strategies:
                 scores = masked_scores(scores, exclusion)  # what the sampled protocols draw from
             for strategy in sampled_strategies:
@@ -123,6 +258,8 @@ def evaluate(
     metrics = {name: total / n_users for name, total in totals.items()}
     for k in ks:
         metrics[f"full/Coverage@{k}"] = float(top_items[k][1:].sum()) / data.n_items
+    if lists is not None:
+        metrics.update(lists.result())
     metrics["users"] = float(n_users)
     return metrics
 

@@ -7,7 +7,10 @@ history in the current features (every split) is the input, mapped to the
 champion's vocabulary by raw item ID; seen items are excluded. With
 `recommend.histories=champion` the users and histories are those registered with
 the champion (the servable's own data): no features needed, only the registry
-(what the scheduled Airflow DAG `leanrec_recommend` runs). Users are scored in
+(what the scheduled Airflow DAG `leanrec_recommend` runs). With `recommend.diversity_weight` > 0
+each user's top-K is re-ranked by MMR with that weight from the model's top CANDIDATES_PER_K x K
+(pipeline/models/rerank.py, the same re-ranking the served model's `diversity` field applies): the
+ranks follow MMR, the scores stay the model's. Users are scored in
 batches of `recommend.batch_size` on CUDA when present, and the file appears only
 when complete (atomic write).
 
@@ -110,7 +113,7 @@ def run_recommend(cfg: RecommendConfig, servable: Servable, layout: Layout, *, m
             for row in rows:
                 history = model_items[offsets[row] : offsets[row + 1]]
                 histories.append(history[history > 0].tolist())
-            results = servable.recommend_indices(histories, k)
+            results = servable.recommend_indices(histories, k, cfg.diversity_weight)
             batch = {"user_id": [], "rank": [], "item_id": [], "score": [], "source": []}
             for row, (indices, scores, source) in zip(rows, results, strict=True):
                 sources[source] += 1
@@ -125,7 +128,7 @@ def run_recommend(cfg: RecommendConfig, servable: Servable, layout: Layout, *, m
             n_rows += len(batch["rank"])
     summary = {
         "model_name": model_name, "version": str(version), "histories": cfg.histories,
-        "users": n_users, "rows": n_rows, "k": k,
+        "users": n_users, "rows": n_rows, "k": k, "diversity_weight": cfg.diversity_weight,
         "device": str(device), "sources": sources, "path": str(target.relative_to(layout.root)),
         "seconds": round(time.perf_counter() - started, 3),
     }

@@ -2,9 +2,12 @@
 
 Request: a DataFrame, one row per request, with `user_id` (a known user: the
 history comes from the features the model was registered with) or `history`
-(a list of raw item IDs, oldest first), and an optional `k`. Response: one row
-per request with the top-K raw item IDs (`items`) and their `scores`, best
-first, never an item of the history; `source` says whether the model
+(a list of raw item IDs, oldest first), an optional `k` and an optional
+`diversity` (0 to 1, default 0: off). Response: one row per request with the
+top-K raw item IDs (`items`) and their `scores`, best first, never an item of
+the history; with `diversity` > 0 the K are re-ranked by maximal marginal
+relevance with that weight from the model's top 5K (pipeline/models/rerank.py),
+in MMR order with the model's own scores. `source` says whether the model
 (`model`) or the popularity fallback (`popularity`: an unknown user, or a
 history with no known item) answered, and `unknown_items` counts the history
 items that are not in the catalogue (they are ignored).
@@ -61,9 +64,9 @@ ENCODER_REQUIREMENTS = ("onnxruntime",)  # added when the model directory holds 
 SERVED_MODULES = (
     "core/config.py", "core/errors.py", "core/io.py", "core/schema.py",
     "data/features.py", "data/pseudonym.py", "data/sequences.py",
-    "models/coded.py", "models/codes.py", "models/explain.py", "models/onnx_encoder.py", "models/quantize.py", "models/recommender.py",
-    "models/sasrec.py", "models/scoring.py", "models/sparse.py", "models/topk_kernels.py", "models/variants.py",
-    "serving/privacy.py", "serving/pyfunc.py", "serving/request.py",
+    "models/coded.py", "models/codes.py", "models/explain.py", "models/onnx_encoder.py", "models/quantize.py",
+    "models/recommender.py", "models/rerank.py", "models/sasrec.py", "models/scoring.py", "models/sparse.py",
+    "models/topk_kernels.py", "models/variants.py", "serving/privacy.py", "serving/pyfunc.py", "serving/request.py",
 )
 
 
@@ -125,6 +128,7 @@ class Servable:
         self.user_row = {self._key(v): row for row, v in enumerate(users.column("id").to_pylist())}
         self.user_ids_are_int = pa.types.is_integer(users.schema.field("id").type)
         self.pseudonymised = privacy.users_pseudonymised(users)  # request user IDs are hashed with the server's key
+        self._item_vectors = None
 
     @classmethod
     def load(cls, model_dir: str | Path, data_dir: str | Path, device: str = "cpu") -> Servable:
@@ -151,14 +155,37 @@ class Servable:
         indices = [i for i in known if i is not None]
         return indices, len(known) - len(indices)
 
-    def recommend_indices(self, histories: Sequence[Sequence[int]], k: int) -> list[tuple[list[int], list[float], str]]:
-        """Top-k (indices, scores, source) per history of item indices; empty history: popularity."""
+    def item_vectors(self) -> Any:
+        """The model's own item table as unit rows (CPU), what MMR measures similarity in; computed once."""
+        if self._item_vectors is None:
+            from pipeline.models.rerank import unit_rows
+
+            self._item_vectors = unit_rows(self.recommender.model.item_weights()).cpu()
+        return self._item_vectors
+
+    def recommend_indices(self, histories: Sequence[Sequence[int]], k: int,
+                          diversity: float = 0.0) -> list[tuple[list[int], list[float], str]]:
+        """Top-k (indices, scores, source) per history of item indices; empty history: popularity.
+
+        `diversity` > 0: the k are chosen by MMR with that weight from the model's top
+        `rerank.candidate_count(k)` (pipeline/models/rerank.py), in MMR order with the model's scores.
+        """
         out: list[tuple[list[int], list[float], str] | None] = [None] * len(histories)
         with_items = [i for i, h in enumerate(histories) if len(h)]
+        top_k = min(k, self.n_items)
+        if diversity > 0:
+            from pipeline.models.recommender import MAX_K
+            from pipeline.models.rerank import candidate_count, mmr_rerank
+
+            n_candidates = candidate_count(top_k, min(MAX_K, self.n_items))
         for start in range(0, len(with_items), CHUNK):
             rows = with_items[start : start + CHUNK]
-            top_k = min(k, self.n_items)
-            items, scores = self.recommender.recommend([list(histories[r]) for r in rows], k=top_k, exclude_seen=True)
+            batch = [list(histories[r]) for r in rows]
+            if diversity > 0:
+                candidates, candidate_scores = self.recommender.recommend(batch, k=n_candidates, exclude_seen=True)
+                items, scores = mmr_rerank(candidates, candidate_scores, self.item_vectors(), top_k, diversity)
+            else:
+                items, scores = self.recommender.recommend(batch, k=top_k, exclude_seen=True)
             for row, row_items, row_scores in zip(rows, items.tolist(), scores.tolist(), strict=True):
                 keep = [(i, s) for i, s in zip(row_items, row_scores, strict=True) if s != float("-inf")]
                 out[row] = ([i for i, _ in keep], [s for _, s in keep], "model")
@@ -197,7 +224,17 @@ def answer(servable: Servable, requests: list[dict], key: bytes | None = None) -
             indices, unknown = ([] if known is None else known.tolist()), 0
         histories.append(indices)
         unknown_counts.append(unknown)
-    results = servable.recommend_indices(histories, max(r["k"] for r in requests))
+    # One call per re-ranking: rows without it share the largest k (a top-k list's prefix is the smaller
+    # top-k); rows with it are grouped by (diversity, k), as their candidates depend on k.
+    groups: dict[tuple[float, int], list[int]] = {}
+    for row, request in enumerate(requests):
+        weight = request.get("diversity", 0.0)
+        groups.setdefault((weight, request["k"] if weight > 0 else 0), []).append(row)
+    results: list = [None] * len(requests)
+    for (weight, _), rows in groups.items():
+        found = servable.recommend_indices([histories[r] for r in rows], max(requests[r]["k"] for r in rows), weight)
+        for row, result in zip(rows, found, strict=True):
+            results[row] = result
     rows = []
     for request, unknown, (indices, scores, source) in zip(requests, unknown_counts, results, strict=True):
         k = request["k"]

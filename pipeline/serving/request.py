@@ -1,10 +1,11 @@
 """Requests to the served model: one row validated by a pydantic model (`RequestRow`), the table by `parse_request`.
 
 A request is a table (DataFrame, records or columns), one row per request, with `user_id` (a known
-user) or `history` (a list of raw item IDs, oldest first), an optional `k` and an optional `explain`
-(true: add each item's supporting history items, pipeline/models/explain.py). A malformed one raises
+user) or `history` (a list of raw item IDs, oldest first), an optional `k`, an optional `diversity`
+(the MMR re-ranking weight in [0, 1], pipeline/models/rerank.py; 0, the default, is off) and an optional
+`explain` (true: add each item's supporting history items, pipeline/models/explain.py). A malformed one raises
 `MlflowException` with INVALID_PARAMETER_VALUE (`mlflow models serve` answers HTTP 400 with the
-message): an unknown column (a misspelt `K` included), a wrong type, `k` out of range, a history over
+message): an unknown column (a misspelt `K` included), a wrong type, `k` or `diversity` out of range, a history over
 MAX_HISTORY items, more than MAX_ROWS rows or MAX_REQUEST_ITEMS history items in all. A message names
 the row and quotes at most a short repr of the offending value (`shown`), never the whole of it.
 """
@@ -30,7 +31,7 @@ MAX_HISTORY = 10_000
 MAX_REQUEST_ITEMS = 1_000_000  # history items per request, every row together (bounds the work of one request)
 MAX_ID_CHARS = 1000  # characters in a string user ID (it is echoed in the response)
 SHOWN_CHARS = 40  # an error message quotes at most about this much of an offending value
-COLUMNS = ("user_id", "history", "k", "explain")
+COLUMNS = ("user_id", "history", "k", "diversity", "explain")
 
 _SHORT_REPR = reprlib.Repr()
 _SHORT_REPR.maxstring = _SHORT_REPR.maxother = SHOWN_CHARS
@@ -96,7 +97,8 @@ class Catalogue:
 
 
 class RequestRow(BaseModel):
-    """One request row: a known `user_id` or a raw `history` (item IDs, oldest first), and an optional `k`.
+    """One request row: a known `user_id` or a raw `history` (item IDs, oldest first), an optional `k` and an
+    optional `diversity` (MMR weight in [0, 1]; 0: the model's own ranking).
 
     Validated with the served model's `Catalogue` as context (`model_validate(row, context=catalogue)`);
     every check raises a ValueError whose message names the problem and shows at most a short repr of
@@ -108,6 +110,7 @@ class RequestRow(BaseModel):
     user_id: int | str | None = None
     history: list[int | str] | None = None
     k: int = DEFAULT_K
+    diversity: float = 0.0
     explain: bool = False
 
     @field_validator("user_id", mode="before")
@@ -158,6 +161,16 @@ class RequestRow(BaseModel):
             raise ValueError(f"k must be between 1 and {max_k}, got {shown(value)}")
         return value
 
+    @field_validator("diversity", mode="before")
+    @classmethod
+    def _check_diversity(cls, value: Any) -> Any:
+        value = _native(value)
+        if value is None:
+            return 0.0
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:  # NaN fails too
+            raise ValueError(f"diversity must be a number between 0 and 1 (the MMR weight; 0: off), got {shown(value)}")
+        return float(value)
+
     @field_validator("explain", mode="before")
     @classmethod
     def _check_explain(cls, value: Any) -> Any:
@@ -187,7 +200,7 @@ def _row_error(where: str, err: ValidationError) -> MlflowException:
     if isinstance(cause, ValueError):
         message = str(cause)
     elif first["type"] == "extra_forbidden":
-        message = f"unknown field {shown(first['loc'][-1])}; a request row has user_id or history, and optionally k and explain"
+        message = f"unknown field {shown(first['loc'][-1])}; a request row has user_id or history, and optionally k, diversity and explain"
     else:  # a type the before-validators let through cannot reach here; kept readable all the same
         field = ".".join(str(part) for part in first["loc"])
         message = f"{field}: {first['msg']}" if field else first["msg"]
@@ -206,14 +219,15 @@ def _as_frame(request: Any) -> pd.DataFrame:
 
 
 def parse_request(frame: Any, servable: Any) -> list[dict]:
-    """Validate a request table: each row -> {user_id, history (raw), k, explain}. Raises bad_request (HTTP 400).
+    """Validate a request table: each row -> {user_id, history (raw), k, diversity, explain}. Raises bad_request (HTTP 400).
 
     `servable` is the served `pyfunc.Servable`: its ID types (`ids_are_int`, `user_ids_are_int`) and `n_items`.
     """
     frame = _as_frame(frame)
     unknown = [c for c in frame.columns if c not in COLUMNS]
     if unknown:
-        raise bad_request(f"unknown column(s) {_shown_names(unknown)}; a request has user_id or history, and optionally k and explain")
+        raise bad_request(f"unknown column(s) {_shown_names(unknown)}; a request has user_id or history, "
+                          "and optionally k, diversity and explain")
     if frame.columns.has_duplicates:
         raise bad_request("the request repeats a column")
     if "user_id" not in frame.columns and "history" not in frame.columns:
@@ -236,5 +250,6 @@ def parse_request(frame: Any, servable: Any) -> list[dict]:
         if n_items > MAX_REQUEST_ITEMS:
             raise bad_request(f"{where}: the request's histories hold more than {MAX_REQUEST_ITEMS} items in all; "
                               "split it into smaller requests")
-        requests.append({"user_id": parsed.user_id, "history": parsed.history, "k": parsed.k, "explain": parsed.explain})
+        requests.append({"user_id": parsed.user_id, "history": parsed.history, "k": parsed.k,
+                         "diversity": parsed.diversity, "explain": parsed.explain})
     return requests

@@ -94,10 +94,11 @@ def test_incremental_flow_grows_the_vocabularies_and_warm_starts(tmp_path, monke
 
     def incremental(name: str, seed: int, items: int) -> tuple[Layout, bool]:
         form = {**TINY_FORM, "synthetic_items": items, "overrides": [
-            *TINY_FORM["overrides"], *fast, f"seed={seed}", "train.lr=1.0e-12",
-            f"features.vocab_from={first / 'data' / 'features'}", f"train.init_from={first / 'models' / 'main'}",
-            f"drift.reference={reference}", "drift.action=warn"]}
-        root = runs.prepare_run(name, form, ROOT / "params.yaml")
+            *TINY_FORM["overrides"], *fast, f"seed={seed}", "train.lr=1.0e-12", "drift.action=warn"]}
+        # The paths come as the incremental DAG passes its champion lineage (the form may not set paths).
+        lineage = [f"features.vocab_from={first / 'data' / 'features'}", f"train.init_from={first / 'models' / 'main'}",
+                   f"drift.reference={reference}"]
+        root = runs.prepare_run(name, form, ROOT / "params.yaml", base_overrides=lineage)
         layout = Layout(root)
         runs.run_stage("ingest", root)
         if select_new(layout, reference).empty:

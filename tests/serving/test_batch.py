@@ -110,3 +110,43 @@ def test_champion_histories_need_only_the_registry(champion, tmp_path):
         from_features.sort_values(key).reset_index(drop=True)[[*key, "item_id"]])
     with pytest.raises(ServingError, match="or set recommend.histories=champion"):
         recommend(RecommendConfig(), tracking, empty)
+
+
+def test_diversity_weight_reranks_every_users_list_by_mmr(champion):
+    """recommend.diversity_weight > 0: each user's list is MMR (pipeline/models/rerank.py) over the champion's top
+    candidates of their whole history; no duplicates, no seen items, and more diverse lists than at weight 0."""
+    import numpy as np
+    import torch
+
+    from pipeline.evaluation.metrics import intra_list_diversity
+    from pipeline.models.rerank import candidate_count, mmr_rerank, unit_rows
+
+    layout, tracking, registered = champion
+    recommend(RecommendConfig(k=7, batch_size=50, device="cpu"), tracking, layout)
+    plain = pq.read_table(recommendations_path(layout)).to_pandas()
+    summary = recommend(RecommendConfig(k=7, batch_size=50, device="cpu", diversity_weight=0.5), tracking, layout)
+    diverse = pq.read_table(recommendations_path(layout)).to_pandas()
+    assert summary["diversity_weight"] == 0.5 and summary["rows"] == len(plain) == len(diverse)
+
+    data = load_sequences(layout.features_dir)
+    items = pq.read_table(layout.features_dir / "item_vocab.parquet").to_pandas()
+    users = pq.read_table(layout.features_dir / "user_vocab.parquet").to_pandas()
+    raw_item = dict(zip(items["index"], items["id"], strict=True))
+    index_of = {v: k for k, v in raw_item.items()}
+    raw_user = dict(zip(users["index"], users["id"], strict=True))
+    rec = Recommender.load(layout.root / registered["path"])
+    vectors = unit_rows(rec.model.item_weights())
+    by_user = diverse.groupby("user_id")["item_id"].apply(list)
+    for row in (0, 17, len(data.users) - 1):
+        history = data.items[data.offsets[row] : data.offsets[row + 1]].tolist()
+        candidates, scores = rec.recommend([history], k=candidate_count(7, rec.n_items))
+        expected, _ = mmr_rerank(candidates, scores, vectors, 7, 0.5)
+        got = by_user[raw_user[data.users[row]]]
+        assert got == [raw_item[i] for i in expected[0].tolist()]
+        assert len(set(got)) == 7 and not {index_of[i] for i in got} & set(history)
+
+    def mean_ild(frame) -> float:
+        lists = frame.sort_values(["user_id", "rank"]).groupby("user_id")["item_id"].apply(lambda s: [index_of[i] for i in s])
+        return float(intra_list_diversity(torch.tensor(np.array(lists.tolist())), vectors)[0].mean())
+
+    assert mean_ild(diverse) > mean_ild(plain)

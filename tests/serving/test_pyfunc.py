@@ -160,8 +160,8 @@ def test_records_and_column_dicts_are_accepted_in_process(served):
     servable = served["teacher"].unwrap_python_model().servable
     records = parse_request([{"history": [1, 2], "k": 3}, {"user_id": 5}], servable)
     columns = parse_request({"history": [[1, 2]], "k": [3]}, servable)
-    assert records[0] == columns[0] == {"user_id": None, "history": [1, 2], "k": 3, "explain": False}
-    assert records[1] == {"user_id": 5, "history": None, "k": 10, "explain": False}
+    assert records[0] == columns[0] == {"user_id": None, "history": [1, 2], "k": 3, "diversity": 0.0, "explain": False}
+    assert records[1] == {"user_id": 5, "history": None, "k": 10, "diversity": 0.0, "explain": False}
     with pytest.raises(MlflowException, match="the request is not a table"):
         parse_request({"user_id": 5}, servable)
 
@@ -212,6 +212,15 @@ def test_mlflow_models_serve_answers_invocations_for_the_champion(served, tmp_pa
         assert first["user_id"] == str(known) and second["user_id"] is None  # JSON null, not NaN
         expected, _ = Recommender.load(pq_dir).recommend([_full_history(served, 0)], k=3)
         assert first["items"] == [int(served["item_id"][i]) for i in expected[0].tolist()]
+        # The MMR re-ranking option (pipeline/models/rerank.py) in the champion's own item space.
+        status, body = _post(url, {"dataframe_records": [{"user_id": known, "k": 3, "diversity": 0.7}]})
+        assert status == 200, body
+        from pipeline.models.rerank import candidate_count, mmr_rerank, unit_rows
+
+        champion = Recommender.load(pq_dir)
+        candidates, scores = champion.recommend([_full_history(served, 0)], k=candidate_count(3, champion.n_items))
+        reranked, _ = mmr_rerank(candidates, scores, unit_rows(champion.model.item_weights()), 3, 0.7)
+        assert body["predictions"][0]["items"] == [int(served["item_id"][i]) for i in reranked[0].tolist()]
         for payload, message in [
             ({"dataframe_records": [{"k": 3}]}, "user_id"),
             ({"dataframe_records": [{"user_id": known, "k": 0}]}, "k must be between"),
@@ -221,6 +230,7 @@ def test_mlflow_models_serve_answers_invocations_for_the_champion(served, tmp_pa
             ({"dataframe_split": {"columns": ["history"], "data": [[[1, 2]]]}, "params": {"bogus": 1}}, None),
             ({"dataframe_records": [{"history": "not a list"}]}, "history"),
             ({"dataframe_records": [{"user_id": known, "K": 3}]}, "unknown column(s) ['K']"),  # not dropped by MLflow
+            ({"dataframe_records": [{"user_id": known, "diversity": 1.5}]}, "diversity must be a number between 0 and 1"),
         ]:
             status, body = _post(url, payload)
             if message is None:  # a well-formed request in another layout still works

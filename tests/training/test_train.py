@@ -104,15 +104,10 @@ def test_curriculum_grows_sequence_length():
     assert curriculum_len(off.train, 50, 0) == 50
 
 
-@pytest.mark.slow
-def test_resume_after_kill_ends_where_an_uninterrupted_run_would(features, tmp_path):
-    overrides = ["train.epochs=6", "train.early_stopping_patience=10", "train.d_model=32"]
-    straight = copy_features(features, tmp_path / "straight")
-    subprocess.run(_cli(straight.root, *overrides), check=True, capture_output=True, cwd=ROOT, timeout=600)
-
-    killed = copy_features(features, tmp_path / "killed")
-    proc = subprocess.Popen(_cli(killed.root, *overrides), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = killed.model_dir("main") / CHECKPOINT_FILE
+def _train_and_kill(layout, overrides: list[str]):
+    """Start the train CLI, SIGKILL it once a checkpoint of epoch 1 or later exists; the checkpoint's path."""
+    proc = subprocess.Popen(_cli(layout.root, *overrides), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = layout.model_dir("main") / CHECKPOINT_FILE
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         if checkpoint.exists() and torch.load(checkpoint, weights_only=True)["epoch"] >= 1:
@@ -121,6 +116,17 @@ def test_resume_after_kill_ends_where_an_uninterrupted_run_would(features, tmp_p
     assert proc.poll() is None, "training finished before it could be killed"
     proc.send_signal(signal.SIGKILL)  # a real kill: no cleanup, no atexit
     proc.wait()
+    return checkpoint
+
+
+@pytest.mark.slow
+def test_resume_after_kill_ends_where_an_uninterrupted_run_would(features, tmp_path):
+    overrides = ["train.epochs=6", "train.early_stopping_patience=10", "train.d_model=32"]
+    straight = copy_features(features, tmp_path / "straight")
+    subprocess.run(_cli(straight.root, *overrides), check=True, capture_output=True, cwd=ROOT, timeout=600)
+
+    killed = copy_features(features, tmp_path / "killed")
+    checkpoint = _train_and_kill(killed, overrides)
     killed_at = torch.load(checkpoint, weights_only=True)["epoch"]
     assert killed_at < 5
 
@@ -262,16 +268,7 @@ def test_a_killed_train_rerun_as_dvc_reruns_it_resumes_and_finishes_its_mlflow_r
 
     killed = copy_features(features, tmp_path / "killed")
     tracked = [*overrides, "tracking.enabled=true", f"tracking.tracking_uri=sqlite:///{killed.root}/mlflow.db"]
-    proc = subprocess.Popen(_cli(killed.root, *tracked), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = killed.model_dir("main") / CHECKPOINT_FILE
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if checkpoint.exists() and torch.load(checkpoint, weights_only=True)["epoch"] >= 1:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "training finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    checkpoint = _train_and_kill(killed, tracked)
     assert torch.load(checkpoint, weights_only=True)["epoch"] < 4
     client = MlflowClient(f"sqlite:///{killed.root}/mlflow.db")
     [orphan] = client.search_runs([client.get_experiment_by_name("leanrec").experiment_id])
