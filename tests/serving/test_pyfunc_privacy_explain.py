@@ -76,6 +76,12 @@ def test_raw_user_ids_are_pseudonymised_with_the_servers_key_and_explained(serve
     history = [served["item_id"][i] for i in _history(served, 2)]
     (row,) = served["model"].predict(pd.DataFrame({"history": [history], "explain": [True]})).to_dict("records")
     assert len(row["because"]) == 10 and {i for ids in row["because"] for i in ids} <= set(history)
+    diverse = served["model"].predict(pd.DataFrame({"user_id": raw[:1], "k": [3], "diversity": [0.5],
+                                                    "explain": [True]})).iloc[0]
+    assert len(diverse["because"]) == 3  # the re-ranked items are the ones explained
+    diverse_items = [next(k for k, v in served["item_id"].items() if v == i) for i in diverse["items"]]
+    assert [list(ids) for ids in diverse["because"]] == [
+        [served["item_id"][i] for i, _ in s] for s in explain(rec, [_history(served, 0)], [diverse_items])[0]]
     unknown = served["model"].predict(pd.DataFrame({"history": [[10**12]], "explain": [True]})).iloc[0]
     assert unknown["source"] == "popularity" and list(unknown["because"]) == []  # the fallback has no model reasons
 
