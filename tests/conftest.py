@@ -10,6 +10,27 @@ from pipeline.core.io import Layout  # noqa: E402
 from tests.helpers import TINY  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_uris_do_not_leak():
+    """mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI in os.environ (so subprocesses inherit it):
+    without this, one test's temporary registry became the store of every later test's subprocesses
+    (a `dvc repro` then gated against another test's champion)."""
+    saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    yield
+    import sys
+
+    if "mlflow" in sys.modules:  # the module-level URIs too, for the tests that run in this process
+        import mlflow
+
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
+        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture
 def layout(tmp_path) -> Layout:
     return Layout(tmp_path)

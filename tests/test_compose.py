@@ -279,7 +279,11 @@ def postgres_server():
         except KeyError:
             pytest.skip("running as root and there is no `postgres` user to run the cluster")
         os.chown(directory, owner.pw_uid, owner.pw_gid)
-        as_user = ["runuser", "-u", "postgres", "--"]
+        # runuser lives in /usr/sbin, which a minimal PATH (CI's `env -i`) leaves out.
+        runuser = shutil.which("runuser") or shutil.which("runuser", path="/usr/sbin:/sbin")
+        if runuser is None:
+            pytest.skip("running as root and there is no runuser to run the cluster as `postgres`")
+        as_user = [runuser, "-u", "postgres", "--"]
     directory.chmod(0o755)
     password = secrets.token_urlsafe(16)
     (directory / "pw").write_text(password)

@@ -89,7 +89,8 @@ def test_every_journey_command_works_as_written(tmp_path):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "GX_ANALYTICS_ENABLED": "false", "GIT_AUTHOR_NAME": "journey", "GIT_AUTHOR_EMAIL": "journey@example.invalid",
            "GIT_COMMITTER_NAME": "journey", "GIT_COMMITTER_EMAIL": "journey@example.invalid"}
-    for key in ("MLFLOW_TRACKING_URI", "AIRFLOW_HOME", "LEANREC_RUNS_DIR", "LEANREC_PROJECT_DIR", "LEANREC_PARAMS"):
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "AIRFLOW_HOME", "LEANREC_RUNS_DIR", "LEANREC_PROJECT_DIR",
+                "LEANREC_PARAMS"):
         env.pop(key, None)  # the journeys use the project's own stores: here, the temporary copy's
     servers: list[subprocess.Popen] = []
     outputs: dict[str, str] = {}
