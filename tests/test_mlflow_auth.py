@@ -168,7 +168,10 @@ def test_basic_auth_server_splits_workers_from_people(tmp_path, monkeypatch):
             env={**os.environ, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True, timeout=300)
         assert download.returncode == 0, download.stderr[-2000:]
         local = Path(download.stdout.strip().splitlines()[-1])
-        assert (local / "weights.txt").read_text() == "a model"
+        # Where MLflow puts the file under the download differs in the whole suite (the folder itself or below):
+        # what matters is that the read-only user got the champion's content.
+        found = [p.read_text() for p in (tmp_path / "download").rglob("weights.txt")]
+        assert found == ["a model"], (local, sorted(str(p) for p in (tmp_path / "download").rglob("*"))[:20])
         for refused in (lambda: reader.set_registered_model_alias("leanrec", "champion", version.version),
                         lambda: reader.delete_registered_model_alias("leanrec", "champion"),
                         lambda: reader.create_model_version("leanrec", f"runs:/{run.info.run_id}/model",
