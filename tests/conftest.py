@@ -10,13 +10,10 @@ from pipeline.core.io import Layout  # noqa: E402
 from tests.helpers import TINY  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _mlflow_uris_do_not_leak():
-    """mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI in os.environ (so subprocesses inherit it):
-    without this, one test's temporary registry became the store of every later test's subprocesses
-    (a `dvc repro` then gated against another test's champion)."""
-    saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    yield
+MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+def _restore_mlflow_uris(saved: dict[str, str | None]) -> None:
     import sys
 
     if "mlflow" in sys.modules:  # the module-level URIs too, for the tests that run in this process
@@ -29,6 +26,26 @@ def _mlflow_uris_do_not_leak():
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uris_do_not_leak():
+    """mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI in os.environ (so subprocesses inherit it):
+    without this, one test's temporary registry became the store of every later test's subprocesses
+    (a `dvc repro` then gated against another test's champion)."""
+    saved = {name: os.environ.get(name) for name in MLFLOW_URI_VARIABLES}
+    yield
+    _restore_mlflow_uris(saved)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _mlflow_uris_do_not_leak_from_module_fixtures():
+    """The same for module-scoped fixtures (they set up before any test's own guard saves): a module's
+    registry otherwise stayed MLFLOW_REGISTRY_URI for the rest of the session, and a later test's
+    `models:/leanrec@champion` download came from that registry instead of the test's own server."""
+    saved = {name: os.environ.get(name) for name in MLFLOW_URI_VARIABLES}
+    yield
+    _restore_mlflow_uris(saved)
 
 
 @pytest.fixture
