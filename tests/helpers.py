@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.core.config import params_from_dict
@@ -82,3 +86,24 @@ def copy_repo(dest: Path, epochs: int = 2, commit: bool = True) -> Path:
         subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
         subprocess.run([*git, "commit", "-q", "-m", "copy"], cwd=dest, check=True)
     return dest
+
+
+@contextlib.contextmanager
+def mlflow_uris_kept() -> Iterator[None]:
+    """Restore MLflow's tracking and registry URIs on exit: mlflow.set_tracking_uri / set_registry_uri also write
+    MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI into os.environ, so every later subprocess inherited them."""
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        if "mlflow" in sys.modules:  # the module-level URIs too, for the tests that run in this process
+            import mlflow
+
+            mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
+            mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
