@@ -93,9 +93,13 @@ def run_evaluate(eval_cfg, train_cfg, tracking, layout, seed: int, split: str = 
     from pipeline.core.errors import EvaluateError
     from pipeline.core.io import atomic_path, write_json
     from pipeline.core.tracking import mlflow_run, read_run_id
+    from pipeline.data.features import SEQUENCES_FILE
     from pipeline.data.sequences import load_sequences
 
     run_dir = layout.model_dir(train_cfg.run_name)
+    if not (layout.features_dir / SEQUENCES_FILE).exists():
+        raise EvaluateError(f"{layout.features_dir / SEQUENCES_FILE} not found: run the features and train stages first "
+                            "(python -m pipeline features, python -m pipeline train)")
     data = load_sequences(layout.features_dir)
     check_ks(eval_cfg.ks, data.n_items)  # before any model is loaded or scored
     device = select_device(train_cfg.device, "train.device")

@@ -10,7 +10,8 @@ import pytest
 
 from pipeline.compression.compress import compress_variant, run_compress
 from pipeline.core.config import params_from_dict
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import EvaluateError, PipelineError
+from pipeline.core.io import Layout
 from pipeline.evaluation.compression_report import REPORT_JSON, REPORT_MD, model_directories
 from pipeline.evaluation.evaluate import BEYOND_HEADLINE, METRICS_REPORT, run_evaluate
 from pipeline.evaluation.metrics import BEYOND_ACCURACY
@@ -109,3 +110,13 @@ def test_strict_variant_lookup_names_every_missing_file_and_the_command(trained_
     message = str(error.value)
     assert "['fp32', 'int8'] are not built" in message and "variants/int8/variant.json" in message
     assert "python -m pipeline compress" in message
+
+
+def test_evaluate_without_features_or_a_model_says_which_stage_to_run(tmp_path):
+    params = params_from_dict({}, TINY)
+    with pytest.raises(EvaluateError, match=r"sequences\.parquet not found: run the features and train stages first"):
+        run_evaluate(params.evaluate, params.train, params.tracking, Layout(tmp_path / "empty"), seed=0,
+                     compress_cfg=params.compress)
+    layout = build_features(tmp_path / "features_only")
+    with pytest.raises(EvaluateError, match=r"no trained model in .*: run the train stage first"):
+        run_evaluate(params.evaluate, params.train, params.tracking, layout, seed=0, compress_cfg=params.compress)

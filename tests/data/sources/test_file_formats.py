@@ -97,6 +97,15 @@ def test_recbole_inter_file_drops_the_field_types(tmp_path):
     assert rows(result.table) == [(196, 242, utc(881250949), 3.0)]
 
 
+def test_gzipped_recbole_inter_file_is_read_as_inter(tmp_path):
+    text = "user_id:token\titem_id:token\ttimestamp:float\n1\t2\t881250949.0\n"
+    path = write(tmp_path / "log.inter.gz", gzip.compress(text.encode()))
+
+    result = files.read_file(file_config(path, id_type="int"))
+
+    assert result.details["format"] == "inter" and rows(result.table) == [(1, 2, utc(881250949), 1.0)]
+
+
 def test_recbole_inter_bad_lines_are_quarantined(tmp_path):
     path = write(tmp_path / "log.inter", "user_id:token\titem_id:token\ttimestamp:float\n1\t2\tsoon\n1\n1\t3\t881250949\n")
 
