@@ -105,7 +105,7 @@ def find_models(cfg: CompressConfig, layout: Layout, run_name: str) -> tuple[dic
 
 def missing_variants_message(missing: list[str], layout: Layout, run_name: str) -> str:
     where = variants_dir(layout, run_name)
-    return (f"compress.variants {missing} are not built (no {', '.join(f'{where / n}/{VARIANT_FILE}' for n in missing)}): "
+    return (f"compress.variants {missing} are not built (no {where}/<name>/{VARIANT_FILE} for them): "
             f"run `{COMPRESS_COMMAND}` to build them")
 
 
