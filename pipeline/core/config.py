@@ -64,14 +64,14 @@ class MovieLensConfig(_Strict):
 class ColumnMapping(_Strict):
     user: str = "user_id"
     item: str = "item_id"
-    timestamp: str = "timestamp"
+    timestamp: str | None = Field("timestamp", description="null: no timestamp column, the file's row order is the time")
     rating: str | None = None
     event: str | None = None
 
 
 class FileConfig(_Strict):
-    path: str | None = Field(None, description="CSV or Parquet file")
-    format: Literal["auto", "csv", "parquet"] = Field("auto", description="auto: from the file extension")
+    path: str | None = Field(None, description="CSV (or .csv.gz), RecBole .inter or Parquet file, or a directory of Parquet files")
+    format: Literal["auto", "csv", "inter", "parquet"] = Field("auto", description="auto: from the file extension")
     sep: str = ","
     header: bool = True
     columns: ColumnMapping = ColumnMapping()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -80,16 +81,39 @@ def nonzero_parameters(model: torch.nn.Module) -> int:
     return total + (int((model.item_weights() != 0).sum()) if isinstance(model, QuantizedTableSASRec) else 0)
 
 
-def model_directories(cfg: CompressConfig, layout: Layout, run_name: str) -> dict[str, Path]:
+COMPRESS_COMMAND = "python -m pipeline compress"
+
+
+def find_models(cfg: CompressConfig, layout: Layout, run_name: str) -> tuple[dict[str, Path], list[str]]:
+    """The teacher and the configured variants that were built (name -> directory), and the names not built.
+
+    Cheap (file checks only), so a stage knows what it will measure before it measures anything.
+    """
     run_dir = layout.model_dir(run_name)
     if not (run_dir / WEIGHTS_FILE).exists():
-        raise PipelineError(f"no SASRec teacher in {run_dir}: run the train stage first")
+        raise PipelineError(f"no SASRec teacher in {run_dir}: run the train stage first (python -m pipeline train)")
     directories = {TEACHER: run_dir}
+    missing = []
     for name in cfg.variants:
         directory = variants_dir(layout, run_name) / name
-        if not (directory / VARIANT_FILE).exists():
-            raise PipelineError(f"variant {name!r} not found in {directory}: run the compress stage first")
-        directories[name] = directory
+        if (directory / VARIANT_FILE).exists():
+            directories[name] = directory
+        else:
+            missing.append(name)
+    return directories, missing
+
+
+def missing_variants_message(missing: list[str], layout: Layout, run_name: str) -> str:
+    where = variants_dir(layout, run_name)
+    return (f"compress.variants {missing} are not built (no {where}/<name>/{VARIANT_FILE} for them): "
+            f"run `{COMPRESS_COMMAND}` to build them")
+
+
+def model_directories(cfg: CompressConfig, layout: Layout, run_name: str) -> dict[str, Path]:
+    """The teacher and every configured variant; a PipelineError naming the variants not built."""
+    directories, missing = find_models(cfg, layout, run_name)
+    if missing:
+        raise PipelineError(missing_variants_message(missing, layout, run_name))
     return directories
 
 
@@ -128,10 +152,12 @@ def measure_models(directories: dict[str, Path], layout: Layout, cfg: CompressCo
     rows: dict[str, dict] = {}
     # ILD in one vector space for every model: the teacher's item table (a variant's own table is compressed).
     teacher_vectors = models[TEACHER].item_weights().detach()
-    for name, model in models.items():
+    for position, (name, model) in enumerate(models.items(), start=1):
+        started = time.perf_counter()
         quality = evaluate(lambda b, m=model: m.score(b.inputs, b.lengths), data, split, ks=(10,),
                            batch_size=eval_cfg.batch_size, max_len=model.cfg.max_len, sampled_strategies=(), seed=seed,
-                           progress=False, beyond_accuracy=True, item_vectors=teacher_vectors)
+                           beyond_accuracy=True, item_vectors=teacher_vectors,
+                           desc=f"compression {position}/{len(models)} {name}")
         directory = directories[name]
         variant = json.loads((directory / VARIANT_FILE).read_text()) if (directory / VARIANT_FILE).exists() else {"kind": "fp32"}
         rows[name] = {
@@ -145,11 +171,18 @@ def measure_models(directories: dict[str, Path], layout: Layout, cfg: CompressCo
             "nonzero_parameters": nonzero_parameters(model),
             "bytes_per_item": item_table_bytes(directory) / (model.cfg.n_items + 1),
         }
-        logger.info("%s: NDCG@10 %.4f, %s bytes", name, rows[name]["ndcg@10"], f"{rows[name]['size_bytes']:,}")
+        logger.info("compression %d/%d %s: NDCG@10 %.4f, %s bytes; %d users scored in %.1fs", position, len(models), name,
+                    rows[name]["ndcg@10"], f"{rows[name]['size_bytes']:,}", len(histories), time.perf_counter() - started)
     timed_histories = histories[:timing_users] if timing_users else histories
+    started = time.perf_counter()
+    logger.info("timing %d models on %d users: %d interleaved rounds of %d requests each", len(models),
+                len(timed_histories), ROUNDS, max(1, cfg.latency_requests // ROUNDS))
     timed = _timed({name: Recommender(model) for name, model in models.items()}, timed_histories, cfg)
+    logger.info("CPU timing done in %.1fs", time.perf_counter() - started)
     if torch.cuda.is_available():
+        started = time.perf_counter()
         cuda = _timed({name: Recommender(model, "cuda") for name, model in models.items()}, timed_histories, cfg)
+        logger.info("CUDA timing done in %.1fs", time.perf_counter() - started)
         for name, values in cuda.items():
             timed[name].update({f"cuda_{key}": value for key, value in values.items() if key != "threads"})
     teacher = rows[TEACHER]
@@ -166,6 +199,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"# Compression ({report['split']} split, {report['users']} users, {report['threads']} CPU threads)",
         "",
+        *([f"**Not measured: compress.variants {report['missing_variants']} were not built** "
+           f"(run `{COMPRESS_COMMAND}`, then evaluate again).", ""] if report.get("missing_variants") else []),
         "NDCG@10/HR@10 by full ranking; latency = one user per request, top-10 over the whole catalogue; "
         "throughput at the configured batch size; medians over interleaved rounds.",
         "",
@@ -254,12 +289,27 @@ def _log_child_runs(report: dict, directories: dict[str, Path], tracking: Tracki
         report["models"][TEACHER]["mlflow_run_id"] = parent_id
 
 
+def check_variants(cfg: CompressConfig, layout: Layout, run_name: str) -> tuple[dict[str, Path], list[str]]:
+    """`find_models`, warning about the variants not built: the report measures what exists."""
+    directories, missing = find_models(cfg, layout, run_name)
+    if missing:
+        built = sorted(set(directories) - {TEACHER})
+        logger.warning("%s; the compression report measures the teacher%s only", missing_variants_message(
+            missing, layout, run_name), f" and {built}" if built else "")
+    return directories, missing
+
+
 def run_compression_report(cfg: CompressConfig, eval_cfg: EvaluateConfig, train_cfg: TrainConfig,
-                           tracking: TrackingConfig, layout: Layout, seed: int) -> dict:
+                           tracking: TrackingConfig, layout: Layout, seed: int,
+                           found: tuple[dict[str, Path], list[str]] | None = None) -> dict:
+    """The teacher and the configured variants that were built (`found`: `check_variants`' answer, when
+    the caller checked before its own work); the variants not built are named in the log and the report
+    (`missing_variants`), so that evaluate after train alone still reports the teacher."""
     from pipeline.core.tracking import read_run_id
 
-    directories = model_directories(cfg, layout, train_cfg.run_name)
+    directories, missing = found if found is not None else check_variants(cfg, layout, train_cfg.run_name)
     report = measure_models(directories, layout, cfg, eval_cfg, seed)
+    report["missing_variants"] = missing
     for row in report["models"].values():
         row["mlflow_run_id"] = None
     layout.reports_dir.mkdir(parents=True, exist_ok=True)

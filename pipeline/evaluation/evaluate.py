@@ -8,6 +8,7 @@ variants (pipeline/evaluation/compression_report.py).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -85,29 +86,47 @@ def run_evaluate(eval_cfg, train_cfg, tracking, layout, seed: int, split: str = 
 
     With `compress_cfg` listing variants, the teacher and those variants are also measured side by
     side (quality, size, serving cost) -> reports/compression.{json,md,png} (pipeline/evaluation/compression_report.py).
+    Variants not built yet (evaluate right after train) are named in the log, before any scoring, and in
+    the compression report; the teacher and the variants that exist are measured all the same.
     """
     from pipeline.core.devices import select_device
     from pipeline.core.errors import EvaluateError
     from pipeline.core.io import atomic_path, write_json
     from pipeline.core.tracking import mlflow_run, read_run_id
+    from pipeline.data.features import SEQUENCES_FILE
     from pipeline.data.sequences import load_sequences
 
     run_dir = layout.model_dir(train_cfg.run_name)
+    if not (layout.features_dir / SEQUENCES_FILE).exists():
+        raise EvaluateError(f"{layout.features_dir / SEQUENCES_FILE} not found: run the features and train stages first "
+                            "(python -m pipeline features, python -m pipeline train)")
     data = load_sequences(layout.features_dir)
     check_ks(eval_cfg.ks, data.n_items)  # before any model is loaded or scored
     device = select_device(train_cfg.device, "train.device")
     scorers = load_scorers(run_dir, device)
     if not scorers:
-        raise EvaluateError(f"no trained model in {run_dir}: run the train stage first")
+        raise EvaluateError(f"no trained model in {run_dir}: run the train stage first (python -m pipeline train)")
+    # What the compression report will measure, checked (and missing variants named) before any scoring.
+    found = None
+    if compress_cfg is not None and compress_cfg.variants:
+        if "sasrec" in scorers:
+            from pipeline.evaluation.compression_report import check_variants
+
+            found = check_variants(compress_cfg, layout, train_cfg.run_name)
+        else:
+            logger.warning("no SASRec teacher in %s: no compression report (compress.variants are variants of it)", run_dir)
     item_vectors, space = reference_item_vectors(run_dir)
     results = {}
-    for name, (score_fn, max_len) in scorers.items():
+    for position, (name, (score_fn, max_len)) in enumerate(scorers.items(), start=1):
+        started = time.perf_counter()
         results[name] = evaluate(
             score_fn, data, split, ks=eval_cfg.ks, batch_size=eval_cfg.batch_size, max_len=max_len, device=device,
             sampled_negatives=eval_cfg.sampled_negatives, sampled_strategies=eval_cfg.sampled_strategies, seed=seed,
-            beyond_accuracy=True, item_vectors=item_vectors,
+            beyond_accuracy=True, item_vectors=item_vectors, desc=f"evaluate {position}/{len(scorers)} {name}",
         )
-        logger.info("%s: %s", name, {k: round(results[name][k], 4) for k in (*HEADLINE, *BEYOND_HEADLINE) if k in results[name]})
+        logger.info("%d/%d %s (%d users in %.1fs): %s", position, len(scorers), name, results[name]["users"],
+                    time.perf_counter() - started,
+                    {k: round(results[name][k], 4) for k in (*HEADLINE, *BEYOND_HEADLINE) if k in results[name]})
     report = {"split": split, "item_vectors": space, "models": results}
     protocol = ("Full ranking over all items with each user's earlier items excluded (`full/*`); `sampled_*` rank the "
                 f"held-out item against {eval_cfg.sampled_negatives} sampled unseen items, for comparison with papers only.")
@@ -129,8 +148,8 @@ def run_evaluate(eval_cfg, train_cfg, tracking, layout, seed: int, split: str = 
                                 for name, metrics in results.items() for metric, value in metrics.items()})
             mlflow.log_dict(report, f"reports/{METRICS_REPORT}")
             mlflow.log_artifact(str(layout.reports_dir / "metrics.md"), "reports")
-    if compress_cfg is not None and compress_cfg.variants and "sasrec" in scorers:
+    if found is not None:
         from pipeline.evaluation.compression_report import run_compression_report
 
-        report["compression"] = run_compression_report(compress_cfg, eval_cfg, train_cfg, tracking, layout, seed)
+        report["compression"] = run_compression_report(compress_cfg, eval_cfg, train_cfg, tracking, layout, seed, found)
     return report

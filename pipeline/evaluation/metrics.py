@@ -208,6 +208,7 @@ def evaluate(
     progress: bool = True,
     beyond_accuracy: bool = False,
     item_vectors: torch.Tensor | None = None,
+    desc: str | None = None,
 ) -> dict[str, float]:
     """Metrics of `score_fn` on `split` ("valid" or "test"), averaged over users with a target.
 
@@ -229,7 +230,8 @@ def evaluate(
     batches = evaluation_batches(data, split, batch_size, max_len)
     n_batches = -(-len(evaluation_rows(data, split)) // batch_size)
     with torch.no_grad():
-        for batch in tqdm(batches, total=n_batches, desc=f"evaluate[{split}]", unit="batch", disable=not progress or None):
+        for batch in tqdm(batches, total=n_batches, desc=desc or f"evaluate[{split}]", unit="batch",
+                          disable=not progress or None, leave=False):
             batch = batch.to(device)
             scores = score_fn(batch).float()
             exclusion = seen_exclusion(data, batch, split)

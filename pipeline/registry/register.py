@@ -49,6 +49,10 @@ def read_compression(layout: Layout) -> dict:
     report = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(report.get("models"), dict) or not report["models"]:
         raise RegistryError(f"{path} lists no models")
+    if report.get("missing_variants"):
+        logger.warning("%s was written without compress.variants %s (not built when evaluate ran): the candidates are "
+                       "%s; run `python -m pipeline compress` and `python -m pipeline evaluate` to consider them",
+                       path, report["missing_variants"], sorted(report["models"]))
     return report
 
 

@@ -1,12 +1,18 @@
-"""The evaluate stage reports the beyond-accuracy metrics for the teacher, the baselines and every variant."""
+"""The evaluate stage reports the beyond-accuracy metrics for the teacher, the baselines and every variant;
+after train alone it reports what exists and names the variants not built, before scoring anything."""
 
 import json
+import logging
+import re
+import shutil
 
 import pytest
 
-from pipeline.compression.compress import run_compress
+from pipeline.compression.compress import compress_variant, run_compress
 from pipeline.core.config import params_from_dict
-from pipeline.evaluation.compression_report import REPORT_JSON, REPORT_MD
+from pipeline.core.errors import EvaluateError, PipelineError
+from pipeline.core.io import Layout
+from pipeline.evaluation.compression_report import REPORT_JSON, REPORT_MD, model_directories
 from pipeline.evaluation.evaluate import BEYOND_HEADLINE, METRICS_REPORT, run_evaluate
 from pipeline.evaluation.metrics import BEYOND_ACCURACY
 from pipeline.training.train import run_train
@@ -58,3 +64,59 @@ def test_compression_report_has_diversity_and_novelty_for_every_variant(evaluate
     assert report["models"]["fp32"]["ild@10"] == pytest.approx(report["models"]["teacher"]["ild@10"])
     assert report["models"]["fp32"]["gini@10"] == pytest.approx(report["models"]["teacher"]["gini@10"])
     assert "| model | ILD@10 | Novelty@10 | Coverage@10 | Gini@10 |" in (layout.reports_dir / REPORT_MD).read_text()
+
+
+@pytest.fixture(scope="module")
+def trained_only(tmp_path_factory):
+    """train, no compress: what a newcomer has when they run evaluate next."""
+    layout = build_features(tmp_path_factory.mktemp("trained"))
+    params = params_from_dict({}, TINY)
+    run_train(params.train, params.tracking, layout, seed=0)
+    return layout, params
+
+
+def test_evaluate_after_train_alone_reports_the_teacher_and_names_the_missing_variants(trained_only, caplog):
+    layout, params = trained_only
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        report = run_evaluate(params.evaluate, params.train, params.tracking, layout, seed=0, compress_cfg=params.compress)
+
+    assert set(report["models"]) == {"sasrec", "popularity", "bpr"}
+    on_disk = json.loads((layout.reports_dir / REPORT_JSON).read_text())
+    assert set(on_disk["models"]) == {"teacher"} and on_disk["missing_variants"] == ["fp32", "int8"]
+    assert "Not measured: compress.variants ['fp32', 'int8'] were not built" in (layout.reports_dir / REPORT_MD).read_text()
+    messages = [record.getMessage() for record in caplog.records]
+    warning = next(i for i, m in enumerate(messages) if "compress.variants ['fp32', 'int8'] are not built" in m)
+    assert "run `python -m pipeline compress`" in messages[warning]
+    first_scored = next(i for i, m in enumerate(messages) if m.startswith("1/3 sasrec ("))
+    assert warning < first_scored  # said before any model is scored
+    assert re.search(r"^1/3 sasrec \(\d+ users in \d+\.\d+s\)", messages[first_scored])  # per-model timing
+
+
+def test_evaluate_measures_the_variants_that_exist(trained_only):
+    layout, params = trained_only
+    compress_variant(params.compress, layout, "main", "int8", seed=0)
+    try:
+        report = run_evaluate(params.evaluate, params.train, params.tracking, layout, seed=0, compress_cfg=params.compress)
+    finally:
+        shutil.rmtree(layout.model_dir("main") / "variants")
+    assert set(report["compression"]["models"]) == {"teacher", "int8"}
+    assert report["compression"]["missing_variants"] == ["fp32"]
+
+
+def test_strict_variant_lookup_names_every_missing_file_and_the_command(trained_only):
+    layout, params = trained_only
+    with pytest.raises(PipelineError) as error:
+        model_directories(params.compress, layout, "main")
+    message = str(error.value)
+    assert "['fp32', 'int8'] are not built" in message and "variants/<name>/variant.json for them" in message
+    assert "python -m pipeline compress" in message
+
+
+def test_evaluate_without_features_or_a_model_says_which_stage_to_run(tmp_path):
+    params = params_from_dict({}, TINY)
+    with pytest.raises(EvaluateError, match=r"sequences\.parquet not found: run the features and train stages first"):
+        run_evaluate(params.evaluate, params.train, params.tracking, Layout(tmp_path / "empty"), seed=0,
+                     compress_cfg=params.compress)
+    layout = build_features(tmp_path / "features_only")
+    with pytest.raises(EvaluateError, match=r"no trained model in .*: run the train stage first"):
+        run_evaluate(params.evaluate, params.train, params.tracking, layout, seed=0, compress_cfg=params.compress)

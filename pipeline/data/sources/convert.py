@@ -30,10 +30,17 @@ Columns are parsed column-wise by `parse`; a per-row Python loop runs only on
 rows that are being quarantined. The timestamp unit ("auto") is decided once,
 on the first chunk holding timestamps (see `Converter`), from the magnitude of
 the median (`parse.TIMESTAMP_UNIT_THRESHOLDS`).
+
+Without a timestamp column (`columns.timestamp` null: SASRec/RecBole-style `user item` files,
+whose lines are in time order), the file's row order is the time: the n-th row handed to conversion
+(0-based, in file order, a directory's Parquet files in sorted path order; lines set aside as
+unparseable are not counted) gets ROW_ORDER_EPOCH + n seconds. One global, strictly increasing clock, so each user's rows keep
+their file order for the leave-one-out split, and the temporal split cuts the file at a row.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 from collections import Counter
@@ -68,6 +75,9 @@ QUARANTINE_LINE = "line"
 QUARANTINE_RAW = "raw"
 
 IdType = Literal["int", "str"]
+# The time of a file's first row when the row order is the time (`columns.timestamp` null):
+# a fixed instant after validate's default min_timestamp, far enough from 'now' for 10^8 rows.
+ROW_ORDER_EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 
 
 @dataclass
@@ -163,6 +173,7 @@ class Converter:
         self.schema = schema.raw_schema(pa.int64() if id_type == "int" else pa.string())
         self.timestamp_unit: str | None = None if timestamp_unit == "auto" else timestamp_unit
         self.timestamp_unit_detected = False
+        self.rows_converted = 0  # the row-order clock when there is no timestamp column
 
     def convert(self, batch: Mapping[str, pa.ChunkedArray], locate: Locate) -> pa.Table:
         n_rows = len(batch[self.columns.user])
@@ -172,7 +183,10 @@ class Converter:
         problems.append(("non_numeric_user_id", bad))
         items, bad = self._ids(batch[self.columns.item])
         problems.append(("non_numeric_item_id", bad))
-        timestamps, timestamp_problems = self._timestamps(batch[self.columns.timestamp], n_rows)
+        if self.columns.timestamp is None:
+            timestamps, timestamp_problems = self._row_order_timestamps(n_rows), []
+        else:
+            timestamps, timestamp_problems = self._timestamps(batch[self.columns.timestamp], n_rows)
         problems.extend(timestamp_problems)
         ratings, rating_problems = self._ratings(batch, n_rows)
         problems.extend(rating_problems)
@@ -195,6 +209,13 @@ class Converter:
         if self.id_type == "str":
             return as_strings(values), None
         return parse_integer_ids(values)
+
+    def _row_order_timestamps(self, n_rows: int) -> pa.ChunkedArray:
+        """ROW_ORDER_EPOCH + n seconds for the n-th row converted (the module docstring says why)."""
+        first = int(ROW_ORDER_EPOCH.timestamp()) * 1_000_000 + self.rows_converted * 1_000_000
+        self.rows_converted += n_rows
+        micros = first + np.arange(n_rows, dtype=np.int64) * 1_000_000
+        return pa.chunked_array([pa.array(micros, pa.int64()).cast(schema.TIMESTAMP_TYPE)])
 
     def _timestamps(self, values: pa.ChunkedArray, n_rows: int) -> tuple[pa.ChunkedArray, list]:
         if pa.types.is_timestamp(values.type) or pa.types.is_date(values.type):
@@ -249,6 +270,8 @@ class Converter:
         return ratings, problems
 
     def describe(self) -> dict:
+        if self.columns.timestamp is None:
+            return {"timestamp_unit": "row_order", "timestamp_unit_detected": False}
         return {"timestamp_unit": self.timestamp_unit, "timestamp_unit_detected": self.timestamp_unit_detected}
 
 

@@ -3,7 +3,7 @@
 How text is read, and why (files go up to 32M lines):
 
 * the file is read in chunks of whole lines (`CHUNK_BYTES`), so memory holds one
-  chunk of text at a time, not the file;
+  chunk of text at a time, not the file; a gzip file (.csv.gz) is decompressed as it is read;
 * a chunk is checked as UTF-8 in one call; only when that fails is it split
   into lines to find and quarantine the undecodable ones; likewise the lines
   holding a carriage return that does not end them (pyarrow would split them);
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv as pycsv
 import functools
+import gzip
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -136,20 +137,50 @@ class _TextChunk:
         return texts
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def is_gzip(path: Path) -> bool:
+    with open(path, "rb") as stream:
+        return stream.read(2) == GZIP_MAGIC
+
+
+def open_bytes(path: Path):
+    """The file's bytes, decompressed on the fly when it is gzip (a .csv.gz): never a copy on disk."""
+    return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")
+
+
+# gzip.BadGzipFile (not gzip data past the magic) is an OSError; a cut-off gzip ends in EOFError.
+DECOMPRESSION_ERRORS = (OSError, EOFError)
+
+
+def decompression_failed(path: Path, err: Exception) -> IngestError:
+    return IngestError(f"{path} cannot be decompressed: {err or type(err).__name__}")
+
+
+def _read_block(stream, path: Path, size: int) -> bytes:
+    try:
+        return stream.read(size)
+    except DECOMPRESSION_ERRORS as err:
+        raise decompression_failed(path, err) from None
+
+
 def _iter_line_chunks(path: Path, start: int, first_line: int, chunk_bytes: int) -> Iterator[_TextChunk]:
-    """Chunks of whole lines from byte offset `start` on; the last line gets its missing "\\n"."""
+    """Chunks of whole lines from (decompressed) byte offset `start` on; the last line gets its missing "\\n"."""
     size = path.stat().st_size
+    compressed = is_gzip(path)
     with (
-        open(path, "rb") as stream,
+        open_bytes(path) as stream,
         tqdm(
-            total=size - start, unit="B", unit_scale=True, desc=path.name, leave=False,
+            # A gzip's decompressed size is unknown: its bar counts bytes without a total.
+            total=None if compressed else size - start, unit="B", unit_scale=True, desc=path.name, leave=False,
             disable=None if size > chunk_bytes else True,
         ) as progress,
     ):
         stream.seek(start)
         carry = b""
         line = first_line
-        while block := stream.read(chunk_bytes):
+        while block := _read_block(stream, path, chunk_bytes):
             progress.update(len(block))
             block = carry + block
             cut = block.rfind(b"\n") + 1
@@ -340,14 +371,17 @@ def read_delimited(
 
 def peek_first_line(path: Path) -> tuple[str, int]:
     """The first line (decoded leniently, without BOM or newline) and the byte offset just after it."""
-    with open(path, "rb") as stream:
-        raw = stream.readline(2**20)
+    with open_bytes(path) as stream:
+        try:
+            raw = stream.readline(2**20)
+        except DECOMPRESSION_ERRORS as err:
+            raise decompression_failed(path, err) from None
     return raw.decode("utf-8", errors="replace").removeprefix("\ufeff").rstrip("\r\n"), len(raw)
 
 
 def bom_length(path: Path) -> int:
-    with open(path, "rb") as stream:
-        return 3 if stream.read(3) == b"\xef\xbb\xbf" else 0
+    with open_bytes(path) as stream:
+        return 3 if _read_block(stream, path, 3) == b"\xef\xbb\xbf" else 0
 
 
 def token(text: str) -> str:
