@@ -227,6 +227,13 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def param_value(value: Any) -> str:
+    """A value as an MLflow param: floats to 6 significant digits (nine decimals of noise help nobody reading
+    the runs table), anything else as its text; MLflow keeps 500 characters."""
+    text = format(value, ".6g") if isinstance(value, float) else str(value)
+    return text[:500]
+
+
 def git_commit(cwd: Path | None = None) -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
