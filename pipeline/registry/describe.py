@@ -60,7 +60,8 @@ def registration_description(tags: dict[str, str], run_id: str | None) -> str:
     runs = [f"registered by run `{run_id}`" if run_id else None,
             f"trained in run `{tags['leanrec.parent_run_id']}`" if tags.get("leanrec.parent_run_id") else None]
     if any(runs):
-        lines += [", ".join(r for r in runs if r).capitalize() + ".", ""]
+        said = ", ".join(r for r in runs if r)
+        lines += [said[0].upper() + said[1:] + ".", ""]
     ndcg, hr, change = (_figure(tags, f) for f in ("ndcg@10", "hr@10", "ndcg@10_change"))
     where = f"{tags.get('leanrec.split') or 'test'} split, full ranking"
     if ndcg is not None:
