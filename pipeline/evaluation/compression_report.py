@@ -254,10 +254,15 @@ def pareto_chart(report: dict, target: Path) -> Path:
     return target
 
 
+def row_metrics(row: dict) -> dict[str, float]:
+    """A model's figures as MLflow metric keys (no '@': ndcg@10 -> ndcg_at_10), the same for teacher and variants."""
+    return {k.replace("@", "_at_"): float(v) for k, v in row.items() if isinstance(v, int | float)}
+
+
 def _log_child_runs(report: dict, directories: dict[str, Path], tracking: TrackingConfig, layout: Layout,
                     parent_run_id: str | None) -> None:
     """One MLflow child run per variant under the training run; reruns update the same child runs."""
-    from pipeline.core.tracking import mlflow_run
+    from pipeline.core.tracking import mlflow_run, orchestrator_tags, param_value
 
     with mlflow_run(tracking, layout.root, "compression", run_id=parent_run_id, system_metrics=False) as parent:
         if parent is None:
@@ -268,6 +273,8 @@ def _log_child_runs(report: dict, directories: dict[str, Path], tracking: Tracki
         mlflow.log_artifact(str(layout.reports_dir / REPORT_PNG), "reports")
         mlflow.log_artifact(str(layout.reports_dir / REPORT_MD), "reports")
         mlflow.log_dict(report, f"reports/{REPORT_JSON}")
+        # The teacher's figures under its variants' keys, so the runs table compares the parent with its children.
+        mlflow.log_metrics(row_metrics(report["models"][TEACHER]))
         client = mlflow.MlflowClient()
         for name, row in report["models"].items():
             if name == TEACHER:
@@ -278,12 +285,12 @@ def _log_child_runs(report: dict, directories: dict[str, Path], tracking: Tracki
             # experiment_id: a new child run would otherwise land in the default experiment, not beside its parent
             with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"variant-{name}", nested=True,
                                   experiment_id=None if run_id else parent.info.experiment_id,
-                                  tags={"leanrec.variant": name, "leanrec.kind": row["kind"]}, log_system_metrics=False) as child:
-                metrics = {k.replace("@", "_at_"): float(v) for k, v in row.items() if isinstance(v, (int, float))}
-                mlflow.log_metrics(metrics)
+                                  tags={"leanrec.variant": name, "leanrec.kind": row["kind"], **({} if run_id else orchestrator_tags())},
+                                  log_system_metrics=False) as child:
+                mlflow.log_metrics(row_metrics(row))
                 if run_id is None:
                     variant = json.loads((directories[name] / VARIANT_FILE).read_text())
-                    mlflow.log_params({k: str(v)[:500] for k, v in variant.items() if k not in ("history", "fingerprint")})
+                    mlflow.log_params({k: param_value(v) for k, v in variant.items() if k not in ("history", "fingerprint")})
                     mlflow.log_artifacts(str(directories[name]), "model")
                 row["mlflow_run_id"] = child.info.run_id
         report["models"][TEACHER]["mlflow_run_id"] = parent_id

@@ -92,7 +92,7 @@ def run_evaluate(eval_cfg, train_cfg, tracking, layout, seed: int, split: str = 
     from pipeline.core.devices import select_device
     from pipeline.core.errors import EvaluateError
     from pipeline.core.io import atomic_path, write_json
-    from pipeline.core.tracking import mlflow_run, read_run_id
+    from pipeline.core.tracking import log_split_input, mlflow_run, read_run_id
     from pipeline.data.features import SEQUENCES_FILE
     from pipeline.data.sequences import load_sequences
 
@@ -146,6 +146,7 @@ def run_evaluate(eval_cfg, train_cfg, tracking, layout, seed: int, split: str = 
 
             mlflow.log_metrics({f"{split}.{name}.{metric.replace('@', '_at_')}": value
                                 for name, metrics in results.items() for metric, value in metrics.items()})
+            log_split_input(layout.features_dir / SEQUENCES_FILE, split)
             mlflow.log_dict(report, f"reports/{METRICS_REPORT}")
             mlflow.log_artifact(str(layout.reports_dir / "metrics.md"), "reports")
     if found is not None:

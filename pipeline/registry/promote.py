@@ -6,7 +6,7 @@
   `registry.ndcg_tolerance` (relative) and its CPU p50 latency is within
   `registry.policy.max_latency_p50_ms`. With no champion ever, the challenger
   becomes champion if it is within the latency budget. Decision and figures go to
-  the version's tags and reports/promotion.json.
+  the version's tags, its description (in words) and reports/promotion.json.
 - The reference champion is the one the alias names, or, when that version was
   deleted or its artifacts are corrupt, the newest earlier champion of the
   history (`leanrec.champion_history`) that still loads and verifies; when none
@@ -44,6 +44,7 @@ from typing import Any
 from pipeline.core.config import RegistryConfig, TrackingConfig
 from pipeline.core.errors import RegistryError
 from pipeline.core.io import Layout, write_json
+from pipeline.registry.describe import describe_version
 from pipeline.registry.store import (
     CHALLENGER,
     CHAMPION,
@@ -254,7 +255,9 @@ def promote(cfg: RegistryConfig, tracking: TrackingConfig, layout: Layout, versi
                           champion_after=str(champion.version))
             write_json(report, layout.reports_dir / PROMOTION_REPORT)
             return report
-        return _gate_and_move(cfg, client, layout, challenger, champion, report, seed)
+        result = _gate_and_move(cfg, client, layout, challenger, champion, report, seed)
+        describe_version(client, name, str(challenger.version), gate=result)  # the decision in words, best effort
+        return result
 
 
 def _refuse(report: dict, reasons: list[str], layout: Layout, decision: str = "refused") -> dict:
@@ -380,6 +383,8 @@ def rollback(cfg: RegistryConfig, tracking: TrackingConfig, layout: Layout) -> d
         at = utc_now()
         client.set_model_version_tag(name, champion.version, TAG_ROLLED_BACK, at)
         record_champion(client, name, candidate, "rolled_back")
+        describe_version(client, name, str(champion.version),
+                         footer=f"**Rolled back** at {at}: the champion moved back to version {candidate}.")
     logger.info("%s: %s moved back from version %s to %s", name, CHAMPION, champion.version, candidate)
     return {"model_name": name, "rolled_back": str(champion.version), "champion": str(candidate), "at": at,
             "skipped": skipped}

@@ -7,8 +7,9 @@
   models within `registry.policy.tolerance` of the best metric count as equal and
   the fastest of them wins (then the smallest), so noise never decides; it is
   logged as the servable pyfunc (pipeline/serving/pyfunc.py), registered as a new
-  version of `registry.model_name` with its figures and lineage as tags, and
-  aliased `challenger`. A version whose files (model + features) have the same
+  version of `registry.model_name` with its figures and lineage as tags and,
+  in words, as its description (pipeline/registry/describe.py), and aliased
+  `challenger`. A version whose files (model + features) have the same
   content hash is reused instead of duplicated, so re-running is safe.
 """
 
@@ -25,6 +26,7 @@ from typing import Any
 from pipeline.core.config import RegistryConfig, TrackingConfig
 from pipeline.core.errors import RegistryError
 from pipeline.core.io import Layout, write_json
+from pipeline.registry.describe import describe_model, describe_version, model_description
 from pipeline.registry.store import (
     CHALLENGER,
     COMPRESSION_REPORT,
@@ -35,6 +37,7 @@ from pipeline.registry.store import (
     TAG_TEACHER,
     TAG_WORKDIR,
     artifacts_sha256,
+    figure_text,
     registry_client,
     tag_key,
 )
@@ -122,15 +125,16 @@ def stored_sha256(model_uri: str) -> str:
 
 
 def _ensure_registered_model(client: Any, name: str) -> None:
+    """The registered model, created with its description (or given it, when it has none yet)."""
     from mlflow.exceptions import MlflowException
 
     try:
-        client.get_registered_model(name)
+        describe_model(client, name, client.get_registered_model(name).description)
     except MlflowException as err:
         if err.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         try:
-            client.create_registered_model(name, description="LeanRec SASRec recommender (teacher or compressed variant)")
+            client.create_registered_model(name, description=model_description(name))
         except MlflowException as create_err:  # created meanwhile by a concurrent register
             if create_err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -174,7 +178,7 @@ def register(cfg: RegistryConfig, tracking: TrackingConfig, layout: Layout) -> d
             "leanrec.git_commit": git_commit(layout.root) or git_commit() or "",
             "leanrec.split": str(report.get("split", "")),
             "leanrec.device": str(report.get("device", "")),
-            **{tag_key(f): str(entry[f]) for f in FIGURES if entry.get(f) is not None},
+            **{tag_key(f): figure_text(f, entry[f]) for f in FIGURES if isinstance(entry.get(f), int | float)},
         }
         import mlflow
         from pipeline.serving.pyfunc import log_servable
@@ -190,6 +194,8 @@ def register(cfg: RegistryConfig, tracking: TrackingConfig, layout: Layout) -> d
             version = mlflow.register_model(info.model_uri, cfg.model_name, tags={k: v for k, v in tags.items() if v})
         created = True
         logger.info("registered %s as %s version %s", candidate, cfg.model_name, version.version)
+    if created or not version.description:  # a version registered before descriptions gets one too
+        describe_version(client, cfg.model_name, str(version.version))
     client.set_registered_model_alias(cfg.model_name, CHALLENGER, version.version)
     result = {
         "model_name": cfg.model_name, "version": str(version.version), "alias": CHALLENGER, "candidate": candidate,

@@ -85,6 +85,17 @@ FIGURES = ("ndcg@10", "hr@10", "ndcg@10_change", "size_bytes", "parameters", "by
            "latency_p50_ms", "latency_p95_ms", "throughput_users_s")
 
 
+# How many decimals a figure is worth in tags and descriptions (the reports keep full floats): quality
+# to 4 decimals, milliseconds to microseconds, counts as integers.
+FIGURE_FORMATS = {"ndcg@10": ".4f", "hr@10": ".4f", "ndcg@10_change": ".4f", "size_bytes": ".0f", "parameters": ".0f",
+                  "bytes_per_item": ".2f", "latency_p50_ms": ".3f", "latency_p95_ms": ".3f", "throughput_users_s": ".1f"}
+
+
+def figure_text(figure: str, value: float) -> str:
+    """A figure as a tag value: rounded to what it is worth, still a number `float()` reads."""
+    return format(float(value), FIGURE_FORMATS.get(figure, ".6g"))
+
+
 def tag_key(figure: str) -> str:
     """MLflow tag keys cannot hold '@': ndcg@10 -> leanrec.metric.ndcg_at_10."""
     return f"leanrec.metric.{figure.replace('@', '_at_')}"

@@ -55,11 +55,13 @@ from pipeline.core.tracking import (
     fail_orphaned_runs,
     flatten,
     lineage_tags,
+    log_split_input,
     mlflow_run,
     read_run_id,
     resumable_run_id,
     write_run_id,
 )
+from pipeline.data.features import SEQUENCES_FILE
 from pipeline.data.sequences import SequenceData, load_sequences
 from pipeline.models.sasrec import CONFIG_FILE, PRESETS, WEIGHTS_FILE, SASRec, SASRecConfig, count_parameters, save_model
 from pipeline.training.baselines import train_baselines
@@ -301,6 +303,9 @@ def run_train(
                                    "train.loss_resolved": loss,
                                    "device": str(device), "precision": str(amp_dtype or "fp32"), "world_size": world.world_size})
                 mlflow.log_dict({"train": cfg.model_dump(mode="json"), "model": model_cfg.to_dict(), "seed": seed}, "config.json")
+                # The sequences' training prefixes fit the model; their validation items stop it early.
+                for split in ("train", "valid"):
+                    log_split_input(layout.features_dir / SEQUENCES_FILE, split)
             mlflow_run_id = mlflow_active.info.run_id
             write_run_id(run_dir, mlflow_run_id)
         # Every checkpoint says which configuration (and MLflow run) it belongs to.

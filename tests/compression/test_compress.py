@@ -1,6 +1,7 @@
 """The compress stage and the compression report on a tiny trained teacher."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -230,6 +231,11 @@ def test_variants_are_mlflow_child_runs_of_the_training_run(compressed):
         assert run.data.tags["mlflow.parentRunId"] == parent and run.data.tags["leanrec.variant"] == name
         assert run.info.experiment_id == client.get_run(parent).info.experiment_id
         assert run.data.metrics["ndcg_at_10"] == pytest.approx(report["models"][name]["ndcg@10"])
+        assert not [v for v in run.data.params.values() if re.fullmatch(r"-?\d+\.\d{7,}", v)], run.data.params  # readable
+    # The teacher's figures under the same keys as its variants', so the runs table compares them.
+    teacher = client.get_run(parent).data.metrics
+    for key in ("ndcg_at_10", "hr_at_10", "size_bytes", "latency_p50_ms"):
+        assert teacher[key] == pytest.approx(report["models"]["teacher"][key.replace("_at_", "@")])
     artifacts = [a.path for a in client.list_artifacts(parent, "reports")]
     assert "reports/compression.png" in artifacts
 
