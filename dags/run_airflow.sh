@@ -19,7 +19,8 @@
 #   LEANREC_RUNS_DIR              DAG run work directories (default $AIRFLOW_HOME/leanrec_runs)
 #   MLFLOW_TRACKING_URI           default: the project's mlflow.db, like the CLI
 #   LEANREC_INCREMENTAL_SCHEDULE  schedule of leanrec_incremental (cron or preset; default @daily; none: manual)
-#   LEANREC_RECOMMEND_SCHEDULE    schedule of leanrec_recommend (cron or preset; default @daily; none: manual)
+#   LEANREC_RECOMMEND_SCHEDULE    schedule of leanrec_recommend (default champion: when the champion moves;
+#                                 or a cron or preset; none: manual)
 # Any AIRFLOW__SECTION__KEY set by the caller wins over the values below.
 set -euo pipefail
 

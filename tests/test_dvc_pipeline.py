@@ -51,7 +51,8 @@ def test_dvc_repro_runs_and_second_repro_does_nothing(repo_copy):
     shown = json.loads(_run([*dvc, "metrics", "show", "--json"], repo_copy, env).stdout)
     files = {path for entry in shown.values() for path in entry["data"]}
     assert files == {"reports/summary.json"}, shown
-    summary = shown["workspace"]["data"]["reports/summary.json"]["data"]
+    (workspace,) = shown.values()
+    summary = workspace["data"]["reports/summary.json"]["data"]
     assert {"teacher", "popularity", "bpr", "chosen"} == set(summary) and summary["chosen"]["size_bytes"] > 0
     plots = _run([*dvc, "plots", "show", "--json"], repo_copy, env).stdout
     assert "reports/compression.png" in plots and "Validation NDCG@10" in plots
