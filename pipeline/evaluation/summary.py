@@ -12,11 +12,14 @@ Recall@10 is `full/HR@10`: one held-out item per user, so the hit rate at 10 is 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import EvaluateError
 from pipeline.core.io import Layout, write_json
+
+logger = logging.getLogger(__name__)
 
 SUMMARY_REPORT = "summary.json"
 # The evaluate stage's reports (pipeline/evaluation/evaluate.py and compression_report.py take their names
@@ -54,9 +57,22 @@ def headline(metrics_report: dict, compression_report: dict | None, chosen: str 
 
 
 def write_summary(layout: Layout, chosen: str | None) -> dict[str, Any]:
-    """reports/summary.json from reports/metrics.json and reports/compression.json; returns the summary."""
-    compression = layout.reports_dir / COMPRESSION_REPORT
-    summary = headline(_read(layout.reports_dir / METRICS_REPORT),
-                       _read(compression) if chosen is not None else None, chosen)
+    """reports/summary.json from reports/metrics.json and reports/compression.json; returns the summary.
+
+    Without reports/metrics.json (a compression report made without the evaluate stage's metrics, as
+    in a test or a benchmark: never in `dvc repro`, where it is a dependency), the teacher's figures
+    come from the compression report and the baselines are left out; the registration stands.
+    """
+    compression = _read(layout.reports_dir / COMPRESSION_REPORT) if chosen is not None else None
+    metrics_path = layout.reports_dir / METRICS_REPORT
+    if metrics_path.exists() or compression is None:
+        metrics = _read(metrics_path)
+    else:
+        logger.warning("%s not found: the summary has the teacher's figures from %s and no baselines",
+                       metrics_path, COMPRESSION_REPORT)
+        teacher = compression["models"].get(compression.get("teacher", "teacher"), {})
+        metrics = {"models": {"sasrec": {"full/NDCG@10": teacher["ndcg@10"], "full/HR@10": teacher["hr@10"]}}
+                   if teacher else {}}
+    summary = headline(metrics, compression, chosen)
     write_json(summary, layout.reports_dir / SUMMARY_REPORT)
     return summary

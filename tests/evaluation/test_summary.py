@@ -51,3 +51,10 @@ def test_a_chosen_model_missing_from_the_report_is_named(tmp_path):
         headline(METRICS, COMPRESSION, "pruned")
     with pytest.raises(EvaluateError, match="run the evaluate stage first"):
         write_summary(Layout(tmp_path), None)
+
+
+def test_without_the_metrics_report_the_teacher_comes_from_the_compression_report(tmp_path):
+    layout = Layout(tmp_path)
+    write_json(COMPRESSION, layout.reports_dir / "compression.json")
+    assert write_summary(layout, "int8") == {"teacher": {"ndcg@10": 0.1234, "recall@10": 0.25},
+                                             "chosen": headline(METRICS, COMPRESSION, "int8")["chosen"]}
