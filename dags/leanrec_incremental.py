@@ -17,7 +17,11 @@ the task group `train_and_promote` of `leanrec_train` (`pipeline.orchestration.a
 tasks and the same gate. No champion: `prepare` fails (train one with `leanrec_train` first).
 
 Schedule: `$LEANREC_INCREMENTAL_SCHEDULE` (default @daily; `none`: manual only), no catchup, one run
-at a time (each starts from the champion the previous one may have replaced).
+at a time (each starts from the champion the previous one may have replaced). Not the champion's
+Asset: this DAG moves the champion itself (each promotion would trigger another run), and a new
+champion brings no new interactions. New data would be the right trigger, but nothing in the
+project announces it (ingest reads the source when it runs; `select_new` finds what is new), so a
+daily run that ends at `select_new` when nothing arrived is the honest default.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ DEFAULTS = load_params(runs.params_path())
 
 @dag(**orchestration.dag_settings(
     dag_id="leanrec_incremental",
+    tags=("training", "incremental"),
     description="Fine-tune the champion on new interactions, then register and promote through the gate",
     schedule=orchestration.schedule("LEANREC_INCREMENTAL_SCHEDULE"),
     max_active_runs=1,
@@ -47,7 +52,9 @@ DEFAULTS = load_params(runs.params_path())
 def leanrec_incremental() -> None:
     @task
     def prepare() -> dict[str, Any]:
-        """The run directory, with the champion's lineage in its effective params.yaml."""
+        """Makes the DAG run's work directory with the champion's lineage in its effective params.yaml:
+        its reference interactions, vocabularies and teacher (from the champion's registry tags).
+        Fails when there is no champion yet: train one with `leanrec_train` first."""
         return orchestration.start_run(runs.prepare_incremental_run, "cannot start an incremental run")
 
     ingest = orchestration.stage_task("ingest")
@@ -55,6 +62,8 @@ def leanrec_incremental() -> None:
     # No new rows: False skips every task after this one, and the run ends successful.
     @task.short_circuit(retries=0)
     def select_new(run: dict[str, Any], ingested: dict[str, Any]) -> dict[str, Any] | bool:
+        """Keeps the ingested interactions the champion was not trained on. None: skips every later
+        task, and the run ends successful (nothing new since the champion: nothing to do)."""
         selected = orchestration.task_stage("select-new", ingested["root"])
         if selected["result"]["empty"]:
             logger.info("no new interactions since the champion's data (%s): nothing to do",
@@ -71,7 +80,8 @@ def leanrec_incremental() -> None:
     run = prepare()
     selected = select_new(run, ingest(run))
     # `selected` carries the run's compression variants: after a short circuit nothing downstream runs.
-    orchestration.train_and_promote(selected, features(merge_reference(drift(validate(selected)))))
+    orchestration.train_and_promote(selected, features(merge_reference(drift(validate(selected)))),
+                                    orchestration.champion_asset(DEFAULTS.registry.model_name))
 
 
 leanrec_incremental()

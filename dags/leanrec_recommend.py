@@ -10,7 +10,11 @@ the MLflow registry only, and its output is what the served model answers for th
 No champion yet (nothing trained and promoted): `prepare` logs it and skips the run, which ends
 successful with nothing written, so a fresh deployment is not failing every day.
 
-Schedule: `$LEANREC_RECOMMEND_SCHEDULE` (default @daily; `none`: manual only), no catchup.
+Schedule: the champion's Asset (`leanrec_champion_<registry.model_name>`): a run each time a
+training DAG's `promote` moves the champion. With the champion's own users and histories the
+recommendations change only then, so a daily run would write the same file again.
+`$LEANREC_RECOMMEND_SCHEDULE` sets another (a cron or preset such as @daily; `none`: manual only;
+default `champion`), no catchup.
 """
 
 from __future__ import annotations
@@ -32,13 +36,16 @@ DEFAULTS = load_params(runs.params_path())
 
 @dag(**orchestration.dag_settings(
     dag_id="leanrec_recommend",
+    tags=("serving",),
     description="Top-K recommendations for every known user with the registry's champion",
-    schedule=orchestration.schedule("LEANREC_RECOMMEND_SCHEDULE"),
+    schedule=orchestration.schedule("LEANREC_RECOMMEND_SCHEDULE", orchestration.ON_CHAMPION,
+                                    champion=orchestration.champion_asset(DEFAULTS.registry.model_name)),
     max_active_runs=1,
     doc_md=__doc__,
     params={
         "recommendations_per_user": Param(
             DEFAULTS.recommend.k, type="integer", minimum=1, maximum=1_000, title="Recommendations per user",
+            section=orchestration.RECOMMENDATIONS,
             description="Items recommended to each known user (recommend.k), best first, never one already seen.",
         ),
         "overrides": orchestration.overrides_field("recommend.device=cpu"),
@@ -47,6 +54,8 @@ DEFAULTS = load_params(runs.params_path())
 def leanrec_recommend() -> None:
     @task
     def prepare() -> dict[str, Any]:
+        """Makes the DAG run's work directory (recommend.histories=champion) and looks up the registry's
+        champion. No champion yet: skips the run, which ends successful with nothing written."""
         context = get_current_context()
         try:
             root = runs.prepare_run(context["run_id"], dict(context["params"]),

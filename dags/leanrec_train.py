@@ -12,7 +12,8 @@ run's effective params.yaml). XCom carries the run directory and small summaries
 (`pipeline.orchestration.airflow`); its tasks keep their own ids. `register` registers the policy's
 pick (`registry.policy`) as the `challenger`; `promote` moves the `champion` alias to it only if it
 passes the gate (`registry.ndcg_tolerance`, latency budget); the decision is in the run's
-reports/promotion.json either way.
+reports/promotion.json either way. When it moves the champion, `promote` updates the champion's
+Asset (`leanrec_champion_<registry.model_name>`), which schedules `leanrec_recommend`.
 
 The form's defaults come from the project's params.yaml; `overrides` takes any other key as
 `key=value`, like the CLI's `-S`.
@@ -35,6 +36,7 @@ DEFAULTS = load_params(runs.params_path())
 # transient failures); a PipelineError (bad config, bad data) fails its task at once.
 @dag(**orchestration.dag_settings(
     dag_id="leanrec_train",
+    tags=("training",),
     description="Ingest, validate, build features, train and evaluate LeanRec in a run directory of its own",
     schedule=None,
     max_active_runs=4,
@@ -45,10 +47,12 @@ DEFAULTS = load_params(runs.params_path())
         DEFAULTS,
         model=Param(
             DEFAULTS.train.model, type="string", enum=runs.choices("train.model"), title="Model",
+            section=orchestration.MODEL,
             description="The model this run trains; the popularity and BPR baselines are trained beside it.",
         ),
         preset=Param(
             DEFAULTS.train.preset, type="string", enum=runs.choices("train.preset"), title="Model preset",
+            section=orchestration.MODEL,
             description="SASRec shape: small (~0.3M parameters), medium, large (100M+).",
         ),
     ),
@@ -56,7 +60,9 @@ DEFAULTS = load_params(runs.params_path())
 def leanrec_train() -> None:
     @task
     def prepare() -> dict[str, Any]:
-        """The run directory and its effective params.yaml (params.yaml + the form)."""
+        """Makes the DAG run's work directory (`$LEANREC_RUNS_DIR/<run id>`) with its effective
+        params.yaml: the project's params.yaml with the form's values. A form value the schema or the
+        allowed keys refuse fails the run here, naming it, before any data is read."""
         return orchestration.start_run(runs.prepare_run, "invalid run parameters")
 
     ingest = orchestration.stage_task("ingest")
@@ -64,7 +70,8 @@ def leanrec_train() -> None:
     features = orchestration.stage_task("features", retries=0)
 
     run = prepare()
-    orchestration.train_and_promote(run, features(validate(ingest(run))))
+    orchestration.train_and_promote(run, features(validate(ingest(run))),
+                                    orchestration.champion_asset(DEFAULTS.registry.model_name))
 
 
 leanrec_train()

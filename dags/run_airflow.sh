@@ -19,7 +19,10 @@
 #   LEANREC_RUNS_DIR              DAG run work directories (default $AIRFLOW_HOME/leanrec_runs)
 #   MLFLOW_TRACKING_URI           default: the project's mlflow.db, like the CLI
 #   LEANREC_INCREMENTAL_SCHEDULE  schedule of leanrec_incremental (cron or preset; default @daily; none: manual)
-#   LEANREC_RECOMMEND_SCHEDULE    schedule of leanrec_recommend (cron or preset; default @daily; none: manual)
+#   LEANREC_RECOMMEND_SCHEDULE    schedule of leanrec_recommend (default champion: when the champion moves;
+#                                 or a cron or preset; none: manual)
+#   LEANREC_AIRFLOW_STOP_TIMEOUT  standalone: seconds its processes get to exit after SIGTERM/SIGINT/SIGHUP
+#                                 before they are killed (default 30)
 # Any AIRFLOW__SECTION__KEY set by the caller wins over the values below.
 set -euo pipefail
 
@@ -69,9 +72,75 @@ setup() {
   airflow pools set "${LEANREC_GPU_POOL:-gpu}" "${LEANREC_GPU_SLOTS:-1}" "LeanRec tasks that want a GPU"
 }
 
+# The live (not zombie) processes of the session that `airflow standalone` leads ($1: its pid, the
+# group's id): the group's members and every process below $1, whatever group it moved to. From
+# /proc (no procps in slim images): "pid (comm) state ppid pgrp ...".
+standalone_processes() {
+  local stat line fields
+  for stat in /proc/[0-9]*/stat; do
+    read -r line 2>/dev/null <"$stat" || continue
+    read -r -a fields <<<"${line##*) }"
+    [ "${fields[0]}" = Z ] || echo "${stat//[^0-9]/} ${fields[1]} ${fields[2]}"
+  done | awk -v root="$1" '
+    { pid[NR] = $1; ppid[NR] = $2; group[NR] = $3 }
+    END {
+      ours[root] = 1
+      for (grew = 1; grew; ) {
+        grew = 0
+        for (i = 1; i <= NR; i++)
+          if (!(pid[i] in ours) && (ppid[i] in ours || group[i] == root)) { ours[pid[i]] = 1; grew = 1 }
+      }
+      for (i = 1; i <= NR; i++) if (pid[i] in ours) print pid[i]
+    }'
+}
+
+# Of the pids given, those still running (not exited, not a zombie).
+still_running() {
+  local pid line
+  for pid in "$@"; do
+    read -r line 2>/dev/null <"/proc/$pid/stat" || continue
+    line="${line##*) }"
+    [ "${line%% *}" = Z ] || echo "$pid"
+  done
+}
+
+# `airflow standalone` starts the scheduler, the API server, the DAG processor and the triggerer (and
+# the executor's workers under them) and, sent SIGTERM, leaves them running. So it runs in a session
+# (process group) of its own, and SIGTERM, SIGINT or SIGHUP to this script stops everything it
+# started: SIGTERM to each, then SIGKILL to what is left after LEANREC_AIRFLOW_STOP_TIMEOUT seconds.
+run_standalone() {
+  local leader timeout="${LEANREC_AIRFLOW_STOP_TIMEOUT:-30}"
+  setsid airflow standalone &
+  leader=$!
+  stop() {
+    trap '' TERM INT HUP
+    local known deadline=$((SECONDS + timeout))
+    known="$(standalone_processes "$leader")"
+    echo "run_airflow.sh: stopping airflow standalone ($(echo $known | wc -w) processes)" >&2
+    # shellcheck disable=SC2086  # one pid per word
+    kill -TERM $known 2>/dev/null || true
+    while known="$(still_running $known $(standalone_processes "$leader") | sort -un)"; [ -n "$known" ]; do
+      if [ "$SECONDS" -ge "$deadline" ]; then
+        echo "run_airflow.sh: killing what is still running after ${timeout}s: $(echo $known)" >&2
+        # shellcheck disable=SC2086
+        kill -KILL $known 2>/dev/null || true
+        break
+      fi
+      sleep 0.2
+    done
+    wait "$leader" 2>/dev/null || true
+    exit 143
+  }
+  trap stop TERM INT HUP
+  # `wait` returns when a trapped signal arrives (the trap then runs) or when standalone ends by itself.
+  local status=0
+  wait "$leader" || status=$?
+  exit "$status"
+}
+
 case "${1:-}" in
   "")
-    sed -n '2,23p' "$0" >&2
+    sed -n '2,26p' "$0" >&2
     exit 2
     ;;
   setup)
@@ -79,7 +148,7 @@ case "${1:-}" in
     ;;
   standalone)
     setup
-    exec airflow standalone
+    run_standalone
     ;;
   *)
     exec airflow "$@"

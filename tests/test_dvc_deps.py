@@ -26,7 +26,7 @@ STAGE_ENTRIES: dict[str, tuple[str, ...]] = {
     "train": ("pipeline.training.train",),
     "compress": ("pipeline.compression.compress",),
     "evaluate": ("pipeline.evaluation.evaluate",),
-    "register": ("pipeline.registry.register",),
+    "register": ("pipeline.registry.register", "pipeline.evaluation.summary"),
     "promote": ("pipeline.registry.promote", "pipeline.serving.pyfunc"),
     "recommend": ("pipeline.serving.batch", "pipeline.registry.store"),
 }

@@ -47,11 +47,20 @@ def test_dvc_repro_runs_and_second_repro_does_nothing(repo_copy):
     compression = json.loads((repo_copy / "reports/compression.json").read_text())
     assert set(compression["models"]) == {"teacher", *params_variants(repo_copy)}
     assert (repo_copy / "reports/compression.png").stat().st_size > 0
-    # DVC sees the report as metrics and the chart as a plot
+    # DVC's metrics are the compact summary only (the full reports are plain outputs), the chart a plot
     shown = json.loads(_run([*dvc, "metrics", "show", "--json"], repo_copy, env).stdout)
-    assert any("reports/compression.json" in str(entry) for entry in shown.values())
+    files = {path for entry in shown.values() for path in entry["data"]}
+    assert files == {"reports/summary.json"}, shown
+    (workspace,) = shown.values()
+    summary = workspace["data"]["reports/summary.json"]["data"]
+    assert {"teacher", "popularity", "bpr", "chosen"} == set(summary) and summary["chosen"]["size_bytes"] > 0
     plots = _run([*dvc, "plots", "show", "--json"], repo_copy, env).stdout
-    assert "reports/compression.png" in plots
+    assert "reports/compression.png" in plots and "Validation NDCG@10" in plots
+    # `dvc metrics diff` against the committed run (HEAD) reads the cached summary: it works, no change.
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    _run(["git", "add", "-A"], repo_copy, env)
+    _run([*git, "commit", "-q", "-m", "run"], repo_copy, env)
+    assert json.loads(_run([*dvc, "metrics", "diff", "--json"], repo_copy, env).stdout) == {}
 
     second = _run([*dvc, "repro"], repo_copy, env)
     assert "Running stage" not in second.stdout

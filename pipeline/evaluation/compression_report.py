@@ -35,6 +35,7 @@ from pipeline.core.io import Layout, atomic_path, write_json
 from pipeline.data.sequences import evaluation_batches, load_sequences
 from pipeline.evaluation.metrics import BEYOND_ACCURACY, evaluate
 from pipeline.evaluation.serving_cost import measure_serving
+from pipeline.evaluation.summary import COMPRESSION_REPORT
 from pipeline.models.coded import CODES_PREFIX
 from pipeline.models.recommender import Recommender
 from pipeline.models.sasrec import WEIGHTS_FILE
@@ -42,7 +43,7 @@ from pipeline.models.variants import VARIANT_FILE, QuantizedTableSASRec, load_va
 
 logger = logging.getLogger(__name__)
 
-REPORT_JSON = "compression.json"
+REPORT_JSON = COMPRESSION_REPORT
 REPORT_MD = "compression.md"
 REPORT_PNG = "compression.png"
 TEACHER = "teacher"

@@ -16,10 +16,10 @@ import torch
 
 from pipeline.data.sequences import ScoreFn
 from pipeline.evaluation.metrics import evaluate
+from pipeline.evaluation.summary import METRICS_REPORT
 
 logger = logging.getLogger(__name__)
 
-METRICS_REPORT = "metrics.json"
 HEADLINE = ("full/NDCG@10", "full/HR@10", "full/MRR", "full/Coverage@10")
 # Beyond accuracy on the top-10 lists (pipeline/evaluation/metrics.py: BEYOND_ACCURACY).
 BEYOND_HEADLINE = ("full/ILD@10", "full/Novelty@10", "full/Coverage@10", "full/Gini@10")

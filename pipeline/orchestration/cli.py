@@ -101,9 +101,13 @@ def _compress(params: Params, layout: Layout, variant: str | None = None) -> Any
 
 
 def _register(params: Params, layout: Layout) -> Any:
+    """Register the policy's pick, then reports/summary.json: the headline figures with the chosen model."""
+    from pipeline.evaluation.summary import write_summary
     from pipeline.registry.register import register
 
-    return register(params.registry, params.tracking, layout)
+    result = register(params.registry, params.tracking, layout)
+    write_summary(layout, result["candidate"])
+    return result
 
 
 def _promote(params: Params, layout: Layout, model_version: str | None = None) -> Any:

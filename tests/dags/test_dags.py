@@ -250,10 +250,38 @@ def test_incremental_dag_runs_the_stages_in_order(incremental_dag):
         assert dag.get_task(task_id).retries == 0
 
 
-def test_scheduled_dags_run_daily_without_catchup_and_one_at_a_time(incremental_dag, recommend_dag):
+def test_scheduled_dags_run_without_catchup_and_one_at_a_time(incremental_dag, recommend_dag):
+    # incremental: daily (a no-op when nothing arrived); recommend: when the champion moves (next test).
+    assert incremental_dag.schedule == "@daily" and incremental_dag.timetable.expression == "0 0 * * *"
     for dag in (incremental_dag, recommend_dag):
-        assert dag.schedule == "@daily" and dag.timetable.expression == "0 0 * * *"
         assert dag.catchup is False and dag.max_active_runs == 1
+
+
+def test_recommend_runs_when_promote_moves_the_champion(train_dag, incremental_dag, recommend_dag):
+    champion = orchestration.champion_asset(load_params(ROOT / "params.yaml").registry.model_name)
+    # Both training DAGs' promote tasks update the champion's Asset (and no other task does) ...
+    for dag in (train_dag, incremental_dag):
+        assert dag.get_task("promote").outlets == [champion]
+        assert [t for t in dag.task_ids if dag.get_task(t).outlets] == ["promote"]
+    # ... and that Asset, alone, schedules leanrec_recommend.
+    assert type(recommend_dag.timetable).__name__ == "AssetTriggeredTimetable"
+    assert recommend_dag.schedule == [champion]
+    assert recommend_dag.timetable.asset_condition.objects == (champion,)
+    # incremental is not on it: it moves the champion itself, and a new champion brings no new data.
+    assert type(incremental_dag.timetable).__name__ != "AssetTriggeredTimetable"
+
+
+def test_promote_updates_the_champion_only_when_it_moved(train_dag):
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    champion = orchestration.champion_asset("leanrec")
+    moved = {"root": "r", "stage": "promote", "result": {"promoted": True, "decision": "promoted", "reasons": []}}
+    assert orchestration.champion_moved(moved, champion) == moved
+    # A successful task updates its outlets; a skipped one does not: a gate that keeps the champion skips.
+    for decision in ("rejected", "unchanged", "not_allowed", "refused"):
+        kept = {"root": "r", "result": {"promoted": False, "decision": decision, "reasons": ["NDCG@10 below"]}}
+        with pytest.raises(AirflowSkipException, match=f"did not move \\(decision: {decision}; NDCG@10 below\\)"):
+            orchestration.champion_moved(kept, champion)
 
 
 def test_schedules_come_from_the_environment(airflow_home, monkeypatch):
@@ -314,9 +342,46 @@ def test_retries_come_from_the_dags_default_args(train_dag, incremental_dag, rec
         assert (prepare.retries, prepare.retry_delay, prepare.max_retry_delay) == (
             orchestration.DEFAULT_ARGS["retries"], orchestration.DEFAULT_ARGS["retry_delay"],
             orchestration.DEFAULT_ARGS["max_retry_delay"])
-    # Every DAG shares the same settings (start date, no catchup, tag).
-    assert {(d.start_date, d.catchup, tuple(sorted(d.tags))) for d in (train_dag, incremental_dag, recommend_dag)} \
-        == {(orchestration.START_DATE, False, ("leanrec",))}
+    # Every DAG shares the same settings (start date, no catchup, the project's tag).
+    assert {(d.start_date, d.catchup, "leanrec" in d.tags) for d in (train_dag, incremental_dag, recommend_dag)} \
+        == {(orchestration.START_DATE, False, True)}
+
+
+def test_every_dag_has_an_owner_and_tags_that_say_what_it_does(train_dag, incremental_dag, recommend_dag):
+    assert {d.dag_id: set(d.tags) for d in (train_dag, incremental_dag, recommend_dag)} == {
+        "leanrec_train": {"leanrec", "training"},
+        "leanrec_incremental": {"leanrec", "training", "incremental"},
+        "leanrec_recommend": {"leanrec", "serving"},
+    }
+    for dag in (train_dag, incremental_dag, recommend_dag):
+        assert dag.owner == orchestration.OWNER == "leanrec-ml"
+        assert {dag.get_task(t).owner for t in dag.task_ids} == {orchestration.OWNER}
+        assert dag.doc_md and dag.description
+
+
+def test_every_task_has_documentation(train_dag, incremental_dag, recommend_dag):
+    for dag in (train_dag, incremental_dag, recommend_dag):
+        for task_id in dag.task_ids:
+            doc = dag.get_task(task_id).doc_md
+            assert doc and len(doc.split()) >= 12, f"{dag.dag_id}.{task_id} needs a doc_md saying what it does"
+    # Each stage's own words, not one generic sentence.
+    docs = [train_dag.get_task(t).doc_md for t in train_dag.task_ids]
+    assert len(set(docs)) == len(docs)
+    assert "champion Asset" in train_dag.get_task("promote").doc_md
+
+
+def test_form_fields_are_grouped_in_sections_in_form_order(train_dag, incremental_dag, recommend_dag):
+    def sections(dag) -> list[str]:
+        return [param.schema.get("section") for param in dag.params.values()]
+
+    o = orchestration
+    assert sections(train_dag) == [o.DATA] * 4 + [o.MODEL] * 2 + [o.TRAINING, o.COMPRESSION] + [o.PROMOTION] * 4 + [o.ADVANCED]
+    assert sections(incremental_dag) == [s for s in sections(train_dag) if s != o.MODEL]
+    assert sections(recommend_dag) == [o.RECOMMENDATIONS, o.ADVANCED]
+    # A section's fields are next to each other on the form (the UI shows each section once, in order).
+    for dag in (train_dag, incremental_dag, recommend_dag):
+        order = sections(dag)
+        assert all(order.index(s) == i or order[i - 1] == s for i, s in enumerate(order))
 
 
 def _field_spec(param) -> tuple:
@@ -364,6 +429,13 @@ def test_schedule_reads_cron_presets_and_none(monkeypatch):
     for off in ("none", "None", ""):
         monkeypatch.setenv("LEANREC_X_SCHEDULE", off)
         assert orchestration.schedule("LEANREC_X_SCHEDULE") is None
+    champion = orchestration.champion_asset("leanrec")
+    monkeypatch.setenv("LEANREC_X_SCHEDULE", "champion")
+    assert orchestration.schedule("LEANREC_X_SCHEDULE", champion=champion) == [champion]
+    with pytest.raises(ValueError, match="cannot be scheduled on the champion"):
+        orchestration.schedule("LEANREC_X_SCHEDULE")
+    monkeypatch.delenv("LEANREC_X_SCHEDULE")
+    assert orchestration.schedule("LEANREC_X_SCHEDULE", orchestration.ON_CHAMPION, champion=champion) == [champion]
 
 
 # ----------------------------------------------------------------------------- pipeline/orchestration/runs.py
@@ -441,7 +513,7 @@ def test_stages_rerun_on_a_run_root_give_the_same_outputs(tmp_path, monkeypatch)
     hashes = []
     for _ in range(2):
         summaries = [runs.run_stage(stage, root) for stage in ("ingest", "validate", "features")]
-        # Every data file (stats.json and the reports also record timings, which differ).
+        # Every data file (the reports also record timings, which differ).
         hashes.append({str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
                        for p in (root / "data").rglob("*.parquet")})
     assert len(hashes[0]) >= 7 and hashes[0] == hashes[1]
