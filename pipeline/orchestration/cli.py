@@ -123,20 +123,13 @@ def _rollback(params: Params, layout: Layout) -> Any:
 
 
 def _champion_history(params: Params, layout: Layout) -> Any:
-    """Which version was champion when: the registered model's champion history, oldest first, each entry
-    with the time the next one replaced it (`until`: null for the current champion)."""
-    from pipeline.registry.store import CHAMPION, alias_version, champion_history, registry_client
+    from pipeline.registry.store import champion_periods, registry_client
 
-    client = registry_client(params.tracking, layout.root)
-    name = params.registry.model_name
-    history = champion_history(client, name)
-    periods = [{**entry, "until": later["at"] if later else None}
-               for entry, later in zip(history, [*history[1:], None], strict=True)]
-    current = alias_version(client, name, CHAMPION)
-    for entry in periods:
+    periods = champion_periods(registry_client(params.tracking, layout.root), params.registry.model_name)
+    for entry in periods["history"]:
         logger.info("version %s: champion from %s until %s (%s)", entry["version"], entry.get("at"),
                     entry["until"] or "now", entry.get("event"))
-    return {"model_name": name, "champion": None if current is None else str(current.version), "history": periods}
+    return periods
 
 
 def _recommend(params: Params, layout: Layout) -> Any:

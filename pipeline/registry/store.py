@@ -226,6 +226,16 @@ def champion_history(client: Any, name: str) -> list[dict[str, str]]:
     return [entry for entry in history if isinstance(entry, dict) and "version" in entry]
 
 
+def champion_periods(client: Any, name: str) -> dict[str, Any]:
+    """Which version was champion when: the current champion and the history, oldest first, each entry with the
+    time the next one replaced it (`until`: None for the current champion)."""
+    history = champion_history(client, name)
+    periods = [{**entry, "until": later["at"] if later else None}
+               for entry, later in zip(history, [*history[1:], None], strict=True)]
+    current = alias_version(client, name, CHAMPION)
+    return {"model_name": name, "champion": None if current is None else str(current.version), "history": periods}
+
+
 def record_champion(client: Any, name: str, version: str, event: str) -> None:
     """Append to the champion history (called with the promotion lock held)."""
     history = champion_history(client, name) + [{"version": str(version), "at": utc_now(), "event": event}]
