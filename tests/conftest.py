@@ -9,7 +9,6 @@ from pipeline.core.config import Params, params_from_dict  # noqa: E402
 from pipeline.core.io import Layout  # noqa: E402
 from tests.helpers import TINY  # noqa: E402
 
-
 MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 
