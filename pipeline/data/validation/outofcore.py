@@ -74,7 +74,7 @@ def _rule_counts(con: Any, source: str, rows: sql_rules.RowRules, types: dict[st
 def _examples(con: Any, source: str, check: rules.Check, where: str, entry: dict) -> None:
     columns = ", ".join(sql_rules.quote(c) for c in check.columns)
     shown = con.sql(f"SELECT file_row_number, {columns} FROM {source} WHERE {where} "
-                    f"ORDER BY file_row_number LIMIT {report.EXAMPLES}").df()
+                    f"ORDER BY file_row_number LIMIT {report.EXAMPLES}").arrow().read_all().to_pandas()
     report.set_examples(entry, check, shown["file_row_number"].to_numpy(), shown[list(check.columns)])
 
 
