@@ -5,6 +5,7 @@ Each dataset runs in its own child process, so its peak resident memory
 
     python benchmarks/data_pipeline.py                       # 1M, 10M synthetic and ML-100K
     python benchmarks/data_pipeline.py --datasets synthetic-1m --repeats 3
+    python benchmarks/data_pipeline.py --datasets synthetic-1m synthetic-10m --engines pandas duckdb
 
 Results are printed as a markdown table and written to --out as JSON.
 """
@@ -29,6 +30,7 @@ ML100K = ROOT.parent / "shared" / "data" / "ml-100k"
 DATASETS: dict[str, list[str]] = {
     "synthetic-1m": ["ingest.synthetic.n_interactions=1000000", "ingest.synthetic.n_items=20000"],
     "synthetic-10m": ["ingest.synthetic.n_interactions=10000000", "ingest.synthetic.n_items=50000"],
+    "synthetic-100m": ["ingest.synthetic.n_interactions=100000000", "ingest.synthetic.n_items=100000"],
     "ml-100k": [
         "ingest.source=movielens",
         f"ingest.movielens.path={ML100K}",
@@ -44,6 +46,7 @@ def run_child(overrides: list[str], workdir: str) -> None:
     from pipeline.core.config import load_params
     from pipeline.core.io import Layout
     from pipeline.data.features import run_features
+    from pipeline.data.features_outofcore import run_features_out_of_core
     from pipeline.data.ingest import run_ingest
     from pipeline.data.validation import run_validate
 
@@ -55,10 +58,10 @@ def run_child(overrides: list[str], workdir: str) -> None:
     ingest = run_ingest(params.ingest, layout, seed=params.seed)
     seconds["ingest"] = time.perf_counter() - started
     mark = time.perf_counter()
-    validation = run_validate(params.validate_, layout)
+    validation = run_validate(params.validate_, layout, engine=params.data_engine)
     seconds["validate"] = time.perf_counter() - mark
     mark = time.perf_counter()
-    features = run_features(params.features, layout)
+    features = (run_features_out_of_core if params.data_engine == "duckdb" else run_features)(params.features, layout)
     seconds["features"] = time.perf_counter() - mark
     seconds["total"] = time.perf_counter() - started
     print(json.dumps({
@@ -70,14 +73,14 @@ def run_child(overrides: list[str], workdir: str) -> None:
     }))
 
 
-def measure(name: str, repeats: int) -> dict:
+def measure(name: str, repeats: int, engine: str) -> dict:
     runs = []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory(prefix=f"leanrec-bench-{name}-") as workdir:
             # This checkout's pipeline first: an editable install may point at another checkout.
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
             proc = subprocess.Popen(
-                [sys.executable, __file__, "--child", workdir, *DATASETS[name]],
+                [sys.executable, __file__, "--child", workdir, *DATASETS[name], f"data_engine={engine}"],
                 stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env,
             )
             out = proc.stdout.read()
@@ -92,6 +95,7 @@ def measure(name: str, repeats: int) -> dict:
     totals = [r["seconds"]["total"] for r in runs]
     return {
         "dataset": name,
+        "engine": engine,
         "repeats": repeats,
         "median_seconds": {stage: statistics.median(r["seconds"][stage] for r in runs) for stage in runs[0]["seconds"]},
         "all_totals": totals,
@@ -102,8 +106,9 @@ def measure(name: str, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--datasets", nargs="+", default=["synthetic-1m", "synthetic-10m", "ml-100k"], choices=list(DATASETS))
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--engines", nargs="+", default=["pandas"], choices=["pandas", "duckdb"], help="params data_engine")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_pipeline.json"))
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -113,17 +118,17 @@ def main() -> None:
 
     if "ml-100k" in args.datasets and not (ML100K / "u.data").exists():
         raise SystemExit(f"{ML100K}/u.data not found: drop ml-100k from --datasets or provide the data")
-    results = [measure(name, args.repeats) for name in args.datasets]
+    results = [measure(name, args.repeats, engine) for name in args.datasets for engine in args.engines]
     machine = {"python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
 
     print(f"\nmachine: {machine}\n")
-    print("| dataset | rows | ingest s | validate s | features s | total s | peak RSS MiB |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| dataset | engine | rows | ingest s | validate s | features s | total s | peak RSS MiB |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
         s = r["median_seconds"]
-        print(f"| {r['dataset']} | {r['rows_ingested']:,} | {s['ingest']:.1f} | {s['validate']:.1f} | "
+        print(f"| {r['dataset']} | {r['engine']} | {r['rows_ingested']:,} | {s['ingest']:.1f} | {s['validate']:.1f} | "
               f"{s['features']:.1f} | {s['total']:.1f} | {r['peak_rss_mib']:,.0f} |")
 
 

@@ -22,7 +22,7 @@ from tests.import_graph import ROOT, imported_files
 STAGE_ENTRIES: dict[str, tuple[str, ...]] = {
     "ingest": ("pipeline.data.ingest",),
     "validate": ("pipeline.data.validation.stage",),
-    "features": ("pipeline.data.features",),
+    "features": ("pipeline.data.features", "pipeline.data.features_outofcore"),  # by data_engine
     "train": ("pipeline.training.train",),
     "compress": ("pipeline.compression.compress",),
     "evaluate": ("pipeline.evaluation.evaluate",),

@@ -339,6 +339,8 @@ class RecommendConfig(_Strict):
 
 class Params(_Strict):
     seed: int = Field(42, description="seeds data generation, batch order and initialisation")
+    data_engine: Literal["pandas", "duckdb"] = Field("pandas", description="validate and features in memory (pandas) "
+                                                     "or out of core (duckdb: bounded memory, spills to disk)")
     ingest: IngestConfig = IngestConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     features: FeaturesConfig = FeaturesConfig()

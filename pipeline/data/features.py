@@ -95,7 +95,7 @@ def build_vocab(ids_in_first_seen_order: pd.Series, previous: pd.DataFrame | Non
     return pd.concat([previous[["id", "index"]], appended], ignore_index=True)
 
 
-def _load_previous_vocab(vocab_dir: Path | None, name: str, ids: pd.Series) -> pd.DataFrame | None:
+def load_previous_vocab(vocab_dir: Path | None, name: str, ids: pd.Series) -> pd.DataFrame | None:
     if vocab_dir is None:
         return None
     path = vocab_dir / name
@@ -110,8 +110,19 @@ def _load_previous_vocab(vocab_dir: Path | None, name: str, ids: pd.Series) -> p
     return previous
 
 
-def _split_counts(lengths: np.ndarray, user_of_row: np.ndarray, timestamps: np.ndarray, cfg: FeaturesConfig) -> tuple[np.ndarray, dict]:
-    """Per-row split label (0 train, 1 valid, 2 test) for rows sorted by user then time."""
+def temporal_cuts(timestamps: np.ndarray, cfg: FeaturesConfig) -> tuple[float, float]:
+    """The global temporal split's cut-off times (microseconds) over every kept interaction's timestamp."""
+    valid_cut, test_cut = np.quantile(timestamps, [1 - cfg.split.valid_fraction - cfg.split.test_fraction, 1 - cfg.split.test_fraction])
+    return float(valid_cut), float(test_cut)
+
+
+def split_labels(
+    lengths: np.ndarray, user_of_row: np.ndarray, timestamps: np.ndarray, cfg: FeaturesConfig, cuts: tuple[float, float] | None = None
+) -> tuple[np.ndarray, dict]:
+    """Per-row split label (0 train, 1 valid, 2 test) for rows sorted by user then time.
+
+    `cuts`: the temporal cut-offs when `timestamps` are not every row (the out-of-core engine labels batches).
+    """
     if cfg.split.strategy == "leave_one_out":
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         position_from_end = offsets[user_of_row + 1] - np.arange(len(user_of_row)) - 1
@@ -119,10 +130,36 @@ def _split_counts(lengths: np.ndarray, user_of_row: np.ndarray, timestamps: np.n
         labels = np.where(has_holdout & (position_from_end == 0), 2, np.where(has_holdout & (position_from_end == 1), 1, 0))
         return labels.astype(np.int8), {"strategy": "leave_one_out"}
     # Global temporal split: one cut-off time for everybody, so no future leaks into training.
-    valid_cut, test_cut = np.quantile(timestamps, [1 - cfg.split.valid_fraction - cfg.split.test_fraction, 1 - cfg.split.test_fraction])
+    valid_cut, test_cut = cuts if cuts is not None else temporal_cuts(timestamps, cfg)
     labels = np.where(timestamps >= test_cut, 2, np.where(timestamps >= valid_cut, 1, 0)).astype(np.int8)
     as_time = lambda v: pd.Timestamp(int(v), unit="us", tz="UTC").isoformat()  # noqa: E731
     return labels, {"strategy": "temporal", "valid_from": as_time(valid_cut), "test_from": as_time(test_cut)}
+
+
+def interactions_table(user_index: np.ndarray, item_index: np.ndarray, timestamps_us: np.ndarray, ratings: np.ndarray,
+                       labels: np.ndarray) -> pa.Table:
+    """interactions.parquet's rows (grouped by user index, in time order)."""
+    return pa.table({
+        "user_idx": pa.array(user_index, pa.int32()),
+        "item_idx": pa.array(item_index, pa.int32()),
+        "timestamp": pa.array(timestamps_us, pa.int64()).cast(schema.TIMESTAMP_TYPE),
+        "rating": pa.array(ratings, pa.float32()),
+        "split": pa.DictionaryArray.from_arrays(pa.array(labels, pa.int8()), pa.array(SPLITS)),
+    })
+
+
+def sequences_table(users: np.ndarray, lengths: np.ndarray, item_index: np.ndarray, timestamps_us: np.ndarray,
+                    per_user_split: np.ndarray) -> pa.Table:
+    """sequences.parquet's rows: one per user of `users`, whose rows are `item_index`/`timestamps_us` in order."""
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    return pa.table({
+        "user_idx": pa.array(users, pa.int32()),
+        "items": pa.ListArray.from_arrays(offsets, pa.array(item_index, pa.int32())),
+        "timestamps_s": pa.ListArray.from_arrays(offsets, pa.array(timestamps_us // 1_000_000, pa.int64())),
+        "n_train": pa.array(per_user_split[:, 0], pa.int32()),
+        "n_valid": pa.array(per_user_split[:, 1], pa.int32()),
+        "n_test": pa.array(per_user_split[:, 2], pa.int32()),
+    })
 
 
 def rating_threshold(min_rating: float | None, ratings: pd.Series) -> float | None:
@@ -167,7 +204,7 @@ def check_split(per_user_split: np.ndarray, cfg: FeaturesConfig) -> None:
     raise FeaturesError(f"the split leaves no {' and no '.join(empty)} users ({counts} of {len(per_user_split)}); {fix}")
 
 
-def _percentiles(lengths: np.ndarray) -> dict:
+def percentiles(lengths: np.ndarray) -> dict:
     if len(lengths) == 0:
         return {}
     qs = np.percentile(lengths, [50, 90, 95, 99])
@@ -211,8 +248,8 @@ def run_features(cfg: FeaturesConfig, layout: Layout) -> FeaturesResult:
     vocab_dir = Path(cfg.vocab_from) if cfg.vocab_from else None
     # Vocabularies list IDs by first appearance in time, so appending later data keeps earlier indices.
     by_time = frame.sort_values(schema.TIMESTAMP, kind="stable")
-    user_vocab = build_vocab(by_time[schema.USER], _load_previous_vocab(vocab_dir, USER_VOCAB_FILE, frame[schema.USER]))
-    item_vocab = build_vocab(by_time[schema.ITEM], _load_previous_vocab(vocab_dir, ITEM_VOCAB_FILE, frame[schema.ITEM]))
+    user_vocab = build_vocab(by_time[schema.USER], load_previous_vocab(vocab_dir, USER_VOCAB_FILE, frame[schema.USER]))
+    item_vocab = build_vocab(by_time[schema.ITEM], load_previous_vocab(vocab_dir, ITEM_VOCAB_FILE, frame[schema.ITEM]))
 
     user_index = frame[schema.USER].map(pd.Series(user_vocab["index"].to_numpy(), index=user_vocab["id"])).to_numpy(np.int32)
     item_index = frame[schema.ITEM].map(pd.Series(item_vocab["index"].to_numpy(), index=item_vocab["id"])).to_numpy(np.int32)
@@ -224,27 +261,13 @@ def run_features(cfg: FeaturesConfig, layout: Layout) -> FeaturesResult:
     ratings = frame[schema.RATING].to_numpy(np.float32)[order]
     users, starts, lengths = np.unique(user_index, return_index=True, return_counts=True)
     user_of_row = np.repeat(np.arange(len(users)), lengths)
-    labels, split_info = _split_counts(lengths, user_of_row, timestamps_us, cfg)
+    labels, split_info = split_labels(lengths, user_of_row, timestamps_us, cfg)
     per_user_split = np.zeros((len(users), 3), dtype=np.int64)
     np.add.at(per_user_split, (user_of_row, labels), 1)
     check_split(per_user_split, cfg)
 
-    interactions = pa.table({
-        "user_idx": pa.array(user_index, pa.int32()),
-        "item_idx": pa.array(item_index, pa.int32()),
-        "timestamp": pa.array(timestamps_us, pa.int64()).cast(schema.TIMESTAMP_TYPE),
-        "rating": pa.array(ratings, pa.float32()),
-        "split": pa.DictionaryArray.from_arrays(pa.array(labels, pa.int8()), pa.array(SPLITS)),
-    })
-    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-    sequences = pa.table({
-        "user_idx": pa.array(users, pa.int32()),
-        "items": pa.ListArray.from_arrays(offsets, pa.array(item_index, pa.int32())),
-        "timestamps_s": pa.ListArray.from_arrays(offsets, pa.array(timestamps_us // 1_000_000, pa.int64())),
-        "n_train": pa.array(per_user_split[:, 0], pa.int32()),
-        "n_valid": pa.array(per_user_split[:, 1], pa.int32()),
-        "n_test": pa.array(per_user_split[:, 2], pa.int32()),
-    })
+    interactions = interactions_table(user_index, item_index, timestamps_us, ratings, labels)
+    sequences = sequences_table(users, lengths, item_index, timestamps_us, per_user_split)
 
     n_users, n_items = len(users), int(np.unique(item_index).size)
     stats = {
@@ -259,7 +282,7 @@ def run_features(cfg: FeaturesConfig, layout: Layout) -> FeaturesResult:
         "kcore_passes": kcore_passes,
         "rows": counts,
         "split": {**split_info, **{name: int(per_user_split[:, i].sum()) for i, name in enumerate(SPLITS)}},
-        "sequence_length": _percentiles(lengths),
+        "sequence_length": percentiles(lengths),
     }
     with atomic_dir(layout.features_dir) as tmp:
         write_parquet(interactions, tmp / INTERACTIONS_FILE)
@@ -269,10 +292,15 @@ def run_features(cfg: FeaturesConfig, layout: Layout) -> FeaturesResult:
         # What the inputs determine only: DVC caches data/features, and a timing here would change its
         # hash on every rerun (and rerun every later stage). The time goes to the report below.
         write_json(stats, tmp / STATS_FILE)
-    stats["seconds"] = round(time.perf_counter() - started, 3)
+    return report_features(stats, layout, started, "pandas")
+
+
+def report_features(stats: dict, layout: Layout, started: float, engine: str) -> FeaturesResult:
+    """reports/features.json: the cached stats plus what does not belong in data/features (engine, wall time)."""
+    stats = {**stats, "engine": engine, "seconds": round(time.perf_counter() - started, 3)}
     write_json(stats, layout.reports_dir / "features.json")
     logger.info(
-        "features: %d interactions, %d users, %d items (density %.4f) in %.1fs -> %s",
-        stats["interactions"], n_users, n_items, stats["density"], stats["seconds"], layout.features_dir,
+        "features (%s): %d interactions, %d users, %d items (density %.4f) in %.1fs -> %s", engine,
+        stats["interactions"], stats["users"], stats["items"], stats["density"], stats["seconds"], layout.features_dir,
     )
     return FeaturesResult(features_dir=layout.features_dir, stats=stats)

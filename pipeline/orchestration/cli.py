@@ -32,7 +32,7 @@ def _ingest(params: Params, layout: Layout) -> Any:
 def _validate(params: Params, layout: Layout) -> Any:
     from pipeline.data.validation import run_validate
 
-    return run_validate(params.validate_, layout)
+    return run_validate(params.validate_, layout, engine=params.data_engine)
 
 
 def _drift(params: Params, layout: Layout) -> Any:
@@ -65,6 +65,10 @@ def _merge_reference(params: Params, layout: Layout) -> Any:
 
 
 def _features(params: Params, layout: Layout) -> Any:
+    if params.data_engine == "duckdb":
+        from pipeline.data.features_outofcore import run_features_out_of_core
+
+        return run_features_out_of_core(params.features, layout)
     from pipeline.data.features import run_features
 
     return run_features(params.features, layout)

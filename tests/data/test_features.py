@@ -6,9 +6,17 @@ import pytest
 from pipeline.core.config import FeaturesConfig
 from pipeline.core.errors import FeaturesError
 from pipeline.core.io import Layout, write_parquet
-from pipeline.data.features import apply_kcore, run_features
+from pipeline.data import features
+from pipeline.data.features import apply_kcore
+from pipeline.data.features_outofcore import run_features_out_of_core
 
 T0 = pd.Timestamp("2024-01-01", tz="UTC")
+
+
+@pytest.fixture(params=["pandas", "duckdb"])
+def run_features(request):
+    """Each features test runs on both engines (params `data_engine`)."""
+    return run_features_out_of_core if request.param == "duckdb" else features.run_features
 
 
 def _write(layout: Layout, rows: list[tuple]) -> None:
@@ -34,7 +42,7 @@ def _vocab(layout: Layout, name: str) -> dict:
     return dict(zip(frame["id"], frame["index"]))
 
 
-def test_leave_one_out_split_and_chronological_order(layout):
+def test_leave_one_out_split_and_chronological_order(layout, run_features):
     # User 1's rows are given out of time order: sequences must be chronological.
     _write(layout, [(1, 10, 3, 5), (1, 11, 1, 5), (1, 12, 2, 5), (1, 13, 4, 5), (2, 10, 1, 5), (2, 11, 2, 5)])
     result = run_features(_cfg(), layout)
@@ -51,7 +59,7 @@ def test_leave_one_out_split_and_chronological_order(layout):
     assert result.stats["split"] == {"strategy": "leave_one_out", "train": 4, "valid": 1, "test": 1}
 
 
-def test_padding_index_is_reserved(layout):
+def test_padding_index_is_reserved(layout, run_features):
     _write(layout, [(u, i, u * 10 + i, 5) for u in range(1, 4) for i in range(1, 5)])
     run_features(_cfg(), layout)
     for name in ("user", "item"):
@@ -59,7 +67,7 @@ def test_padding_index_is_reserved(layout):
         assert indices == list(range(1, len(indices) + 1))
 
 
-def test_threshold_dedupe_and_accounting(layout):
+def test_threshold_dedupe_and_accounting(layout, run_features):
     rows = [(1, 1, 1, 5), (1, 2, 2, 1), (1, 1, 3, 4), (1, 3, 4, 4), (1, 4, 5, 4), (1, 5, 6, 4)]
     _write(layout, rows)
     stats = run_features(_cfg(min_rating=3.0), layout).stats
@@ -73,7 +81,7 @@ def test_threshold_dedupe_and_accounting(layout):
     assert inter.loc[inter.item_idx == first_item, "timestamp"].iloc[0] == T0 + pd.Timedelta(minutes=1)
 
 
-def test_dedupe_last_keeps_latest(layout):
+def test_dedupe_last_keeps_latest(layout, run_features):
     # User 2 gives the split its validation and test users.
     _write(layout, [(1, 1, 1, 5), (1, 2, 2, 5), (1, 1, 3, 5), *((2, i, 10 + i, 5) for i in range(1, 5))])
     run_features(_cfg(dedupe="last"), layout)
@@ -99,13 +107,13 @@ def test_kcore_not_converging_is_an_error():
         apply_kcore(users, items, min_user=2, min_item=2, max_iterations=1)
 
 
-def test_everything_filtered_is_a_clear_error(layout):
+def test_everything_filtered_is_a_clear_error(layout, run_features):
     _write(layout, [(1, 1, 1, 5), (2, 2, 2, 5)])
     with pytest.raises(FeaturesError, match="no interactions left"):
         run_features(_cfg(min_user_interactions=5), layout)
 
 
-def test_temporal_split_uses_one_global_cutoff(layout):
+def test_temporal_split_uses_one_global_cutoff(layout, run_features):
     rows = [(u, i, u + 10 * i, 5) for u in range(1, 6) for i in range(1, 11)]
     _write(layout, rows)
     stats = run_features(_cfg(split={"strategy": "temporal", "valid_fraction": 0.2, "test_fraction": 0.2}), layout).stats
@@ -119,7 +127,7 @@ def test_temporal_split_uses_one_global_cutoff(layout):
     assert (seq["n_train"] + seq["n_valid"] + seq["n_test"] == seq["items"].map(len)).all()
 
 
-def test_vocabulary_is_stable_across_incremental_append(tmp_path):
+def test_vocabulary_is_stable_across_incremental_append(tmp_path, run_features):
     first, second = Layout(tmp_path / "day1"), Layout(tmp_path / "day2")
     day1 = [(u, i, u * 7 + i, 5) for u in (101, 102, 103) for i in (1, 2, 3, 4)]
     _write(first, day1)
@@ -138,7 +146,7 @@ def test_vocabulary_is_stable_across_incremental_append(tmp_path):
     assert sorted(items_after[i] for i in (8, 9)) == [5, 6]
 
 
-def test_incremental_vocab_with_other_id_type_is_rejected(tmp_path):
+def test_incremental_vocab_with_other_id_type_is_rejected(tmp_path, run_features):
     first, second = Layout(tmp_path / "a"), Layout(tmp_path / "b")
     _write(first, [(1, i, i, 5) for i in range(1, 5)])
     run_features(_cfg(), first)
@@ -147,7 +155,7 @@ def test_incremental_vocab_with_other_id_type_is_rejected(tmp_path):
         run_features(_cfg(vocab_from=str(first.features_dir)), second)
 
 
-def test_outputs_are_zstd_parquet_with_stats(layout):
+def test_outputs_are_zstd_parquet_with_stats(layout, run_features):
     _write(layout, [(u, i, u + i, 5) for u in range(1, 5) for i in range(1, 6)])
     stats = run_features(_cfg(), layout).stats
     meta = pq.ParquetFile(layout.features_dir / "sequences.parquet").metadata
@@ -158,12 +166,12 @@ def test_outputs_are_zstd_parquet_with_stats(layout):
     assert (layout.reports_dir / "features.json").exists()
 
 
-def test_missing_input_is_a_clear_error(layout):
+def test_missing_input_is_a_clear_error(layout, run_features):
     with pytest.raises(FeaturesError, match="run the validate stage first"):
         run_features(_cfg(), layout)
 
 
-def test_a_split_without_validation_or_test_users_is_refused_with_the_setting_to_change(layout):
+def test_a_split_without_validation_or_test_users_is_refused_with_the_setting_to_change(layout, run_features):
     # Every user has two interactions: leave_one_out holds nothing out, so train would fail after its first epoch.
     _write(layout, [(u, i, u * 10 + i, 5) for u in range(1, 6) for i in (1, 2)])
     with pytest.raises(FeaturesError, match=r"no valid and no test users .*features\.min_user_interactions \(now 1\) to 3"):
@@ -176,7 +184,7 @@ def test_a_split_without_validation_or_test_users_is_refused_with_the_setting_to
         run_features(_cfg(split=temporal), layout)
 
 
-def test_a_file_without_a_rating_column_keeps_its_rows_with_the_default_threshold(tmp_path):
+def test_a_file_without_a_rating_column_keeps_its_rows_with_the_default_threshold(tmp_path, run_features):
     """Implicit feedback (every row weight 1.0) passes the default features.min_rating=3.0; explicit ratings are still
     thresholded (test_threshold_dedupe_and_accounting)."""
     import shutil

@@ -30,6 +30,12 @@ START = dt.datetime(2023, 1, 1, tzinfo=UTC)
 N = 40
 
 
+@pytest.fixture(params=["pandas", "duckdb"])
+def engine(request) -> str:
+    """Each validate test runs on both engines (params `data_engine`): same outputs, same summary counts."""
+    return request.param
+
+
 @pytest.fixture
 def lay(tmp_path) -> Layout:
     return Layout(tmp_path / "work")
@@ -87,10 +93,10 @@ def expectation(result_or_summary, check: str) -> dict:
 
 
 @pytest.mark.parametrize("string_ids", [False, True], ids=["int_ids", "string_ids"])
-def test_clean_data_passes_unchanged(lay, string_ids):
+def test_clean_data_passes_unchanged(lay, string_ids, engine):
     table = write_raw(lay, columns(string_ids=string_ids), string_ids)
 
-    result = run_validate(config(), lay, now=NOW)
+    result = run_validate(config(), lay, now=NOW, engine=engine)
 
     assert (result.rows_in, result.rows_passed, result.rows_quarantined) == (N, N, 0)
     assert result.quarantined_by_reason == {}
@@ -111,7 +117,7 @@ def test_clean_data_passes_unchanged(lay, string_ids):
     assert result.summary_path == lay.reports_dir / "validation.json"
 
 
-def test_other_tz_aware_timestamps_and_float64_ratings_are_accepted(lay):
+def test_other_tz_aware_timestamps_and_float64_ratings_are_accepted(lay, engine):
     cols = columns()
     cols["timestamp"][3] = NOW + dt.timedelta(hours=2)  # in the future whatever the zone shows
     table = table_of(cols)
@@ -119,7 +125,7 @@ def test_other_tz_aware_timestamps_and_float64_ratings_are_accepted(lay):
     table = table.set_column(3, "rating", table.column("rating").cast(pa.float64()))
     write_raw(lay, table)
 
-    result = run_validate(config(), lay, now=NOW)
+    result = run_validate(config(), lay, now=NOW, engine=engine)
 
     assert result.quarantined_by_reason == {"timestamp_in_future": 1}
     validated = pq.read_table(lay.validated_interactions)
@@ -127,9 +133,9 @@ def test_other_tz_aware_timestamps_and_float64_ratings_are_accepted(lay):
     assert validated.schema.field("rating").type == pa.float64()
 
 
-def test_suite_covers_every_rule(lay):
+def test_suite_covers_every_rule(lay, engine):
     write_raw(lay, columns())
-    result = run_validate(config(), lay, now=NOW)
+    result = run_validate(config(), lay, now=NOW, engine=engine)
 
     by_check = {e["check"]: e for e in result.expectations}
     assert set(by_check) == {
@@ -187,14 +193,14 @@ ROW_DEFECTS = {
 
 @pytest.mark.parametrize("string_ids", [False, True], ids=["int_ids", "string_ids"])
 @pytest.mark.parametrize("reason", list(ROW_DEFECTS))
-def test_each_row_level_reason_is_quarantined(lay, reason, string_ids):
+def test_each_row_level_reason_is_quarantined(lay, reason, string_ids, engine):
     bad_rows = [3, 17, 31]
     cols = columns(string_ids=string_ids)
     inject, check = ROW_DEFECTS[reason]
     inject(cols, bad_rows)
     write_raw(lay, cols, string_ids)
 
-    result = run_validate(config(), lay, now=NOW)
+    result = run_validate(config(), lay, now=NOW, engine=engine)
 
     assert result.quarantined_by_reason == {reason: 3}
     assert (result.rows_in, result.rows_passed, result.rows_quarantined) == (N, N - 3, 3)
@@ -214,25 +220,25 @@ def test_each_row_level_reason_is_quarantined(lay, reason, string_ids):
     assert report["quarantined_by_reason"] == {reason: 3}
 
 
-def test_nan_rating_counts_as_null(lay):
+def test_nan_rating_counts_as_null(lay, engine):
     cols = columns()
     cols["rating"][5] = math.nan  # Arrow keeps NaN apart from null; the stage treats both as missing
     write_raw(lay, cols)
 
-    result = run_validate(config(), lay, now=NOW)
+    result = run_validate(config(), lay, now=NOW, engine=engine)
 
     assert result.quarantined_by_reason == {"null_rating": 1}
     assert read_quarantine(lay)["source"].tolist() == ["row5"]
 
 
-def test_quarantine_keeps_original_columns_and_types(lay):
+def test_quarantine_keeps_original_columns_and_types(lay, engine):
     cols = columns()
     cols["user_id"][4] = None
     cols["rating"][6] = 9.0
     cols["source"][6] = "row6-extra"
     table = write_raw(lay, cols)
 
-    run_validate(config(), lay, now=NOW)
+    run_validate(config(), lay, now=NOW, engine=engine)
 
     quarantine = pq.read_table(quarantine_path(lay))
     for field in table.schema:
@@ -245,7 +251,7 @@ def test_quarantine_keeps_original_columns_and_types(lay):
     assert pq.read_table(lay.validated_interactions).schema.field("user_id").type == pa.int64()
 
 
-def test_first_failing_reason_wins(lay):
+def test_first_failing_reason_wins(lay, engine):
     cols = columns()
     cols["user_id"][1] = None  # and out of range: null_user_id comes first
     cols["rating"][1] = 99.0
@@ -255,7 +261,7 @@ def test_first_failing_reason_wins(lay):
     cols["timestamp"][3] = NOW + dt.timedelta(days=1)
     write_raw(lay, cols)
 
-    result = run_validate(config(), lay, now=NOW)
+    result = run_validate(config(), lay, now=NOW, engine=engine)
 
     quarantine = read_quarantine(lay)
     assert dict(zip(quarantine["source"], quarantine["reason"], strict=True)) == {
@@ -269,7 +275,7 @@ def test_first_failing_reason_wins(lay):
     assert summary(lay)["rule_violations"]["rating_out_of_range"] == 1
 
 
-def test_every_row_ends_up_in_exactly_one_output(lay):
+def test_every_row_ends_up_in_exactly_one_output(lay, engine):
     rng = np.random.default_rng(7)
     n = 500
     cols = columns(n)
@@ -288,7 +294,7 @@ def test_every_row_ends_up_in_exactly_one_output(lay):
                 cols[c][i] = cols[c][i - 1]
     write_raw(lay, cols)
 
-    result = run_validate(config(min_rows=100), lay, now=NOW)
+    result = run_validate(config(min_rows=100), lay, now=NOW, engine=engine)
 
     assert result.rows_in == n == result.rows_passed + result.rows_quarantined
     assert result.rows_quarantined > 0
@@ -306,28 +312,28 @@ def test_every_row_ends_up_in_exactly_one_output(lay):
 # ---------------------------------------------------------------------------- duplicates
 
 
-def test_duplicates_keep_the_first_occurrence(lay):
+def test_duplicates_keep_the_first_occurrence(lay, engine):
     cols = columns()
     for r in (10, 20, 30):  # three later copies of row 5's key, different ratings
         for c in ("user_id", "item_id", "timestamp"):
             cols[c][r] = cols[c][5]
     write_raw(lay, cols)
 
-    result = run_validate(config(), lay, now=NOW)
+    result = run_validate(config(), lay, now=NOW, engine=engine)
 
     assert result.quarantined_by_reason == {"duplicate": 3}
     assert read_quarantine(lay)["source"].tolist() == ["row10", "row20", "row30"]
     assert "row5" in validated_sources(lay)
 
 
-def test_an_invalid_first_copy_does_not_knock_out_a_valid_later_one(lay):
+def test_an_invalid_first_copy_does_not_knock_out_a_valid_later_one(lay, engine):
     cols = columns()
     cols["rating"][5] = 42.0  # first copy is invalid ...
     for c in ("user_id", "item_id", "timestamp"):
         cols[c][9] = cols[c][5]  # ... the later copy is fine and must survive
     write_raw(lay, cols)
 
-    result = run_validate(config(), lay, now=NOW)
+    result = run_validate(config(), lay, now=NOW, engine=engine)
 
     assert result.quarantined_by_reason == {"rating_out_of_range": 1}
     assert read_quarantine(lay)["source"].tolist() == ["row5"]
@@ -335,12 +341,12 @@ def test_an_invalid_first_copy_does_not_knock_out_a_valid_later_one(lay):
     assert expectation(result, "unique:user_id,item_id,timestamp")["unexpected_count"] == 2
 
 
-def test_rows_with_same_user_and_item_at_other_times_are_not_duplicates(lay):
+def test_rows_with_same_user_and_item_at_other_times_are_not_duplicates(lay, engine):
     cols = columns()
     cols["item_id"] = [100] * N  # same (user, item) pairs repeat, every timestamp differs
     write_raw(lay, cols)
 
-    result = run_validate(config(), lay, now=NOW)
+    result = run_validate(config(), lay, now=NOW, engine=engine)
 
     assert result.rows_quarantined == 0
 
@@ -378,7 +384,7 @@ def test_duplicate_prefilter_is_a_superset_of_the_duplicates(string_ids):
 # ---------------------------------------------------------------------------- timestamps
 
 
-def test_future_is_relative_to_the_injected_now(lay):
+def test_future_is_relative_to_the_injected_now(lay, engine):
     cols = columns()
     cols["timestamp"][7] = NOW + dt.timedelta(minutes=30)  # inside the 1 h tolerance
     cols["timestamp"][8] = NOW + dt.timedelta(hours=1)  # exactly at the bound: passes
@@ -386,32 +392,32 @@ def test_future_is_relative_to_the_injected_now(lay):
     cols["timestamp"][11] = NOW + dt.timedelta(days=30)
     write_raw(lay, cols)
 
-    result = run_validate(config(), lay, now=NOW)
+    result = run_validate(config(), lay, now=NOW, engine=engine)
     assert result.quarantined_by_reason == {"timestamp_in_future": 2}
     assert read_quarantine(lay)["source"].tolist() == ["row9", "row11"]
 
-    later = run_validate(config(), lay, now=NOW + dt.timedelta(days=31))
+    later = run_validate(config(), lay, now=NOW + dt.timedelta(days=31), engine=engine)
     assert later.rows_quarantined == 0
 
-    no_tolerance = run_validate(config(future_tolerance_s=0), lay, now=NOW)
+    no_tolerance = run_validate(config(future_tolerance_s=0), lay, now=NOW, engine=engine)
     assert no_tolerance.quarantined_by_reason == {"timestamp_in_future": 4}
 
 
-def test_min_timestamp_bound_is_inclusive_and_configurable(lay):
+def test_min_timestamp_bound_is_inclusive_and_configurable(lay, engine):
     cols = columns()
     cols["timestamp"][0] = dt.datetime(1995, 1, 1, tzinfo=UTC)  # exactly the default minimum
     cols["timestamp"][1] = dt.datetime(1994, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
     write_raw(lay, cols)
 
-    assert run_validate(config(), lay, now=NOW).quarantined_by_reason == {"timestamp_before_min": 1}
-    stricter = run_validate(config(min_timestamp=dt.datetime(2023, 1, 1, 5, tzinfo=UTC)), lay, now=NOW)
+    assert run_validate(config(), lay, now=NOW, engine=engine).quarantined_by_reason == {"timestamp_before_min": 1}
+    stricter = run_validate(config(min_timestamp=dt.datetime(2023, 1, 1, 5, tzinfo=UTC)), lay, now=NOW, engine=engine)
     # rows 0, 1 and rows 2..4 (2023-01-01 02:00..04:00)
     assert stricter.quarantined_by_reason == {"timestamp_before_min": 5}
 
 
-def test_rating_bounds_come_from_config(lay):
+def test_rating_bounds_come_from_config(lay, engine):
     write_raw(lay, columns())  # ratings 1..5
-    result = run_validate(config(rating_min=2.0, rating_max=4.0), lay, now=NOW)
+    result = run_validate(config(rating_min=2.0, rating_max=4.0), lay, now=NOW, engine=engine)
     assert result.quarantined_by_reason == {"rating_out_of_range": 16}  # the 8 ones and the 8 fives
 
 
@@ -464,12 +470,12 @@ def assert_batch_failed(lay: Layout, err: pytest.ExceptionInfo, *needles: str) -
 
 
 @pytest.mark.parametrize("breaker", list(BATCH_BREAKERS))
-def test_schema_problems_fail_the_batch(lay, breaker):
+def test_schema_problems_fail_the_batch(lay, breaker, engine):
     change, expected_name = BATCH_BREAKERS[breaker]
     write_raw(lay, change(table_of(columns())))
 
     with pytest.raises(ValidationFailed) as err:
-        run_validate(config(), lay, now=NOW)
+        run_validate(config(), lay, now=NOW, engine=engine)
 
     report = assert_batch_failed(lay, err, expected_name, f"rows_in={N}")
     assert not quarantine_path(lay).exists()
@@ -478,46 +484,46 @@ def test_schema_problems_fail_the_batch(lay, breaker):
 
 
 @pytest.mark.parametrize("content", [b"this is not parquet", b""], ids=["garbage", "empty_file"])
-def test_unreadable_input_fails_the_batch(lay, content):
+def test_unreadable_input_fails_the_batch(lay, content, engine):
     lay.raw_interactions.parent.mkdir(parents=True)
     lay.raw_interactions.write_bytes(content)
 
     with pytest.raises(ValidationFailed) as err:
-        run_validate(config(), lay, now=NOW)
+        run_validate(config(), lay, now=NOW, engine=engine)
 
     report = assert_batch_failed(lay, err, "readable_parquet", "not a readable Parquet file")
     assert report["checks"][0]["check"] == "readable_parquet"
     assert report["checks"][0]["success"] is False
 
 
-def test_missing_input_fails_the_batch(lay):
+def test_missing_input_fails_the_batch(lay, engine):
     with pytest.raises(ValidationFailed) as err:
-        run_validate(config(), lay, now=NOW)
+        run_validate(config(), lay, now=NOW, engine=engine)
     assert_batch_failed(lay, err, "readable_parquet", "does not exist")
 
 
-def test_too_few_rows_fails_the_batch(lay):
+def test_too_few_rows_fails_the_batch(lay, engine):
     write_raw(lay, columns())
 
     with pytest.raises(ValidationFailed) as err:
-        run_validate(config(min_rows=N + 1), lay, now=NOW)
+        run_validate(config(min_rows=N + 1), lay, now=NOW, engine=engine)
 
     report = assert_batch_failed(lay, err, "expect_table_row_count_to_be_between", f"{N} rows < validate.min_rows {N + 1}")
     assert expectation(report, "min_rows")["observed_value"] == N
 
 
-def test_exactly_min_rows_passes(lay):
+def test_exactly_min_rows_passes(lay, engine):
     write_raw(lay, columns())
-    assert run_validate(config(min_rows=N), lay, now=NOW).rows_passed == N
+    assert run_validate(config(min_rows=N), lay, now=NOW, engine=engine).rows_passed == N
 
 
-def test_quarantine_share_over_threshold_fails_the_batch(lay):
+def test_quarantine_share_over_threshold_fails_the_batch(lay, engine):
     cols = columns()
     _set(cols, "user_id", range(10), None)  # 10 of 40 = 25 %
     write_raw(lay, cols)
 
     with pytest.raises(ValidationFailed) as err:
-        run_validate(config(max_quarantine_share=0.05), lay, now=NOW)
+        run_validate(config(max_quarantine_share=0.05), lay, now=NOW, engine=engine)
 
     report = assert_batch_failed(
         lay, err, "max_quarantine_share", "10 of 40 rows quarantined", "rows_passed=30", "'null_user_id': 10"
@@ -533,22 +539,22 @@ def test_quarantine_share_over_threshold_fails_the_batch(lay):
     assert read_quarantine(lay)["source"].tolist() == [f"row{i}" for i in range(10)]
 
 
-def test_quarantine_share_at_the_threshold_passes(lay):
+def test_quarantine_share_at_the_threshold_passes(lay, engine):
     cols = columns()
     _set(cols, "user_id", [0, 1], None)  # 2 of 40 = 5 %
     write_raw(lay, cols)
-    result = run_validate(config(max_quarantine_share=0.05), lay, now=NOW)
+    result = run_validate(config(max_quarantine_share=0.05), lay, now=NOW, engine=engine)
     assert result.rows_quarantined == 2
 
 
-def test_a_failed_batch_leaves_no_earlier_validated_output(lay):
+def test_a_failed_batch_leaves_no_earlier_validated_output(lay, engine):
     write_raw(lay, columns())
-    run_validate(config(), lay, now=NOW)
+    run_validate(config(), lay, now=NOW, engine=engine)
     assert lay.validated_interactions.exists()
 
     write_raw(lay, table_of(columns()).drop_columns(["timestamp"]))
     with pytest.raises(ValidationFailed, match=r"expect_column_to_exist\(timestamp\)"):
-        run_validate(config(), lay, now=NOW)
+        run_validate(config(), lay, now=NOW, engine=engine)
 
     assert not lay.validated_interactions.exists()
     assert not quarantine_path(lay).exists()
@@ -557,7 +563,7 @@ def test_a_failed_batch_leaves_no_earlier_validated_output(lay):
 # ---------------------------------------------------------------------------- one statement per rule, GX setup
 
 
-def test_row_rules_are_stated_only_in_gx(lay, monkeypatch):
+def test_row_rules_are_stated_only_in_gx(lay, monkeypatch, engine):
     """Tighten the rating rule in its GX expectation alone: the quarantine follows GX."""
     cols = columns()
     cols["user_id"][4] = None  # rating 5.0 too: breaks two rules, the first reason wins
@@ -571,7 +577,7 @@ def test_row_rules_are_stated_only_in_gx(lay, monkeypatch):
         return suite
 
     monkeypatch.setattr(rules, "checks", rating_at_most_3)
-    result = run_validate(config(max_quarantine_share=0.9), lay, now=NOW)
+    result = run_validate(config(max_quarantine_share=0.9), lay, now=NOW, engine=engine)
 
     quarantine = read_quarantine(lay)
     reasons = dict(zip(quarantine["source"], quarantine["reason"], strict=True))
@@ -601,12 +607,12 @@ def test_failing_rows_are_gx_listed_ids_and_must_match_its_count():
         routing.failing_rows(check, SimpleNamespace(result={"unexpected_count": 0}), rows_in=10)
 
 
-def test_gx_lists_every_failing_row_not_a_sample(lay):
+def test_gx_lists_every_failing_row_not_a_sample(lay, engine):
     cols = columns()
     _set(cols, "rating", range(0, N, 3), 6.0)  # 14 rows, more than GX's partial_unexpected_count
     write_raw(lay, cols)
 
-    result = run_validate(config(), lay, now=NOW)
+    result = run_validate(config(), lay, now=NOW, engine=engine)
 
     assert read_quarantine(lay)["source"].tolist() == [f"row{i}" for i in range(0, N, 3)]
     entry = expectation(result, "range:rating")
@@ -625,12 +631,12 @@ def test_gx_context_is_offline_and_quiet(tmp_path):
     assert list(context.list_data_docs_sites()) == [rules.DATA_DOCS_SITE]
 
 
-def test_extra_columns_pass_through(lay):
+def test_extra_columns_pass_through(lay, engine):
     table = table_of(columns()).append_column("session", pa.array([i // 4 for i in range(N)], pa.int32()))
     cols = columns()
     write_raw(lay, table.set_column(0, "user_id", pa.array([None, *cols["user_id"][1:]], pa.int64())))
 
-    result = run_validate(config(), lay, now=NOW)
+    result = run_validate(config(), lay, now=NOW, engine=engine)
 
     assert result.rows_quarantined == 1
     assert pq.read_table(lay.validated_interactions).column("session").to_pylist() == [i // 4 for i in range(1, N)]
@@ -638,9 +644,9 @@ def test_extra_columns_pass_through(lay):
     assert summary(lay)["extra_columns"] == ["session"]
 
 
-def test_empty_input_passes_when_min_rows_is_zero(lay):
+def test_empty_input_passes_when_min_rows_is_zero(lay, engine):
     write_raw(lay, columns(0))
-    result = run_validate(config(min_rows=0), lay, now=NOW)
+    result = run_validate(config(min_rows=0), lay, now=NOW, engine=engine)
     assert (result.rows_in, result.rows_passed, result.rows_quarantined) == (0, 0, 0)
     assert pq.read_table(lay.validated_interactions).num_rows == 0
 
@@ -648,10 +654,10 @@ def test_empty_input_passes_when_min_rows_is_zero(lay):
 # ---------------------------------------------------------------------------- data docs
 
 
-def test_data_docs_are_built(lay):
+def test_data_docs_are_built(lay, engine):
     write_raw(lay, columns())
 
-    result = run_validate(config(data_docs=True), lay, now=NOW)
+    result = run_validate(config(data_docs=True), lay, now=NOW, engine=engine)
 
     index = lay.reports_dir / "data_docs" / "index.html"
     assert result.data_docs_path == index
@@ -663,36 +669,36 @@ def test_data_docs_are_built(lay):
     assert sorted(p.name for p in lay.reports_dir.iterdir()) == ["data_docs", "validation.json"]  # no temp dirs left
     assert summary(lay)["outputs"]["data_docs"] == str(index)
 
-    run_validate(config(data_docs=True), lay, now=NOW)  # a rebuild replaces the site
+    run_validate(config(data_docs=True), lay, now=NOW, engine=engine)  # a rebuild replaces the site
     assert index.is_file()
     assert sorted(p.name for p in lay.reports_dir.iterdir()) == ["data_docs", "validation.json"]
 
 
-def test_data_docs_with_a_relative_workdir(tmp_path, monkeypatch):
+def test_data_docs_with_a_relative_workdir(tmp_path, monkeypatch, engine):
     monkeypatch.chdir(tmp_path)  # DVC runs the stage with the repository root as a relative workdir
     relative = Layout(Path("."))
     write_raw(relative, columns())
 
-    result = run_validate(config(data_docs=True), relative, now=NOW)
+    result = run_validate(config(data_docs=True), relative, now=NOW, engine=engine)
 
     assert (tmp_path / "reports" / "data_docs" / "index.html").is_file()
     assert result.data_docs_path == Path("reports/data_docs/index.html")
 
 
-def test_data_docs_are_built_for_a_failed_batch_too(lay):
+def test_data_docs_are_built_for_a_failed_batch_too(lay, engine):
     write_raw(lay, columns())
     with pytest.raises(ValidationFailed):
-        run_validate(config(data_docs=True, min_rows=1000), lay, now=NOW)
+        run_validate(config(data_docs=True, min_rows=1000), lay, now=NOW, engine=engine)
     index = lay.reports_dir / "data_docs" / "index.html"
     assert index.is_file()
     assert summary(lay)["outputs"]["data_docs"] == str(index)
 
 
-def test_no_data_docs_when_disabled_only_a_placeholder(lay):
+def test_no_data_docs_when_disabled_only_a_placeholder(lay, engine):
     write_raw(lay, columns())
-    run_validate(config(data_docs=True), lay, now=NOW)
+    run_validate(config(data_docs=True), lay, now=NOW, engine=engine)
 
-    result = run_validate(config(data_docs=False), lay, now=NOW)
+    result = run_validate(config(data_docs=False), lay, now=NOW, engine=engine)
 
     assert result.data_docs_path is None
     assert summary(lay)["outputs"]["data_docs"] is None
@@ -701,3 +707,56 @@ def test_no_data_docs_when_disabled_only_a_placeholder(lay):
     assert [p.name for p in site.iterdir()] == ["index.html"]
     assert "validate.data_docs is false" in (site / "index.html").read_text(encoding="utf-8")
     assert sorted(p.name for p in lay.reports_dir.iterdir()) == ["data_docs", "validation.json"]
+
+
+# ---------------------------------------------------------------------------- the out-of-core engine on a GX sample
+
+
+def test_duckdb_routes_rows_gx_never_saw_exactly_as_pandas(tmp_path, monkeypatch):
+    """GX sees the first rows only (a sample); the SQL derived from its expectations routes the rest."""
+    from pipeline.data.validation import outofcore
+
+    monkeypatch.setattr(outofcore, "SAMPLE_ROWS", 10)
+    cols = columns()
+    cols["rating"][30] = math.nan
+    _set(cols, "rating", [35], 9.0)
+    _set(cols, "user_id", [25], None)
+    _set(cols, "timestamp", [22], dt.datetime(1990, 1, 1, tzinfo=UTC))
+    _copy_key_of_row_2(cols, [33, 38])
+    _set(cols, "rating", [38], 7.0)  # a duplicate that breaks another rule first
+    outputs = {}
+    for engine in ("pandas", "duckdb"):
+        lay = Layout(tmp_path / engine)
+        write_raw(lay, cols)
+        result = run_validate(config(), lay, now=NOW, engine=engine)
+        outputs[engine] = (pq.read_table(lay.validated_interactions), pq.read_table(quarantine_path(lay)), result, summary(lay))
+    (valid_p, quar_p, res_p, sum_p), (valid_d, quar_d, res_d, sum_d) = outputs["pandas"], outputs["duckdb"]
+    assert valid_d.equals(valid_p)
+    assert quar_d.schema == quar_p.schema and quar_d.to_pandas().equals(quar_p.to_pandas())  # NaN == NaN here
+    assert res_d.quarantined_by_reason == res_p.quarantined_by_reason == {
+        "null_user_id": 1, "timestamp_before_min": 1, "null_rating": 1, "rating_out_of_range": 2, "duplicate": 1}
+    assert sum_d["rule_violations"] == sum_p["rule_violations"]
+    assert sum_d["gx_sample"] == sum_d["gx_sample"] | {"rows": 10, "of": N, "whole_input": False}
+    for check in ("range:rating", "unique:user_id,item_id,timestamp", "min_rows"):
+        entry_d, entry_p = expectation(sum_d, check), expectation(sum_p, check)
+        assert entry_d["success"] == entry_p["success"] and "GX saw" in entry_d["note"]
+        assert entry_d["unexpected_count"] == entry_p["unexpected_count"]
+        assert entry_d["partial_unexpected_rows"] == entry_p["partial_unexpected_rows"]
+
+
+def test_duckdb_refuses_a_row_rule_it_cannot_derive(lay, monkeypatch):
+    """A row rule without an SQL form stops the stage instead of going unchecked at scale."""
+    from pipeline.data.validation import sql_rules
+
+    write_raw(lay, columns())
+    real_checks = rules.checks
+
+    def with_a_regex_rule(*args):
+        suite = real_checks(*args)
+        (rating,) = [c for c in suite if c.name == "range:rating"]
+        rating.expectation = rules.gx().expectations.ExpectColumnValuesToMatchRegex(column="source", regex="^row")
+        return suite
+
+    monkeypatch.setattr(rules, "checks", with_a_regex_rule)
+    with pytest.raises(sql_rules.UnsupportedRule, match="no SQL form for ExpectColumnValuesToMatchRegex"):
+        run_validate(config(), lay, now=NOW, engine="duckdb")

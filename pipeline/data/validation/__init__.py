@@ -22,7 +22,12 @@ Each row rule is stated once, as a GX expectation: GX lists its failing rows by 
 
 Modules: `rules` (reasons, the suite, running GX), `frame` (the frame GX sees and the duplicate
 pre-filter), `routing` (GX's failing rows -> reasons, the quarantine table), `report` (summary
-entries, Data Docs), `stage` (`run_validate`).
+entries, Data Docs), `run_state` (one run's paths, summary, row accounting), `verdicts` (the suite
+run and its batch-level verdicts), `stage` (`run_validate`).
+
+Out of core (`run_validate(..., engine="duckdb")`, params `data_engine`): `outofcore` runs GX on the
+first rows only (types, Data Docs) and every row rule over all rows in DuckDB, as SQL that
+`sql_rules` derives from the same GX expectations (no second statement of a rule); same outputs.
 
 Speed (2 cores; "timings_s" in reports/validation.json splits each run):
 

@@ -77,7 +77,11 @@ def describe(check: Check, result: Any) -> dict[str, Any]:
 def add_examples(entry: dict[str, Any], check: Check, frame: pd.DataFrame, ids: np.ndarray) -> None:
     """The first failing rows GX listed and their values (GX leaves the values out: see RESULT_FORMAT)."""
     shown = np.sort(ids)[:EXAMPLES]
-    values = frame.iloc[shown][list(check.columns)]
+    set_examples(entry, check, shown, frame.iloc[shown][list(check.columns)])
+
+
+def set_examples(entry: dict[str, Any], check: Check, shown: np.ndarray, values: pd.DataFrame) -> None:
+    """Entry fields for the failing rows `shown` (row ids) and their `values` (the check's columns)."""
     entry["partial_unexpected_rows"] = shown.tolist()
     if len(check.columns) == 1:
         entry["partial_unexpected_list"] = jsonable(values[check.columns[0]].tolist())

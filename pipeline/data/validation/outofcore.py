@@ -1,0 +1,172 @@
+"""`run_validate_out_of_core` (data_engine: duckdb): the same stage in bounded memory.
+
+* GX runs over the first `SAMPLE_ROWS` rows (all of them when the input is smaller): the
+  column and type checks (one Arrow type per column, so the sample decides them for the file),
+  and the Data Docs. The row-count check is decided on the whole file from its expectation's
+  bounds. The summary's `gx_sample` says how many rows GX saw.
+* The row rules run over every row in DuckDB, as SQL derived from the same GX expectations
+  (`sql_rules`). When GX saw the whole input, its counts must equal DuckDB's, or the stage stops.
+* Rows are routed as `routing.assign_reasons` does (first rule broken; of repeated keys among rows
+  breaking no other rule the first copy stays) and streamed batch by batch into the same two
+  files, in input order, with the input's exact types.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.core import schema
+from pipeline.core.config import ValidateConfig
+from pipeline.core.io import Layout, parquet_stream
+from pipeline.data import duckdb_session
+from pipeline.data.duckdb_session import sql_path
+
+from . import report, routing, rules, sql_rules, verdicts
+from .frame import add_duplicate_candidates, gx_frame
+from .run_state import RunState, ValidationResult, read_raw, utc
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_ROWS = 200_000  # rows GX sees (type checks, Data Docs): the first ones of the file
+
+
+def _sample(run: RunState) -> tuple[pq.ParquetFile, pa.Table]:
+    """The open file and its first SAMPLE_ROWS rows; an unreadable file fails the batch as `read_raw` does."""
+    try:
+        parquet = pq.ParquetFile(run.source)
+        batch = next(parquet.iter_batches(batch_size=SAMPLE_ROWS), None)
+    except (FileNotFoundError, pa.ArrowException, OSError):
+        read_raw(run)  # raises the stage's own error for this file
+        raise
+    sample = pa.Table.from_batches([batch] if batch is not None else [], schema=parquet.schema_arrow)
+    return parquet, sample
+
+
+def _rule_counts(con: Any, source: str, rows: sql_rules.RowRules, types: dict[str, pa.DataType]) -> tuple[dict[str, int], np.ndarray]:
+    """Each row rule's own count and the rows routed as duplicates (file row numbers, sorted)."""
+    counts = {r: 0 for r in rules.REASONS}
+    if rows.predicates:
+        filters = ", ".join(f"count(*) FILTER (WHERE {sql})" for sql in rows.predicates.values())
+        counts |= dict(zip(rows.predicates, con.sql(f"SELECT {filters} FROM {source}").fetchall()[0], strict=True))
+    if rows.key is None:
+        return counts, np.zeros(0, dtype=np.int64)
+    keys = ", ".join(sql_rules.quote(c) for c in rows.key.columns)
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE repeated_keys AS
+        SELECT {keys}, count(*) AS copies,
+               min(file_row_number) FILTER (WHERE {rows.code()} = 0) AS kept_copy
+        FROM {source} WHERE {rows.key.complete(types)} GROUP BY ALL HAVING count(*) > 1""")
+    counts[rules.DUPLICATE] = int(con.sql("SELECT coalesce(sum(copies), 0) FROM repeated_keys").fetchall()[0][0])
+    duplicates = con.sql(f"""
+        SELECT file_row_number FROM {source} JOIN repeated_keys USING ({keys})
+        WHERE {rows.code()} = 0 AND file_row_number <> kept_copy""").fetchnumpy()["file_row_number"]
+    return counts, np.sort(np.asarray(duplicates, dtype=np.int64))
+
+
+def _examples(con: Any, source: str, check: rules.Check, where: str, entry: dict) -> None:
+    columns = ", ".join(sql_rules.quote(c) for c in check.columns)
+    shown = con.sql(f"SELECT file_row_number, {columns} FROM {source} WHERE {where} "
+                    f"ORDER BY file_row_number LIMIT {report.EXAMPLES}").arrow().read_all().to_pandas()
+    report.set_examples(entry, check, shown["file_row_number"].to_numpy(), shown[list(check.columns)])
+
+
+def _full_counts(entry: dict, check: rules.Check, count: int, rows_in: int, whole: bool) -> None:
+    """The summary entry of a row rule with DuckDB's count over every row."""
+    if whole:
+        if entry["unexpected_count"] != count:
+            raise RuntimeError(f"{check.name}: GX counts {entry['unexpected_count']} failing rows, the SQL derived from it "
+                               f"{count}: sql_rules no longer matches GX")
+        return
+    entry.update(success=count == 0, unexpected_count=count, element_count=rows_in,
+                 unexpected_percent=100.0 * count / rows_in if rows_in else 0.0,
+                 note=f"counted by DuckDB over all {rows_in} rows (SQL derived from this expectation); "
+                 f"GX saw the first {SAMPLE_ROWS} rows")
+
+
+def _write_outputs(run: RunState, parquet: pq.ParquetFile, rows: sql_rules.RowRules, duplicates: np.ndarray) -> None:
+    """One pass over the input: the quarantine always (a person needs it on a share failure too),
+    the validated rows only when the share check passes."""
+    share_ok = run.summary["quarantine_share"] <= run.cfg.max_quarantine_share
+    duplicate_code = rules.REASONS.index(rules.DUPLICATE) + 1
+    quarantine_schema = routing.quarantine_table(parquet.schema_arrow.empty_table(), np.zeros(0, np.int8)).schema
+    first = 0
+    with (duckdb_session.connect(run.quarantine_path.parent) as con,
+          parquet_stream(run.quarantine_path, quarantine_schema) as quarantine,
+          parquet_stream(run.validated_path, parquet.schema_arrow) if share_ok else contextlib.nullcontext() as validated):
+        for batch in parquet.iter_batches(batch_size=duckdb_session.BATCH_ROWS):
+            batch_table = pa.Table.from_batches([batch])
+            codes = np.asarray(con.sql(f"SELECT {rows.code()} AS code FROM batch_table").fetchnumpy()["code"], np.int8)
+            lo, hi = np.searchsorted(duplicates, [first, first + batch_table.num_rows])
+            codes[duplicates[lo:hi] - first] = duplicate_code
+            quarantine.write_table(routing.quarantine_table(batch_table, codes))
+            if validated is not None:
+                validated.write_table(batch_table.filter(pa.array(codes == 0)))
+            first += batch_table.num_rows
+    run.summary["outputs"]["quarantine"] = str(run.quarantine_path)
+    run.check_share()
+    run.summary["outputs"]["validated"] = str(run.validated_path)
+
+
+def run_validate_out_of_core(cfg: ValidateConfig, layout: Layout, now: dt.datetime | None = None) -> ValidationResult:
+    run = RunState(cfg, layout, utc(now or dt.datetime.now(dt.UTC)))
+    run.remove_stale_outputs()
+    t = time.perf_counter()
+    parquet, sample = _sample(run)
+    rows_in = parquet.metadata.num_rows
+    arrow_schema = parquet.schema_arrow
+    whole = sample.num_rows == rows_in
+    run.summary["checks"].append({"check": "readable_parquet", "success": True, "observed_value": None})
+    run.summary.update(
+        rows_in=rows_in,
+        schema={f.name: str(f.type) for f in arrow_schema},
+        extra_columns=[c for c in arrow_schema.names if c not in schema.RAW_COLUMNS],
+        engine="duckdb",
+        gx_sample={"rows": sample.num_rows, "of": rows_in, "whole_input": whole,
+                   "note": "GX (type checks, Data Docs) ran on the first rows; every row rule ran on all rows in DuckDB"},
+    )
+    frame = gx_frame(sample)
+    add_duplicate_candidates(sample, frame)
+    t = run.lap("read_sample", t)
+
+    suite, _, entries, docs_index = verdicts.run_suite(run, frame, layout)
+    t = time.perf_counter()
+    for check, entry in zip(suite, entries, strict=True):
+        if check.reason is None and not whole and type(check.expectation).__name__ == "ExpectTableRowCountToBeBetween":
+            entry.update(success=sql_rules.row_count_within(check.expectation, rows_in), observed_value=rows_in,
+                         note=f"decided on all {rows_in} rows from this expectation's bounds; GX saw {sample.num_rows}")
+    failed = verdicts.batch_failures(suite, entries, rows_in, cfg.min_rows)
+    if failed:
+        raise run.fail(failed, f"rows_in={rows_in}")
+
+    types = {f.name: f.type for f in arrow_schema}
+    row_rules = sql_rules.row_rules(suite, types)
+    source = f"read_parquet({sql_path(run.source)}, file_row_number = true)"
+    keys = ", ".join(sql_rules.quote(c) for c in row_rules.key.columns) if row_rules.key else ""
+    with duckdb_session.connect(layout.root / "data") as con:
+        counts, duplicates = _rule_counts(con, source, row_rules, types)
+        t = run.lap("duckdb_rules", t)
+        per_code = np.zeros(len(rules.REASONS) + 1, dtype=np.int64)
+        for code, n in con.sql(f"SELECT {row_rules.code()} AS code, count(*) FROM {source} GROUP BY code").fetchall():
+            per_code[code] += n
+        per_code[0] -= duplicates.size
+        per_code[rules.REASONS.index(rules.DUPLICATE) + 1] = duplicates.size
+        for check, entry in zip(suite, entries, strict=True):
+            if check.reason is None:
+                continue
+            _full_counts(entry, check, counts[check.reason], rows_in, whole)
+            where = (row_rules.predicates[check.reason] if check.reason != rules.DUPLICATE else
+                     f"file_row_number IN (SELECT file_row_number FROM {source} JOIN repeated_keys USING ({keys}))")
+            _examples(con, source, check, where, entry)
+    run.record_rows(per_code, counts)
+    t = run.lap("route_rows", t)
+    _write_outputs(run, parquet, row_rules, duplicates)
+    run.lap("write_outputs", t)
+    return run.finish(entries, docs_index)

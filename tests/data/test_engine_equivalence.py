@@ -1,0 +1,94 @@
+"""The out-of-core engine (params `data_engine: duckdb`) writes the same validate and features files as pandas."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.core.config import params_from_dict
+from pipeline.core.io import Layout
+from pipeline.data.features import run_features
+from pipeline.data.features_outofcore import run_features_out_of_core
+from pipeline.data.ingest import run_ingest
+from pipeline.data.validation import run_validate
+from tests.helpers import TINY
+
+FEATURE_FILES = ("interactions.parquet", "sequences.parquet", "user_vocab.parquet", "item_vocab.parquet")
+
+
+def _defects(table: pa.Table) -> pa.Table:
+    """Duplicated rows, a null user, a rating out of range: every engine must route them alike."""
+    rows = table.to_pylist()
+    rows += rows[10:40]  # exact copies: duplicates
+    rows[3]["user_id"] = None
+    rows[7]["rating"] = 9.0
+    rows[50]["rating"] = float("nan")
+    return pa.Table.from_pylist(rows, schema=table.schema)
+
+
+def _run(root, engine: str, features: dict, defects: bool) -> Layout:
+    params = params_from_dict({**TINY, "data_engine": engine, "features": {**TINY["features"], **features},
+                               "validate": {"min_rows": 100, "data_docs": False}})
+    layout = Layout(root / engine)
+    run_ingest(params.ingest, layout, seed=params.seed)
+    if defects:
+        pq.write_table(_defects(pq.read_table(layout.raw_interactions)), layout.raw_interactions)
+    run_validate(params.validate_, layout, engine=engine)
+    stage = run_features_out_of_core if engine == "duckdb" else run_features
+    stage(params.features, layout)
+    return layout
+
+
+def _stats(layout: Layout) -> dict:
+    stats = json.loads((layout.features_dir / "stats.json").read_text())
+    stats.pop("seconds")
+    stats.pop("engine", None)
+    return stats
+
+
+@pytest.mark.parametrize("features", [
+    {},
+    {"dedupe": "last", "min_rating": None},
+    {"dedupe": "none", "split": {"strategy": "temporal"}},
+    {"min_user_interactions": 8, "min_item_interactions": 20},  # several k-core passes
+], ids=["defaults", "dedupe_last", "temporal", "deep_kcore"])
+def test_duckdb_writes_the_same_files_as_pandas(tmp_path, features):
+    pandas_run, duckdb_run = (_run(tmp_path, engine, features, defects=True) for engine in ("pandas", "duckdb"))
+    for name in FEATURE_FILES:
+        expected, got = pq.read_table(pandas_run.features_dir / name), pq.read_table(duckdb_run.features_dir / name)
+        assert got.schema == expected.schema, name
+        assert got.equals(expected), name
+    assert _stats(duckdb_run) == _stats(pandas_run)
+    for path in ("validated_interactions",):
+        assert pq.read_table(getattr(duckdb_run, path)).equals(pq.read_table(getattr(pandas_run, path)))
+    quarantine = [pq.read_table(run.quarantine_dir / "validate.parquet").to_pandas() for run in (pandas_run, duckdb_run)]
+    assert quarantine[1].equals(quarantine[0])
+    assert set(quarantine[0]["reason"]) == {"duplicate", "null_user_id", "rating_out_of_range", "null_rating"}
+    assert (quarantine[0]["reason"] == "duplicate").sum() >= 30
+
+
+def test_string_ids_and_an_extended_vocabulary_match(tmp_path):
+    """String IDs order as pandas orders them; vocab_from extends the earlier vocabulary alike."""
+    runs = {}
+    for engine in ("pandas", "duckdb"):
+        first = _run(tmp_path / "first", engine, {}, defects=False)
+        later = Layout(tmp_path / "later" / engine)
+        raw = pq.read_table(first.raw_interactions)
+        as_text = raw.set_column(0, "user_id", raw.column("user_id").cast(pa.string()))
+        as_text = as_text.set_column(1, "item_id", raw.column("item_id").cast(pa.string()))
+        for layout in (first, later):
+            layout.validated_interactions.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(as_text.slice(0, 4000), first.validated_interactions)
+        pq.write_table(as_text, later.validated_interactions)
+        cfg = params_from_dict(TINY).features
+        stage = run_features_out_of_core if engine == "duckdb" else run_features
+        stage(cfg, first)
+        stage(cfg.model_copy(update={"vocab_from": str(first.features_dir)}), later)
+        runs[engine] = later
+        shutil.rmtree(first.features_dir.parent / "validated")
+    for name in FEATURE_FILES:
+        assert pq.read_table(runs["duckdb"].features_dir / name).equals(pq.read_table(runs["pandas"].features_dir / name)), name
