@@ -103,6 +103,17 @@ class Browser:
         text = self.evaluate("document.body ? document.body.innerText.slice(0, 2000) : ''")
         raise TimeoutError(f"timed out waiting for {what or expression}; page text:\n{text}")
 
+    def click(self, element: str) -> bool:
+        """Click the element a JavaScript expression returns, as a mouse would (some UI kits ignore a scripted
+        element.click()); False when the expression finds no element."""
+        box = self.evaluate(f"(() => {{ const e = {element}; if (!e) return null; e.scrollIntoView({{block: 'center'}});"
+                            "const b = e.getBoundingClientRect(); return [b.x + b.width / 2, b.y + b.height / 2]; })()")
+        if not box:
+            return False
+        for kind in ("mousePressed", "mouseReleased"):
+            self.call("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1)
+        return True
+
     def set_cookie(self, url: str, name: str, value: str) -> None:
         self.call("Network.setCookie", url=url, name=name, value=value, path="/")
 

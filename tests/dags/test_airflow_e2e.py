@@ -196,29 +196,41 @@ def test_trigger_form_screenshot_shows_every_parameter_with_its_description(airf
     fields = {spec["schema"]["title"]: spec["description"] for spec in details["params"].values()}
     assert len(fields) == len(details["params"]) and all(fields.values())
 
-    with Browser(chromium, width=1400, height=2600) as browser:
+    with Browser(chromium, width=1400, height=3600) as browser:
         # The UI authenticates with the JWT in the `_token` cookie (what its login page sets).
         browser.set_cookie(airflow.base, "_token", token)
         browser.navigate(f"{airflow.base}/dags/{DAG}")
         trigger = "[...document.querySelectorAll('button')].find(b => b.innerText.trim() === 'Trigger')"
         browser.wait_for(f"!!{trigger}", timeout=90, what="the Trigger button")
         browser.evaluate(f"{trigger}.click()")
-        texts = json.dumps([*fields, *fields.values()])
-        # Every title and description rendered, and inside the captured viewport.
-        visible = f"""{texts}.every(t => [...document.querySelectorAll('label, p, span, div')].some(e => {{
-            const box = e.getBoundingClientRect();
-            return (e.innerText || '').replace(/\\s*\\*\\s*$/, '').trim() === t && box.height > 0
-                && box.bottom <= window.innerHeight;
-        }}))"""
-        browser.wait_for(visible, timeout=60, what="every form field title and description")
-        time.sleep(1)  # let the dialog's opening animation finish
-        shot = browser.screenshot(tmp_path / "leanrec_train_trigger_form.png")
-    assert shot.stat().st_size > 20_000
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    destinations = [shot]
+        # The form's sections (Param section=) are an accordion with one section open at a time: open each
+        # in turn and check that its fields' titles and descriptions render, inside the captured viewport.
+        sections: dict[str, list[str]] = {}
+        for spec in details["params"].values():
+            sections.setdefault(spec["schema"].get("section"), []).extend([spec["schema"]["title"], spec["description"]])
+        shots = []
+        for number, (section, texts) in enumerate(sections.items()):
+            header = f"""[...document.querySelectorAll('button[aria-expanded=false]')]
+                .find(e => (e.innerText || '').trim() === {json.dumps(section)})"""
+            visible = f"""{json.dumps(texts)}.every(t =>
+                [...document.querySelectorAll('label, p, span, div')].some(e => {{
+                const box = e.getBoundingClientRect();
+                return (e.innerText || '').replace(/\\s*\\*\\s*$/, '').trim() === t && box.height > 0
+                    && box.bottom <= window.innerHeight;
+            }}))"""
+            browser.click(header)  # nothing to click when the section is open already
+            browser.wait_for(visible, timeout=60, what=f"every field title and description of section {section!r}")
+            time.sleep(1)  # let the accordion's animation finish
+            shots.append(browser.screenshot(tmp_path / f"leanrec_train_trigger_form_{number}_{section}.png"))
+    assert len(sections) > 1 and None not in sections, sorted(sections, key=str)  # every field is in a section
+    for shot in shots:
+        assert shot.stat().st_size > 20_000
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    destinations = list(shots)
     if os.environ.get("LEANREC_TEST_ARTIFACTS"):
-        target = Path(os.environ["LEANREC_TEST_ARTIFACTS"]) / shot.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(shot, target)
-        destinations.append(target)
-    print("trigger form screenshot: " + ", ".join(str(p) for p in destinations))
+        for shot in shots:
+            target = Path(os.environ["LEANREC_TEST_ARTIFACTS"]) / shot.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(shot, target)
+            destinations.append(target)
+    print("trigger form screenshots: " + ", ".join(str(p) for p in destinations))
