@@ -269,8 +269,27 @@ def run_features(cfg: FeaturesConfig, layout: Layout) -> FeaturesResult:
     interactions = interactions_table(user_index, item_index, timestamps_us, ratings, labels)
     sequences = sequences_table(users, lengths, item_index, timestamps_us, per_user_split)
 
-    n_users, n_items = len(users), int(np.unique(item_index).size)
-    stats = {
+    stats = features_stats(
+        n_items=int(np.unique(item_index).size), counts=counts, user_vocab=user_vocab, item_vocab=item_vocab,
+        vocab_dir=vocab_dir, threshold=threshold, kcore_passes=kcore_passes, split_info=split_info,
+        per_user_split=per_user_split, lengths=lengths)
+    with atomic_dir(layout.features_dir) as tmp:
+        write_parquet(interactions, tmp / INTERACTIONS_FILE)
+        write_parquet(sequences, tmp / SEQUENCES_FILE)
+        write_parquet(user_vocab, tmp / USER_VOCAB_FILE)
+        write_parquet(item_vocab, tmp / ITEM_VOCAB_FILE)
+        # What the inputs determine only: DVC caches data/features, and a timing here would change its
+        # hash on every rerun (and rerun every later stage). The time goes to the report below.
+        write_json(stats, tmp / STATS_FILE)
+    return report_features(stats, layout, started, "pandas")
+
+
+def features_stats(*, n_items: int, counts: dict, user_vocab: pd.DataFrame, item_vocab: pd.DataFrame, vocab_dir: Path | None,
+                   threshold: float | None, kcore_passes: int, split_info: dict, per_user_split: np.ndarray,
+                   lengths: np.ndarray) -> dict:
+    """data/features/stats.json (both engines): what the inputs determine, nothing that varies between runs."""
+    n_users = len(lengths)
+    return {
         "users": n_users,
         "items": n_items,
         "interactions": counts["rows_out"],
@@ -284,15 +303,6 @@ def run_features(cfg: FeaturesConfig, layout: Layout) -> FeaturesResult:
         "split": {**split_info, **{name: int(per_user_split[:, i].sum()) for i, name in enumerate(SPLITS)}},
         "sequence_length": percentiles(lengths),
     }
-    with atomic_dir(layout.features_dir) as tmp:
-        write_parquet(interactions, tmp / INTERACTIONS_FILE)
-        write_parquet(sequences, tmp / SEQUENCES_FILE)
-        write_parquet(user_vocab, tmp / USER_VOCAB_FILE)
-        write_parquet(item_vocab, tmp / ITEM_VOCAB_FILE)
-        # What the inputs determine only: DVC caches data/features, and a timing here would change its
-        # hash on every rerun (and rerun every later stage). The time goes to the report below.
-        write_json(stats, tmp / STATS_FILE)
-    return report_features(stats, layout, started, "pandas")
 
 
 def report_features(stats: dict, layout: Layout, started: float, engine: str) -> FeaturesResult:

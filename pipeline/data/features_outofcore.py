@@ -33,15 +33,14 @@ from pipeline.data.features import (
     INTERACTIONS_FILE,
     ITEM_VOCAB_FILE,
     SEQUENCES_FILE,
-    SPLITS,
     STATS_FILE,
     USER_VOCAB_FILE,
     FeaturesResult,
     build_vocab,
     check_split,
+    features_stats,
     interactions_table,
     load_previous_vocab,
-    percentiles,
     rating_threshold,
     report_features,
     sequences_table,
@@ -178,21 +177,10 @@ def run_features_out_of_core(cfg: FeaturesConfig, layout: Layout) -> FeaturesRes
                 _stream(con, sink)
             lengths, per_user_split = np.concatenate(sink.lengths), np.concatenate(sink.splits)
             check_split(per_user_split, cfg)
-            n_users = len(lengths)
-            stats = {
-                "users": n_users,
-                "items": n_items,
-                "interactions": counts["rows_out"],
-                "density": counts["rows_out"] / (n_users * n_items),
-                "user_vocab_size": len(user_vocab),
-                "item_vocab_size": len(item_vocab),
-                "vocab_extended_from": str(vocab_dir) if vocab_dir else None,
-                "min_rating_applied": threshold,
-                "kcore_passes": kcore_passes,
-                "rows": counts,
-                "split": {**sink.split_info, **{name: int(per_user_split[:, i].sum()) for i, name in enumerate(SPLITS)}},
-                "sequence_length": percentiles(lengths),
-            }
+            stats = features_stats(
+                n_items=n_items, counts=counts, user_vocab=user_vocab, item_vocab=item_vocab, vocab_dir=vocab_dir,
+                threshold=threshold, kcore_passes=kcore_passes, split_info=sink.split_info,
+                per_user_split=per_user_split, lengths=lengths)
             write_parquet(user_vocab, tmp / USER_VOCAB_FILE)
             write_parquet(item_vocab, tmp / ITEM_VOCAB_FILE)
             write_json(stats, tmp / STATS_FILE)
