@@ -128,7 +128,10 @@ def test_every_journey_command_works_as_written(tmp_path):
         return next(out for cmd, out in outputs.items() if cmd.startswith(prefix))
 
     # What each journey promised to show, beyond exit codes.
-    assert "reports/compression.json" in output_of("dvc metrics diff")
+    # The compact metrics file only (reports/summary.json), with the chosen variant's figures against HEAD.
+    metrics_diff = output_of("dvc metrics diff")
+    assert "reports/summary.json" in metrics_diff and "chosen.ndcg@10" in metrics_diff
+    assert "reports/compression.json" not in metrics_diff
     assert (repo / "dvc_plots" / "index.html").exists()
     assert json.loads(output_of("cat .airflow/leanrec_runs/"))["rows_in"] > 0
     served = json.loads(output_of("curl"))["predictions"]
