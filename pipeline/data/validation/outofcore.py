@@ -94,7 +94,7 @@ def _full_counts(entry: dict, check: rules.Check, count: int, rows_in: int, whol
 def _write_outputs(run: RunState, parquet: pq.ParquetFile, rows: sql_rules.RowRules, duplicates: np.ndarray) -> None:
     """One pass over the input: the quarantine always (a person needs it on a share failure too),
     the validated rows only when the share check passes."""
-    share_ok = run.summary["quarantine_share"] <= run.cfg.max_quarantine_share
+    share_ok = run.share_ok
     duplicate_code = rules.REASONS.index(rules.DUPLICATE) + 1
     quarantine_schema = routing.quarantine_table(parquet.schema_arrow.empty_table(), np.zeros(0, np.int8)).schema
     first = 0

@@ -112,10 +112,14 @@ class RunState:
             rule_violations={r: violations[r] for r in rules.REASONS[:-1]} | {"duplicate_key_rows": violations[rules.DUPLICATE]},
         )
 
+    @property
+    def share_ok(self) -> bool:
+        """Whether the quarantined share is within validate.max_quarantine_share (after record_rows)."""
+        return self.summary["quarantine_share"] <= self.cfg.max_quarantine_share
+
     def check_share(self) -> None:
         """Fail the batch when the quarantined share exceeds validate.max_quarantine_share."""
-        s, limit = self.summary, self.cfg.max_quarantine_share
-        share_ok = s["quarantine_share"] <= limit
+        s, limit, share_ok = self.summary, self.cfg.max_quarantine_share, self.share_ok
         s["checks"].append({"check": "max_quarantine_share", "success": share_ok, "observed_value": s["quarantine_share"],
                             "threshold": limit})
         if not share_ok:
