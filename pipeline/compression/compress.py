@@ -41,6 +41,7 @@ from pipeline.core.config import CompressConfig, TrainConfig
 from pipeline.core.devices import select_device
 from pipeline.core.errors import CompressError
 from pipeline.core.io import Layout
+from pipeline.core.tracking import directory_sha256
 from pipeline.data.sequences import SequenceData, load_sequences
 from pipeline.models.coded import code_teacher
 from pipeline.models.onnx_encoder import ENCODER_FILE, export_encoder
@@ -115,6 +116,27 @@ def fine_tune_loss(run_dir: Path, data: SequenceData | None) -> LossFn:
 # Variants built from the model of another variant, and the variant whose model they reuse when it is current.
 PQ_VARIANTS = ("pq", "pq+int8")
 REUSED_FROM = {"distilled+int8": "distilled", "pq+int8": "pq"}
+# The settings section each trained variant reads (the others read none): with the teacher, the seed and
+# the export runtime it is what decides the variant's files, so it is the variant's fingerprint.
+TRAINED_WITH = {"pruned": "pruning", "distilled": "distill", "distilled+int8": "distill", "lowrank": "lowrank",
+                "pq": "pq", "pq+int8": "pq"}
+VARIANT_NAMES = ("fp32", "fp16", "bf16", "int8", "int4", *TRAINED_WITH)
+
+
+def variant_fingerprint(cfg: CompressConfig, name: str, teacher_sha256: str, seed: int, features_dir: Path) -> dict:
+    """What variant `name`'s files depend on; a variant and the one it reuses (REUSED_FROM) share it."""
+    settings = cfg.model_dump(mode="json")
+    fingerprint = {"teacher_sha256": teacher_sha256, "seed": seed, "runtime": settings["runtime"]}
+    section = TRAINED_WITH.get(name)
+    if section is not None:  # trained on the features with the fine-tune loop's settings
+        fingerprint.update({section: settings[section], "batch_size": settings["batch_size"],
+                            "patience": settings["patience"], "features_sha256": directory_sha256(features_dir)})
+    return fingerprint
+
+
+def _recorded_fingerprint(directory: Path) -> dict | None:
+    path = directory / VARIANT_FILE
+    return json.loads(path.read_text(encoding="utf-8")).get("fingerprint") if path.exists() else None
 
 
 def _reused(cached: Path, fingerprint: dict) -> tuple[SASRec, dict] | None:
@@ -240,16 +262,21 @@ def compress_variant(cfg: CompressConfig, layout: Layout, run_name: str, name: s
     """
     run_dir = layout.model_dir(run_name)
     check_teacher(run_dir, train_cfg)
+    if name not in VARIANT_NAMES:
+        raise CompressError(f"unknown variant {name!r}; known: {', '.join(VARIANT_NAMES)}")
     started = time.perf_counter()
+    out_dir = variants_dir(layout, run_name)
+    target = out_dir / name
+    fingerprint = variant_fingerprint(cfg, name, _file_sha256(run_dir / WEIGHTS_FILE), seed, layout.features_dir)
+    if _recorded_fingerprint(target) == fingerprint:
+        # Built from the same teacher, seed, data and settings sections: its files are what a rebuild would
+        # write, so it is kept (a changed compress.distill rebuilds the students only).
+        logger.info("variant %s is current (same teacher and settings): kept", name)
+        return {"name": name, "kind": json.loads((target / VARIANT_FILE).read_text(encoding="utf-8"))["kind"],
+                "path": str(target), "size_bytes": size_on_disk(target), "seconds": 0.0, "kept": True}
     torch.manual_seed(seed)
     teacher = load_model(run_dir)
     device = select_device(cfg.device, "compress.device")
-    out_dir = variants_dir(layout, run_name)
-    settings = cfg.model_dump(mode="json")
-    # What the variant depends on: a rebuilt teacher or changed settings must not reuse old work.
-    fingerprint = {"teacher_sha256": _file_sha256(run_dir / WEIGHTS_FILE), "seed": seed,
-                   **{key: settings[key] for key in ("distill", "batch_size", "patience")},
-                   **({"pq": settings["pq"]} if name in PQ_VARIANTS else {})}
     extra: dict = {"name": name, "teacher": str(run_dir)}
     needs_data = (name in ("pruned", "distilled", "distilled+int8") or (name == "lowrank" and cfg.lowrank.finetune_epochs)
                   or (name in PQ_VARIANTS and cfg.pq.finetune_epochs))
@@ -294,12 +321,9 @@ def compress_variant(cfg: CompressConfig, layout: Layout, run_name: str, name: s
         _own_reuse_unrecorded(info, out_dir / name)
         extra.update(info, pq=cfg.pq.model_dump(mode="json"))
         kind, rank = ("pq" if name == "pq" else "pq_int8"), None
-    else:
-        raise CompressError(f"unknown variant {name!r}")
     extra["fingerprint"] = fingerprint
 
     # Build into a temporary sibling, then swap: a failed build never leaves half a variant behind.
-    target = out_dir / name
     staging = out_dir / f".{name}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     save_variant(model, staging, kind, rank, extra=extra)

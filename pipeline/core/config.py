@@ -39,8 +39,8 @@ class _Strict(BaseModel):
 class SyntheticConfig(_Strict):
     """Seeded generator of implicit-feedback sequences (see pipeline/data/sources/synthetic.py)."""
 
-    n_interactions: int = Field(200_000, ge=1_000, le=100_000_000)
-    n_items: int = Field(3_000, ge=20)
+    n_interactions: int = Field(60_000, ge=1_000, le=100_000_000)
+    n_items: int = Field(1_000, ge=20)
     mean_sequence_length: float = Field(50.0, ge=3.0)
     n_topics: int = Field(20, ge=1)
     popularity_exponent: float = Field(1.0, ge=0.0, description="Zipf exponent of item popularity")

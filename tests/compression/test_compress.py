@@ -146,6 +146,27 @@ def test_runtime_torch_builds_no_encoder(compressed, tmp_path):
     assert load_variant(Path(built["path"])).encoder is None
 
 
+def test_a_changed_settings_section_rebuilds_only_the_variants_that_read_it(compressed, tmp_path):
+    source = compressed["layout"]
+    layout = copy_features(source, tmp_path)
+    shutil.copytree(source.model_dir("main"), layout.model_dir("main"), ignore=shutil.ignore_patterns("checkpoints"))
+    names = ["fp16", "pruned", "distilled", "distilled+int8"]
+    variants = layout.model_dir("main") / "variants"
+    before = {name: (variants / name / VARIANT_FILE).stat().st_mtime_ns for name in names}
+    same = params_from_dict({}, [*TINY_COMPRESS, f"compress.variants=[{','.join(names)}]"]).compress
+    assert all(result.get("kept") for result in run_compress(same, layout, "main", seed=0).values())
+    longer = params_from_dict({}, [*TINY_COMPRESS, f"compress.variants=[{','.join(names)}]",
+                                   "compress.distill.epochs=7"]).compress
+    rebuilt = run_compress(longer, layout, "main", seed=0)
+    assert {name for name, result in rebuilt.items() if result.get("kept")} == {"fp16", "pruned"}
+    assert all((variants / name / VARIANT_FILE).stat().st_mtime_ns == before[name] for name in ("fp16", "pruned"))
+    student = json.loads((variants / "distilled" / VARIANT_FILE).read_text())
+    assert student["student"]["epochs"] == 7
+    assert json.loads((variants / "distilled+int8" / VARIANT_FILE).read_text())["reused"].endswith("distilled")
+    # a new seed is a new variant everywhere
+    assert not any(result.get("kept") for result in run_compress(longer, layout, "main", seed=1).values())
+
+
 def test_pruning_really_shrinks_the_saved_model(compressed, tmp_path):
     pruned_dir = compressed["layout"].root / compressed["report"]["models"]["pruned"]["path"]
     model = load_variant(pruned_dir)
