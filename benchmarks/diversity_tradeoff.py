@@ -46,6 +46,7 @@ logger = logging.getLogger("diversity_tradeoff")
 
 DIVERSITY_DATASETS: dict[str, list[str]] = {
     "default": [],  # params.yaml as it is: the embedded synthetic default
+    "synthetic-200k": ["ingest.synthetic.n_interactions=200000", "ingest.synthetic.n_items=3000"],  # the default before 2026-12-02
     "ml-100k": DATASETS["ml-100k"],  # ../shared/data/ml-100k, every rating an interaction
 }
 COMMON = ["tracking.enabled=false", "train.baselines=[]"]

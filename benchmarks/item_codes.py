@@ -46,6 +46,7 @@ from pipeline.training.train import run_train  # noqa: E402
 
 CODE_DATASETS: dict[str, list[str]] = {
     "default": [],  # params.yaml as it is: the embedded default of `dvc repro`
+    "synthetic-200k": ["ingest.synthetic.n_interactions=200000", "ingest.synthetic.n_items=3000"],  # the default before 2026-12-02
     "ml-100k": DATASETS["ml-100k"],
     "synthetic-1m": ["ingest.synthetic.n_interactions=1000000", "ingest.synthetic.n_items=5000"],
     # A catalogue where the item table dominates the model: 100,439 items after filtering (items
