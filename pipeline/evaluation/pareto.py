@@ -102,7 +102,8 @@ def draw_pareto(report: dict, marked: str | None = None, marked_label: str = "re
         ax.scatter(r["latency_p50_ms"], r["ndcg@10"], s=area_pt2(name), marker=shape, color=colour, alpha=0.6,
                    edgecolors="black", linewidths=1.5 if role(name) != "variant" else 0.5, zorder=2)
     ax.margins(0.2)
-    ax.set_xlabel(f"batch-1 latency p50, ms (CPU, {report['threads']} threads; left is faster)")
+    threads = report["threads"]
+    ax.set_xlabel(f"batch-1 latency p50, ms (CPU, {threads} thread{'' if threads == 1 else 's'}; left is faster)")
     ax.set_ylabel(f"NDCG@10 ({report['split']} split, full ranking; up is better)")
     what = ("the teacher, also the " + marked_label if marked == teacher else
             f"the teacher and the {marked_label} ({marked})" if marked else "the teacher")
