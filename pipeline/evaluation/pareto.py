@@ -1,10 +1,10 @@
 """The Pareto chart of a compression report: NDCG@10 against batch-1 latency, one marker per model.
 
 Marker area is proportional to bytes on disk; the teacher and a marked model (the register stage's
-candidate) have their own marker and colour, named in the legend. Labels are placed so that none
-overlaps another or a marker's centre: for each model in turn, the first free spot on rings of growing
-distance around its marker (deterministic, no extra dependency), with a thin leader line when the label
-sits away from its marker.
+candidate) have their own marker and colour, named in the legend and the title. Labels are placed so
+that none overlaps another label nor a marker (where crowded markers leave no room: nor a marker's
+centre): for each model in turn, the first free spot on rings of growing distance around its marker
+(deterministic, no extra dependency), with a thin leader line when the label sits away from its marker.
 
 Imports nothing heavy (matplotlib only when drawing), so the register stage draws without torch.
 """
@@ -17,7 +17,8 @@ from typing import Any
 from pipeline.core.io import atomic_path
 
 TEACHER = "teacher"
-# Label placement, in pixels: the gap between a marker and its label, the ring step, and how far out to look.
+# Label placement, in pixels: the gap between a marker and its label, how many rings (one label height apart)
+# to try, and the box kept clear around each marker's centre.
 GAP_PX = 5.0
 RINGS = 16
 MARKER_CLEARANCE_PX = 3.0
@@ -87,6 +88,9 @@ def draw_pareto(report: dict, marked: str | None = None, marked_label: str = "re
         raise ValueError(f"{marked!r} is not a model of the report ({sorted(models)})")
     largest = max(r["size_bytes"] for r in models.values()) or 1
     styles = {"teacher": ("s", "tab:red"), "marked": ("D", "gold"), "variant": ("o", "tab:blue")}
+    # How far each marker reaches from its centre, in units of sqrt(area): a circle's and a square's half width
+    # is half its size, a diamond (a square turned 45 degrees) reaches half its diagonal.
+    reach = {"s": 0.5, "o": 0.5, "D": 0.5 * 2**0.5}
 
     def role(name: str) -> str:
         return "marked" if name == marked else "teacher" if name == teacher else "variant"
@@ -100,15 +104,15 @@ def draw_pareto(report: dict, marked: str | None = None, marked_label: str = "re
         r = models[name]
         shape, colour = styles[role(name)]
         ax.scatter(r["latency_p50_ms"], r["ndcg@10"], s=area_pt2(name), marker=shape, color=colour, alpha=0.6,
-                   edgecolors="black", linewidths=1.5 if role(name) != "variant" else 0.5, zorder=2)
+                   edgecolors="black", linewidths=1.5 if role(name) != "variant" else 0.5,
+                   zorder=2 if role(name) == "variant" else 2.5)  # the marked ones on top
     ax.margins(0.2)
     threads = report["threads"]
     ax.set_xlabel(f"batch-1 latency p50, ms (CPU, {threads} thread{'' if threads == 1 else 's'}; left is faster)")
     ax.set_ylabel(f"NDCG@10 ({report['split']} split, full ranking; up is better)")
     what = ("the teacher, also the " + marked_label if marked == teacher else
             f"the teacher and the {marked_label} ({marked})" if marked else "the teacher")
-    ax.set_title(f"Compression: NDCG@10 against latency of the teacher and each variant\n"
-                 f"marked: {what}; marker area ~ bytes on disk", fontsize=10)
+    ax.set_title(f"Compression: NDCG@10 against latency (marker area ~ bytes on disk)\nmarked: {what}", fontsize=10)
     ax.grid(alpha=0.3)
     legend = [] if marked == teacher else [Line2D([], [], marker=styles["teacher"][0], color=styles["teacher"][1],
                                                   markeredgecolor="black", linestyle="", label=f"teacher\n({teacher})")]
@@ -127,8 +131,8 @@ def draw_pareto(report: dict, marked: str | None = None, marked_label: str = "re
     # Marked models first (they get the nearest spots), then left to right.
     order = sorted(names, key=lambda n: (role(n) == "variant", models[n]["latency_p50_ms"], -models[n]["ndcg@10"]))
     points = [tuple(ax.transData.transform((models[n]["latency_p50_ms"], models[n]["ndcg@10"]))) for n in order]
-    # A marker's half-width in pixels: its area is in points^2.
-    radii = [area_pt2(n) ** 0.5 / 2 * fig.dpi / 72 for n in order]
+    # How far each marker reaches, in pixels (its area is in points^2).
+    radii = [area_pt2(n) ** 0.5 * reach[styles[role(n)][0]] * fig.dpi / 72 for n in order]
     texts = []
     for name in order:
         text = ax.text(0, 0, f"{name}\n{models[name]['size_bytes'] / 1024:,.0f} KiB", fontsize=7, ha="center",
