@@ -34,7 +34,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.train_speed import COMMON, TRAIN_DATASETS, prepare  # noqa: E402
 from pipeline.compression.compress import run_compress  # noqa: E402
 from pipeline.core.config import load_params  # noqa: E402
-from pipeline.evaluation.compression_report import REPORT_PNG, markdown, measure_models, model_directories, pareto_chart  # noqa: E402
+from pipeline.evaluation.compression_report import REPORT_PNG, markdown, measure_models, model_directories  # noqa: E402
+from pipeline.evaluation.pareto import pareto_chart  # noqa: E402
 from pipeline.training.train import run_train  # noqa: E402
 
 

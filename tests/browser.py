@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -29,6 +30,19 @@ CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-st
 
 def find_chromium() -> str | None:
     return next((path for name in CANDIDATES if (path := shutil.which(name))), None)
+
+
+ARTIFACTS_ENV = "LEANREC_TEST_ARTIFACTS"  # where CI (.ci/run) collects the screenshots
+
+
+def keep_as_test_artifact(shot: Path) -> Path | None:
+    """A copy of `shot` in $LEANREC_TEST_ARTIFACTS (None when it is not set)."""
+    if not os.environ.get(ARTIFACTS_ENV):
+        return None
+    target = Path(os.environ[ARTIFACTS_ENV]) / shot.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shot, target)
+    return target
 
 
 class Browser:

@@ -1,4 +1,5 @@
-"""mlflow/server.sh in tests: generated credentials, and waiting until a user can log in.
+"""mlflow/server.sh in tests: generated credentials, and waiting until a user can log in; and a plain
+`mlflow server` over a test's own store, for tests that look at the UI.
 
 The server answers /health before mlflow/bootstrap_users.py has created its users, so a test that
 acts as a user waits for that user's login instead.
@@ -7,11 +8,16 @@ acts as a user waits for that user's login instead.
 from __future__ import annotations
 
 import base64
+import contextlib
 import secrets
+import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 
 WORKER = "leanrec-worker"
 READER = "leanrec-reader"
@@ -58,3 +64,40 @@ def wait_for_login(uri: str, user: str, password: str, proc: subprocess.Popen, l
             pass
         time.sleep(1)
     raise TimeoutError(f"{user} could not log in to {uri} within {seconds:.0f} s\n{log}")
+
+
+@contextlib.contextmanager
+def plain_server(backend_store_uri: str, workdir: Path, seconds: float = 120) -> Iterator[str]:
+    """`mlflow server` (no auth) over `backend_store_uri` on a free local port, run in `workdir`; yields its
+    base URL once /health answers, and stops the server on exit."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = workdir / "mlflow-server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri,
+                                 "--default-artifact-root", (workdir / "mlartifacts").as_uri(), "--host", "127.0.0.1",
+                                 "--port", str(port), "--workers", "1"], cwd=workdir, stdout=out, stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + seconds
+        while status_or_none(uri, "/health") != 200:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not come up (exit {proc.poll()}):\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def status_or_none(uri: str, path: str) -> int | None:
+    """`status`, or None while nothing listens yet."""
+    try:
+        return status(uri, path)
+    except OSError:
+        return None

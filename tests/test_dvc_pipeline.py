@@ -56,6 +56,7 @@ def test_dvc_repro_runs_and_second_repro_does_nothing(repo_copy):
     assert {"teacher", "popularity", "bpr", "chosen"} == set(summary) and summary["chosen"]["size_bytes"] > 0
     plots = _run([*dvc, "plots", "show", "--json"], repo_copy, env).stdout
     assert "reports/compression.png" in plots and "Validation NDCG@10" in plots
+    assert "reports/registration.png" in plots and (repo_copy / "reports/registration.png").stat().st_size > 0
     # `dvc metrics diff` against the committed run (HEAD) reads the cached summary: it works, no change.
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
     _run(["git", "add", "-A"], repo_copy, env)

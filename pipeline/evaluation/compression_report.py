@@ -13,8 +13,8 @@ Beside NDCG@10/HR@10 each model gets the beyond-accuracy metrics of its top-10 l
 coverage, Gini index of exposure).
 
 Outputs: reports/compression.json (DVC metrics), reports/compression.md,
-reports/compression.png (Pareto chart: NDCG@10 against batch-1 latency, point
-area proportional to bytes on disk), and one MLflow child run per variant under
+reports/compression.png (Pareto chart, pipeline/evaluation/pareto.py: NDCG@10 against batch-1
+latency, point area proportional to bytes on disk, the teacher marked), and one MLflow child run per variant under
 the training run.
 """
 
@@ -34,6 +34,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.io import Layout, atomic_path, write_json
 from pipeline.data.sequences import evaluation_batches, load_sequences
 from pipeline.evaluation.metrics import BEYOND_ACCURACY, evaluate
+from pipeline.evaluation.pareto import TEACHER, pareto_chart
 from pipeline.evaluation.serving_cost import measure_serving
 from pipeline.evaluation.summary import COMPRESSION_REPORT
 from pipeline.models.coded import CODES_PREFIX
@@ -46,7 +47,6 @@ logger = logging.getLogger(__name__)
 REPORT_JSON = COMPRESSION_REPORT
 REPORT_MD = "compression.md"
 REPORT_PNG = "compression.png"
-TEACHER = "teacher"
 ROUNDS = 5
 TABLE_PREFIXES = ("item_embedding.", "table.", "item_factors", "basis", f"{CODES_PREFIX}.")
 
@@ -227,32 +227,6 @@ def markdown(report: dict) -> str:
     for name, r in report["models"].items():
         lines.append(f"| {name} | {r['ild@10']:.4f} | {r['novelty@10']:.3f} | {r['coverage@10']:.4f} | {r['gini@10']:.4f} |")
     return "\n".join(lines) + "\n"
-
-
-def pareto_chart(report: dict, target: Path) -> Path:
-    """NDCG@10 against batch-1 latency; marker area proportional to bytes on disk."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers and CI
-    import matplotlib.pyplot as plt
-
-    models = report["models"]
-    largest = max(r["size_bytes"] for r in models.values())
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for name, r in models.items():
-        ax.scatter(r["latency_p50_ms"], r["ndcg@10"], s=40 + 900 * r["size_bytes"] / largest, alpha=0.6,
-                   color="tab:red" if name == TEACHER else "tab:blue", edgecolors="black", linewidths=0.5)
-        ax.annotate(f"{name}\n{r['size_bytes'] / 1024:,.0f} KiB", (r["latency_p50_ms"], r["ndcg@10"]), fontsize=7,
-                    xytext=(6, 4), textcoords="offset points")
-    ax.set_xlabel(f"batch-1 latency p50, ms (CPU, {report['threads']} threads)")
-    ax.set_ylabel(f"NDCG@10 ({report['split']}, full ranking)")
-    ax.set_title("Teacher and compressed variants (marker area ~ bytes on disk)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(target) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return target
 
 
 def row_metrics(row: dict) -> dict[str, float]:

@@ -11,6 +11,9 @@
   in words, as its description (pipeline/registry/describe.py), and aliased
   `challenger`. A version whose files (model + features) have the same
   content hash is reused instead of duplicated, so re-running is safe.
+  reports/registration.png is the compression report's Pareto chart with the
+  candidate marked beside the teacher (the evaluate stage's chart, drawn before
+  the choice, marks the teacher only); a new version's register run holds it too.
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ from typing import Any
 from pipeline.core.config import RegistryConfig, TrackingConfig
 from pipeline.core.errors import RegistryError
 from pipeline.core.io import Layout, write_json
+from pipeline.evaluation.pareto import pareto_chart
 from pipeline.registry.describe import describe_model, describe_version, model_description
 from pipeline.registry.store import (
     CHALLENGER,
     COMPRESSION_REPORT,
     FIGURES,
+    REGISTRATION_CHART,
     REGISTRATION_REPORT,
     TAG_ARTIFACTS,
     TAG_CONTENT,
@@ -154,6 +159,8 @@ def register(cfg: RegistryConfig, tracking: TrackingConfig, layout: Layout) -> d
         raise RegistryError(f"{layout.features_dir} has no features: run the features stage first")
     features_sha = directory_sha256(layout.features_dir)
     content = content_sha256(model_dir, features_sha)
+    chart = pareto_chart(report, layout.reports_dir / REGISTRATION_CHART, marked=candidate,
+                         marked_label=f"registered candidate, alias {CHALLENGER}")
     client = registry_client(tracking, layout.root)
     _ensure_registered_model(client, cfg.model_name)
 
@@ -186,6 +193,7 @@ def register(cfg: RegistryConfig, tracking: TrackingConfig, layout: Layout) -> d
         with mlflow_run(tracking, layout.root, f"register-{candidate}", tags={k: v for k, v in tags.items() if v},
                         system_metrics=False):
             mlflow.log_dict(report, f"reports/{COMPRESSION_REPORT}")
+            mlflow.log_artifact(str(chart), "reports")
             mlflow.log_metrics({tag_key(f).removeprefix("leanrec.metric."): float(entry[f])
                                 for f in FIGURES if isinstance(entry.get(f), int | float)})
             info = log_servable(model_dir, layout.features_dir)

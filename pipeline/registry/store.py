@@ -31,6 +31,8 @@ COMPRESSION_REPORT = "compression.json"
 
 
 REGISTRATION_REPORT = "registration.json"
+# The compression report's Pareto chart with the registered candidate marked beside the teacher.
+REGISTRATION_CHART = "registration.png"
 
 
 PROMOTION_REPORT = "promotion.json"

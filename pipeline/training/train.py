@@ -3,7 +3,8 @@
 A thin stage over the training engine (pipeline/training/engine.py): it builds the model
 config, the model and the next-item loss, calls the engine, and writes the outputs
 (model.safetensors on every better validation epoch, history.json, train.json, the
-baselines, run.json with the MLflow run).
+baselines, run.json with the MLflow run; in the MLflow run, the per-epoch metrics with step=epoch
+and their picture, pipeline/training/curve.py).
 
 GPU first, CPU fallback, one code path:
 - CUDA: bf16 autocast (fp16 + GradScaler where bf16 is missing), TF32 matmuls,
@@ -72,6 +73,7 @@ from pipeline.training.checkpoint import (
     load_checkpoint,
     shape_differences,
 )
+from pipeline.training.curve import log_training_curve
 from pipeline.training.distributed import barrier, init_distributed
 from pipeline.training.engine import Engine, EngineSettings, Hooks
 from pipeline.training.losses import NextItemLoss, module_loss, resolve_loss, sampling_log_probabilities
@@ -347,6 +349,8 @@ def run_train(
                         "baseline_seconds": baseline_seconds}, run_dir / TRAIN_INFO_FILE)
             if mlflow is not None:
                 mlflow.log_metrics({"best_valid_ndcg10": max(state.best_metric, 0.0), "best_epoch": state.best_epoch})
+                if state.history:  # the per-epoch metrics are logged with step=epoch; this is them as one picture
+                    log_training_curve(state.history, f"SASRec teacher, run {cfg.run_name}: training curve")
                 if (run_dir / WEIGHTS_FILE).exists():
                     mlflow.log_artifacts(str(run_dir), artifact_path="model")
     barrier(world)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,7 +19,7 @@ import pytest
 import requests
 
 from pipeline.orchestration import runs
-from tests.browser import Browser, find_chromium
+from tests.browser import Browser, find_chromium, keep_as_test_artifact
 from tests.dags.test_dags import TRAIN_ORDER
 from tests.helpers import TINY_FORM
 
@@ -226,11 +225,5 @@ def test_trigger_form_screenshot_shows_every_parameter_with_its_description(airf
     for shot in shots:
         assert shot.stat().st_size > 20_000
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    destinations = list(shots)
-    if os.environ.get("LEANREC_TEST_ARTIFACTS"):
-        for shot in shots:
-            target = Path(os.environ["LEANREC_TEST_ARTIFACTS"]) / shot.name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(shot, target)
-            destinations.append(target)
+    destinations = [*shots, *filter(None, map(keep_as_test_artifact, shots))]
     print("trigger form screenshots: " + ", ".join(str(p) for p in destinations))

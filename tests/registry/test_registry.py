@@ -101,6 +101,9 @@ def test_register_tags_aliases_and_is_idempotent(work, tmp_path):
     assert float(tags["leanrec.metric.latency_p50_ms"]) == pytest.approx(figures[best]["latency_p50_ms"], abs=5e-4)
     assert len(tags["leanrec.features.sha256"]) == 64 and len(tags["leanrec.content_sha256"]) == 64
     assert "leanrec.git_commit" in tags
+    # The Pareto chart with the candidate marked, beside the report and in the register run.
+    assert (work.reports_dir / "registration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "reports/registration.png" in [a.path for a in client.list_artifacts(version.run_id, "reports")]
     # Same files again (a `dvc repro` rerun): no new version.
     again = register(NO_BUDGET, tracking, work)
     assert again["version"] == "1" and not again["created"]

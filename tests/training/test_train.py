@@ -310,3 +310,49 @@ def test_a_train_run_ends_the_runs_a_killed_train_left_running(features, tmp_pat
     assert client.get_run(killed.info.run_id).info.status == "FAILED"
     assert client.get_run(result.mlflow_run_id).info.status == "FINISHED"
     mlflow.set_tracking_uri(None)
+
+
+def test_a_tracked_train_run_has_the_per_epoch_metrics_and_the_training_curve_figure(features, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    import mlflow
+    from pipeline.training.curve import CURVE_ARTIFACT
+
+    layout = copy_features(features, tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    p = params_from_dict({}, [*FAST, "train.epochs=3", "train.early_stopping_patience=10", f"tracking.tracking_uri={uri}"])
+    try:
+        result = run_train(p.train, p.tracking, layout, seed=1)
+    finally:
+        mlflow.set_tracking_uri(None)
+    client = MlflowClient(uri)
+    trained = [r for r in result.history if "loss" in r]
+    assert [r["epoch"] for r in trained] == [0, 1, 2]
+    for key in ("loss", "valid_ndcg10"):
+        logged = sorted((m.step, m.value) for m in client.get_metric_history(result.mlflow_run_id, key))
+        assert logged == [(r["epoch"], pytest.approx(r[key])) for r in trained], key
+    [figure] = [a for a in client.list_artifacts(result.mlflow_run_id, "plots") if a.path == CURVE_ARTIFACT]
+    local = client.download_artifacts(result.mlflow_run_id, CURVE_ARTIFACT, str(tmp_path / "downloaded"))
+    assert Path(local).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.file_size > 10_000
+
+
+def test_the_training_curve_shows_loss_and_validation_ndcg_by_epoch():
+    import matplotlib.pyplot as plt
+
+    from pipeline.training.curve import training_curve
+
+    history = [{"epoch": -1, "valid_ndcg10": 0.01}, {"epoch": 0, "loss": 5.0, "valid_ndcg10": 0.05},
+               {"epoch": 1, "loss": 4.0, "valid_ndcg10": 0.09}, {"epoch": 2, "loss": 3.5, "valid_ndcg10": 0.08}]
+    fig = training_curve(history, "run main")
+    try:
+        top, bottom = fig.axes
+        assert fig._suptitle.get_text() == "run main"
+        assert top.get_title() == "Training loss per epoch" and "loss" in top.get_ylabel()
+        assert bottom.get_title() == "Validation NDCG@10 after each epoch" and bottom.get_xlabel() == "epoch"
+        [loss] = top.get_lines()
+        assert list(loss.get_xdata()) == [0, 1, 2] and list(loss.get_ydata()) == [5.0, 4.0, 3.5]
+        [ndcg] = bottom.get_lines()
+        assert list(ndcg.get_xdata()) == [-1, 0, 1, 2]
+        assert [t.get_text() for t in bottom.get_legend().get_texts()] == ["best: epoch 1, 0.0900 (weights kept)"]
+    finally:
+        plt.close(fig)
