@@ -11,6 +11,7 @@ import pytest
 
 from pipeline.core.config import params_from_dict
 from pipeline.core.io import Layout
+from pipeline.data import sql_engine as sql_engines
 from pipeline.data.features_outofcore import run_features_on
 from pipeline.data.ingest import run_ingest
 from pipeline.data.validation import run_validate
@@ -87,3 +88,15 @@ def test_string_ids_and_an_extended_vocabulary_match(tmp_path, sql_engine):
         shutil.rmtree(first.features_dir.parent / "validated")
     for name in FEATURE_FILES:
         assert pq.read_table(runs[sql_engine].features_dir / name).equals(pq.read_table(runs["pandas"].features_dir / name)), name
+
+
+def test_batches_smaller_than_the_input_change_no_output(tmp_path, sql_engine, monkeypatch):
+    """Both stages stream rows in batches of sql_engine.BATCH_ROWS; a user's rows straddle batches here."""
+    expected = _run(tmp_path, "pandas", {}, defects=True)
+    monkeypatch.setattr(sql_engines, "BATCH_ROWS", 997)
+    got = _run(tmp_path, sql_engine, {}, defects=True)
+    for name in FEATURE_FILES:
+        assert pq.read_table(got.features_dir / name).equals(pq.read_table(expected.features_dir / name)), name
+    assert pq.read_table(got.validated_interactions).equals(pq.read_table(expected.validated_interactions))
+    quarantine = [pq.read_table(run.quarantine_dir / "validate.parquet").to_pandas() for run in (expected, got)]
+    assert quarantine[1].equals(quarantine[0]) and len(quarantine[0]) >= 30

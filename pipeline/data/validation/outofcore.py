@@ -102,7 +102,8 @@ def _write_outputs(con: SqlEngine, run: RunState, parquet: pq.ParquetFile, rows:
         for batch in parquet.iter_batches(batch_size=sql_engine.BATCH_ROWS):
             batch_table = pa.Table.from_batches([batch])
             con.register("batch_table", batch_table)
-            codes = np.asarray(con.arrow(f"SELECT {rows.code()} AS code FROM batch_table").column("code").to_numpy(), np.int8)
+            codes = con.arrow(f"SELECT {rows.code()} AS code FROM batch_table").column("code").to_numpy()
+            codes = codes.astype(np.int8)  # a writable copy: Arrow's buffer is read-only
             lo, hi = np.searchsorted(duplicates, [first, first + batch_table.num_rows])
             codes[duplicates[lo:hi] - first] = duplicate_code
             quarantine.write_table(routing.quarantine_table(batch_table, codes))
