@@ -4,7 +4,7 @@ validate (`validation/outofcore`) and features (`features_outofcore`) state thei
 SQL that DuckDB and Spark SQL both read (Spark with ANSI double-quoted identifiers,
 `spark_session`), and run it through an `SqlEngine`; the few spellings that differ are the
 `Dialect`'s. Tables are named: `parquet` makes a view of a file with its row number, and
-`materialize` computes a query once (a DuckDB temp table, a cached Spark view).
+`materialize` computes a query once (a DuckDB temp table; on Spark a view of a local checkpoint).
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ class SparkEngine:
 
     def parquet(self, name: str, path: Path) -> None:
         frame = self.spark.read.parquet(str(path.resolve()))  # the JVM's working directory is not Python's
+        # _metadata.row_index: the row's position in its file, DuckDB's file_row_number (the stages read one file).
         frame.selectExpr("*", "_metadata.row_index AS file_row_number").createOrReplaceTempView(name)
 
     def materialize(self, name: str, sql: str) -> None:
