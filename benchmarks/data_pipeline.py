@@ -6,6 +6,10 @@ Each dataset runs in its own child process, so its peak resident memory
     python benchmarks/data_pipeline.py                       # 1M, 10M synthetic and ML-100K
     python benchmarks/data_pipeline.py --datasets synthetic-1m --repeats 3
     python benchmarks/data_pipeline.py --datasets synthetic-1m synthetic-10m --engines pandas duckdb
+    python benchmarks/data_pipeline.py --datasets synthetic-1m synthetic-10m --engines spark duckdb
+
+Peak RSS is the child Python process's; with data_engine spark the JVM is a process of its own
+(spark.driver_memory caps its heap) and is not in that figure.
 
 Results are printed as a markdown table and written to --out as JSON.
 """
@@ -45,8 +49,7 @@ def run_child(overrides: list[str], workdir: str) -> None:
     """Runs in the child: the three stages, timed, printed as one JSON line."""
     from pipeline.core.config import load_params
     from pipeline.core.io import Layout
-    from pipeline.data.features import run_features
-    from pipeline.data.features_outofcore import run_features_out_of_core
+    from pipeline.data.features_outofcore import run_features_on
     from pipeline.data.ingest import run_ingest
     from pipeline.data.validation import run_validate
 
@@ -58,10 +61,10 @@ def run_child(overrides: list[str], workdir: str) -> None:
     ingest = run_ingest(params.ingest, layout, seed=params.seed)
     seconds["ingest"] = time.perf_counter() - started
     mark = time.perf_counter()
-    validation = run_validate(params.validate_, layout, engine=params.data_engine)
+    validation = run_validate(params.validate_, layout, engine=params.data_engine, spark=params.spark)
     seconds["validate"] = time.perf_counter() - mark
     mark = time.perf_counter()
-    features = (run_features_out_of_core if params.data_engine == "duckdb" else run_features)(params.features, layout)
+    features = run_features_on(params.data_engine, params.features, layout, params.spark)
     seconds["features"] = time.perf_counter() - mark
     seconds["total"] = time.perf_counter() - started
     print(json.dumps({
@@ -108,7 +111,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=["synthetic-1m", "synthetic-10m", "ml-100k"], choices=list(DATASETS))
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--engines", nargs="+", default=["pandas"], choices=["pandas", "duckdb"], help="params data_engine")
+    parser.add_argument("--engines", nargs="+", default=["pandas"], choices=["pandas", "duckdb", "spark"],
+                        help="params data_engine")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_pipeline.json"))
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -337,10 +337,17 @@ class RecommendConfig(_Strict):
     explain: bool = Field(False, description="add each item's top supporting history items and weights (list columns)")
 
 
+class SparkConfig(_Strict):
+    master: str = Field("local[*]", description="local[N], or an existing cluster: spark://host:7077, k8s://https://host:443, yarn")
+    driver_memory: str = Field("4g", description="spark.driver.memory (the driver collects the sorted rows it writes)")
+    conf: dict[str, str] = Field({}, description="more Spark settings, e.g. spark.sql.shuffle.partitions, spark.hadoop.fs.s3a.*")
+
+
 class Params(_Strict):
     seed: int = Field(42, description="seeds data generation, batch order and initialisation")
-    data_engine: Literal["pandas", "duckdb"] = Field("pandas", description="validate and features in memory (pandas) "
-                                                     "or out of core (duckdb: bounded memory, spills to disk)")
+    data_engine: Literal["pandas", "duckdb", "spark"] = Field("pandas", description="validate and features in memory (pandas), "
+                                                              "out of core (duckdb: bounded memory, spills to disk) or on Spark")
+    spark: SparkConfig = SparkConfig()
     ingest: IngestConfig = IngestConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     features: FeaturesConfig = FeaturesConfig()

@@ -2,7 +2,7 @@
 
 DuckDB sorts, joins, windows and aggregates out of core: past `MEMORY_LIMIT` it writes to
 `spill_dir` instead of growing. The limit is DuckDB's own buffer pool; Arrow batches handed to
-Python (BATCH_ROWS at a time) come on top of it.
+Python (`sql_engine.BATCH_ROWS` at a time) come on top of it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from pathlib import Path
 import duckdb
 
 MEMORY_LIMIT = os.environ.get("LEANREC_DUCKDB_MEMORY_LIMIT", "4GB")
-BATCH_ROWS = 1_000_000  # rows per Arrow batch streamed through Python
 
 
 @contextlib.contextmanager

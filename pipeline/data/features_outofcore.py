@@ -1,15 +1,16 @@
-"""Stage `features` out of core (params `data_engine: duckdb`): the same files as `features.run_features`.
+"""Stage `features` in SQL (params `data_engine: duckdb` or `spark`): the same files as `features.run_features`.
 
-DuckDB does the row work with bounded memory, spilling beyond its limit (`duckdb_session`):
-rating threshold, de-duplication, the iterative k-core, the vocabularies' first-seen order and
-the final sort. "Source order" is the validated file's row number (`r`), so every tie is broken
+DuckDB (bounded memory, spilling beyond its limit: `duckdb_session`) or Spark (`spark_session`)
+does the row work, in the SQL both read (`sql_engine`): rating threshold, de-duplication, the
+iterative k-core, the vocabularies' first-seen order and the final sort. "Source order" is the
+validated file's row number (`r`), so every tie is broken
 as the pandas path's stable sorts break it. The sorted rows then stream through Python in
 batches, user by user, into interactions.parquet and sequences.parquet, built by the same
 functions as in `features` (`split_labels`, `interactions_table`, `sequences_table`).
 
 Held in Python: the vocabularies and per-user counts (one entry per user or item, not per
-interaction), one batch of rows, and for the temporal split every kept timestamp (8 bytes a
-row, for the exact same quantiles as numpy).
+interaction), one batch of rows (on Spark the whole sorted result, collected as Arrow), and for the
+temporal split every kept timestamp (8 bytes a row, for the exact same quantiles as numpy).
 """
 
 from __future__ import annotations
@@ -24,11 +25,10 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline.core import schema
-from pipeline.core.config import FeaturesConfig
+from pipeline.core.config import FeaturesConfig, SparkConfig
 from pipeline.core.errors import FeaturesError
 from pipeline.core.io import Layout, atomic_dir, parquet_stream, write_json, write_parquet
-from pipeline.data import duckdb_session
-from pipeline.data.duckdb_session import sql_path
+from pipeline.data import sql_engine
 from pipeline.data.features import (
     INTERACTIONS_FILE,
     ITEM_VOCAB_FILE,
@@ -43,31 +43,35 @@ from pipeline.data.features import (
     load_previous_vocab,
     rating_threshold,
     report_features,
+    run_features,
     sequences_table,
     split_labels,
     temporal_cuts,
 )
+from pipeline.data.sql_engine import SqlEngine
 
 logger = logging.getLogger(__name__)
 
 USER, ITEM, T, R = (f'"{c}"' for c in (schema.USER, schema.ITEM, schema.TIMESTAMP, schema.RATING))
 
 
-def _count(con: Any, table: str) -> int:
-    return int(con.sql(f"SELECT count(*) FROM {table}").fetchall()[0][0])
+def _count(con: SqlEngine, table: str) -> int:
+    return int(con.rows(f"SELECT count(*) FROM {table}")[0][0])
 
 
-def _kcore(con: Any, cfg: FeaturesConfig) -> int:
-    """Filter table `kept` to its (min_user, min_item)-core, as `features.apply_kcore`; returns the passes."""
-    rows = _count(con, "kept")
+def _kcore(con: SqlEngine, cfg: FeaturesConfig, table: str) -> tuple[str, int]:
+    """`table` filtered to its (min_user, min_item)-core, as `features.apply_kcore`: the core's table and the passes."""
+    rows = _count(con, table)
     for iteration in range(1, cfg.max_kcore_iterations + 1):
-        con.execute(f"""CREATE OR REPLACE TEMP TABLE next_kept AS SELECT * FROM kept
-            WHERE {USER} IN (SELECT {USER} FROM kept GROUP BY ALL HAVING count(*) >= {cfg.min_user_interactions})
-              AND {ITEM} IN (SELECT {ITEM} FROM kept GROUP BY ALL HAVING count(*) >= {cfg.min_item_interactions})""")
-        con.execute("DROP TABLE kept; ALTER TABLE next_kept RENAME TO kept")
-        remaining = _count(con, "kept")
+        core = f"kcore_{iteration}"
+        con.materialize(core, f"""SELECT * FROM {table}
+            WHERE {USER} IN (SELECT {USER} FROM {table} GROUP BY {USER} HAVING count(*) >= {cfg.min_user_interactions})
+              AND {ITEM} IN (SELECT {ITEM} FROM {table} GROUP BY {ITEM} HAVING count(*) >= {cfg.min_item_interactions})""")
+        con.drop(table)
+        table = core
+        remaining = _count(con, table)
         if remaining == rows:
-            return iteration
+            return table, iteration
         rows = remaining
     raise FeaturesError(
         f"k-core filtering did not converge in {cfg.max_kcore_iterations} passes "
@@ -76,10 +80,10 @@ def _kcore(con: Any, cfg: FeaturesConfig) -> int:
     )
 
 
-def _first_seen(con: Any, column: str) -> pd.Series:
+def _first_seen(con: SqlEngine, table: str, column: str) -> pd.Series:
     """IDs in order of first appearance in (time, user, source order), as `features` orders them."""
-    ids = con.sql(f"SELECT {column} AS id FROM kept GROUP BY {column} ORDER BY min({{'t': {T}, 'u': {USER}, 'r': r}})").arrow().read_all()
-    return ids.to_pandas()["id"]
+    first = f"min({con.dialect.struct}({T}, {USER}, r))"
+    return con.arrow(f"SELECT {column} AS id FROM {table} GROUP BY {column} ORDER BY {first}").to_pandas()["id"]
 
 
 class _Sink:
@@ -105,12 +109,14 @@ class _Sink:
         self.splits.append(per_user_split)
 
 
-def _stream(con: Any, sink: _Sink) -> None:
+def _stream(con: SqlEngine, sink: _Sink) -> None:
     """Rows by (user index, time, source order), a batch at a time; a user's rows never straddle two writes."""
-    reader = con.sql(f"""SELECT user_idx, item_idx, epoch_us({T}) AS ts, {R} AS rating FROM indexed
-                        ORDER BY user_idx, {T}, r""").fetch_record_batch(duckdb_session.BATCH_ROWS)
+    reader = con.batches(f"""SELECT user_idx, item_idx, {con.dialect.epoch_us}({T}) AS ts, {R} AS rating FROM indexed
+                            ORDER BY user_idx, {T}, r""")
     carry: dict[str, np.ndarray] | None = None
     for batch in reader:
+        if not batch.num_rows:
+            continue
         rows = {name: batch.column(name).to_numpy() for name in ("user_idx", "item_idx", "ts", "rating")}
         if carry is not None:
             rows = {name: np.concatenate([carry[name], rows[name]]) for name in rows}
@@ -121,32 +127,36 @@ def _stream(con: Any, sink: _Sink) -> None:
         sink.write(carry)
 
 
-def run_features_out_of_core(cfg: FeaturesConfig, layout: Layout) -> FeaturesResult:
+def run_features_out_of_core(cfg: FeaturesConfig, layout: Layout, engine: str = "duckdb",
+                             spark: SparkConfig | None = None) -> FeaturesResult:
+    """`engine`: duckdb or spark (params `data_engine`), with the `spark` settings for spark."""
     started = time.perf_counter()
     source_path = layout.validated_interactions
     if not source_path.exists():
         raise FeaturesError(f"{source_path} not found: run the validate stage first")
-    source = f"read_parquet({sql_path(source_path)}, file_row_number = true)"
-    with duckdb_session.connect(layout.root / "data") as con:
-        low, high, rows_in = con.sql(f"SELECT min({R}), max({R}), count(*) FROM {source}").fetchall()[0]
+    source = "validated"
+    with sql_engine.connect(engine, layout.root / "data", spark) as con:
+        con.parquet(source, source_path)
+        low, high, rows_in = con.rows(f"SELECT min({R}), max({R}), count(*) FROM {source}")[0]
         counts: dict[str, int] = {"rows_in": int(rows_in)}
         threshold = rating_threshold(cfg.min_rating, pd.Series([low, high] if rows_in else [], dtype="float64"))
         # FLOAT: pandas compares the float32 ratings with the threshold as float32.
         where = f"WHERE {R} >= CAST({float(threshold)!r} AS FLOAT)" if threshold is not None else ""
-        con.execute(f"CREATE TEMP TABLE rated AS SELECT {USER}, {ITEM}, {T}, {R}, file_row_number AS r FROM {source} {where}")
+        columns = f"{USER}, {ITEM}, {T}, {R}"
+        con.materialize("rated", f"SELECT {columns}, file_row_number AS r FROM {source} {where}")
         rated = _count(con, "rated")
         counts["dropped_below_min_rating"] = rows_in - rated
-        if cfg.dedupe == "none":
-            con.execute("ALTER TABLE rated RENAME TO kept")
-        else:
+        kept = "rated"
+        if cfg.dedupe != "none":
             direction = "" if cfg.dedupe == "first" else " DESC"
-            con.execute(f"""CREATE TEMP TABLE kept AS SELECT * FROM rated QUALIFY row_number() OVER (
-                PARTITION BY {USER}, {ITEM} ORDER BY {T}{direction}, r{direction}) = 1""")
-            con.execute("DROP TABLE rated")
-        counts["dropped_duplicate_pairs"] = rated - _count(con, "kept")
-        deduped = _count(con, "kept")
-        kcore_passes = _kcore(con, cfg)
-        counts["rows_out"] = _count(con, "kept")
+            con.materialize("deduped", f"""SELECT {columns}, r FROM (SELECT *, row_number() OVER (
+                PARTITION BY {USER}, {ITEM} ORDER BY {T}{direction}, r{direction}) AS copy FROM rated) WHERE copy = 1""")
+            con.drop("rated")
+            kept = "deduped"
+        deduped = _count(con, kept)
+        counts["dropped_duplicate_pairs"] = rated - deduped
+        kept, kcore_passes = _kcore(con, cfg, kept)
+        counts["rows_out"] = _count(con, kept)
         counts["dropped_kcore"] = deduped - counts["rows_out"]
         counts = {k: counts[k] for k in ("rows_in", "dropped_below_min_rating", "dropped_duplicate_pairs", "dropped_kcore", "rows_out")}
         if counts["rows_out"] == 0:
@@ -156,17 +166,19 @@ def run_features_out_of_core(cfg: FeaturesConfig, layout: Layout) -> FeaturesRes
             )
 
         vocab_dir = Path(cfg.vocab_from) if cfg.vocab_from else None
-        user_ids, item_ids = _first_seen(con, USER), _first_seen(con, ITEM)
+        user_ids, item_ids = _first_seen(con, kept, USER), _first_seen(con, kept, ITEM)
         user_vocab = build_vocab(user_ids, load_previous_vocab(vocab_dir, USER_VOCAB_FILE, user_ids))
         item_vocab = build_vocab(item_ids, load_previous_vocab(vocab_dir, ITEM_VOCAB_FILE, item_ids))
         con.register("user_vocab", pa.Table.from_pandas(user_vocab, preserve_index=False))
         con.register("item_vocab", pa.Table.from_pandas(item_vocab, preserve_index=False))
-        con.execute(f"""CREATE TEMP TABLE indexed AS SELECT u."index" AS user_idx, i."index" AS item_idx, {T}, {R}, r
-            FROM kept JOIN user_vocab u ON kept.{USER} = u.id JOIN item_vocab i ON kept.{ITEM} = i.id""")
-        n_items = int(con.sql("SELECT count(DISTINCT item_idx) FROM indexed").fetchall()[0][0])
+        con.materialize("indexed", f"""SELECT u."index" AS user_idx, i."index" AS item_idx, {T}, {R}, r
+            FROM {kept} k JOIN user_vocab u ON k.{USER} = u.id JOIN item_vocab i ON k.{ITEM} = i.id""")
+        con.drop(kept)
+        n_items = int(con.rows("SELECT count(DISTINCT item_idx) FROM indexed")[0][0])
         cuts = None
         if cfg.split.strategy == "temporal":
-            cuts = temporal_cuts(con.sql(f"SELECT epoch_us({T}) AS ts FROM indexed").fetchnumpy()["ts"], cfg)
+            timestamps = con.arrow(f"SELECT {con.dialect.epoch_us}({T}) AS ts FROM indexed").column("ts").to_numpy()
+            cuts = temporal_cuts(timestamps, cfg)
 
         with atomic_dir(layout.features_dir) as tmp:
             interactions_schema = interactions_table(*(np.zeros(0, np.int64),) * 4, np.zeros(0, np.int8)).schema
@@ -184,4 +196,11 @@ def run_features_out_of_core(cfg: FeaturesConfig, layout: Layout) -> FeaturesRes
             write_parquet(user_vocab, tmp / USER_VOCAB_FILE)
             write_parquet(item_vocab, tmp / ITEM_VOCAB_FILE)
             write_json(stats, tmp / STATS_FILE)
-    return report_features(stats, layout, started, "duckdb")
+    return report_features(stats, layout, started, engine)
+
+
+def run_features_on(engine: str, cfg: FeaturesConfig, layout: Layout, spark: SparkConfig | None = None) -> FeaturesResult:
+    """Stage `features` on params `data_engine`: pandas in memory (`features`), duckdb or spark in SQL."""
+    if engine == "pandas":
+        return run_features(cfg, layout)
+    return run_features_out_of_core(cfg, layout, engine, spark)

@@ -232,6 +232,12 @@ def training_form(defaults: Params, **own: Param) -> dict[str, Param]:
             defaults.ingest.synthetic.n_items, type="integer", minimum=20,
             title="Synthetic items", section=DATA, description="Catalogue size of the generated data (synthetic source only).",
         ),
+        "data_engine": Param(
+            defaults.data_engine, type="string", enum=runs.choices("data_engine"), title="Data engine", section=DATA,
+            description="Where validate and features run: pandas in memory, duckdb out of core (bounded memory, spills "
+                        "to disk), or spark (params.yaml spark.master: local, or an existing cluster; needs Java 17+ "
+                        "on the worker). Every engine writes the same files.",
+        ),
     }
     training = {
         "epochs": Param(

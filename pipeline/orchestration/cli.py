@@ -32,7 +32,7 @@ def _ingest(params: Params, layout: Layout) -> Any:
 def _validate(params: Params, layout: Layout) -> Any:
     from pipeline.data.validation import run_validate
 
-    return run_validate(params.validate_, layout, engine=params.data_engine)
+    return run_validate(params.validate_, layout, engine=params.data_engine, spark=params.spark)
 
 
 def _drift(params: Params, layout: Layout) -> Any:
@@ -65,13 +65,9 @@ def _merge_reference(params: Params, layout: Layout) -> Any:
 
 
 def _features(params: Params, layout: Layout) -> Any:
-    if params.data_engine == "duckdb":
-        from pipeline.data.features_outofcore import run_features_out_of_core
+    from pipeline.data.features_outofcore import run_features_on
 
-        return run_features_out_of_core(params.features, layout)
-    from pipeline.data.features import run_features
-
-    return run_features(params.features, layout)
+    return run_features_on(params.data_engine, params.features, layout, params.spark)
 
 
 def _train(params: Params, layout: Layout, resume: bool = False) -> Any:

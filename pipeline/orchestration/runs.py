@@ -46,6 +46,7 @@ FORM_KEYS: dict[str, str] = {
     "source": "ingest.source",
     "synthetic_interactions": "ingest.synthetic.n_interactions",
     "synthetic_items": "ingest.synthetic.n_items",
+    "data_engine": "data_engine",
     "model": "train.model",
     "preset": "train.preset",
     "epochs": "train.epochs",

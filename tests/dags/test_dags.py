@@ -129,12 +129,13 @@ def test_form_fields_are_typed_documented_and_default_to_params_yaml(train_dag):
         assert param.description and param.schema.get("title"), f"{name} needs a title and a description"
     expected_types = {
         "source": "string", "data_path": ["null", "string"], "synthetic_interactions": "integer",
-        "synthetic_items": "integer", "model": "string", "preset": "string", "epochs": "integer",
+        "synthetic_items": "integer", "data_engine": "string", "model": "string", "preset": "string", "epochs": "integer",
         "compression_variants": "array", "promotion_metric": "string", "promotion_tolerance": "number",
         "latency_budget_ms": ["null", "number"], "allow_promotion": "boolean", "overrides": "array",
     }
     assert {name: field["type"] for name, field in schema.items()} == expected_types
     assert schema["source"]["enum"] == ["synthetic", "movielens", "file"]
+    assert schema["data_engine"]["enum"] == ["pandas", "duckdb", "spark"]
     assert schema["model"]["enum"] == ["sasrec", "popularity", "bpr"]
     assert schema["preset"]["enum"] == ["small", "medium", "large"]
     assert schema["compression_variants"]["items"]["enum"] == list(runs.COMPRESSION_VARIANTS)
@@ -143,6 +144,7 @@ def test_form_fields_are_typed_documented_and_default_to_params_yaml(train_dag):
     assert values["source"] == defaults.ingest.source
     assert values["synthetic_interactions"] == defaults.ingest.synthetic.n_interactions
     assert values["epochs"] == defaults.train.epochs
+    assert values["data_engine"] == defaults.data_engine
     assert values["preset"] == defaults.train.preset
     assert values["promotion_metric"] == defaults.registry.policy.metric
     assert values["promotion_tolerance"] == defaults.registry.ndcg_tolerance
@@ -155,7 +157,7 @@ def test_form_rejects_values_outside_the_schema(train_dag):
     from airflow.sdk.exceptions import ParamValidationError
 
     for name, bad in [("preset", "huge"), ("epochs", 0), ("epochs", "3"), ("compression_variants", ["zip"]),
-                      ("source", "kafka"), ("overrides", ["no equals sign"]), ("promotion_metric", "full/MRR"),
+                      ("source", "kafka"), ("data_engine", "polars"), ("overrides", ["no equals sign"]), ("promotion_metric", "full/MRR"),
                       ("promotion_tolerance", 1.0), ("promotion_tolerance", -0.1), ("latency_budget_ms", 0)]:
         with pytest.raises(ParamValidationError):
             train_dag.params.get_param(name).resolve(bad)
@@ -167,6 +169,14 @@ def test_form_choices_match_the_pipeline():
 
     defaults = load_params(ROOT / "params.yaml").compress.variants
     assert set(TRAINED_VARIANTS) < set(runs.COMPRESSION_VARIANTS) and set(defaults) <= set(runs.COMPRESSION_VARIANTS)
+
+
+def test_the_form_chooses_the_data_engine(train_dag):
+    """The data engine (params data_engine) is a form field: a run on Spark or DuckDB is one choice away."""
+    assert train_dag.params.get_param("data_engine").schema["section"] == orchestration.DATA
+    for engine in ("pandas", "duckdb", "spark"):
+        params, overrides = runs.effective_params({**train_dag.params.dump(), "data_engine": engine})
+        assert params.data_engine == engine and f"data_engine=\"{engine}\"" in overrides
 
 
 def test_the_form_says_whether_a_run_may_promote(train_dag, airflow_home):
@@ -375,7 +385,7 @@ def test_form_fields_are_grouped_in_sections_in_form_order(train_dag, incrementa
         return [param.schema.get("section") for param in dag.params.values()]
 
     o = orchestration
-    assert sections(train_dag) == [o.DATA] * 4 + [o.MODEL] * 2 + [o.TRAINING, o.COMPRESSION] + [o.PROMOTION] * 4 + [o.ADVANCED]
+    assert sections(train_dag) == [o.DATA] * 5 + [o.MODEL] * 2 + [o.TRAINING, o.COMPRESSION] + [o.PROMOTION] * 4 + [o.ADVANCED]
     assert sections(incremental_dag) == [s for s in sections(train_dag) if s != o.MODEL]
     assert sections(recommend_dag) == [o.RECOMMENDATIONS, o.ADVANCED]
     # A section's fields are next to each other on the form (the UI shows each section once, in order).
@@ -400,7 +410,7 @@ def test_the_training_dags_share_one_form_spec(train_dag, incremental_dag, recom
     # New Param objects for each DAG: a DAG's form shares the spec, never the objects, with another's.
     assert all(train_dag.params.get_param(n) is not incremental_dag.params.get_param(n) for n in shared)
     # The UI order: data, then the model, then training, compression, the policy and overrides.
-    assert list(train_dag.params)[3:7] == ["synthetic_items", "model", "preset", "epochs"]
+    assert list(train_dag.params)[3:8] == ["synthetic_items", "data_engine", "model", "preset", "epochs"]
     assert list(train_dag.params)[-1] == "overrides"
     assert recommend_dag.params.get_param("overrides").schema == shared["overrides"].schema
     with pytest.raises(ValueError, match="already in the shared training form"):

@@ -1,3 +1,5 @@
+import functools
+
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
@@ -6,17 +8,16 @@ import pytest
 from pipeline.core.config import FeaturesConfig
 from pipeline.core.errors import FeaturesError
 from pipeline.core.io import Layout, write_parquet
-from pipeline.data import features
 from pipeline.data.features import apply_kcore
-from pipeline.data.features_outofcore import run_features_out_of_core
+from pipeline.data.features_outofcore import run_features_on
 
 T0 = pd.Timestamp("2024-01-01", tz="UTC")
 
 
-@pytest.fixture(params=["pandas", "duckdb"])
-def run_features(request):
-    """Each features test runs on both engines (params `data_engine`)."""
-    return run_features_out_of_core if request.param == "duckdb" else features.run_features
+@pytest.fixture
+def run_features(engine):
+    """Each features test runs on every engine (params `data_engine`, tests/data/conftest.py)."""
+    return functools.partial(run_features_on, engine)
 
 
 def _write(layout: Layout, rows: list[tuple]) -> None:

@@ -30,12 +30,6 @@ START = dt.datetime(2023, 1, 1, tzinfo=UTC)
 N = 40
 
 
-@pytest.fixture(params=["pandas", "duckdb"])
-def engine(request) -> str:
-    """Each validate test runs on both engines (params `data_engine`): same outputs, same summary counts."""
-    return request.param
-
-
 @pytest.fixture
 def lay(tmp_path) -> Layout:
     return Layout(tmp_path / "work")

@@ -25,9 +25,10 @@ pre-filter), `routing` (GX's failing rows -> reasons, the quarantine table), `re
 entries, Data Docs), `run_state` (one run's paths, summary, row accounting), `verdicts` (the suite
 run and its batch-level verdicts), `stage` (`run_validate`).
 
-Out of core (`run_validate(..., engine="duckdb")`, params `data_engine`): `outofcore` runs GX on the
-first rows only (types, Data Docs) and every row rule over all rows in DuckDB, as SQL that
-`sql_rules` derives from the same GX expectations (no second statement of a rule); same outputs.
+Out of core (`run_validate(..., engine="duckdb" or "spark")`, params `data_engine`): `outofcore` runs
+GX on the first rows only (types, Data Docs) and every row rule over all rows in DuckDB or Spark, as
+SQL that `sql_rules` derives from the same GX expectations (no second statement of a rule; the
+engines' few differences are `sql_engine.Dialect`'s); same outputs.
 
 Speed (2 cores; "timings_s" in reports/validation.json splits each run):
 

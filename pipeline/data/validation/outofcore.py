@@ -1,11 +1,12 @@
-"""`run_validate_out_of_core` (data_engine: duckdb): the same stage in bounded memory.
+"""`run_validate_out_of_core` (data_engine: duckdb or spark): the same stage, the row work in SQL.
 
 * GX runs over the first `SAMPLE_ROWS` rows (all of them when the input is smaller): the
   column and type checks (one Arrow type per column, so the sample decides them for the file),
   and the Data Docs. The row-count check is decided on the whole file from its expectation's
   bounds. The summary's `gx_sample` says how many rows GX saw.
-* The row rules run over every row in DuckDB, as SQL derived from the same GX expectations
-  (`sql_rules`). When GX saw the whole input, its counts must equal DuckDB's, or the stage stops.
+* The row rules run over every row in DuckDB (bounded memory) or Spark, as SQL derived from the
+  same GX expectations (`sql_rules`, `sql_engine`). When GX saw the whole input, its counts must
+  equal the engine's, or the stage stops.
 * Rows are routed as `routing.assign_reasons` does (first rule broken; of repeated keys among rows
   breaking no other rule the first copy stays) and streamed batch by batch into the same two
   files, in input order, with the input's exact types.
@@ -17,17 +18,16 @@ import contextlib
 import datetime as dt
 import logging
 import time
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core import schema
-from pipeline.core.config import ValidateConfig
+from pipeline.core.config import SparkConfig, ValidateConfig
 from pipeline.core.io import Layout, parquet_stream
-from pipeline.data import duckdb_session
-from pipeline.data.duckdb_session import sql_path
+from pipeline.data import sql_engine
+from pipeline.data.sql_engine import SqlEngine
 
 from . import report, routing, rules, sql_rules, verdicts
 from .frame import add_duplicate_candidates, gx_frame
@@ -50,36 +50,35 @@ def _sample(run: RunState) -> tuple[pq.ParquetFile, pa.Table]:
     return parquet, sample
 
 
-def _rule_counts(con: Any, source: str, rows: sql_rules.RowRules, types: dict[str, pa.DataType]) -> tuple[dict[str, int], np.ndarray]:
+def _rule_counts(con: SqlEngine, source: str, rows: sql_rules.RowRules, types: dict[str, pa.DataType]) -> tuple[dict[str, int], np.ndarray]:
     """Each row rule's own count and the rows routed as duplicates (file row numbers, sorted)."""
     counts = {r: 0 for r in rules.REASONS}
     if rows.predicates:
         filters = ", ".join(f"count(*) FILTER (WHERE {sql})" for sql in rows.predicates.values())
-        counts |= dict(zip(rows.predicates, con.sql(f"SELECT {filters} FROM {source}").fetchall()[0], strict=True))
+        counts |= dict(zip(rows.predicates, con.rows(f"SELECT {filters} FROM {source}")[0], strict=True))
     if rows.key is None:
         return counts, np.zeros(0, dtype=np.int64)
     keys = ", ".join(sql_rules.quote(c) for c in rows.key.columns)
-    con.execute(f"""
-        CREATE OR REPLACE TEMP TABLE repeated_keys AS
+    con.materialize("repeated_keys", f"""
         SELECT {keys}, count(*) AS copies,
                min(file_row_number) FILTER (WHERE {rows.code()} = 0) AS kept_copy
         FROM {source} WHERE {rows.key.complete(types)} GROUP BY ALL HAVING count(*) > 1""")
-    counts[rules.DUPLICATE] = int(con.sql("SELECT coalesce(sum(copies), 0) FROM repeated_keys").fetchall()[0][0])
-    duplicates = con.sql(f"""
+    counts[rules.DUPLICATE] = int(con.rows("SELECT coalesce(sum(copies), 0) FROM repeated_keys")[0][0])
+    duplicates = con.arrow(f"""
         SELECT file_row_number FROM {source} JOIN repeated_keys USING ({keys})
-        WHERE {rows.code()} = 0 AND file_row_number <> kept_copy""").fetchnumpy()["file_row_number"]
+        WHERE {rows.code()} = 0 AND file_row_number <> kept_copy""").column("file_row_number").to_numpy()
     return counts, np.sort(np.asarray(duplicates, dtype=np.int64))
 
 
-def _examples(con: Any, source: str, check: rules.Check, where: str, entry: dict) -> None:
+def _examples(con: SqlEngine, source: str, check: rules.Check, where: str, entry: dict) -> None:
     columns = ", ".join(sql_rules.quote(c) for c in check.columns)
-    shown = con.sql(f"SELECT file_row_number, {columns} FROM {source} WHERE {where} "
-                    f"ORDER BY file_row_number LIMIT {report.EXAMPLES}").arrow().read_all().to_pandas()
+    shown = con.arrow(f"SELECT file_row_number, {columns} FROM {source} WHERE {where} "
+                      f"ORDER BY file_row_number LIMIT {report.EXAMPLES}").to_pandas()
     report.set_examples(entry, check, shown["file_row_number"].to_numpy(), shown[list(check.columns)])
 
 
-def _full_counts(entry: dict, check: rules.Check, count: int, rows_in: int, whole: bool) -> None:
-    """The summary entry of a row rule with DuckDB's count over every row."""
+def _full_counts(entry: dict, check: rules.Check, count: int, rows_in: int, whole: bool, engine: str) -> None:
+    """The summary entry of a row rule with the SQL engine's count over every row."""
     if whole:
         if entry["unexpected_count"] != count:
             raise RuntimeError(f"{check.name}: GX counts {entry['unexpected_count']} failing rows, the SQL derived from it "
@@ -87,23 +86,24 @@ def _full_counts(entry: dict, check: rules.Check, count: int, rows_in: int, whol
         return
     entry.update(success=count == 0, unexpected_count=count, element_count=rows_in,
                  unexpected_percent=100.0 * count / rows_in if rows_in else 0.0,
-                 note=f"counted by DuckDB over all {rows_in} rows (SQL derived from this expectation); "
+                 note=f"counted by {engine} over all {rows_in} rows (SQL derived from this expectation); "
                  f"GX saw the first {SAMPLE_ROWS} rows")
 
 
-def _write_outputs(run: RunState, parquet: pq.ParquetFile, rows: sql_rules.RowRules, duplicates: np.ndarray) -> None:
+def _write_outputs(con: SqlEngine, run: RunState, parquet: pq.ParquetFile, rows: sql_rules.RowRules, duplicates: np.ndarray) -> None:
     """One pass over the input: the quarantine always (a person needs it on a share failure too),
     the validated rows only when the share check passes."""
     share_ok = run.share_ok
     duplicate_code = rules.REASONS.index(rules.DUPLICATE) + 1
     quarantine_schema = routing.quarantine_table(parquet.schema_arrow.empty_table(), np.zeros(0, np.int8)).schema
     first = 0
-    with (duckdb_session.connect(run.quarantine_path.parent) as con,
-          parquet_stream(run.quarantine_path, quarantine_schema) as quarantine,
+    with (parquet_stream(run.quarantine_path, quarantine_schema) as quarantine,
           parquet_stream(run.validated_path, parquet.schema_arrow) if share_ok else contextlib.nullcontext() as validated):
-        for batch in parquet.iter_batches(batch_size=duckdb_session.BATCH_ROWS):
+        for batch in parquet.iter_batches(batch_size=sql_engine.BATCH_ROWS):
             batch_table = pa.Table.from_batches([batch])
-            codes = np.asarray(con.sql(f"SELECT {rows.code()} AS code FROM batch_table").fetchnumpy()["code"], np.int8)
+            con.register("batch_table", batch_table)
+            codes = con.arrow(f"SELECT {rows.code()} AS code FROM batch_table").column("code").to_numpy()
+            codes = codes.astype(np.int8)  # a writable copy: Arrow's buffer is read-only
             lo, hi = np.searchsorted(duplicates, [first, first + batch_table.num_rows])
             codes[duplicates[lo:hi] - first] = duplicate_code
             quarantine.write_table(routing.quarantine_table(batch_table, codes))
@@ -115,7 +115,8 @@ def _write_outputs(run: RunState, parquet: pq.ParquetFile, rows: sql_rules.RowRu
     run.summary["outputs"]["validated"] = str(run.validated_path)
 
 
-def run_validate_out_of_core(cfg: ValidateConfig, layout: Layout, now: dt.datetime | None = None) -> ValidationResult:
+def run_validate_out_of_core(cfg: ValidateConfig, layout: Layout, now: dt.datetime | None = None, engine: str = "duckdb",
+                             spark: SparkConfig | None = None) -> ValidationResult:
     run = RunState(cfg, layout, utc(now or dt.datetime.now(dt.UTC)))
     run.remove_stale_outputs()
     t = time.perf_counter()
@@ -128,9 +129,9 @@ def run_validate_out_of_core(cfg: ValidateConfig, layout: Layout, now: dt.dateti
         rows_in=rows_in,
         schema={f.name: str(f.type) for f in arrow_schema},
         extra_columns=[c for c in arrow_schema.names if c not in schema.RAW_COLUMNS],
-        engine="duckdb",
+        engine=engine,
         gx_sample={"rows": sample.num_rows, "of": rows_in, "whole_input": whole,
-                   "note": "GX (type checks, Data Docs) ran on the first rows; every row rule ran on all rows in DuckDB"},
+                   "note": f"GX (type checks, Data Docs) ran on the first rows; every row rule ran on all rows in {engine}"},
     )
     frame = gx_frame(sample)
     add_duplicate_candidates(sample, frame)
@@ -147,26 +148,27 @@ def run_validate_out_of_core(cfg: ValidateConfig, layout: Layout, now: dt.dateti
         raise run.fail(failed, f"rows_in={rows_in}")
 
     types = {f.name: f.type for f in arrow_schema}
-    row_rules = sql_rules.row_rules(suite, types)
-    source = f"read_parquet({sql_path(run.source)}, file_row_number = true)"
-    keys = ", ".join(sql_rules.quote(c) for c in row_rules.key.columns) if row_rules.key else ""
-    with duckdb_session.connect(layout.root / "data") as con:
+    with sql_engine.connect(engine, layout.root / "data", spark) as con:
+        row_rules = sql_rules.row_rules(suite, types, con.dialect)
+        keys = ", ".join(sql_rules.quote(c) for c in row_rules.key.columns) if row_rules.key else ""
+        source = "source"
+        con.parquet(source, run.source)
         counts, duplicates = _rule_counts(con, source, row_rules, types)
-        t = run.lap("duckdb_rules", t)
+        t = run.lap(f"{engine}_rules", t)
         per_code = np.zeros(len(rules.REASONS) + 1, dtype=np.int64)
-        for code, n in con.sql(f"SELECT {row_rules.code()} AS code, count(*) FROM {source} GROUP BY code").fetchall():
+        for code, n in con.rows(f"SELECT {row_rules.code()} AS code, count(*) FROM {source} GROUP BY code"):
             per_code[code] += n
         per_code[0] -= duplicates.size
         per_code[rules.REASONS.index(rules.DUPLICATE) + 1] = duplicates.size
         for check, entry in zip(suite, entries, strict=True):
             if check.reason is None:
                 continue
-            _full_counts(entry, check, counts[check.reason], rows_in, whole)
+            _full_counts(entry, check, counts[check.reason], rows_in, whole, engine)
             where = (row_rules.predicates[check.reason] if check.reason != rules.DUPLICATE else
                      f"file_row_number IN (SELECT file_row_number FROM {source} JOIN repeated_keys USING ({keys}))")
             _examples(con, source, check, where, entry)
-    run.record_rows(per_code, counts)
-    t = run.lap("route_rows", t)
-    _write_outputs(run, parquet, row_rules, duplicates)
-    run.lap("write_outputs", t)
+        run.record_rows(per_code, counts)
+        t = run.lap("route_rows", t)
+        _write_outputs(con, run, parquet, row_rules, duplicates)
+        run.lap("write_outputs", t)
     return run.finish(entries, docs_index)

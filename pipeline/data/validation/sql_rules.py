@@ -1,4 +1,4 @@
-"""The row rules of `rules.checks` as SQL, for the out-of-core engine: derived, never restated.
+"""The row rules of `rules.checks` as SQL, for the DuckDB and Spark engines: derived, never restated.
 
 Each row rule is still one GX expectation (`rules.checks`); this module reads the expectation's
 own kwargs (column, min_value, max_value, strict_min/strict_max, column_list, ignore_row_if)
@@ -19,6 +19,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline.data.sql_engine import Dialect
+
 from .rules import DUPLICATE, REASONS, Check
 
 
@@ -30,11 +32,11 @@ def quote(column: str) -> str:
     return '"' + column.replace('"', '""') + '"'
 
 
-def _literal(value: Any) -> str:
+def _literal(value: Any, dialect: Dialect) -> str:
     if isinstance(value, dt.datetime):
         if value.tzinfo is None:
             raise UnsupportedRule(f"naive datetime bound {value!r}: bounds must be instants")
-        return f"TIMESTAMPTZ '{value.astimezone(dt.UTC).isoformat()}'"
+        return f"{dialect.instant_type} '{value.astimezone(dt.UTC).isoformat()}'"
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise UnsupportedRule(f"bound {value!r} of type {type(value).__name__} has no SQL form here")
     return repr(float(value))
@@ -70,7 +72,7 @@ def _options(expectation: Any, allowed: set[str]) -> None:
         raise UnsupportedRule(f"{type(expectation).__name__}: a row_condition has no SQL form here")
 
 
-def predicate(check: Check, types: dict[str, pa.DataType]) -> str:
+def predicate(check: Check, types: dict[str, pa.DataType], dialect: Dialect) -> str:
     """SQL true exactly where GX reports the row as breaking `check` (a row rule, not uniqueness)."""
     expectation = check.expectation
     kind = type(expectation).__name__
@@ -82,9 +84,9 @@ def predicate(check: Check, types: dict[str, pa.DataType]) -> str:
         value = _value(column, types[column])
         within = []
         if expectation.min_value is not None:
-            within.append(f"{value} {'>' if expectation.strict_min else '>='} {_literal(expectation.min_value)}")
+            within.append(f"{value} {'>' if expectation.strict_min else '>='} {_literal(expectation.min_value, dialect)}")
         if expectation.max_value is not None:
-            within.append(f"{value} {'<' if expectation.strict_max else '<='} {_literal(expectation.max_value)}")
+            within.append(f"{value} {'<' if expectation.strict_max else '<='} {_literal(expectation.max_value, dialect)}")
         if not within:
             raise UnsupportedRule(f"{check.name}: a between check without bounds")
         return f"(NOT {_is_missing(column, types[column])} AND NOT ({' AND '.join(within)}))"
@@ -122,10 +124,10 @@ class RowRules:
         return f"(CASE {arms} ELSE 0 END)::TINYINT"
 
 
-def row_rules(suite: list[Check], types: dict[str, pa.DataType]) -> RowRules:
+def row_rules(suite: list[Check], types: dict[str, pa.DataType], dialect: Dialect) -> RowRules:
     if REASONS[-1] != DUPLICATE:
         raise UnsupportedRule("routing keeps the first copy among rows breaking no other rule: DUPLICATE must be the last reason")
     by_reason = {c.reason: c for c in suite if c.reason is not None}
-    predicates = {r: predicate(by_reason[r], types) for r in REASONS if r in by_reason and r != DUPLICATE}
+    predicates = {r: predicate(by_reason[r], types, dialect) for r in REASONS if r in by_reason and r != DUPLICATE}
     key = key_rule(by_reason[DUPLICATE]) if DUPLICATE in by_reason else None
     return RowRules(predicates, key)

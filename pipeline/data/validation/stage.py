@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.core import schema
-from pipeline.core.config import ValidateConfig
+from pipeline.core.config import SparkConfig, ValidateConfig
 from pipeline.core.io import Layout, write_parquet
 
 from . import report, routing, rules, verdicts
@@ -23,12 +23,14 @@ __all__ = ["QUARANTINE_FILE", "ValidationResult", "run_validate"]
 logger = logging.getLogger(__name__)
 
 
-def run_validate(cfg: ValidateConfig, layout: Layout, now: dt.datetime | None = None, engine: str = "pandas") -> ValidationResult:
+def run_validate(cfg: ValidateConfig, layout: Layout, now: dt.datetime | None = None, engine: str = "pandas",
+                 spark: SparkConfig | None = None) -> ValidationResult:
     """Validate `layout.raw_interactions` (see the package docstring); raises ValidationFailed.
 
-    engine "duckdb" (params `data_engine`): the same outputs in bounded memory (`outofcore`)."""
-    if engine == "duckdb":
-        return run_validate_out_of_core(cfg, layout, now)
+    engine "duckdb" or "spark" (params `data_engine`; `spark`: params `spark`): the same outputs,
+    the row rules in SQL (`outofcore`)."""
+    if engine != "pandas":
+        return run_validate_out_of_core(cfg, layout, now, engine, spark)
     run = RunState(cfg, layout, utc(now or dt.datetime.now(dt.UTC)))
     summary = run.summary
     # A run's outputs are what it wrote: no earlier run's file may sit beside a failed batch.
