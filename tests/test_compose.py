@@ -131,6 +131,7 @@ def test_images_are_built_from_the_repo_with_the_project_pins():
 
 def test_the_celery_executor_and_s3_remote_packages_are_installed():
     # What the Airflow image installs (the `stack` extra) resolves with the project's pins and imports.
+    import asyncpg  # noqa: F401  (Airflow 3's async metadata-DB engine on Postgres)
     import dvc_s3  # noqa: F401
     import psycopg2  # noqa: F401
     import redis  # noqa: F401
@@ -216,7 +217,7 @@ def test_the_postgres_superuser_is_only_for_postgres_and_its_init():
     mlflow = services["mlflow"]["environment"]
     values = _env_example()
     assert airflow.startswith(f"postgresql+psycopg2://{values['AIRFLOW_DB_USER']}:")
-    assert _expand(mlflow["MLFLOW_BACKEND_STORE_URI"]).startswith(f"postgresql://{values['MLFLOW_DB_USER']}:")
+    assert _expand(mlflow["MLFLOW_BACKEND_STORE_URI"]).startswith(f"postgresql+psycopg2://{values['MLFLOW_DB_USER']}:")
     assert _expand(mlflow["MLFLOW_AUTH_DATABASE_URI"]).endswith(f"/{values['MLFLOW_AUTH_DB']}")
     roles = {values["POSTGRES_USER"], values["AIRFLOW_DB_USER"], values["MLFLOW_DB_USER"]}
     assert len(roles) == 3
