@@ -6,6 +6,8 @@
 #                        healthy (the model server excepted: it has nothing to serve before a champion)
 #   .ci/stack.sh test    up, then tests/test_stack.py (the DAG run through Celery, the fault checks)
 #   .ci/stack.sh down    compose down -v (volumes too), and stop dockerd if `up` started it
+#   .ci/stack.sh wait    wait until the running stack's services are healthy again (the fault checks)
+#   .ci/stack.sh compose ARGS...   docker compose with this stack's files, env file and project name
 #
 # Settings (environment, all optional):
 #   LEANREC_STACK_ENV        the compose .env file (default .stack-cache/stack.env, generated once
@@ -298,6 +300,7 @@ case "${1:-}" in
   up) up ;;
   test) up; LEANREC_STACK_UP=1 python3 -m pytest -q -p no:cacheprovider -m stack tests/test_stack.py ;;
   down) down ;;
+  wait) wait_healthy ;;
   compose) shift; compose "$@" ;;
-  *) echo "usage: $0 up | test | down | compose ARGS..." >&2; exit 2 ;;
+  *) echo "usage: $0 up | test | down | wait | compose ARGS..." >&2; exit 2 ;;
 esac

@@ -217,3 +217,87 @@ def test_dvc_push_to_the_stack_remote_stores_outputs_in_the_bucket(stack, tmp_pa
     run(dvc, "push", "-r", "stack")
     stored = set(stack.s3_keys("dvc/")) - before | {k for k in before if md5[2:] in k}
     assert any(key.endswith(md5[2:]) for key in stored), stored
+
+
+# ----------------------------------------------------------------------------- fault checks on the running stack
+
+def _wait_for_task(stack: Stack, run_id: str, task_ids: tuple[str, ...], timeout: float) -> str:
+    """The first of task_ids seen running (polled twice a second), for a fault injected mid-task."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        instances = stack.api("GET", f"/dags/{DAG}/dagRuns/{run_id}/taskInstances").json()["task_instances"]
+        running = [t["task_id"] for t in instances if t["state"] == "running" and t["task_id"] in task_ids]
+        if running:
+            return running[0]
+        time.sleep(0.5)
+    pytest.fail(f"none of {task_ids} ran within {timeout} s: {[(t['task_id'], t['state']) for t in instances]}")
+
+
+def _registry_is_whole(stack: Stack) -> dict:
+    """Every registered version is READY with its model files in the store; returns the champion."""
+    client = stack.mlflow_client("leanrec-reader", "MLFLOW_READER_PASSWORD")
+    name = stack.env["REGISTERED_MODEL"]
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert versions and all(v.status == "READY" for v in versions), [(v.version, v.status) for v in versions]
+    for version in versions:
+        assert client.get_run(version.run_id).info.status == "FINISHED", (version.version, version.run_id)
+    champion = client.get_model_version_by_alias(name, "champion")
+    return {"version": champion.version, "versions": len(versions)}
+
+
+def _wait_healthy(stack: Stack, timeout: float = 900) -> None:
+    done = subprocess.run([str(STACK), "wait"], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, "LEANREC_STACK_TIMEOUT": str(int(timeout - 30))})
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def test_killing_the_cpu_worker_mid_task_retries_it_and_registers_nothing_half_written(stack):
+    before = _registry_is_whole(stack)
+    run_id = _trigger(stack, TINY_FORM)
+    task = _wait_for_task(stack, run_id, ("register", "compress", "ingest"), timeout=1500)
+    worker = stack.container("airflow-worker-cpu")
+    subprocess.run(["docker", "kill", worker], check=True, capture_output=True, timeout=60)
+    _record(f"fault: killed airflow-worker-cpu during {task}")
+    time.sleep(10)
+    if subprocess.run(["docker", "inspect", "-f", "{{.State.Running}}", worker], capture_output=True, text=True).stdout.strip() != "true":
+        stack.compose("start", "airflow-worker-cpu")  # `docker kill` counts as a manual stop for `unless-stopped`
+    _wait_healthy(stack)
+    state, tasks = _wait_for_run(stack, run_id, timeout=2400)
+    killed = tasks[task]
+    # The policy: `task` has retries (DEFAULT_ARGS), so the killed try is followed by another one.
+    assert killed["try_number"] >= 2, killed
+    _record(f"fault: run after the kill ended {state}; {task} try {killed['try_number']} {killed['state']}")
+    if state != "success":  # failed per policy: a new run completes
+        state, _ = _wait_for_run(stack, _trigger(stack, TINY_FORM), timeout=2400)
+    assert state == "success"
+    after = _registry_is_whole(stack)
+    assert after["versions"] >= before["versions"]
+
+
+def test_restarting_mlflow_during_a_run_keeps_the_champion(stack):
+    champion = _registry_is_whole(stack)["version"]
+    run_id = _trigger(stack, TINY_FORM)
+    task = _wait_for_task(stack, run_id, ("train", "evaluate", "register"), timeout=1500)
+    assert stack.compose("restart", "mlflow").returncode == 0
+    _record(f"fault: restarted mlflow during {task}")
+    state, tasks = _wait_for_run(stack, run_id, timeout=2400)
+    summary = {name: (t["state"], t["try_number"]) for name, t in tasks.items()}
+    _record(f"fault: run across the MLflow restart ended {state}: {summary}")
+    if state != "success":  # it failed clearly (a failed task, not a hung run) and the registry is whole
+        assert any(s == "failed" for s, _ in summary.values()), summary
+    after = _registry_is_whole(stack)
+    assert after["version"] == champion or state == "success", (champion, after)
+
+
+def test_stopping_and_starting_postgres_every_service_recovers(stack):
+    assert stack.compose("stop", "postgres").returncode == 0
+    time.sleep(30)
+    assert stack.compose("start", "postgres").returncode == 0
+    start = time.monotonic()
+    _wait_healthy(stack)
+    _record(f"fault: after postgres stop (30 s) + start, every service healthy again in {time.monotonic() - start:.0f} s")
+    health = requests.get(f"{stack.airflow}/api/v2/monitor/health", timeout=30).json()
+    assert health["metadatabase"]["status"] == "healthy", health
+    _registry_is_whole(stack)  # MLflow reads the registry again
+    state, _ = _wait_for_run(stack, _trigger(stack, TINY_FORM), timeout=2400)
+    assert state == "success"
