@@ -172,13 +172,17 @@ project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 print("\n".join(project["dependencies"] + project["optional-dependencies"]["stack"] + ["setuptools>=68", "wheel"]))
 PY
   grep -v '^--find-links' constraints.txt >"$ctx/constraints.txt"
+  # Built before from the same requirements, pins and Dockerfile: nothing to do (no download).
+  local key
+  key="$(cat "$ctx/requirements.txt" "$ctx/constraints.txt" stack/standins/deps.Dockerfile | sha256sum | cut -c1-16)"
+  if [ "$(docker image inspect -f '{{index .Config.Labels "leanrec.deps"}}' "$DEPS_IMAGE" 2>/dev/null)" = "$key" ]; then return 0; fi
   local pip="${LEANREC_STACK_PIP:-python3 -m pip}"
   [ -x "$ROOT/.venv/bin/pip" ] && pip="${LEANREC_STACK_PIP:-$ROOT/.venv/bin/pip}"
   $pip download -q -c "$ctx/constraints.txt" -r "$ctx/requirements.txt" -d "$ctx/host-wheels"
   docker run --rm -v "$ctx:/ctx" "$PYTHON_STANDIN" pip download -q --find-links /ctx/host-wheels \
     -c /ctx/constraints.txt -r /ctx/requirements.txt -d /ctx/wheels
   if ls "$ctx"/wheels/torch-* | grep -qv '+cpu'; then log "the wheelhouse holds a torch that is not the CPU build: stop"; exit 4; fi
-  build_standin "$DEPS_IMAGE" stack/standins/deps.Dockerfile "$ctx" --build-arg "PYTHON_IMAGE=$PYTHON_STANDIN"
+  build_standin "$DEPS_IMAGE" stack/standins/deps.Dockerfile "$ctx" --build-arg "PYTHON_IMAGE=$PYTHON_STANDIN" --label "leanrec.deps=$key"
 }
 
 write_standin_override() {  # the compose override naming the stand-in images (only for those used)
