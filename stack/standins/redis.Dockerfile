@@ -5,7 +5,10 @@ ARG DEBIAN_IMAGE=leanrec-standin/debian:bookworm
 FROM ${DEBIAN_IMAGE}
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server redis-tools \
-    && rm -rf /var/lib/apt/lists/*
+    && rm -rf /var/lib/apt/lists/* \
+    && mkdir -p /data && chown redis:redis /data
+# Writable by redis: its RDB snapshots go here (the first real start had /data root-owned, every snapshot
+# failed, and Redis then refused writes: Celery could not queue a task).
 WORKDIR /data
 USER redis
 CMD ["redis-server"]
