@@ -84,9 +84,9 @@ class Stack:
         return MlflowClient(tracking_uri=self.mlflow, registry_uri=self.mlflow)
 
     def s3_keys(self, prefix: str) -> list[str]:
-        import boto3
+        import botocore.session  # botocore: what the project's environment has (dvc-s3), boto3 is not in it
 
-        s3 = boto3.client("s3", endpoint_url=self.s3, aws_access_key_id=self.env["MINIO_DVC_ACCESS_KEY"],
+        s3 = botocore.session.get_session().create_client("s3", endpoint_url=self.s3, aws_access_key_id=self.env["MINIO_DVC_ACCESS_KEY"],
                           aws_secret_access_key=self.env["MINIO_DVC_SECRET_KEY"], region_name="us-east-1")
         pages = s3.get_paginator("list_objects_v2").paginate(Bucket=self.env["MINIO_BUCKET"], Prefix=prefix)
         return [item["Key"] for page in pages for item in page.get("Contents", [])]
@@ -163,8 +163,11 @@ def test_leanrec_train_runs_on_the_celery_workers_and_its_champion_is_served(sta
     summary = {name: (t["state"], t["queue"], t["hostname"]) for name, t in tasks.items()}
     assert state == "success", f"{state}: {summary}\n{stack.logs('airflow-worker-cpu', 'airflow-worker-gpu-on-cpu')}"
     # TINY_FORM's variants: int8 (post-training, CPU) and distilled (trained: compress_with_training, gpu queue).
-    assert {name: s[0] for name, s in summary.items()} == {
-        t: "success" for t in [*TRAIN_ORDER, "compress", "post_training_variants", "trained_variants", "compress_with_training"]}
+    # promote is a gate: skipped when an earlier run's champion stays (a rerun against a running stack).
+    states = {name: s[0] for name, s in summary.items()}
+    assert states.pop("promote") in ("success", "skipped")
+    assert states == {t: "success" for t in [*TRAIN_ORDER[:-1], "compress", "post_training_variants", "trained_variants",
+                                             "compress_with_training"]}
     # The gpu queue's tasks ran on the gpu queue's worker, the rest on the CPU worker (container id = hostname).
     gpu_worker = stack.container("airflow-worker-gpu-on-cpu")[:12]
     cpu_worker = stack.container("airflow-worker-cpu")[:12]
