@@ -225,6 +225,10 @@ def test_dvc_push_to_the_stack_remote_stores_outputs_in_the_bucket(stack, tmp_pa
 
 # ----------------------------------------------------------------------------- fault checks on the running stack
 
+# Written but not yet seen to pass (no time left in the session that wrote them): opt in until they have.
+faults = pytest.mark.skipif(os.environ.get("LEANREC_STACK_FAULTS") != "1",
+                            reason="fault checks not yet verified on a real stack: set LEANREC_STACK_FAULTS=1 to run them")
+
 def _wait_for_task(stack: Stack, run_id: str, task_ids: tuple[str, ...], timeout: float) -> str:
     """The first of task_ids seen running (polled twice a second), for a fault injected mid-task."""
     deadline = time.monotonic() + timeout
@@ -255,6 +259,7 @@ def _wait_healthy(stack: Stack, timeout: float = 900) -> None:
     assert done.returncode == 0, done.stderr[-4000:]
 
 
+@faults
 def test_killing_the_cpu_worker_mid_task_retries_it_and_registers_nothing_half_written(stack):
     before = _registry_is_whole(stack)
     run_id = _trigger(stack, TINY_FORM)
@@ -278,6 +283,7 @@ def test_killing_the_cpu_worker_mid_task_retries_it_and_registers_nothing_half_w
     assert after["versions"] >= before["versions"]
 
 
+@faults
 def test_restarting_mlflow_during_a_run_keeps_the_champion(stack):
     champion = _registry_is_whole(stack)["version"]
     run_id = _trigger(stack, TINY_FORM)
@@ -293,6 +299,7 @@ def test_restarting_mlflow_during_a_run_keeps_the_champion(stack):
     assert after["version"] == champion or state == "success", (champion, after)
 
 
+@faults
 def test_stopping_and_starting_postgres_every_service_recovers(stack):
     assert stack.compose("stop", "postgres").returncode == 0
     time.sleep(30)
