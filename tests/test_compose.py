@@ -131,6 +131,7 @@ def test_images_are_built_from_the_repo_with_the_project_pins():
 
 def test_the_celery_executor_and_s3_remote_packages_are_installed():
     # What the Airflow image installs (the `stack` extra) resolves with the project's pins and imports.
+    import asyncpg  # noqa: F401  (Airflow 3's async metadata-DB engine on Postgres)
     import dvc_s3  # noqa: F401
     import psycopg2  # noqa: F401
     import redis  # noqa: F401
@@ -151,6 +152,10 @@ def test_gpu_worker_queue_and_pool_match_the_airflow_settings():
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
     cpu = services["airflow-worker-cpu"]["command"]
     assert cpu[cpu.index("--queues") + 1] == "default"  # Airflow's default queue: every task without a queue
+    # Without a GPU (profile no-gpu): the same worker of the same queue, less the device reservation.
+    on_cpu = services["airflow-worker-gpu-on-cpu"]
+    assert on_cpu["profiles"] == ["no-gpu"] and "deploy" not in on_cpu
+    assert {k: v for k, v in gpu.items() if k != "deploy"} == {k: v for k, v in on_cpu.items() if k != "profiles"}
     launcher = (ROOT / "dags" / "run_airflow.sh").read_text()
     assert f'LEANREC_GPU_POOL:-{env["LEANREC_GPU_POOL"]}' in launcher  # the pool `setup` creates
     assert services["airflow-init"]["command"] == ["dags/run_airflow.sh", "setup"]
@@ -212,7 +217,7 @@ def test_the_postgres_superuser_is_only_for_postgres_and_its_init():
     mlflow = services["mlflow"]["environment"]
     values = _env_example()
     assert airflow.startswith(f"postgresql+psycopg2://{values['AIRFLOW_DB_USER']}:")
-    assert _expand(mlflow["MLFLOW_BACKEND_STORE_URI"]).startswith(f"postgresql://{values['MLFLOW_DB_USER']}:")
+    assert _expand(mlflow["MLFLOW_BACKEND_STORE_URI"]).startswith(f"postgresql+psycopg2://{values['MLFLOW_DB_USER']}:")
     assert _expand(mlflow["MLFLOW_AUTH_DATABASE_URI"]).endswith(f"/{values['MLFLOW_AUTH_DB']}")
     roles = {values["POSTGRES_USER"], values["AIRFLOW_DB_USER"], values["MLFLOW_DB_USER"]}
     assert len(roles) == 3
@@ -225,7 +230,7 @@ def test_the_postgres_superuser_is_only_for_postgres_and_its_init():
 
 
 AIRFLOW_SERVICES = {"airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer",
-                    "airflow-worker-cpu", "airflow-worker-gpu", "model-server"}
+                    "airflow-worker-cpu", "airflow-worker-gpu", "airflow-worker-gpu-on-cpu", "model-server"}
 
 
 def test_minio_root_keys_are_only_for_minio_and_its_init():
@@ -250,14 +255,15 @@ def test_mlflow_requires_login_with_one_user_per_client():
     assert mlflow["MLFLOW_AUTH_ADMIN_PASSWORD"].startswith("${MLFLOW_ADMIN_PASSWORD:?")
     assert 'CMD ["leanrec-mlflow-server"]' in (ROOT / "mlflow" / "Dockerfile").read_text()
     assert "--app-name basic-auth" in (ROOT / "mlflow" / "server.sh").read_text()
-    clients = {"airflow-worker-cpu": "WORKER", "airflow-worker-gpu": "WORKER", "model-server": "SERVING"}
+    clients = {"airflow-worker-cpu": "WORKER", "airflow-worker-gpu": "WORKER", "airflow-worker-gpu-on-cpu": "WORKER",
+               "model-server": "SERVING"}
     for name, role in clients.items():
         env = services[name]["environment"]
         assert env["MLFLOW_TRACKING_USERNAME"] == mlflow[f"LEANREC_MLFLOW_{role}_USERNAME"], name
         assert env["MLFLOW_TRACKING_PASSWORD"] == mlflow[f"LEANREC_MLFLOW_{role}_PASSWORD"], name
     # Only the workers hold the worker's password, only the model server the serving one; the people's
     # (reader) and the admin's go to the MLflow server alone.
-    assert _services_using("MLFLOW_WORKER_PASSWORD") == {"mlflow", "airflow-worker-cpu", "airflow-worker-gpu"}
+    assert _services_using("MLFLOW_WORKER_PASSWORD") == {"mlflow", "airflow-worker-cpu", "airflow-worker-gpu", "airflow-worker-gpu-on-cpu"}
     assert _services_using("MLFLOW_SERVING_PASSWORD") == {"mlflow", "model-server"}
     assert _services_using("MLFLOW_READER_PASSWORD") == _services_using("MLFLOW_ADMIN_PASSWORD") == {"mlflow"}
     assert "MLFLOW_TRACKING_PASSWORD" not in _compose()["x-airflow-common"]["environment"]
