@@ -123,31 +123,38 @@ TRAINED_WITH = {"pruned": "pruning", "distilled": "distill", "distilled+int8": "
 VARIANT_NAMES = ("fp32", "fp16", "bf16", "int8", "int4", *TRAINED_WITH)
 
 
-def variant_fingerprint(cfg: CompressConfig, name: str, teacher_sha256: str, seed: int, features_dir: Path) -> dict:
+def input_hashes(layout: Layout, run_name: str) -> dict[str, str]:
+    """The teacher's weights and the features, hashed once per stage: what every fingerprint starts from."""
+    return {"teacher_sha256": _file_sha256(layout.model_dir(run_name) / WEIGHTS_FILE),
+            "features_sha256": directory_sha256(layout.features_dir)}
+
+
+def variant_fingerprint(cfg: CompressConfig, name: str, hashes: dict[str, str], seed: int) -> dict:
     """What variant `name`'s files depend on; a variant and the one it reuses (REUSED_FROM) share it."""
     settings = cfg.model_dump(mode="json")
-    fingerprint = {"teacher_sha256": teacher_sha256, "seed": seed, "runtime": settings["runtime"]}
+    fingerprint = {"teacher_sha256": hashes["teacher_sha256"], "seed": seed, "runtime": settings["runtime"]}
     section = TRAINED_WITH.get(name)
     if section is not None:  # trained on the features with the fine-tune loop's settings
         fingerprint.update({section: settings[section], "batch_size": settings["batch_size"],
-                            "patience": settings["patience"], "features_sha256": directory_sha256(features_dir)})
+                            "patience": settings["patience"], "features_sha256": hashes["features_sha256"]})
     return fingerprint
 
 
-def _recorded_fingerprint(directory: Path) -> dict | None:
+def _current(directory: Path, fingerprint: dict) -> dict | None:
+    """The variant.json of variant directory `directory` if it was built with `fingerprint`."""
     path = directory / VARIANT_FILE
-    return json.loads(path.read_text(encoding="utf-8")).get("fingerprint") if path.exists() else None
+    recorded = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    return recorded if recorded.get("fingerprint") == fingerprint else None
 
 
 def _reused(cached: Path, fingerprint: dict) -> tuple[SASRec, dict] | None:
     """The model of variant directory `cached` if it was built from the same teacher and settings."""
-    if (cached / VARIANT_FILE).exists():
-        recorded = json.loads((cached / VARIANT_FILE).read_text(encoding="utf-8"))
-        if recorded.get("fingerprint") == fingerprint:
-            logger.info("%s model reused from %s", cached.name, cached)
-            info = {key: recorded[key] for key in ("history", "assignment") if key in recorded}
-            return load_variant(cached), {**info, "reused": str(cached)}
-    return None
+    recorded = _current(cached, fingerprint)
+    if recorded is None:
+        return None
+    logger.info("%s model reused from %s", cached.name, cached)
+    info = {key: recorded[key] for key in ("history", "assignment") if key in recorded}
+    return load_variant(cached), {**info, "reused": str(cached)}
 
 
 def _own_reuse_unrecorded(info: dict, target: Path) -> None:
@@ -255,10 +262,11 @@ def check_teacher(run_dir: Path, train_cfg: TrainConfig | None) -> None:
 
 
 def compress_variant(cfg: CompressConfig, layout: Layout, run_name: str, name: str, seed: int,
-                     train_cfg: TrainConfig | None = None) -> dict:
+                     train_cfg: TrainConfig | None = None, hashes: dict[str, str] | None = None) -> dict:
     """Build variant `name` of the teacher in models/<run_name>/ -> models/<run_name>/variants/<name>/.
 
     With `train_cfg` (the stage's: params.train), the teacher must have been trained with it (`check_teacher`).
+    `hashes`: `input_hashes` of the teacher and features when the caller has them (`run_compress`).
     """
     run_dir = layout.model_dir(run_name)
     check_teacher(run_dir, train_cfg)
@@ -267,13 +275,14 @@ def compress_variant(cfg: CompressConfig, layout: Layout, run_name: str, name: s
     started = time.perf_counter()
     out_dir = variants_dir(layout, run_name)
     target = out_dir / name
-    fingerprint = variant_fingerprint(cfg, name, _file_sha256(run_dir / WEIGHTS_FILE), seed, layout.features_dir)
-    if _recorded_fingerprint(target) == fingerprint:
+    fingerprint = variant_fingerprint(cfg, name, hashes or input_hashes(layout, run_name), seed)
+    kept = _current(target, fingerprint)
+    if kept is not None:
         # Built from the same teacher, seed, data and settings sections: its files are what a rebuild would
         # write, so it is kept (a changed compress.distill rebuilds the students only).
         logger.info("variant %s is current (same teacher and settings): kept", name)
-        return {"name": name, "kind": json.loads((target / VARIANT_FILE).read_text(encoding="utf-8"))["kind"],
-                "path": str(target), "size_bytes": size_on_disk(target), "seconds": 0.0, "kept": True}
+        return {"name": name, "kind": kept["kind"], "path": str(target), "size_bytes": size_on_disk(target),
+                "seconds": 0.0, "kept": True}
     torch.manual_seed(seed)
     teacher = load_model(run_dir)
     device = select_device(cfg.device, "compress.device")
@@ -343,7 +352,8 @@ def run_compress(cfg: CompressConfig, layout: Layout, run_name: str, seed: int, 
     order = sorted(cfg.variants, key=lambda n: n in REUSED_FROM)
     out_dir = variants_dir(layout, run_name)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = {name: compress_variant(cfg, layout, run_name, name, seed, train_cfg) for name in order}
+    hashes = input_hashes(layout, run_name)  # once for every variant, not once per variant
+    results = {name: compress_variant(cfg, layout, run_name, name, seed, train_cfg, hashes) for name in order}
     for stale in out_dir.iterdir():  # variants no longer listed in params would be reported as current
         if stale.is_dir() and stale.name not in results:
             shutil.rmtree(stale)
