@@ -12,6 +12,7 @@ exact Adagrad for torchrec), so NDCG says the runs trained, not which engine tra
 
     python benchmarks/sharded_table.py                       # 200k interactions, 3,000 items, 2 epochs
     python benchmarks/sharded_table.py --items 20000 --epochs 3
+    python benchmarks/sharded_table.py --runs torch-1 --table-lrs 0.002 0.01 0.05 0.1   # the table's Adagrad lr
 
 Writes benchmarks/results/sharded_table.json.
 """
@@ -49,9 +50,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(layout: Layout, data: list[str], engine: str, processes: int, epochs: int, threads: int) -> dict:
-    run_name = f"{engine}-{processes}"
-    overrides = [*data, "tracking.enabled=false", "train.baselines=[]", "train.loss=sampled_softmax", f"train.epochs={epochs}",
+def _train(layout: Layout, data: list[str], engine: str, processes: int, epochs: int, threads: int,
+           table_lr: float | None = None) -> dict:
+    run_name = f"{engine}-{processes}" + (f"-lr{table_lr:g}" if table_lr else "")  # no table_lr: params.yaml's
+    overrides = [*data, *([f"train.sharded_table_lr={table_lr}"] if table_lr else []),
+                 "tracking.enabled=false", "train.baselines=[]", "train.loss=sampled_softmax", f"train.epochs={epochs}",
                  "train.early_stopping_patience=100", f"train.embedding_engine={engine}", f"train.run_name={run_name}",
                  f"train.num_threads={threads if processes == 1 else 1}"]
     launcher = [sys.executable] if processes == 1 else [
@@ -67,7 +70,7 @@ def _train(layout: Layout, data: list[str], engine: str, processes: int, epochs:
     history = json.loads((layout.model_dir(run_name) / "history.json").read_text())
     shards = [line.split("pipeline.training.sharded: ")[1] for line in proc.stderr.splitlines() if "holds rows" in line]
     return {
-        "engine": engine, "processes": processes, "epoch_train_seconds": [r["train_seconds"] for r in history],
+        "engine": engine, "processes": processes, "table_lr": table_lr, "epoch_train_seconds": [r["train_seconds"] for r in history],
         "tokens_per_s": [r["tokens_per_s"] for r in history], "peak_memory_mib_rank0": max(r["peak_memory_mib"] for r in history),
         "valid_ndcg10": [r["valid_ndcg10"] for r in history], "shards": sorted(shards),
     }
@@ -80,6 +83,9 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=3_000)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="threads of a single-process run")
+    parser.add_argument("--table-lrs", type=float, nargs="*", default=[],
+                        help="also train torchrec on one process with each train.sharded_table_lr (the table's Adagrad lr)")
+    parser.add_argument("--runs", nargs="*", default=[f"{e}-{n}" for e, n in RUNS], help="which of the four runs, as engine-processes")
     args = parser.parse_args()
     data = [f"ingest.synthetic.n_interactions={args.interactions}", f"ingest.synthetic.n_items={args.items}"]
     results = []
@@ -89,10 +95,11 @@ def main() -> None:
         run_ingest(params.ingest, layout, seed=params.seed)
         run_validate(params.validate_, layout)
         run_features(params.features, layout)
-        for engine, processes in RUNS:
-            result = _train(layout, data, engine, processes, args.epochs, args.threads)
-            logger.info("%s x%d: epoch train seconds %s, tokens/s %s, peak rank-0 memory %.0f MiB, valid NDCG@10 %s %s",
-                        engine, processes, [f"{s:.1f}" for s in result["epoch_train_seconds"]],
+        runs = [(e, n, None) for e, n in RUNS if f"{e}-{n}" in args.runs] + [("torchrec", 1, lr) for lr in args.table_lrs]
+        for engine, processes, table_lr in runs:
+            result = _train(layout, data, engine, processes, args.epochs, args.threads, table_lr)
+            logger.info("%s x%d (table lr %s): epoch train seconds %s, tokens/s %s, peak rank-0 memory %.0f MiB, valid NDCG@10 %s %s",
+                        engine, processes, table_lr, [f"{s:.1f}" for s in result["epoch_train_seconds"]],
                         [f"{t:.0f}" for t in result["tokens_per_s"]], result["peak_memory_mib_rank0"],
                         [f"{v:.4f}" for v in result["valid_ndcg10"]], result["shards"])
             results.append(result)

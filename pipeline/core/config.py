@@ -44,9 +44,7 @@ class SyntheticConfig(_Strict):
     mean_sequence_length: float = Field(50.0, ge=3.0)
     n_topics: int = Field(20, ge=1)
     popularity_exponent: float = Field(1.0, ge=0.0, description="Zipf exponent of item popularity")
-    sequential_strength: float = Field(
-        0.5, ge=0.0, le=1.0, description="probability the next item follows from the last one"
-    )
+    sequential_strength: float = Field(0.5, ge=0.0, le=1.0, description="probability the next item follows from the last one")
     noise_rate: float = Field(0.05, ge=0.0, le=1.0, description="share of random, low-rated interactions")
     # Dates accept ISO strings too (strict=False on the field only): YAML and CLI overrides give either.
     start_date: dt.date = Field(dt.date(2023, 1, 1), strict=False)
@@ -76,8 +74,8 @@ class FileConfig(_Strict):
     header: bool = True
     columns: ColumnMapping = ColumnMapping()
     id_type: Literal["int", "str"] = Field("str", description="int: non-numeric ids are quarantined")
-    timestamp_unit: Literal["auto", "s", "ms", "us", "ns", "datetime"] = Field(
-        "auto", description="auto: epoch unit from the magnitude of the values, or ISO date-times")
+    timestamp_unit: Literal["auto", "s", "ms", "us", "ns", "datetime"] = Field("auto", description="auto: epoch unit from the "
+                                                                                "magnitude of the values, or ISO date-times")
     event_weights: dict[str, float] | None = Field(None, description="event type -> weight, with columns.event")
 
 
@@ -167,6 +165,8 @@ class TrainConfig(_Strict):
     embedding_engine: Literal["torch", "torchrec"] = Field(
         "torch", description="torchrec: the item table row-wise sharded over the torchrun ranks (pipeline/training/sharded.py); "
                              "no rank holds the whole table, so it trains with loss sampled_softmax only")
+    sharded_table_lr: float = Field(0.1, gt=0, description="embedding_engine=torchrec only: the learning rate of the table's "
+                                    "fused Adagrad (train.lr, AdamW's, moves it far too little: docs/benchmarks.md)")
     early_stopping_patience: int = Field(3, ge=1, description="epochs without a better valid NDCG@10")
     curriculum: CurriculumConfig = CurriculumConfig()
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")

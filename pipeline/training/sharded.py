@@ -12,7 +12,7 @@ What follows from no rank holding the table:
   all-to-all, the rows of the inputs, of the positives and of the negatives shared by the
   batch, and computes the same loss as NextItemLoss from them (losses.sampled_softmax);
 - the table is updated inside the backward by FBGEMM's fused Adagrad (TorchRec's "fused"
-  kernel) with train.lr; the rest of the model gets the engine's AdamW. TorchRec's "dense"
+  kernel) with train.sharded_table_lr; the rest of the model gets the engine's AdamW. TorchRec's "dense"
   kernel, whose gradients the engine's AdamW would step, crashes in fbgemm-gpu-cpu 1.8.0's
   forward, and FBGEMM's CPU kernels have no Adam (SGD and Adagrad variants only). Exact
   Adagrad is torch.optim.Adagrad: a row a step does not look up keeps its value and state;
@@ -109,8 +109,8 @@ class ShardedSASRec(nn.Module):
         step_module = DistributedModelParallel(self, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
                                                device=device, plan=plan, sharders=[sharder])
         start, rows = self.local_rows()
-        logger.info("item table row-wise sharded over %d ranks: rank %d holds rows [%d, %d) of %d",
-                    world.world_size, world.rank, start, start + rows, self.cfg.n_items + 1)
+        logger.info("item table row-wise sharded over %d ranks: rank %d holds rows [%d, %d) of %d; its fused %s at lr %g",
+                    world.world_size, world.rank, start, start + rows, self.cfg.n_items + 1, optimizer, lr)
         return step_module
 
     def _local_shard(self) -> tuple[int, torch.Tensor]:
@@ -214,6 +214,6 @@ def shard_teacher(cfg: TrainConfig, model: SASRec, sampling_logq: torch.Tensor, 
     if cfg.weight_decay > 0:
         raise TrainError("train.embedding_engine=torchrec: the table's fused Adagrad has no weight decay; set train.weight_decay: 0")
     sharded = ShardedSASRec(model.cfg, cfg.n_negatives, sampling_logq)
-    step_module = sharded.shard(world, device, cfg.lr)
+    step_module = sharded.shard(world, device, cfg.sharded_table_lr)
     sharded.load_encoder(model)
     return sharded, step_module

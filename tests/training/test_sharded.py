@@ -171,7 +171,7 @@ def test_the_train_stage_under_torchrun_shards_the_table_and_saves_a_whole_model
     layout = build_features(tmp_path)
     overrides = ["train.d_model=16", "train.n_heads=2", "train.n_layers=1", "train.max_len=20", "train.batch_size=32",
                  "train.num_threads=1", "train.baselines=[popularity]", "tracking.enabled=false", "train.epochs=2",
-                 "train.embedding_engine=torchrec", "train.loss=sampled_softmax", "train.n_negatives=32"]
+                 "train.embedding_engine=torchrec", "train.loss=sampled_softmax", "train.n_negatives=32", "train.sharded_table_lr=0.07"]
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={WORLD}", "--master_addr=127.0.0.1",
                f"--master_port={_free_port()}", "-m", "pipeline", "train", "--workdir", str(layout.root)]
     for override in overrides:
@@ -180,8 +180,8 @@ def test_the_train_stage_under_torchrun_shards_the_table_and_saves_a_whole_model
     assert proc.returncode == 0, proc.stderr[-3000:]
     n_rows = json.loads((layout.model_dir("main") / "model_config.json").read_text())["n_items"] + 1
     half = -(-n_rows // WORLD)
-    assert f"rank 0 holds rows [0, {half}) of {n_rows}" in proc.stderr
-    assert f"rank 1 holds rows [{half}, {n_rows}) of {n_rows}" in proc.stderr
+    assert f"rank 0 holds rows [0, {half}) of {n_rows}; its fused adagrad at lr 0.07" in proc.stderr  # not train.lr
+    assert f"rank 1 holds rows [{half}, {n_rows}) of {n_rows}; its fused adagrad at lr 0.07" in proc.stderr
     model = load_model(layout.model_dir("main"))  # the whole table, gathered on rank 0
     assert model.item_embedding.weight.shape == (n_rows, 16)
     assert torch.equal(model.item_embedding.weight[0], torch.zeros(16))  # padding
