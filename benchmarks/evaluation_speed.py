@@ -71,8 +71,13 @@ def protocol(args, data, model) -> None:
     run = Path(args.workdir) / "models" / args.run_name
     vectors = load_file(str(run / "model.safetensors"))["item_embedding.weight"]
     popularity = popularity_scores(load_file(str(run / "baselines" / "popularity.safetensors"))["counts"].numpy())
-    cases = [("valid", "sasrec", lambda b: model.score(b.inputs, b.lengths), model.cfg.max_len,
-              dict(ks=(10,), sampled_strategies=())),
+    def padded(batch):  # every batch padded to max_len: scores that do not depend on how users are batched
+        inputs = torch.nn.functional.pad(batch.inputs, (0, model.cfg.max_len - batch.inputs.shape[1]))
+        return model.score(inputs, batch.lengths)
+
+    validation = dict(ks=(10,), sampled_strategies=(), coverage=False)
+    cases = [("valid", "sasrec", lambda b: model.score(b.inputs, b.lengths), model.cfg.max_len, validation),
+             ("valid", "sasrec padded to max_len", padded, model.cfg.max_len, validation),
              *[("test", name, fn, max_len, dict(ks=params.evaluate.ks, sampled_strategies=params.evaluate.sampled_strategies,
                                                 sampled_negatives=params.evaluate.sampled_negatives, beyond_accuracy=True,
                                                 item_vectors=vectors))
@@ -87,16 +92,17 @@ def protocol(args, data, model) -> None:
         common = dict(batch_size=params.evaluate.batch_size, max_len=max_len, seed=params.seed, progress=False, **kwargs)
         timings, results = {}, {}
         for label, module in (("old", old), ("new", metrics)):
-            module.evaluate(fn, subset_data(subset, np.arange(min(1024, len(rows[split])))), split, **common)  # warm-up
+            kw = {k: v for k, v in common.items() if k != "coverage" or label == "new"}  # the old module always took top-K
+            module.evaluate(fn, subset_data(subset, np.arange(min(1024, len(rows[split])))), split, **kw)  # warm-up
             started = time.perf_counter()
-            results[label] = module.evaluate(fn, subset, split, **common)
+            results[label] = module.evaluate(fn, subset, split, **kw)
             timings[label] = time.perf_counter() - started
-        differ = {key: (results["old"][key], results["new"].get(key)) for key in results["old"]
-                  if results["old"][key] != results["new"].get(key)}
+        differ = {key: (results["old"][key], results["new"][key]) for key in results["old"]
+                  if key in results["new"] and results["old"][key] != results["new"][key]}
         print(json.dumps({"split": split, "model": name, "users": int(results["new"]["users"]),
                           "old_s": round(timings["old"], 2), "new_s": round(timings["new"], 2),
                           "speedup": round(timings["old"] / timings["new"], 2),
-                          "identical": [k for k in results["old"] if k not in differ],
+                          "identical": [k for k in results["old"] if k in results["new"] and k not in differ],
                           "differ_old_new": differ}))
 
 
