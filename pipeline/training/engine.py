@@ -330,7 +330,7 @@ class Engine:
         record = {
             "epoch": epoch, "loss": totals["loss_total"] / max(tokens, 1), "valid_ndcg10": valid[VALID_METRIC],
             "valid_hr10": valid["full/HR@10"], "train_seconds": seconds, "seq_len": totals["seq_len"],
-            "valid_seconds": time.perf_counter() - validation_started, "valid_users": valid.get("users"),
+            "valid_seconds": time.perf_counter() - validation_started, "valid_users": int(valid["users"]) if "users" in valid else None,
             "sequences_per_s": totals["sequences"] / seconds, "tokens_per_s": tokens / seconds,
             "peak_memory_mib": peak_memory_mib(self.device), "elapsed_seconds": time.perf_counter() - self.started,
         }

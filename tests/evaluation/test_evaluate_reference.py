@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.sequences import SequenceData, evaluation_batches
+from pipeline.data.sequences import SequenceData, evaluation_batches, evaluation_rows
 from pipeline.evaluation import metrics
-from pipeline.evaluation.metrics import evaluate, sample_negatives
+from pipeline.evaluation.metrics import evaluate, sample_negatives, validation_sample
 from pipeline.models import scoring
 from pipeline.models.scoring import Exclusion
 
@@ -171,3 +171,29 @@ def test_sampled_negatives_follow_the_protocol_distribution(weighted):
     frequency = np.bincount(negatives.view(-1).numpy(), minlength=n_items + 1)[4:] / n_users
     share = np.arange(4, n_items + 1) / np.arange(4, n_items + 1).sum() if weighted else np.full(n_items - 3, 1 / (n_items - 3))
     assert np.abs(frequency - share).max() < 0.01
+
+
+def test_a_validation_sample_is_fixed_by_the_seed_and_evaluated_alone():
+    data = _data(2)
+    sample = validation_sample(data, 100, seed=7)
+    assert np.array_equal(sample, validation_sample(data, 100, seed=7)) and len(set(sample.tolist())) == 100
+    assert not np.array_equal(sample, validation_sample(data, 100, seed=8))
+    assert set(sample.tolist()) <= set(evaluation_rows(data, "valid").tolist())
+    assert validation_sample(data, None, seed=7) is None and validation_sample(data, 10**6, seed=7) is None
+    on_sample = evaluate(_scorer(False), data, "valid", ks=(10,), sampled_strategies=(), progress=False, rows=sample)
+    alone = evaluate(_scorer(False), _only(data, sample), "valid", ks=(10,), sampled_strategies=(), progress=False)
+    assert on_sample == alone and on_sample["users"] == 100
+
+
+def test_without_coverage_no_lists_are_taken_and_the_ranks_are_the_same():
+    data = _data(3)
+    full = evaluate(_scorer(True), data, "valid", ks=(10,), sampled_strategies=(), progress=False)
+    fast = evaluate(_scorer(True), data, "valid", ks=(10,), sampled_strategies=(), progress=False, coverage=False)
+    assert "full/Coverage@10" not in fast and fast == {k: v for k, v in full.items() if k != "full/Coverage@10"}
+
+
+def _only(data: SequenceData, rows: np.ndarray) -> SequenceData:
+    lengths = data.offsets[rows + 1] - data.offsets[rows]
+    items = np.concatenate([data.items[data.offsets[r]:data.offsets[r + 1]] for r in rows])
+    return SequenceData(data.users[rows], np.concatenate([[0], np.cumsum(lengths)]), items, data.n_train[rows],
+                        data.n_valid[rows], data.n_test[rows], data.n_items, data.n_user_index)
