@@ -168,6 +168,7 @@ class TrainConfig(_Strict):
     sharded_table_lr: float = Field(0.1, gt=0, description="embedding_engine=torchrec only: the learning rate of the table's "
                                     "fused Adagrad (train.lr, AdamW's, moves it far too little: docs/benchmarks.md)")
     early_stopping_patience: int = Field(3, ge=1, description="epochs without a better valid NDCG@10")
+    validation_users: int | None = Field(None, ge=1, description="validate each epoch on a seeded sample of N users; null: all")
     curriculum: CurriculumConfig = CurriculumConfig()
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
@@ -176,9 +177,8 @@ class TrainConfig(_Strict):
     baselines: list[Literal["popularity", "bpr"]] = Field(["popularity", "bpr"], description="trained beside the model")
     bpr: BPRConfig = BPRConfig()
     run_name: PathName = Field("main", description="models/<run_name>/")
-    init_from: str | None = Field(
-        None, description="warm start: a SASRec model dir (models/<run>) whose weights initialise this run; its "
-        "item table grows for new items, old indices keep their rows (build features with vocab_from)")
+    init_from: str | None = Field(None, description="warm start: a SASRec model dir (models/<run>) whose weights initialise "
+                                  "this run; its item table grows for new items, old indices keep their rows (features with vocab_from)")
 
     @model_validator(mode="after")
     def _check_item_table(self) -> TrainConfig:

@@ -150,10 +150,13 @@ def evaluation_rows(data: SequenceData, split: str) -> np.ndarray:
     return np.flatnonzero((has_target > 0) & (data.prefix_length(split) > 0))
 
 
-def evaluation_batches(data: SequenceData, split: str, batch_size: int, max_len: int) -> Iterator[Batch]:
-    """One example per user that has a `split` target: the last max_len items before it as input."""
+def evaluation_batches(data: SequenceData, split: str, batch_size: int, max_len: int,
+                       rows: np.ndarray | None = None) -> Iterator[Batch]:
+    """One example per user that has a `split` target: the last max_len items before it as input.
+
+    `rows`: the users to take, in this order (default: `evaluation_rows`, in data order)."""
     prefix = data.prefix_length(split)
-    eligible = evaluation_rows(data, split)
+    eligible = evaluation_rows(data, split) if rows is None else rows
     for start in range(0, len(eligible), batch_size):
         rows = eligible[start : start + batch_size]
         ends = prefix[rows]

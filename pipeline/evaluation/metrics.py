@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from pipeline.core.errors import EvaluateError
 from pipeline.data.sequences import Batch, ScoreFn, SequenceData, evaluation_batches, evaluation_rows, seen_items
-from pipeline.models.scoring import Exclusion, chunked_top_k, masked_scores, target_rank_counts
+from pipeline.models.scoring import Exclusion, chunked_top_k, kernels_for, target_rank_counts
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +194,72 @@ def seen_exclusion(data: SequenceData, batch: Batch, split: str) -> Exclusion:
     return Exclusion(start, keys % width)
 
 
+def validation_sample(data: SequenceData, n_users: int | None, seed: int, split: str = "valid") -> np.ndarray | None:
+    """A fixed sample of `n_users` of the users with a `split` target (positions in `data`, sorted), drawn
+    with `seed`; None (every user) when n_users is None or covers them all."""
+    rows = evaluation_rows(data, split)
+    if n_users is None or n_users >= len(rows):
+        return None
+    return np.sort(np.random.default_rng(seed).choice(rows, n_users, replace=False))
+
+
+def sample_negatives(
+    exclusion: Exclusion, targets: torch.Tensor, n_items: int, n_negatives: int, generator: torch.Generator,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, n) items sampled without replacement among each user's allowed items (1..n_items, not the
+    target, not excluded), uniformly or, given `weights` ((n_items + 1,), weights[0] = 0), by weight;
+    n = min(n_negatives, the fewest allowed items of any user in the batch).
+
+    By rejection: draws from all items (torch.randint, or torch.multinomial with replacement on
+    the weights), the first n distinct allowed ones kept (`first_allowed_draws`); users still short
+    draw again, twice as many each round. Seeded by `generator` alone (one stream per protocol).
+    """
+    targets_np = targets.view(-1).cpu().numpy().astype(np.int64)
+    n_users = len(targets_np)
+    inside = (exclusion.rows >= 1) & (exclusion.rows <= n_items)
+    excluded_per_user = np.bincount(np.repeat(np.arange(n_users), np.diff(exclusion.start))[inside], minlength=n_users)
+    n = min(n_negatives, int((n_items - 1 - excluded_per_user).min())) if n_users else 0
+    chosen = np.zeros((n_users, max(n, 0)), np.int64)
+    if n <= 0:
+        return torch.from_numpy(chosen)
+    filled = np.zeros(n_users, np.int64)
+    kernels = kernels_for(targets.cpu())
+    per_user = 2 * n + 16
+    while True:
+        short = np.flatnonzero(filled < n)
+        if len(short) == 0:
+            return torch.from_numpy(chosen)
+        size = len(short) * per_user
+        draws = (torch.randint(1, n_items + 1, (size,), generator=generator) if weights is None
+                 else torch.multinomial(weights, size, replacement=True, generator=generator)).numpy()
+        draws_start = np.zeros(n_users + 1, np.int64)
+        counts = np.zeros(n_users, np.int64)
+        counts[short] = per_user
+        np.cumsum(counts, out=draws_start[1:])
+        if kernels is not None:
+            kernels.run_blocks(kernels.first_allowed_draws, 1, 1, draws, draws_start, targets_np, exclusion.rows,
+                               exclusion.start, chosen, filled)
+        else:
+            _first_allowed_draws(draws, draws_start, targets_np, exclusion, chosen, filled)
+        per_user *= 2
+
+
+def _first_allowed_draws(draws: np.ndarray, draws_start: np.ndarray, targets: np.ndarray, exclusion: Exclusion,
+                         chosen: np.ndarray, filled: np.ndarray) -> None:
+    """The rejection step of `sample_negatives` in plain Python (no numba; the kernel's reference)."""
+    for user in range(len(targets)):
+        excluded = set(exclusion.rows[exclusion.start[user]:exclusion.start[user + 1]].tolist())
+        kept = chosen[user, : filled[user]].tolist()
+        for item in draws[draws_start[user]:draws_start[user + 1]].tolist():
+            if len(kept) == chosen.shape[1]:
+                break
+            if item != 0 and item != targets[user] and item not in excluded and item not in kept:
+                kept.append(item)
+        chosen[user, : len(kept)] = kept
+        filled[user] = len(kept)
+
+
 def evaluate(
     score_fn: ScoreFn,
     data: SequenceData,
@@ -209,78 +275,94 @@ def evaluate(
     beyond_accuracy: bool = False,
     item_vectors: torch.Tensor | None = None,
     desc: str | None = None,
+    rows: np.ndarray | None = None,
+    coverage: bool = True,
 ) -> dict[str, float]:
-    """Metrics of `score_fn` on `split` ("valid" or "test"), averaged over users with a target.
+    """Metrics of `score_fn` on `split` ("valid" or "test"), averaged over users with a target
+    (or over `rows`, positions in `data` of users with one: a sample of them). Without `coverage`
+    no top-k lists are taken (no `full/Coverage@k`; per-epoch validation needs NDCG and HR only).
 
     With `beyond_accuracy`, also the beyond-accuracy metrics of each user's top-k lists for every k
     in `ks` (`BEYOND_ACCURACY`: novelty against the training popularity, Gini index of exposure, and
     ILD when `item_vectors` ((n_items + 1, d), e.g. the teacher's item table) give the vector space).
+
+    Random streams: the full ranking's ties are broken with a generator seeded `seed` (the same
+    draws whatever sampled protocols run, so `full/*` are the same with and without them); the
+    sampled protocols draw from their own, seeded `seed + 1`.
     """
     ks = sorted(set(int(k) for k in ks))
     device = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
+    sampled_generator = torch.Generator().manual_seed(seed + 1)
     sampled_strategies = tuple(sampled_strategies)
-    # Only the popularity-sampled protocol needs the counts; per-epoch validation skips it.
-    popularity = torch.from_numpy(data.train_item_counts()).double().to(device) if "popularity" in sampled_strategies else None
+    for strategy in sampled_strategies:
+        if strategy not in ("uniform", "popularity"):
+            raise ValueError(f"unknown sampling strategy {strategy!r}")
+    train_counts = data.train_item_counts() if ("popularity" in sampled_strategies or beyond_accuracy) else None
+    popularity = None
+    if "popularity" in sampled_strategies:  # +1: never-trained items can still be drawn; padding never
+        popularity = torch.from_numpy(train_counts).double() + 1.0
+        popularity[0] = 0.0
     totals: dict[str, float] = {}
-    top_items = {k: torch.zeros(data.n_items + 1, dtype=torch.bool, device=device) for k in ks}
+    top_items = {k: torch.zeros(data.n_items + 1, dtype=torch.bool) for k in ks}
     lists = None if not beyond_accuracy else ListMetrics(
-        ks, data.n_items, data.train_item_counts(), None if item_vectors is None else F.normalize(item_vectors.detach().float(), dim=1))
-    n_users = 0
-    batches = evaluation_batches(data, split, batch_size, max_len)
-    n_batches = -(-len(evaluation_rows(data, split)) // batch_size)
+        ks, data.n_items, train_counts, None if item_vectors is None else F.normalize(item_vectors.detach().float(), dim=1))
+    sampled_ks = [k for k in ks if k <= sampled_negatives]
+    rows = evaluation_rows(data, split) if rows is None else np.asarray(rows, np.int64)
+    n_users = len(rows)
+    if n_users == 0:
+        raise ValueError(f"no users with a {split} target to evaluate")
+    # Scored in order of history length, so a batch pads only to its own longest window (most
+    # histories are short; padding every batch to the longest costs most of the forward pass)...
+    window = np.minimum(data.prefix_length(split)[rows], max_len)
+    order = np.argsort(window, kind="stable")
+    greater, ties = np.zeros(n_users, np.int64), np.zeros(n_users, np.int64)
+    top_lists = np.zeros((n_users, max(ks)), np.int64)
+    sampled = {strategy: (np.zeros(n_users, np.int64), np.zeros(n_users, np.int64)) for strategy in sampled_strategies}
     with torch.no_grad():
-        for batch in tqdm(batches, total=n_batches, desc=desc or f"evaluate[{split}]", unit="batch",
-                          disable=not progress or None, leave=False):
-            batch = batch.to(device)
-            scores = score_fn(batch).float()
+        batches = zip(range(0, n_users, batch_size), evaluation_batches(data, split, batch_size, max_len, rows[order]))
+        for start, batch in tqdm(batches, total=-(-n_users // batch_size), desc=desc or f"evaluate[{split}]",
+                                 unit="batch", disable=not progress or None, leave=False):
+            positions = order[start:start + len(batch.rows)]
+            scores = score_fn(batch.to(device)).float()
             exclusion = seen_exclusion(data, batch, split)
             # Full ranking from the scores as they are (pipeline/models/scoring.py: one pass on CPU,
             # no masked copy of the batch x catalogue matrix).
-            greater, ties = target_rank_counts(scores, batch.targets, exclusion)
-            ranks = _tie_broken(greater.to(device), ties.to(device), generator)
-            for name, values in metrics_from_ranks(ranks, ks).items():
-                totals[f"full/{name}"] = totals.get(f"full/{name}", 0.0) + float(values.sum())
-            top, _ = chunked_top_k(lambda start, stop, s=scores: s[:, start:stop], len(batch.rows), scores.shape[1],
-                                   max(ks), exclusion, scores.device)
-            for k in ks:
-                top_items[k][top[:, :k].reshape(-1).to(device)] = True
-            if lists is not None:
-                lists.add(top)
-            if sampled_strategies:
-                scores = masked_scores(scores, exclusion)  # what the sampled protocols draw from
-            for strategy in sampled_strategies:
-                sampled_ranks = _sampled_ranks(scores, batch.targets, popularity, strategy, sampled_negatives, generator)
-                for name, values in metrics_from_ranks(sampled_ranks, [k for k in ks if k <= sampled_negatives]).items():
-                    key = f"sampled_{strategy}_{sampled_negatives}/{name}"
-                    totals[key] = totals.get(key, 0.0) + float(values.sum())
-            n_users += len(batch.rows)
-    if n_users == 0:
-        raise ValueError(f"no users with a {split} target to evaluate")
+            above, tied = target_rank_counts(scores, batch.targets.to(scores.device), exclusion)
+            greater[positions], ties[positions] = above.cpu().numpy(), tied.cpu().numpy()
+            if coverage or lists is not None:
+                top, _ = chunked_top_k(lambda first, stop, s=scores: s[:, first:stop], len(batch.rows), scores.shape[1],
+                                       max(ks), exclusion, scores.device)
+                top_lists[positions] = top.cpu().numpy()
+            for strategy, (sampled_greater, sampled_ties) in sampled.items():
+                negatives = sample_negatives(exclusion, batch.targets, data.n_items, sampled_negatives, sampled_generator,
+                                             popularity if strategy == "popularity" else None)
+                candidates = scores.gather(1, torch.cat([batch.targets.view(-1, 1), negatives], dim=1).to(scores.device))
+                sampled_greater[positions] = (candidates[:, 1:] > candidates[:, :1]).sum(1).cpu().numpy()
+                sampled_ties[positions] = (candidates[:, 1:] == candidates[:, :1]).sum(1).cpu().numpy()
+    # ... and aggregated in user order, batch by batch: the same random draws and float sums as
+    # scoring in user order would give.
+
+    def add(prefix: str, ranks: torch.Tensor, cut_offs: list[int]) -> None:
+        for name, values in metrics_from_ranks(ranks, cut_offs).items():
+            totals[f"{prefix}/{name}"] = totals.get(f"{prefix}/{name}", 0.0) + float(values.sum())
+
+    top_lists = torch.from_numpy(top_lists)
+    for start in range(0, n_users, batch_size):
+        part = slice(start, start + batch_size)
+        add("full", _tie_broken(torch.from_numpy(greater[part]), torch.from_numpy(ties[part]), generator), ks)
+        for k in ks if coverage else ():
+            top_items[k][top_lists[part, :k].reshape(-1)] = True
+        if lists is not None:
+            lists.add(top_lists[part])
+        for strategy, (sampled_greater, sampled_ties) in sampled.items():
+            add(f"sampled_{strategy}_{sampled_negatives}",
+                _tie_broken(torch.from_numpy(sampled_greater[part]), torch.from_numpy(sampled_ties[part]), sampled_generator),
+                sampled_ks)
     metrics = {name: total / n_users for name, total in totals.items()}
-    for k in ks:
+    for k in ks if coverage else ():
         metrics[f"full/Coverage@{k}"] = float(top_items[k][1:].sum()) / data.n_items
     if lists is not None:
         metrics.update(lists.result())
     metrics["users"] = float(n_users)
     return metrics
-
-
-def _sampled_ranks(
-    scores: torch.Tensor, targets: torch.Tensor, popularity: torch.Tensor | None, strategy: str, n_negatives: int,
-    generator: torch.Generator,
-) -> torch.Tensor:
-    """Rank of the target among `n_negatives` sampled items the user has not seen."""
-    allowed = torch.isfinite(scores)  # seen items and padding were set to -inf
-    allowed.scatter_(1, targets.view(-1, 1), False)
-    if strategy == "uniform":
-        weights = allowed.double()
-    elif strategy == "popularity":
-        weights = allowed.double() * (popularity + 1.0)  # +1: never-trained items can still be drawn
-    else:
-        raise ValueError(f"unknown sampling strategy {strategy!r}")
-    weights = weights.cpu()
-    n_allowed = int(allowed.sum(1).min())
-    draws = torch.multinomial(weights, min(n_negatives, n_allowed), replacement=False, generator=generator).to(scores.device)
-    candidates = torch.cat([targets.view(-1, 1), draws], dim=1)
-    return target_ranks(scores.gather(1, candidates), torch.zeros_like(targets), generator)

@@ -342,3 +342,39 @@ def target_rank_counts(scores, targets, excluded, excluded_start, greater, ties,
                     equal += 1
         greater[user] = above
         ties[user] = equal
+
+
+@njit(**KERNEL)
+def first_allowed_draws(draws, draws_start, targets, excluded, excluded_start, chosen, filled, block, n_blocks) -> None:
+    """Sampling without replacement by rejection, for this block's share of the users: user b's
+    candidates draws[draws_start[b]:draws_start[b + 1]] (in draw order) are kept while they are
+    allowed (not padding, not the target, not excluded, not kept already) until chosen[b] (n) is full.
+
+    The first n distinct allowed items of a stream of independent draws are a sample without
+    replacement (successive sampling: with weighted draws, the weights restricted to the allowed
+    items), so rejecting is exact; `filled[b]` counts the items kept so far (across calls).
+    """
+    n_users, n_needed = chosen.shape
+    step = (n_users + n_blocks - 1) // n_blocks
+    for user in range(block * step, min(n_users, (block + 1) * step)):
+        count = filled[user]
+        if count >= n_needed:
+            continue
+        target = targets[user]
+        lo, hi = excluded_start[user], excluded_start[user + 1]
+        for position in range(draws_start[user], draws_start[user + 1]):
+            item = draws[position]
+            if item == 0 or item == target or _is_excluded(excluded, lo, hi, item):
+                continue
+            duplicate = False
+            for earlier in range(count):
+                if chosen[user, earlier] == item:
+                    duplicate = True
+                    break
+            if duplicate:
+                continue
+            chosen[user, count] = item
+            count += 1
+            if count == n_needed:
+                break
+        filled[user] = count

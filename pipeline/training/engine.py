@@ -37,7 +37,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.data.sequences import Batch, SequenceData, n_training_batches, training_batches
-from pipeline.evaluation.metrics import evaluate
+from pipeline.evaluation.metrics import evaluate, validation_sample
 from pipeline.training.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.training.distributed import SINGLE_PROCESS, Dist, all_reduce_sum, broadcast_flag
 from pipeline.training.losses import LossFn
@@ -56,6 +56,7 @@ class EngineSettings:
     seed: int
     patience: int
     eval_batch_size: int = 512
+    validation_users: int | None = None  # validate on a sample of this many users, seeded by `seed` (None: all)
     desc: str = "epoch"  # progress bar and log prefix
     # "global": sum * world_size / tokens of the global batch, so that DDP's gradient average
     # is the gradient of the mean over every token (the teacher). "local": sum / max(tokens, 1)
@@ -230,6 +231,10 @@ class Engine:
         self.scaler = torch.amp.GradScaler("cuda", enabled=settings.amp_dtype == torch.float16)
         self.state = TrainState()
         self.best_weights: dict[str, torch.Tensor] | None = None
+        # The users each validation ranks: all with a valid target, or a fixed seeded sample of them.
+        self.validation_rows = validation_sample(data, settings.validation_users, settings.seed)
+        if self.validation_rows is not None:
+            logger.info("validating each epoch on a seeded sample of %d users (train.validation_users)", len(self.validation_rows))
 
     def _build_optimizer(self) -> torch.optim.Optimizer | SparseAndDense:
         return build_optimizer(self.model, self.settings, self.device)
@@ -314,16 +319,18 @@ class Engine:
         self.model.eval()
         return evaluate(lambda b: self.model.score(b.inputs, b.lengths), self.data, "valid", ks=(10,),
                         batch_size=s.eval_batch_size, max_len=self.model.cfg.max_len, device=self.device,
-                        sampled_strategies=(), seed=s.seed, progress=False)
+                        sampled_strategies=(), seed=s.seed, progress=False, coverage=False, rows=self.validation_rows)
 
     def _end_epoch(self, epoch: int, totals: dict) -> bool:
         """Rank 0: validate, record, keep the best, checkpoint, report; True when early stopping says stop."""
         s, state = self.settings, self.state
+        validation_started = time.perf_counter()
         valid = self.validate()
         seconds, tokens = totals["train_seconds"], totals["tokens"]
         record = {
             "epoch": epoch, "loss": totals["loss_total"] / max(tokens, 1), "valid_ndcg10": valid[VALID_METRIC],
             "valid_hr10": valid["full/HR@10"], "train_seconds": seconds, "seq_len": totals["seq_len"],
+            "valid_seconds": time.perf_counter() - validation_started, "valid_users": int(valid["users"]) if "users" in valid else None,
             "sequences_per_s": totals["sequences"] / seconds, "tokens_per_s": tokens / seconds,
             "peak_memory_mib": peak_memory_mib(self.device), "elapsed_seconds": time.perf_counter() - self.started,
         }
@@ -339,8 +346,9 @@ class Engine:
         state.epoch, state.stopped_early = epoch, stop
         if s.checkpoint_path is not None:
             self.save_checkpoint(s.checkpoint_path)
-        logger.info("%s %d: loss %.4f valid NDCG@10 %.4f HR@10 %.4f | %.1fs, %.0f seq/s, %.0f tok/s, peak %.0f MiB%s",
-                    s.desc, epoch, record["loss"], record["valid_ndcg10"], record["valid_hr10"], seconds,
+        logger.info("%s %d: loss %.4f valid NDCG@10 %.4f HR@10 %.4f | %.1fs (validation %.1fs), %.0f seq/s, %.0f tok/s, "
+                    "peak %.0f MiB%s", s.desc, epoch, record["loss"], record["valid_ndcg10"], record["valid_hr10"], seconds,
+                    record["valid_seconds"],
                     record["sequences_per_s"], record["tokens_per_s"], record["peak_memory_mib"],
                     f", {record['tflops']:.2f} TFLOP/s" if "tflops" in record else "")
         if self.hooks.on_epoch_end is not None:

@@ -158,7 +158,8 @@ def engine_settings(cfg: TrainConfig, seed: int, device: torch.device, checkpoin
     return EngineSettings(
         epochs=cfg.epochs if cfg.model == "sasrec" else 0,  # a baseline-only run trains no SASRec epoch
         lr=cfg.lr, batch_size=cfg.batch_size, seed=seed, patience=cfg.early_stopping_patience,
-        eval_batch_size=eval_batch_size, desc="epoch", token_normalisation="global", weight_decay=cfg.weight_decay,
+        eval_batch_size=eval_batch_size, validation_users=cfg.validation_users, desc="epoch", token_normalisation="global",
+        weight_decay=cfg.weight_decay,
         fused=True, trainable_only=False, amp_dtype=autocast_dtype(cfg, device), compile=cfg.compile,
         reseed=False, validate_initial=False, restore_best=False, checkpoint_path=checkpoint_path, resume=resume,
         checkpoint_best=True,
