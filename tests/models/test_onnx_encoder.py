@@ -118,7 +118,8 @@ def test_int8_encoder_of_a_plain_model_keeps_its_own_int8_weights_and_is_close(m
     weights stay in the file, a quarter of the fp32 bytes; the floats (biases, norms) are still left out."""
     path = export_encoder(model, tmp_path / ENCODER_FILE, int8=True)
     assert 0 < _stored_tensor_bytes(path) < 0.4 * 4 * _float_weight_values(model)
-    assert any(node.op_type in ("DynamicQuantizeMatMul", "MatMulInteger") for node in onnx.load(str(path), load_external_data=False).graph.node)
+    nodes = onnx.load(str(path), load_external_data=False).graph.node
+    assert any(node.op_type in ("DynamicQuantizeMatMul", "MatMulInteger") for node in nodes)
     embedded, lengths = _inputs(model, 32, 12)
     with torch.no_grad():
         expected = model.encode_last(embedded, lengths)
