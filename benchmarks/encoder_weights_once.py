@@ -23,17 +23,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.models.onnx_encoder import ENCODER_FILE, OnnxEncoder, supplied_weights, weight_entries  # noqa: E402
-from pipeline.models.variants import encoder_tensors, load_variant  # noqa: E402
+from pipeline.models.onnx_encoder import ENCODER_FILE, OnnxEncoder  # noqa: E402
+from pipeline.models.variants import load_variant  # noqa: E402
 
 
-def embedded_copy(directory: Path, target: Path) -> Path:
-    """The variant's encoder.onnx with its left-out weights written into the file."""
+def embedded_copy(directory: Path, encoder: OnnxEncoder, target: Path) -> Path:
+    """The variant's encoder.onnx with the weights `encoder` was given written into the file."""
     import onnx
 
-    path = directory / ENCODER_FILE
-    weights = supplied_weights(weight_entries(path.read_bytes()), encoder_tensors(load_variant(directory)), path)
-    proto = onnx.load(str(path), load_external_data=False)
+    weights = encoder.supplied
+    proto = onnx.load(str(directory / ENCODER_FILE), load_external_data=False)
     for init in proto.graph.initializer:
         if init.name in weights:
             del init.external_data[:]
@@ -54,7 +53,7 @@ def main() -> None:
     if model.encoder is None:
         parser.error(f"{args.directory} holds no {ENCODER_FILE}")
     with tempfile.TemporaryDirectory() as tmp:
-        embedded_path = embedded_copy(args.directory, Path(tmp) / "embedded.onnx")
+        embedded_path = embedded_copy(args.directory, model.encoder, Path(tmp) / "embedded.onnx")
         sys.stdout.write(f"{ENCODER_FILE}: {(args.directory / ENCODER_FILE).stat().st_size:,} bytes as stored, "
                          f"{embedded_path.stat().st_size:,} with its weights inside\n\n"
                          "| threads | batch | weights inside ms | graph only ms | ratio | load |\n"

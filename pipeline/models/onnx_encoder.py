@@ -303,6 +303,11 @@ class OnnxEncoder:
         self._session = self._new_session(torch.get_num_threads())  # a broken file fails here, at load time
 
     @property
+    def supplied(self) -> Mapping[str, np.ndarray]:
+        """The initializers this file leaves out, as built from the model's tensors (empty for a file with its weights)."""
+        return dict(self._weights)
+
+    @property
     def threads(self) -> int:
         """Intra-op threads of the current session."""
         return self._threads
