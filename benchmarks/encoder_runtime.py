@@ -19,6 +19,20 @@ Each way's output is compared with eager fp32 (max abs difference on the timed b
     python benchmarks/encoder_runtime.py --presets small --rounds 9
 
 Writes benchmarks/results/encoder_runtime-t<threads>.json and prints a Markdown table.
+
+`--workdir W` times the served path instead: the trained teacher and the variants that
+`python -m pipeline compress --workdir W -S compress.runtime=onnx` built, each through
+`Recommender.recommend` (top-10 of the full catalogue, seen items excluded) with its PyTorch encoder
+and with its ONNX one (encoder.onnx, weights from model.safetensors), on W's test histories:
+batch 1 (one user per call, the users in turn) and batch 256. NDCG@10 (full ranking, test split)
+of every model in both runtimes first; timed are the teacher and every variant within
+`--within` of the teacher's NDCG@10 (`--all`: every variant). All thread counts of `--threads`
+are timed in one process, rounds alternating between them and rotating the order of the models,
+so the load of a shared machine falls on all alike; the load average is recorded per round.
+
+    python benchmarks/encoder_runtime.py --workdir W --threads 1 2 --rounds 15
+
+Writes benchmarks/results/encoder_runtime-served.json and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -28,6 +42,7 @@ import copy
 import json
 import logging
 import math
+import os
 import platform
 import statistics
 import sys
@@ -44,6 +59,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.models.onnx_encoder import OnnxEncoder, export_encoder, export_graph  # noqa: E402
 from pipeline.models.sasrec import SASRec, build_sasrec  # noqa: E402
+from pipeline.models.variants import size_on_disk  # noqa: E402
 
 logger = logging.getLogger("encoder_runtime")
 N_ITEMS = 3000
@@ -80,11 +96,13 @@ def torchao(model: SASRec, dynamic: bool) -> SASRec:
 
 def ways(model: SASRec, tmp: Path) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
     int8wo, int8dyn = torchao(model, dynamic=False), torchao(model, dynamic=True)
+    tensors = model.state_dict()  # the graphs hold no weights: they are supplied from these at session start
     encoders = {
-        "ort": export_graph(FullSequenceGraph(model).eval(), model.cfg.d_model, model.cfg.max_len, tmp / "full.onnx"),
+        "ort": export_graph(FullSequenceGraph(model).eval(), model.cfg.d_model, model.cfg.max_len, tmp / "full.onnx",
+                            False, tensors),
         "ort-last": export_encoder(model, tmp / "last.onnx"),
         "ort-int8": export_graph(FullSequenceGraph(model).eval(), model.cfg.d_model, model.cfg.max_len,
-                                 tmp / "full8.onnx", int8=True),
+                                 tmp / "full8.onnx", True, tensors),
         "ort-int8-last": export_encoder(model, tmp / "last8.onnx", int8=True),
     }
     found = {
@@ -96,7 +114,7 @@ def ways(model: SASRec, tmp: Path) -> dict[str, Callable[[torch.Tensor, torch.Te
         "ao-int8dyn-last": int8dyn.last_hidden,
     }
     for name, path in encoders.items():
-        encoder = OnnxEncoder(path)
+        encoder = OnnxEncoder(path, tensors)
         found[name] = lambda i, n, e=encoder: e(model.embed(i), n)
     sizes = {name: path.stat().st_size for name, path in encoders.items()}
     logger.info("ONNX file sizes: %s", sizes)
@@ -166,24 +184,136 @@ def markdown(results: list[dict], threads: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ----------------------------------------------------------------------------- the served path (--workdir)
+
+
+def served_models(workdir: Path, run: str) -> dict[str, Path]:
+    """teacher (models/<run>) and every built variant (models/<run>/variants/<name>)."""
+    teacher = workdir / "models" / run
+    variants = sorted(p for p in (teacher / "variants").iterdir() if p.is_dir() and not p.name.startswith("."))
+    return {"teacher": teacher, **{p.name: p for p in variants}}
+
+
+def served(workdir: Path, run: str, threads: list[int], rounds: int, within: float, every: bool) -> dict:
+    from pipeline.data.sequences import evaluation_batches, load_sequences
+    from pipeline.evaluation.metrics import evaluate
+    from pipeline.models.recommender import Recommender
+    from pipeline.models.variants import load_variant
+
+    data = load_sequences(workdir / "data" / "features")
+    recommenders: dict[str, Recommender] = {}
+    rows: dict[str, dict] = {}
+    torch.set_num_threads(threads[0])
+    for name, directory in served_models(workdir, run).items():
+        model = load_variant(directory)
+        runtimes = {"torch": model}
+        if model.encoder is not None:
+            eager = copy.deepcopy(model)
+            eager.encoder = None
+            runtimes = {"torch": eager, "onnx": model}
+        for runtime, m in runtimes.items():
+            key = f"{name}/{runtime}"
+            quality = evaluate(lambda b, m=m: m.score(b.inputs, b.lengths), data, "test", ks=(10,), batch_size=512,
+                               max_len=m.cfg.max_len, sampled_strategies=(), seed=0, progress=False)
+            rows[key] = {"model": name, "runtime": runtime, "ndcg@10": quality["full/NDCG@10"],
+                         "size_bytes": size_on_disk(directory),
+                         "encoder_bytes": (directory / "encoder.onnx").stat().st_size if runtime == "onnx" else 0}
+            recommenders[key] = Recommender(m)
+            logger.info("%s: NDCG@10 %.4f, %s bytes", key, rows[key]["ndcg@10"], f"{rows[key]['size_bytes']:,}")
+    teacher = rows["teacher/torch"]["ndcg@10"]
+    for row in rows.values():
+        row["ndcg@10_change"] = row["ndcg@10"] / teacher - 1
+    timed = [k for k, r in rows.items() if every or r["model"] in ("teacher", "fp32") or r["ndcg@10_change"] >= -within]
+    batch = next(evaluation_batches(data, "test", 1 << 30, recommenders["teacher/torch"].max_len))
+    histories = [row[: int(n)].tolist() for row, n in zip(batch.inputs, batch.lengths)]
+    big = histories[:256]
+    users = iter(range(1 << 62))
+    calls = {1: 20, 256: 1}
+    per_round: dict[tuple[int, int, str], list[float]] = {(t, b, k): [] for t in threads for b in calls for k in timed}
+    loads = []
+    with torch.inference_mode():
+        for round_index in range(rounds):
+            for t in threads:
+                torch.set_num_threads(t)
+                for key in timed:  # warm-up after the thread change (an ONNX session is rebuilt once)
+                    for _ in range(2):
+                        recommenders[key].recommend([histories[next(users) % len(histories)]], 10)
+                    recommenders[key].recommend(big, 10)
+                loads.append(os.getloadavg()[0])
+                for offset in range(len(timed)):
+                    key = timed[(round_index + offset) % len(timed)]
+                    for size, n in calls.items():
+                        times = []
+                        for _ in range(n):
+                            request = big if size == 256 else [histories[next(users) % len(histories)]]
+                            started = time.perf_counter()
+                            recommenders[key].recommend(request, 10)
+                            times.append((time.perf_counter() - started) * 1000)
+                        per_round[(t, size, key)].append(statistics.median(times))
+            logger.info("round %d/%d, load %.2f", round_index + 1, rounds, loads[-1])
+    for key in timed:
+        for t in threads:
+            for size in calls:
+                rows[key][f"t{t}_b{size}_ms"] = statistics.median(per_round[(t, size, key)])
+    for key in timed:
+        for t in threads:
+            for size in calls:
+                rows[key][f"t{t}_b{size}_speedup"] = rows["teacher/torch"][f"t{t}_b{size}_ms"] / rows[key][f"t{t}_b{size}_ms"]
+    return {"threads": threads, "rounds": rounds, "users": len(histories), "timed": timed, "load_per_round": loads,
+            "load_median": statistics.median(loads), "load_min": min(loads), "load_max": max(loads), "models": rows}
+
+
+def served_markdown(report: dict) -> str:
+    threads = report["threads"]
+    head = "| model | runtime | NDCG@10 | change | size KiB | " + " | ".join(
+        f"{t}t b1 ms | {t}t b1 x | {t}t b256 ms | {t}t b256 x" for t in threads) + " |"
+    lines = [f"{report['users']} test users; medians of {report['rounds']} rounds; speed-up (x) against teacher/torch at "
+             f"the same threads; load average per round median {report['load_median']:.2f} "
+             f"(min {report['load_min']:.2f}, max {report['load_max']:.2f}).", "", head,
+             "| --- | --- | ---: | ---: | ---: | " + " | ".join("---: | ---: | ---: | ---:" for _ in threads) + " |"]
+    for key, r in report["models"].items():
+        cells = [r["model"], r["runtime"], f"{r['ndcg@10']:.4f}", f"{100 * r['ndcg@10_change']:+.2f}%",
+                 f"{r['size_bytes'] / 1024:,.1f}"]
+        for t in threads:
+            if key in report["timed"]:
+                cells += [f"{r[f't{t}_b1_ms']:.3f}", f"{r[f't{t}_b1_speedup']:.2f}x",
+                          f"{r[f't{t}_b256_ms']:.1f}", f"{r[f't{t}_b256_speedup']:.2f}x"]
+            else:
+                cells += ["", "", "", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["small", "medium"])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, nargs="+", default=[2], help="one count; with --workdir, several")
     parser.add_argument("--rounds", type=int, default=30, help="batch-1 rounds; batch 256 runs half as many")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--workdir", help="time the served teacher and variants of this pipeline root instead")
+    parser.add_argument("--run", default="main", help="with --workdir: models/<run>")
+    parser.add_argument("--within", type=float, default=0.01, help="with --workdir: time variants within this NDCG@10 loss")
+    parser.add_argument("--all", action="store_true", help="with --workdir: time every variant")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    machine = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine()}
+    if args.workdir:
+        report = served(Path(args.workdir), args.run, args.threads, args.rounds, args.within, args.all)
+        (out / "encoder_runtime-served.json").write_text(json.dumps({"machine": machine, **report}, indent=2) + "\n")
+        sys.stdout.write(served_markdown(report))
+        return
+    if len(args.threads) != 1:
+        parser.error("--threads takes one count without --workdir")
+    args.threads = args.threads[0]
     torch.set_num_threads(args.threads)
     results = []
     for preset in args.presets:
         # Many short rounds, not a few long ones: a burst of load from a neighbour then falls on one round
         # of one way and the median drops it. Batch 256 of medium costs ~100x a batch-1 call: one call a round.
         results.append(run_preset(preset, {1: (args.rounds, 10), 256: (max(5, args.rounds // 2), 1)}))
-    machine = {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
-               "cpu": platform.processor() or platform.machine()}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    machine["threads"] = args.threads
     (out / f"encoder_runtime-t{args.threads}.json").write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
     sys.stdout.write(markdown(results, args.threads))
 

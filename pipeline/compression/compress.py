@@ -20,7 +20,8 @@ params list (what DVC and the CLI run). Every variant directory loads through
 
 With `compress.runtime: onnx` every variant directory also holds `encoder.onnx`: the variant's
 user-vector computation for ONNX Runtime on CPU (pipeline/models/onnx_encoder.py), fp32, or with
-int8 MatMuls for the int8 variants; `load_variant` uses it on CPU.
+int8 MatMuls for the int8 variants; the graph only, its weights supplied from the variant's
+model.safetensors when `load_variant` loads it on CPU.
 """
 
 from __future__ import annotations
@@ -44,12 +45,12 @@ from pipeline.core.io import Layout
 from pipeline.core.tracking import directory_sha256
 from pipeline.data.sequences import SequenceData, load_sequences
 from pipeline.models.coded import code_teacher
-from pipeline.models.onnx_encoder import ENCODER_FILE, export_encoder
+from pipeline.models.onnx_encoder import ENCODER_FILE
 from pipeline.models.sasrec import WEIGHTS_FILE, SASRec, load_model
 from pipeline.models.variants import (
-    TORCHAO_KINDS,
     VARIANT_FILE,
     LowRankSASRec,
+    export_variant_encoder,
     factorise,
     load_variant,
     save_variant,
@@ -218,18 +219,12 @@ def _distilled_student(teacher: SASRec, data: SequenceData, cfg: CompressConfig,
     return student.cpu().eval(), {"history": history}
 
 
-def _export_encoder(source: SASRec, directory: Path, kind: str) -> None:
-    """encoder.onnx beside the saved variant, computing what its PyTorch encoder computes.
-
-    The int8 kinds are exported from their fp32 source and quantized by ONNX Runtime (one rounding,
-    not a re-rounding of torchao's); every other kind from the saved variant itself, so its
-    rounded (fp16, bf16) or pruned weights are the ones in the graph, fp16/bf16 stored as such.
-    """
+def _export_encoder(directory: Path) -> None:
+    """encoder.onnx beside the saved variant, computing what its PyTorch encoder computes: the graph
+    only, its weights (int8 for the int8 kinds) supplied from the variant's model.safetensors at load."""
     started = time.perf_counter()
-    int8 = kind in TORCHAO_KINDS
-    stored = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(kind, torch.float32)
-    export_encoder(source if int8 else load_variant(directory), directory / ENCODER_FILE, int8=int8, stored_dtype=stored)
-    logger.info("%s: %s (%s bytes) in %.1fs", directory.name, ENCODER_FILE,
+    export_variant_encoder(directory)
+    logger.info("%s: %s (%s bytes, graph only) in %.1fs", directory.name, ENCODER_FILE,
                 f"{(directory / ENCODER_FILE).stat().st_size:,}", time.perf_counter() - started)
 
 
@@ -337,7 +332,7 @@ def compress_variant(cfg: CompressConfig, layout: Layout, run_name: str, name: s
     shutil.rmtree(staging, ignore_errors=True)
     save_variant(model, staging, kind, rank, extra=extra)
     if cfg.runtime == "onnx":
-        _export_encoder(model, staging, kind)
+        _export_encoder(staging)
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     result = {"name": name, "kind": kind, "path": str(target), "size_bytes": size_on_disk(target),

@@ -259,8 +259,8 @@ class CompressConfig(_Strict):
                     "are; lowrank is not a default: item codes compress the table further at less loss)")
     runtime: Literal["onnx", "torch"] = Field(
         "torch", description="onnx: each variant also gets encoder.onnx, its user-vector computation for ONNX Runtime on CPU "
-                             "(MatMuls in int8 for int8, int4, distilled+int8), a second copy of the encoder's weights on "
-                             "disk; torch: PyTorch only")
+                             "(MatMuls in int8 for int8, int4, distilled+int8), the graph only: its weights come from the "
+                             "variant's model.safetensors at load; torch: PyTorch only")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="for fine-tuning and distillation")
     batch_size: int = Field(128, ge=1)
     patience: int = Field(3, ge=1, description="fine-tune/distill epochs without a better valid NDCG@10")

@@ -3,8 +3,8 @@
 A variant directory holds `variant.json` (what kind, from which teacher, its
 settings), `model_config.json` and `model.safetensors`, and optionally `encoder.onnx`
 (pipeline/models/onnx_encoder.py: the user-vector computation for ONNX Runtime, used
-on CPU); `load_variant` rebuilds the module and `pipeline.models.recommender.Recommender`
-serves any of them.
+on CPU; the graph only, its weights supplied from model.safetensors at load time);
+`load_variant` rebuilds the module and `pipeline.models.recommender.Recommender` serves any of them.
 
 Kinds (the compress stage, pipeline/compression/compress.py, applies them to the teacher,
 a pruned copy or a distilled student):
@@ -26,7 +26,8 @@ a pruned copy or a distilled student):
   and copied back into freshly quantized layers at load time (no pickle). On CPU the
   layers are then dequantized to fp32 (`dequantize_linears`): int8 weight-only matmuls
   are slower than fp32 there, so the int8 weights save bytes at rest, and a CPU
-  speed-up comes from the variant's int8 ONNX encoder instead.
+  speed-up comes from the variant's int8 ONNX encoder instead (which computes with
+  the same stored int8 weights).
 - `int4`: the same int8 Linear layers with the item table row-wise int4 (two
   values per byte).
 - `pruned`: a structurally narrowed model whose thinned matrices are stored as
@@ -55,7 +56,7 @@ from torch import nn
 from pipeline.core.io import Layout, atomic_path, write_json
 from pipeline.models.coded import CODES_PREFIX, CodedSASRec
 from pipeline.models.codes import PADDING_CODE, ItemCodes
-from pipeline.models.onnx_encoder import ENCODER_FILE, OnnxEncoder
+from pipeline.models.onnx_encoder import ENCODER_FILE, INNER, OnnxEncoder, export_encoder
 from pipeline.models.quantize import RowwiseQuantized, quantize_rowwise
 from pipeline.models.sasrec import CONFIG_FILE, WEIGHTS_FILE, SASRec, SASRecConfig, load_model
 from pipeline.models.scoring import ExcludeArg, dense_top_k, rowwise_int8_top_k
@@ -67,7 +68,7 @@ VARIANTS_DIR = "variants"  # models/<run>/variants/<name>/: one directory per va
 
 def variants_dir(layout: Layout, run_name: str) -> Path:
     return layout.model_dir(run_name) / VARIANTS_DIR
-INNER_SEPARATOR = ".__"  # "<weight>.__qdata": an inner tensor of a torchao quantized weight
+INNER_SEPARATOR = INNER  # "<weight>.__qdata": an inner tensor of a torchao quantized weight
 TABLE_KEY = "item_embedding.weight"
 KINDS = ("fp32", "fp16", "bf16", "int8_table", "int4_table", "lowrank", "int8", "int4", "pruned", "pq", "pq_int8")
 CODED_KINDS = {"pq": 32, "pq_int8": 8}  # value = bits of the stored codebooks
@@ -280,10 +281,41 @@ def load_variant(directory: Path, device: torch.device | str = "cpu") -> SASRec:
     """
     model = _load_module(directory, device)
     if torch.device(device).type == "cpu":
+        # The encoder's weights are the model's own (encoder.onnx holds the graph only): taken before the
+        # int8 layers are dequantized, so an int8 graph gets the stored int8 values.
+        tensors = encoder_tensors(model) if (directory / ENCODER_FILE).exists() else None
         dequantize_linears(model)
-        if (directory / ENCODER_FILE).exists():
-            model.encoder = OnnxEncoder(directory / ENCODER_FILE)
+        if tensors is not None:
+            model.encoder = OnnxEncoder(directory / ENCODER_FILE, tensors)
     return model
+
+
+def encoder_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors an encoder.onnx's weights are supplied from, by state-dict name; a torchao int8 weight as
+    its inner tensors `<name>.__qdata`, `.__scale`, `.__zero_point` (as model.safetensors stores them)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if _is_subclass(tensor):
+            inner_names, _ = tensor.__tensor_flatten__()
+            tensors.update({f"{name}{INNER_SEPARATOR}{inner}": getattr(tensor, inner) for inner in inner_names})
+        else:
+            tensors[name] = tensor
+    return tensors
+
+
+def export_variant_encoder(directory: Path) -> Path:
+    """encoder.onnx for the model saved in `directory`, computing what its PyTorch encoder computes on CPU.
+
+    The graph only (pipeline/models/onnx_encoder.py): its weights are this model's tensors, supplied
+    from model.safetensors at load time, so the directory stores each weight once. The int8 kinds get
+    int8 MatMuls with their own stored int8 weights; every other kind its fp32 (or half-rounded,
+    pruned) weights as loaded.
+    """
+    model = _load_module(directory, "cpu")
+    tensors = encoder_tensors(model)
+    int8 = any(INNER_SEPARATOR in name for name in tensors)
+    dequantize_linears(model)
+    return export_encoder(model, directory / ENCODER_FILE, int8=int8, tensors=tensors)
 
 
 def dequantize_linears(model: nn.Module) -> None:
