@@ -22,7 +22,10 @@ teacher's settings from params.yaml) on synthetic batches, no ingest:
                        updates (train.sparse_item_updates), steps interleaved in one process;
   --mode large         the `large` preset for a fixed number of steps: step time, tokens/s,
                        peak RSS (CPU) or peak allocated memory and TFLOP/s (CUDA, fp32 and bf16),
-                       parameter count.
+                       parameter count;
+  --mode time-to-quality  seconds until validation NDCG@10 reaches RecBole 1.2.1's SASRec's best on the
+                       same split, the peer in its own venv (benchmarks/time_to_quality.py, which
+                       takes the remaining arguments: `--mode time-to-quality --help`).
 
     python benchmarks/train_speed.py                          # ML-100K and 1M synthetic, CPU
     python benchmarks/train_speed.py --datasets ml-100k
@@ -30,6 +33,7 @@ teacher's settings from params.yaml) on synthetic batches, no ingest:
     python benchmarks/train_speed.py --mode loss-scaling --items 5000 20000 50000 100000 200000
     python benchmarks/train_speed.py --mode sparse --items 200000
     python benchmarks/train_speed.py --mode large --batch-size 8 --seq-len 50 --steps 3
+    python benchmarks/train_speed.py --mode time-to-quality --datasets ml-100k synthetic-short
 """
 
 from __future__ import annotations
@@ -337,8 +341,16 @@ def large_preset(args) -> dict:
 
 
 def main() -> None:
+    mode = argparse.ArgumentParser(add_help=False)
+    mode.add_argument("--mode", default="quality")
+    known, rest = mode.parse_known_args()
+    if known.mode == "time-to-quality":  # its own module and arguments
+        from benchmarks.time_to_quality import main as time_to_quality
+
+        time_to_quality(rest)
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", default="quality", choices=["quality", "loss-scaling", "sparse", "large"],
+    parser.add_argument("--mode", default="quality", choices=["quality", "loss-scaling", "sparse", "large", "time-to-quality"],
                         help="quality (default): the training runs against the baselines; the others time engine steps")
     parser.add_argument("--datasets", nargs="+", default=list(TRAIN_DATASETS), choices=list(TRAIN_DATASETS))
     parser.add_argument("--target-fraction", type=float, default=0.95)
