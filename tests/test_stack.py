@@ -78,13 +78,15 @@ class Stack:
         self._token = response.json()["access_token"]
         return self._token
 
-    def api(self, method: str, path: str, **kwargs) -> requests.Response:
-        response = requests.request(method, f"{self.airflow}/api/v2{path}",
-                                    headers={"Authorization": f"Bearer {self.token()}"}, timeout=30, **kwargs)
+    def api(self, method: str, path: str, headers: dict | None = None, **kwargs) -> requests.Response:
+        def call() -> requests.Response:
+            return requests.request(method, f"{self.airflow}/api/v2{path}", timeout=30, **kwargs,
+                                    headers={"Authorization": f"Bearer {self.token()}", **(headers or {})})
+
+        response = call()
         if response.status_code == 401:  # expired: a new token once
             self._token = ""
-            response = requests.request(method, f"{self.airflow}/api/v2{path}",
-                                        headers={"Authorization": f"Bearer {self.token()}"}, timeout=30, **kwargs)
+            response = call()
         return response
 
     def mlflow_client(self, user: str, password_variable: str):
@@ -150,6 +152,17 @@ def _wait_for_run(stack: Stack, run_id: str, timeout: float) -> tuple[str, dict]
     return state, {t["task_id"]: t for t in instances}
 
 
+def _failed_logs(stack: Stack, run_id: str, tasks: dict) -> str:
+    """The end of each failed task's log (the volumes go with `down -v`, so a failure must carry them)."""
+    out = []
+    for name, t in tasks.items():
+        if t["state"] == "failed":
+            log = stack.api("GET", f"/dags/{DAG}/dagRuns/{run_id}/taskInstances/{name}/logs/{t['try_number']}",
+                            params={"full_content": "true"}, headers={"Accept": "text/plain"})
+            out.append(f"--- {name} (try {t['try_number']}): {log.text[-3000:]}")
+    return "\n".join(out)
+
+
 def _record(line: str) -> None:
     with open(CACHE / "timings.txt", "a", encoding="utf-8") as out:
         out.write(line + "\n")
@@ -174,7 +187,7 @@ def test_leanrec_train_runs_on_the_celery_workers_and_its_champion_is_served(sta
     state, tasks = _wait_for_run(stack, run_id, timeout=2400)
     _record(f"leanrec_train DAG run (TINY_FORM, through Celery): {time.monotonic() - start:.0f} s")
     summary = {name: (t["state"], t["queue"], t["hostname"]) for name, t in tasks.items()}
-    assert state == "success", f"{state}: {summary}\n{stack.logs('airflow-worker-cpu', 'airflow-worker-gpu-on-cpu')}"
+    assert state == "success", f"{state}: {summary}\n{_failed_logs(stack, run_id, tasks)}"
     # TINY_FORM's variants: int8 (post-training, CPU) and distilled (trained: compress_with_training, gpu queue).
     # promote is a gate: skipped when an earlier run's champion stays (a rerun against a running stack).
     states = {name: s[0] for name, s in summary.items()}
