@@ -108,7 +108,7 @@ class Stack:
 def stack():
     if os.environ.get("LEANREC_STACK") != "1":
         pytest.skip("the stack test runs with LEANREC_STACK=1 (CI's stack step, .ci/run, sets it): its image builds, "
-                    "`up`, DAG runs and fault checks take about half an hour on 2 cores (README)")
+                    "`up`, DAG runs and fault checks take 45-50 minutes on 2 shared cores (README)")
     reason = _engine_unavailable()
     if reason:
         pytest.skip(f"the stack needs a Docker engine: {reason}")
