@@ -108,7 +108,7 @@ class Stack:
 def stack():
     if os.environ.get("LEANREC_STACK") != "1":
         pytest.skip("the stack test runs with LEANREC_STACK=1 (the stack step, `.ci/run stack`, sets it; CI does not run it yet): "
-                    "its image builds, `up`, DAG runs and fault checks take 45-50 minutes on 2 shared cores (README)")
+                    "its image builds, `up`, DAG runs and fault checks take about 20 min with cached images, 35 cold (README)")
     reason = _engine_unavailable()
     if reason:
         pytest.skip(f"the stack needs a Docker engine: {reason}")
