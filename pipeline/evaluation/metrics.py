@@ -53,12 +53,17 @@ BEYOND_ACCURACY = {
 }
 
 
-def target_ranks(scores: torch.Tensor, targets: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """0-based rank of each target among its row's scores, ties broken uniformly at random."""
+def rank_counts(scores: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(items scored above each row's target, other items tied with it), for `_tie_broken`."""
     target_scores = scores.gather(1, targets.view(-1, 1))
     greater = (scores > target_scores).sum(1)
     ties = (scores == target_scores).sum(1) - 1  # other items with exactly the target's score
-    return _tie_broken(greater, ties, generator)
+    return greater, ties
+
+
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """0-based rank of each target among its row's scores, ties broken uniformly at random."""
+    return _tie_broken(*rank_counts(scores, targets), generator)
 
 
 def _tie_broken(greater: torch.Tensor, ties: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -317,7 +322,7 @@ def evaluate(
     window = np.minimum(data.prefix_length(split)[rows], max_len)
     order = np.argsort(window, kind="stable")
     greater, ties = np.zeros(n_users, np.int64), np.zeros(n_users, np.int64)
-    top_lists = np.zeros((n_users, max(ks)), np.int64)
+    top_lists = np.zeros((n_users, max(ks)) if coverage or lists is not None else (0, 0), np.int64)  # none for validation
     sampled = {strategy: (np.zeros(n_users, np.int64), np.zeros(n_users, np.int64)) for strategy in sampled_strategies}
     with torch.no_grad():
         batches = zip(range(0, n_users, batch_size), evaluation_batches(data, split, batch_size, max_len, rows[order]))
@@ -338,8 +343,8 @@ def evaluate(
                 negatives = sample_negatives(exclusion, batch.targets, data.n_items, sampled_negatives, sampled_generator,
                                              popularity if strategy == "popularity" else None)
                 candidates = scores.gather(1, torch.cat([batch.targets.view(-1, 1), negatives], dim=1).to(scores.device))
-                sampled_greater[positions] = (candidates[:, 1:] > candidates[:, :1]).sum(1).cpu().numpy()
-                sampled_ties[positions] = (candidates[:, 1:] == candidates[:, :1]).sum(1).cpu().numpy()
+                above, tied = rank_counts(candidates, torch.zeros(len(candidates), dtype=torch.long, device=candidates.device))
+                sampled_greater[positions], sampled_ties[positions] = above.cpu().numpy(), tied.cpu().numpy()
     # ... and aggregated in user order, batch by batch: the same random draws and float sums as
     # scoring in user order would give.
 
