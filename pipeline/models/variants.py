@@ -178,6 +178,11 @@ def _load_quantized(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         raise ValueError(f"stored tensors the model does not have: {sorted(unexpected)[:5]}")
 
 
+def _inner_tensors(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A torchao quantized weight's inner tensors by stored name, `<name>.__qdata` etc. (as model.safetensors holds them)."""
+    return {f"{name}{INNER_SEPARATOR}{inner}": getattr(tensor, inner) for inner in tensor.__tensor_flatten__()[0]}
+
+
 def _other_weights(teacher: SASRec) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items() if k != TABLE_KEY}
 
@@ -211,8 +216,7 @@ def build_variant_state(teacher: SASRec, kind: str, rank: int | None = None) -> 
             if name == TABLE_KEY:
                 continue
             if _is_subclass(tensor):
-                inner_names, _ = tensor.__tensor_flatten__()
-                others.update({f"{name}{INNER_SEPARATOR}{inner}": getattr(tensor, inner).contiguous() for inner in inner_names})
+                others.update({key: inner.contiguous() for key, inner in _inner_tensors(name, tensor).items()})
             else:
                 others[name] = tensor.detach().half().contiguous()  # positions, LayerNorms, biases: 2% of the bytes
         return {**others, **quantize_rowwise(table, bits).state_dict("table")}, {"bits": bits, "linear": "torchao_int8_weight_only"}
@@ -296,8 +300,7 @@ def encoder_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
         if _is_subclass(tensor):
-            inner_names, _ = tensor.__tensor_flatten__()
-            tensors.update({f"{name}{INNER_SEPARATOR}{inner}": getattr(tensor, inner) for inner in inner_names})
+            tensors.update(_inner_tensors(name, tensor))
         else:
             tensors[name] = tensor
     return tensors
