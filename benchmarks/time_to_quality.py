@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.data_pipeline import DATASETS  # noqa: E402
+from benchmarks.train_speed import time_to_target  # noqa: E402  (the curriculum mode's own)
 
 logger = logging.getLogger("time_to_quality")
 
@@ -100,14 +101,6 @@ def export_inter(features_dir: Path, out_dir: Path, name: str) -> dict:
 def targets_sha256(pairs) -> str:
     """SHA-256 of the sorted (user, item) pairs as JSON: what benchmarks/peers/recbole_runner.py writes for RecBole's."""
     return hashlib.sha256(json.dumps(sorted([int(u), int(i)] for u, i in pairs)).encode()).hexdigest()
-
-
-def time_to_target(history: list[dict], target: float) -> float | None:
-    """elapsed_seconds of the first epoch whose valid_ndcg10 >= target (None: never reached)."""
-    for record in history:
-        if record["valid_ndcg10"] >= target:
-            return record["elapsed_seconds"]
-    return None
 
 
 def best_record(history: list[dict]) -> dict | None:

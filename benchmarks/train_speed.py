@@ -80,6 +80,7 @@ COMMON = ["tracking.enabled=false", "train.epochs=200", "train.early_stopping_pa
 
 
 def time_to_target(history: list[dict], target: float) -> float | None:
+    """elapsed_seconds of the first epoch whose valid_ndcg10 >= target (None: never reached)."""
     for record in history:
         if record["valid_ndcg10"] >= target:
             return record["elapsed_seconds"]
