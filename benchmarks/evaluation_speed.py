@@ -11,7 +11,7 @@ once, then times both on the same scores, interleaved, and checks they agree.
     python benchmarks/evaluation_speed.py --workdir W --batches 5 --rounds 5
 
 `--mode protocol` times `evaluate` end to end, the module of a git revision (`--baseline-rev`,
-default main) against the working tree's, on the same model and data: the valid split as each
+default 87944d0, the one before it) against the working tree's, on the same model and data: the valid split as each
 epoch's validation runs it (NDCG/HR@10, no sampled protocols) and the test split as the evaluate
 stage runs it (evaluate.ks, both sampled protocols, beyond-accuracy lists) for the teacher and the
 popularity baseline; it prints seconds and which metrics are equal (`--users N`: a seeded sample).
@@ -126,7 +126,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--k", type=int, default=50, help="top-K for coverage (the largest of evaluate.ks)")
     parser.add_argument("--mode", choices=("kernels", "protocol"), default="kernels")
-    parser.add_argument("--baseline-rev", default="main", help="protocol: the git revision of the old evaluate")
+    # 87944d0: the evaluate before the batched sampling and length-sorted scoring ("main" once meant it; it no longer does).
+    parser.add_argument("--baseline-rev", default="87944d0", help="protocol: the git revision of the old evaluate")
     parser.add_argument("--users", type=int, default=0, help="protocol: a seeded sample of this many users (0: all)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
