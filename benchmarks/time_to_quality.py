@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.data_pipeline import DATASETS  # noqa: E402
-from benchmarks.train_speed import time_to_target  # noqa: E402  (the curriculum mode's own)
+from benchmarks.train_speed import prepare_overrides, time_to_target  # noqa: E402
 
 logger = logging.getLogger("time_to_quality")
 
@@ -166,21 +166,6 @@ def run_peer(python: Path, name: str, config: dict, scratch: Path, threads: int,
 # ----------------------------------------------------------------------------- LeanRec
 
 
-def prepare(overrides: list[str], workdir: Path):
-    from pipeline.core.config import load_params
-    from pipeline.core.io import Layout
-    from pipeline.data.features import run_features
-    from pipeline.data.ingest import run_ingest
-    from pipeline.data.validation import run_validate
-
-    params = load_params(ROOT / "params.yaml", overrides)
-    layout = Layout(workdir)
-    run_ingest(params.ingest, layout, seed=params.seed)
-    run_validate(params.validate_, layout)
-    run_features(params.features, layout)
-    return layout, params.seed
-
-
 def run_leanrec(layout, overrides: list[str], run_name: str, extra: list[str]) -> dict:
     """The default recipe (params.yaml) through the train stage; no baselines, no tracking."""
     from pipeline.core.config import load_params
@@ -221,7 +206,7 @@ def run_dataset(dataset: str, args, python: Path | None) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"leanrec-ttq-{dataset}-") as tmp:
         tmp = Path(tmp)
         started = time.perf_counter()
-        layout, seed = prepare(overrides, tmp / "leanrec")
+        layout, seed = prepare_overrides(overrides, tmp / "leanrec")
         out: dict = {"prepare_seconds": time.perf_counter() - started, "load": {"start": uptime()}}
         name = f"leanrec_{dataset.replace('-', '_')}"
         export = export_inter(layout.features_dir, tmp / "recbole_data", name)

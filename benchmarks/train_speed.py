@@ -88,12 +88,18 @@ def time_to_target(history: list[dict], target: float) -> float | None:
 
 
 def prepare(dataset: str, workdir: Path) -> Layout:
-    params = load_params(ROOT / "params.yaml", TRAIN_DATASETS[dataset])
+    """Ingest, validate and features of a named dataset of TRAIN_DATASETS."""
+    return prepare_overrides(TRAIN_DATASETS[dataset], workdir)[0]
+
+
+def prepare_overrides(overrides: list[str], workdir: Path) -> tuple[Layout, int]:
+    """Ingest, validate and features of params.yaml with `overrides`: the layout and the run's seed."""
+    params = load_params(ROOT / "params.yaml", overrides)
     layout = Layout(workdir)
     run_ingest(params.ingest, layout, seed=params.seed)
     run_validate(params.validate_, layout)
     run_features(params.features, layout)
-    return layout
+    return layout, params.seed
 
 
 def train_and_test(layout: Layout, dataset: str, run_name: str, extra: list[str]) -> dict:
