@@ -22,8 +22,9 @@ Writes benchmarks/results/encoder_runtime-t<threads>.json and prints a Markdown 
 
 `--workdir W` times the served path instead: the trained teacher and the variants that
 `python -m pipeline compress --workdir W -S compress.runtime=onnx` built, each through
-`Recommender.recommend` (top-10 of the full catalogue, seen items excluded) with its PyTorch encoder
-and with its ONNX one (encoder.onnx, weights from model.safetensors), on W's test histories:
+`Recommender.recommend` (top-10 of the full catalogue, seen items excluded) with its PyTorch encoder,
+with its ONNX one (encoder.onnx, weights from model.safetensors) and `auto` (ONNX Runtime up to
+`--encoder-max-batch` users a call, PyTorch above: `compress.runtime: auto`), on W's test histories:
 batch 1 (one user per call, the users in turn) and batch 256. NDCG@10 (full ranking, test split)
 of every model in both runtimes first; timed are the teacher and every variant within
 `--within` of the teacher's NDCG@10 (`--all`: every variant). All thread counts of `--threads`
@@ -31,6 +32,12 @@ are timed in one process, rounds alternating between them and rotating the order
 so the load of a shared machine falls on all alike; the load average is recorded per round.
 
     python benchmarks/encoder_runtime.py --workdir W --threads 1 2 --rounds 15
+
+`--sweep 1 4 16 64 256` adds, in the same process after the served rounds, the user vector alone
+(`last_hidden` on the same test histories) of every variant with an encoder in PyTorch and in ONNX
+Runtime at each batch size: where the two cross is what `compress.encoder_max_batch` should be.
+`--profile B` instead profiles one call of `recommend` at batch B of each `--profile-models` model
+(torch path; torch.profiler's operator table, CPU time by operator) and prints the tables.
 
 Writes benchmarks/results/encoder_runtime-served.json and prints a Markdown table.
 """
@@ -57,6 +64,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.core.config import CompressConfig  # noqa: E402
 from pipeline.models.onnx_encoder import OnnxEncoder, export_encoder, export_graph  # noqa: E402
 from pipeline.models.sasrec import SASRec, build_sasrec  # noqa: E402
 from pipeline.models.variants import size_on_disk  # noqa: E402
@@ -194,7 +202,78 @@ def served_models(workdir: Path, run: str) -> dict[str, Path]:
     return {"teacher": teacher, **{p.name: p for p in variants}}
 
 
-def served(workdir: Path, run: str, threads: list[int], rounds: int, within: float, every: bool) -> dict:
+def runtime_copies(model: SASRec, encoder_max_batch: int) -> dict[str, SASRec]:
+    """The model with its user vectors in PyTorch, in ONNX Runtime, and by batch size (copies share the encoder)."""
+    copies = {}
+    for runtime, encoder, max_batch in (("torch", None, None), ("onnx", model.encoder, None),
+                                         ("auto", model.encoder, encoder_max_batch)):
+        copies[runtime] = copy.deepcopy(model)
+        copies[runtime].encoder, copies[runtime].encoder_max_batch = encoder, max_batch
+    return copies
+
+
+def padded(histories: list[list[int]], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded inputs of the histories' last max_len items (as Recommender builds them) and their lengths."""
+    recent = [h[-max_len:] for h in histories]
+    width = max(len(h) for h in recent)
+    return (torch.tensor([h + [0] * (width - len(h)) for h in recent], dtype=torch.long),
+            torch.tensor([len(h) for h in recent], dtype=torch.long))
+
+
+def sweep(models: dict[str, dict[str, SASRec]], histories: list[list[int]], sizes: list[int], threads: list[int],
+          rounds: int) -> dict:
+    """ms of the user vector alone per (threads, batch, model/runtime): PyTorch against ONNX Runtime."""
+    result: dict[str, dict[str, float]] = {}
+    for t in threads:
+        torch.set_num_threads(t)
+        for size in sizes:
+            items, lengths = padded(histories[:size], next(iter(next(iter(models.values())).values())).cfg.max_len)
+            fns = {f"{name}/{runtime}": (lambda i, n, m=m: m.last_hidden(i, n))
+                   for name, copies in models.items() for runtime, m in copies.items() if runtime != "auto"}
+            calls = max(1, 64 // size)
+            result[f"t{t}_b{size}"] = interleaved(fns, (items, lengths), rounds, calls)
+            logger.info("sweep %d threads batch %d: %s", t, size, {k: round(v, 3) for k, v in result[f"t{t}_b{size}"].items()})
+    return result
+
+
+def profile(workdir: Path, run: str, names: list[str], batch: int, threads: int) -> str:
+    """torch.profiler's operator table of one `recommend` call at `batch` users per model (torch path)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from pipeline.data.sequences import evaluation_batches, load_sequences
+    from pipeline.models.recommender import Recommender
+    from pipeline.models.variants import load_variant
+
+    torch.set_num_threads(threads)
+    data = load_sequences(workdir / "data" / "features")
+    models = served_models(workdir, run)
+    out = []
+    for name in names:
+        model = load_variant(models[name])
+        model.encoder = None
+        recommender = Recommender(model)
+        test = next(evaluation_batches(data, "test", 1 << 30, model.cfg.max_len))
+        histories = [row[: int(n)].tolist() for row, n in zip(test.inputs, test.lengths)][:batch]
+        with torch.inference_mode():
+            for _ in range(5):
+                recommender.recommend(histories, 10)
+            times = []
+            for _ in range(9):
+                started = time.perf_counter()
+                recommender.recommend(histories, 10)
+                times.append((time.perf_counter() - started) * 1000)
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(5):
+                    recommender.recommend(histories, 10)
+        out.append(f"## {name}: batch {batch}, {threads} threads, median {statistics.median(times):.2f} ms a call "
+                   f"(9 calls); profile of 5 calls\n\n```\n"
+                   f"{prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=18)}\n```\n")
+    return "\n".join(out)
+
+
+def served(workdir: Path, run: str, threads: list[int], rounds: int, within: float, every: bool,
+           encoder_max_batch: int, sizes: list[int] | None = None) -> dict:
     from pipeline.data.sequences import evaluation_batches, load_sequences
     from pipeline.evaluation.metrics import evaluate
     from pipeline.models.recommender import Recommender
@@ -208,9 +287,7 @@ def served(workdir: Path, run: str, threads: list[int], rounds: int, within: flo
         model = load_variant(directory)
         runtimes = {"torch": model}
         if model.encoder is not None:
-            eager = copy.deepcopy(model)
-            eager.encoder = None
-            runtimes = {"torch": eager, "onnx": model}
+            runtimes = runtime_copies(model, encoder_max_batch)
         for runtime, m in runtimes.items():
             key = f"{name}/{runtime}"
             quality = evaluate(lambda b, m=m: m.score(b.inputs, b.lengths), data, "test", ks=(10,), batch_size=512,
@@ -259,8 +336,16 @@ def served(workdir: Path, run: str, threads: list[int], rounds: int, within: flo
         for t in threads:
             for size in calls:
                 rows[key][f"t{t}_b{size}_speedup"] = rows["teacher/torch"][f"t{t}_b{size}_ms"] / rows[key][f"t{t}_b{size}_ms"]
-    return {"threads": threads, "rounds": rounds, "users": len(histories), "timed": timed, "load_per_round": loads,
-            "load_median": statistics.median(loads), "load_min": min(loads), "load_max": max(loads), "models": rows}
+    report = {"threads": threads, "rounds": rounds, "users": len(histories), "timed": timed, "load_per_round": loads,
+              "load_median": statistics.median(loads), "load_min": min(loads), "load_max": max(loads),
+              "encoder_max_batch": encoder_max_batch, "models": rows}
+    if sizes:
+        with_encoder = {name: {r: recommenders[f"{name}/{r}"].model for r in ("torch", "onnx")}
+                        for name in {rows[k]["model"] for k in timed if rows[k]["runtime"] == "onnx"}}
+        started_load = os.getloadavg()[0]
+        report["sweep"] = sweep(dict(sorted(with_encoder.items())), histories, sizes, threads, max(3, rounds // 2))
+        report["sweep_load"] = [started_load, os.getloadavg()[0]]
+    return report
 
 
 def served_markdown(report: dict) -> str:
@@ -284,6 +369,21 @@ def served_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sweep_markdown(result: dict) -> str:
+    keys = sorted({k.rsplit("/", 1)[0] for row in result.values() for k in row})
+    lines = ["", "User vector alone, ms (onnx/torch speed-up):", "",
+             "| threads | batch | " + " | ".join(f"{k} torch | {k} onnx" for k in keys) + " |",
+             "| ---: | ---: | " + " | ".join("---: | ---:" for _ in keys) + " |"]
+    for where, row in result.items():
+        t, b = where[1:].split("_b")
+        cells = []
+        for k in keys:
+            eager, ort = row[f"{k}/torch"], row[f"{k}/onnx"]
+            cells += [f"{eager:.3f}", f"{ort:.3f} ({eager / ort:.2f}x)"]
+        lines.append(f"| {t} | {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["small", "medium"])
@@ -294,15 +394,26 @@ def main() -> None:
     parser.add_argument("--run", default="main", help="with --workdir: models/<run>")
     parser.add_argument("--within", type=float, default=0.01, help="with --workdir: time variants within this NDCG@10 loss")
     parser.add_argument("--all", action="store_true", help="with --workdir: time every variant")
+    parser.add_argument("--encoder-max-batch", type=int, default=CompressConfig().encoder_max_batch,
+                        help="with --workdir: the runtime auto rows' largest ONNX Runtime batch")
+    parser.add_argument("--sweep", type=int, nargs="*", help="with --workdir: also the user vector alone at these batch sizes")
+    parser.add_argument("--profile", type=int, help="with --workdir: profile recommend at this batch size instead")
+    parser.add_argument("--profile-models", nargs="+", default=["teacher", "distilled"])
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     machine = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine()}
+    if args.workdir and args.profile:
+        sys.stdout.write(profile(Path(args.workdir), args.run, args.profile_models, args.profile, args.threads[0]))
+        return
     if args.workdir:
-        report = served(Path(args.workdir), args.run, args.threads, args.rounds, args.within, args.all)
+        report = served(Path(args.workdir), args.run, args.threads, args.rounds, args.within, args.all,
+                        args.encoder_max_batch, args.sweep)
         (out / "encoder_runtime-served.json").write_text(json.dumps({"machine": machine, **report}, indent=2) + "\n")
         sys.stdout.write(served_markdown(report))
+        if report.get("sweep"):
+            sys.stdout.write(sweep_markdown(report["sweep"]))
         return
     if len(args.threads) != 1:
         parser.error("--threads takes one count without --workdir")

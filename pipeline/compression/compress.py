@@ -21,7 +21,9 @@ params list (what DVC and the CLI run). Every variant directory loads through
 With `compress.runtime: onnx` every variant directory also holds `encoder.onnx`: the variant's
 user-vector computation for ONNX Runtime on CPU (pipeline/models/onnx_encoder.py), fp32, or with
 int8 MatMuls for the int8 variants; the graph only, its weights supplied from the variant's
-model.safetensors when `load_variant` loads it on CPU.
+model.safetensors when `load_variant` loads it on CPU. With `compress.runtime: auto` the same file is
+built and variant.json records `encoder_max_batch`: batches up to it run on ONNX Runtime (less
+per-op overhead), larger ones on PyTorch (fused attention), behind the same `Recommender`.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from pipeline.models.coded import code_teacher
 from pipeline.models.onnx_encoder import ENCODER_FILE
 from pipeline.models.sasrec import WEIGHTS_FILE, SASRec, load_model
 from pipeline.models.variants import (
+    ENCODER_MAX_BATCH_KEY,
     VARIANT_FILE,
     LowRankSASRec,
     export_variant_encoder,
@@ -114,6 +117,13 @@ def fine_tune_loss(run_dir: Path, data: SequenceData | None) -> LossFn:
                                 int(train.get("loss_chunk_items", defaults.loss_chunk_items)))
 
 
+# The encoder.onnx format a variant's fingerprint names (runtime onnx/auto): 2 = the graph only, its weights
+# supplied from model.safetensors. A variant built with an older encoder (1: the weights inside the file) is
+# rebuilt; its trained model is reused (`_reused` compares the model's part of the fingerprint only).
+ENCODER_FORMAT = 2
+# Fingerprint keys that decide the encoder and the runtime choice, not the model's weights.
+RUNTIME_KEYS = ("runtime", "encoder_format", "encoder_max_batch")
+
 # Variants built from the model of another variant, and the variant whose model they reuse when it is current.
 PQ_VARIANTS = ("pq", "pq+int8")
 REUSED_FROM = {"distilled+int8": "distilled", "pq+int8": "pq"}
@@ -134,6 +144,10 @@ def variant_fingerprint(cfg: CompressConfig, name: str, hashes: dict[str, str], 
     """What variant `name`'s files depend on; a variant and the one it reuses (REUSED_FROM) share it."""
     settings = cfg.model_dump(mode="json")
     fingerprint = {"teacher_sha256": hashes["teacher_sha256"], "seed": seed, "runtime": settings["runtime"]}
+    if cfg.runtime != "torch":
+        fingerprint["encoder_format"] = ENCODER_FORMAT
+    if cfg.runtime == "auto":
+        fingerprint["encoder_max_batch"] = cfg.encoder_max_batch
     section = TRAINED_WITH.get(name)
     if section is not None:  # trained on the features with the fine-tune loop's settings
         fingerprint.update({section: settings[section], "batch_size": settings["batch_size"],
@@ -141,16 +155,22 @@ def variant_fingerprint(cfg: CompressConfig, name: str, hashes: dict[str, str], 
     return fingerprint
 
 
-def _current(directory: Path, fingerprint: dict) -> dict | None:
-    """The variant.json of variant directory `directory` if it was built with `fingerprint`."""
+def _current(directory: Path, fingerprint: dict, model_only: bool = False) -> dict | None:
+    """The variant.json of variant directory `directory` if it was built with `fingerprint` (`model_only`:
+    with its model's part, whatever encoder and runtime choice it was built with)."""
     path = directory / VARIANT_FILE
     recorded = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    if model_only:
+        def strip(f: dict) -> dict:
+            return {k: v for k, v in f.items() if k not in RUNTIME_KEYS}
+        return recorded if "fingerprint" in recorded and strip(recorded["fingerprint"]) == strip(fingerprint) else None
     return recorded if recorded.get("fingerprint") == fingerprint else None
 
 
 def _reused(cached: Path, fingerprint: dict) -> tuple[SASRec, dict] | None:
-    """The model of variant directory `cached` if it was built from the same teacher and settings."""
-    recorded = _current(cached, fingerprint)
+    """The model of variant directory `cached` if it was built from the same teacher and settings (its
+    encoder and runtime choice aside: the model's weights do not depend on them)."""
+    recorded = _current(cached, fingerprint, model_only=True)
     if recorded is None:
         return None
     logger.info("%s model reused from %s", cached.name, cached)
@@ -326,12 +346,14 @@ def compress_variant(cfg: CompressConfig, layout: Layout, run_name: str, name: s
         extra.update(info, pq=cfg.pq.model_dump(mode="json"))
         kind, rank = ("pq" if name == "pq" else "pq_int8"), None
     extra["fingerprint"] = fingerprint
+    if cfg.runtime == "auto":
+        extra[ENCODER_MAX_BATCH_KEY] = cfg.encoder_max_batch  # read by load_variant
 
     # Build into a temporary sibling, then swap: a failed build never leaves half a variant behind.
     staging = out_dir / f".{name}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     save_variant(model, staging, kind, rank, extra=extra)
-    if cfg.runtime == "onnx":
+    if cfg.runtime != "torch":
         _export_encoder(staging)
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)

@@ -257,10 +257,11 @@ class CompressConfig(_Strict):
         ["fp32", "fp16", "bf16", "int8", "int4", "pruned", "distilled", "distilled+int8", "pq", "pq+int8"],
         description="variants built from the trained teacher into models/<run>/variants/<name>/ (fp32: its weights as they "
                     "are; lowrank is not a default: item codes compress the table further at less loss)")
-    runtime: Literal["onnx", "torch"] = Field(
-        "torch", description="onnx: each variant also gets encoder.onnx, its user-vector computation for ONNX Runtime on CPU "
-                             "(MatMuls in int8 for int8, int4, distilled+int8), the graph only: its weights come from the "
-                             "variant's model.safetensors at load; torch: PyTorch only")
+    runtime: Literal["auto", "onnx", "torch"] = Field(
+        "torch", description="onnx: each variant also gets encoder.onnx, its user vectors on ONNX Runtime on CPU (int8 MatMuls "
+                             "for int8, int4, distilled+int8; the graph only, its weights from model.safetensors); auto: the same, "
+                             "used for batches of up to encoder_max_batch users, PyTorch above; torch: PyTorch only")
+    encoder_max_batch: int = Field(16, ge=1, description="runtime auto: the largest batch run on ONNX Runtime (docs/benchmarks.md)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="for fine-tuning and distillation")
     batch_size: int = Field(128, ge=1)
     patience: int = Field(3, ge=1, description="fine-tune/distill epochs without a better valid NDCG@10")
@@ -268,10 +269,9 @@ class CompressConfig(_Strict):
     distill: DistillConfig = DistillConfig()
     lowrank: LowRankConfig = LowRankConfig()
     pq: PQConfig = PQConfig()
-    # Serving cost, measured by the evaluate stage for the teacher and every variant.
     latency_requests: int = Field(200, ge=10, description="batch-1 requests timed per model (after warm-up)")
     throughput_batch_size: int = Field(256, ge=1)
-    threads: int | None = Field(None, ge=1, description="CPU threads while timing; null: all cores torch sees")
+    threads: int | None = Field(None, ge=1, description="CPU threads while the evaluate stage times the models; null: all cores torch sees")
 
 
 class TrackingConfig(_Strict):

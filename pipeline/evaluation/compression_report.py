@@ -85,6 +85,14 @@ def nonzero_parameters(model: torch.nn.Module) -> int:
 COMPRESS_COMMAND = "python -m pipeline compress"
 
 
+def runtime_columns(model: torch.nn.Module, batch_size: int) -> dict:
+    """What computes the user vectors on CPU at each timed batch size (1 and `batch_size`): "onnx" or "torch"
+    (`compress.runtime: auto` may choose each), and one label for the table: "onnx", or "onnx / torch" by batch."""
+    chosen = {str(size): model.runtime_for(size) for size in (1, batch_size)}
+    label = chosen["1"] if len(set(chosen.values())) == 1 else f"{chosen['1']} / {chosen[str(batch_size)]}"
+    return {"runtime": label, "runtime_by_batch": chosen}
+
+
 def find_models(cfg: CompressConfig, layout: Layout, run_name: str) -> tuple[dict[str, Path], list[str]]:
     """The teacher and the configured variants that were built (name -> directory), and the names not built.
 
@@ -164,7 +172,7 @@ def measure_models(directories: dict[str, Path], layout: Layout, cfg: CompressCo
         rows[name] = {
             "path": str(directory.relative_to(layout.root)) if directory.is_relative_to(layout.root) else str(directory),
             "kind": variant["kind"],
-            "runtime": "onnx" if model.encoder is not None else "torch",  # what computes the user vector on CPU
+            **runtime_columns(model, cfg.throughput_batch_size),
             "ndcg@10": quality["full/NDCG@10"], "hr@10": quality["full/HR@10"],
             **{f"{metric.lower()}@10": quality[f"full/{metric}@10"] for metric in BEYOND_ACCURACY},
             "size_bytes": size_on_disk(directory),
@@ -203,7 +211,8 @@ def markdown(report: dict) -> str:
         *([f"**Not measured: compress.variants {report['missing_variants']} were not built** "
            f"(run `{COMPRESS_COMMAND}`, then evaluate again).", ""] if report.get("missing_variants") else []),
         "NDCG@10/HR@10 by full ranking; latency = one user per request, top-10 over the whole catalogue; "
-        "throughput at the configured batch size; medians over interleaved rounds.",
+        "throughput at the configured batch size; medians over interleaved rounds. Runtime: what computes the user "
+        "vectors (\"onnx / torch\": ONNX Runtime at batch 1, PyTorch at the throughput batch; compress.runtime auto).",
         "",
         "| model | kind | runtime | NDCG@10 | change | HR@10 | size KiB | smaller | bytes/item | params | p50 ms | p95 ms | speed-up "
         "| users/s |",

@@ -134,8 +134,10 @@ class SASRec(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(cfg.d_model)
         # Set by `load_variant` when the directory holds an ONNX encoder (pipeline/models/onnx_encoder.py):
-        # a callable (embedded, lengths) -> user vectors that `last_hidden` uses on CPU in place of encode_last.
+        # a callable (embedded, lengths) -> user vectors that `last_hidden` uses on CPU in place of encode_last,
+        # for batches of up to `encoder_max_batch` users (None: every batch; `compress.runtime: auto` sets it).
         self.encoder: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        self.encoder_max_batch: int | None = None
         self.apply(self._init_weights)
 
     @staticmethod
@@ -197,11 +199,19 @@ class SASRec(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden @ self.item_weights().T
 
+    def runtime_for(self, batch: int, device: torch.device | str = "cpu") -> str:
+        """What computes the user vectors of a batch of `batch` users at inference: "onnx" (the encoder,
+        CPU only) or "torch" (`encode_last`). ONNX Runtime has less per-op overhead, PyTorch's fused
+        attention wins on large batches, so `encoder_max_batch` can send large batches to PyTorch."""
+        if self.encoder is None or torch.device(device).type != "cpu":
+            return "torch"
+        return "onnx" if self.encoder_max_batch is None or batch <= self.encoder_max_batch else "torch"
+
     def last_hidden(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Hidden state at each sequence's last real position: the user representation."""
         if not self.training:
             embedded = self.embed(items)
-            if self.encoder is not None and embedded.device.type == "cpu":  # ONNX Runtime runs on CPU only here
+            if self.runtime_for(embedded.shape[0], embedded.device) == "onnx":
                 return self.encoder(embedded, lengths)
             return self.encode_last(embedded, lengths)
         hidden = self.hidden(items)

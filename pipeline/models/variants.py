@@ -281,7 +281,8 @@ def load_variant(directory: Path, device: torch.device | str = "cpu") -> SASRec:
     """Any saved model: a teacher directory (no variant.json) or a variant directory.
 
     On CPU, a directory's `encoder.onnx` (pipeline/models/onnx_encoder.py) computes the user vectors
-    and torchao int8 Linear layers are dequantized to fp32 (see `dequantize_linears`).
+    (for batches of up to variant.json's `encoder_max_batch` users where it has one: `compress.runtime:
+    auto`; PyTorch above) and torchao int8 Linear layers are dequantized to fp32 (see `dequantize_linears`).
     """
     model = _load_module(directory, device)
     if torch.device(device).type == "cpu":
@@ -291,7 +292,16 @@ def load_variant(directory: Path, device: torch.device | str = "cpu") -> SASRec:
         dequantize_linears(model)
         if tensors is not None:
             model.encoder = OnnxEncoder(directory / ENCODER_FILE, tensors)
+            model.encoder_max_batch = _recorded(directory).get(ENCODER_MAX_BATCH_KEY)
     return model
+
+
+ENCODER_MAX_BATCH_KEY = "encoder_max_batch"  # variant.json: the largest batch the ONNX encoder computes (absent: all)
+
+
+def _recorded(directory: Path) -> dict:
+    path = directory / VARIANT_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
 
 def encoder_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ from pipeline.compression.pruning import apply_masks, magnitude_masks, prune_str
 from pipeline.models.onnx_encoder import ENCODER_FILE, OnnxEncoder, export_encoder
 from pipeline.models.recommender import Recommender
 from pipeline.models.sasrec import WEIGHTS_FILE, SASRec, SASRecConfig
-from pipeline.models.variants import export_variant_encoder, load_variant, save_variant, size_on_disk
+from pipeline.models.variants import ENCODER_MAX_BATCH_KEY, export_variant_encoder, load_variant, save_variant, size_on_disk
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +177,29 @@ def test_a_variant_directory_with_an_encoder_is_served_through_it(model, tmp_pat
     (directory / ENCODER_FILE).write_bytes(b"truncated")
     with pytest.raises(ValueError, match="not a loadable ONNX encoder"):
         load_variant(directory)
+
+
+def test_runtime_auto_runs_onnx_up_to_its_batch_and_torch_above_with_the_same_results(model, fp32_file, tmp_path):
+    """variant.json's encoder_max_batch (compress.runtime auto): batches up to it on the encoder, larger ones
+    on encode_last; a user gets the same vector (1e-4) and the same top-10 either way."""
+    directory = save_variant(model, tmp_path / "fp32", "fp32", extra={ENCODER_MAX_BATCH_KEY: 3})
+    shutil.copy(fp32_file, directory / ENCODER_FILE)  # the model's own graph (its weights are the fp32 variant's)
+    auto = load_variant(directory)
+    assert auto.encoder_max_batch == 3
+    assert [auto.runtime_for(b) for b in (1, 3, 4, 256)] == ["onnx", "onnx", "torch", "torch"]
+    assert auto.runtime_for(1, "cuda") == "torch"
+    calls = []
+    encoder = auto.encoder
+    auto.encoder = lambda embedded, lengths: calls.append(len(lengths)) or encoder(embedded, lengths)
+    histories = [[1, 2, 3], [5] * 12, list(range(1, 30)), [7], [9, 8, 7, 6], list(range(60, 40, -1)), [2, 2], [59]]
+    recommender = Recommender(auto)
+    small = [recommender.recommend(histories[i:i + 3], k=10) for i in range(0, len(histories), 3)]
+    assert calls == [3, 3, 2]
+    large_items, large_scores = recommender.recommend(histories, k=10)
+    assert calls == [3, 3, 2]  # 8 users: PyTorch
+    torch.testing.assert_close(torch.cat([s for _, s in small]), large_scores, atol=1e-4, rtol=1e-4)
+    assert torch.equal(torch.cat([i for i, _ in small]), large_items)
+    inputs = [torch.tensor([h[-12:] + [0] * (12 - len(h[-12:])) for h in histories]), torch.tensor([min(len(h), 12) for h in histories])]
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(auto.embed(inputs[0]), inputs[1]), auto.last_hidden(*inputs), atol=1e-4, rtol=1e-4)
+    assert load_variant(save_variant(model, tmp_path / "onnx", "fp32")).encoder_max_batch is None  # runtime onnx: every batch
