@@ -113,6 +113,10 @@ class SparkEngine:
     def register(self, name: str, table: pa.Table) -> None:
         self.spark.createDataFrame(table).createOrReplaceTempView(name)
 
+    def dataframe(self, sql: str) -> Any:
+        """The query as a Spark DataFrame (what GX's Spark data source validates)."""
+        return self.spark.sql(sql)
+
     def close(self) -> None:
         for name in list(self.cached):
             self.drop(name)

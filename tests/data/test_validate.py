@@ -754,3 +754,79 @@ def test_duckdb_refuses_a_row_rule_it_cannot_derive(lay, monkeypatch):
     monkeypatch.setattr(rules, "checks", with_a_regex_rule)
     with pytest.raises(sql_rules.UnsupportedRule, match="no SQL form for ExpectColumnValuesToMatchRegex"):
         run_validate(config(), lay, now=NOW, engine="duckdb")
+
+
+# ---------------------------------------------------------------------------- GX on the Spark DataFrame
+
+# The conftest's marks for a Spark-only test (slow, skipped without Java/pyspark).
+from tests.data.conftest import ON_SPARK  # noqa: E402
+
+
+@pytest.mark.parametrize("_", [pytest.param(None, marks=ON_SPARK)], ids=["spark"])
+def test_gx_on_spark_sees_every_row_and_quarantines_as_pandas(tmp_path, monkeypatch, spark, _):
+    """SAMPLE_ROWS far below the input: GX's counts on Spark are still over all rows, routing is pandas's."""
+    from pipeline.data.validation import outofcore
+
+    monkeypatch.setattr(outofcore, "SAMPLE_ROWS", 10)
+    cols = columns()
+    cols["rating"][30] = math.nan  # GX on Spark counts a NaN as null, as on pandas
+    _set(cols, "rating", [35], 9.0)
+    _set(cols, "user_id", [25], None)
+    _set(cols, "timestamp", [22], dt.datetime(1990, 1, 1, tzinfo=UTC))
+    _copy_key_of_row_2(cols, [33, 38])
+    _set(cols, "rating", [38], 7.0)
+    outputs = {}
+    for engine in ("pandas", "spark"):
+        lay = Layout(tmp_path / engine)
+        write_raw(lay, cols)
+        result = run_validate(config(data_docs=True), lay, now=NOW, engine=engine)
+        outputs[engine] = (pq.read_table(lay.validated_interactions), pq.read_table(quarantine_path(lay)), result, summary(lay))
+    (valid_p, quar_p, res_p, sum_p), (valid_s, quar_s, res_s, sum_s) = outputs["pandas"], outputs["spark"]
+    assert valid_s.equals(valid_p)
+    assert quar_s.schema == quar_p.schema and quar_s.to_pandas().equals(quar_p.to_pandas())
+    assert res_s.quarantined_by_reason == res_p.quarantined_by_reason
+    assert sum_s["rule_violations"] == sum_p["rule_violations"]
+    assert sum_s["gx_spark"]["rows"] == N and "min_rows" in sum_s["gx_spark"]["checks"]
+    assert sum_s["gx_sample"]["rows"] == 10 and sum_s["gx_sample"]["checks"] == [f"type:{c}" for c in RAW_COLUMNS]
+    for check in ("not_null:user_id", "not_null:rating", "min:timestamp", "range:rating", "unique:user_id,item_id,timestamp"):
+        entry_s, entry_p = expectation(sum_s, check), expectation(sum_p, check)
+        assert entry_s["gx_data"] == {"engine": "spark", "rows": N}
+        assert "GX saw" not in entry_s.get("note", "")  # GX's own verdict, not the SQL's
+        assert (entry_s["success"], entry_s["unexpected_count"]) == (entry_p["success"], entry_p["unexpected_count"])
+        assert entry_s["partial_unexpected_rows"] == entry_p["partial_unexpected_rows"]
+    assert expectation(sum_s, "range:rating")["element_count"] == N
+    assert expectation(sum_s, "min_rows")["observed_value"] == N
+    assert expectation(sum_s, "type:rating")["gx_data"] == {"engine": "pandas", "rows": 10}
+    html = (tmp_path / "spark" / "reports" / "data_docs" / "index.html").read_text(encoding="utf-8")
+    for suite_name in (rules.SUITE_TABLE, rules.SUITE_RANGES, f"{rules.SUITE_TABLE}_types_on_sample"):
+        assert suite_name in html
+
+
+@pytest.mark.parametrize("_", [pytest.param(None, marks=ON_SPARK)], ids=["spark"])
+def test_gx_on_spark_decides_beyond_the_sample(tmp_path, monkeypatch, spark, _):
+    """A row-count bound and an SQL rule drifting from GX, both visible only past the sample: GX on Spark catches each."""
+    from pipeline.data.validation import outofcore, sql_rules
+
+    monkeypatch.setattr(outofcore, "SAMPLE_ROWS", 10)
+    lay = Layout(tmp_path / "work")
+    cols = columns()
+    _set(cols, "rating", [30], 9.0)
+    write_raw(lay, cols)
+    real_predicate = sql_rules.predicate
+    monkeypatch.setattr(sql_rules, "predicate", lambda check, *a: "false" if check.name == "range:rating" else real_predicate(check, *a))
+    with pytest.raises(RuntimeError, match="range:rating: GX counts 1 failing rows, the SQL derived from it 0"):
+        run_validate(config(), lay, now=NOW, engine="spark")
+
+    real_checks = rules.checks
+
+    def at_most_30_rows(*args):
+        suite = real_checks(*args)
+        (count,) = [c for c in suite if c.name == "min_rows"]
+        count.expectation.max_value = 30
+        return suite
+
+    monkeypatch.setattr(rules, "checks", at_most_30_rows)
+    with pytest.raises(ValidationFailed, match=r"expect_table_row_count_to_be_between"):
+        run_validate(config(), lay, now=NOW, engine="spark")
+    entry = expectation(summary(lay), "min_rows")
+    assert (entry["success"], entry["observed_value"], entry["gx_data"]) == (False, N, {"engine": "spark", "rows": N})

@@ -1,12 +1,15 @@
 """`run_validate_out_of_core` (data_engine: duckdb or spark): the same stage, the row work in SQL.
 
-* GX runs over the first `SAMPLE_ROWS` rows (all of them when the input is smaller): the
+* duckdb: GX runs over the first `SAMPLE_ROWS` rows (all of them when the input is smaller): the
   column and type checks (one Arrow type per column, so the sample decides them for the file),
   and the Data Docs. The row-count check is decided on the whole file from its expectation's
   bounds. The summary's `gx_sample` says how many rows GX saw.
+* spark: GX validates the Spark DataFrame of the whole input (`spark_gx`): every check but the
+  type checks, which still run on the first rows (`gx_spark`, `gx_sample` and each entry's
+  `gx_data` say which ran where); the Data Docs come from those results.
 * The row rules run over every row in DuckDB (bounded memory) or Spark, as SQL derived from the
   same GX expectations (`sql_rules`, `sql_engine`). When GX saw the whole input, its counts must
-  equal the engine's, or the stage stops.
+  equal the engine's, or the stage stops (on spark always).
 * Rows are routed as `routing.assign_reasons` does (first rule broken; of repeated keys among rows
   breaking no other rule the first copy stays) and streamed batch by batch into the same two
   files, in input order, with the input's exact types.
@@ -29,7 +32,7 @@ from pipeline.core.io import Layout, parquet_stream
 from pipeline.data import sql_engine
 from pipeline.data.sql_engine import SqlEngine
 
-from . import report, routing, rules, sql_rules, verdicts
+from . import report, routing, rules, spark_gx, sql_rules, verdicts
 from .frame import add_duplicate_candidates, gx_frame
 from .run_state import RunState, ValidationResult, read_raw, utc
 
@@ -115,6 +118,23 @@ def _write_outputs(con: SqlEngine, run: RunState, parquet: pq.ParquetFile, rows:
     run.summary["outputs"]["validated"] = str(run.validated_path)
 
 
+def _describe_gx(run: RunState, entries: list[dict], suite: list[rules.Check], sample_rows: int, rows_in: int) -> None:
+    """Spark: which checks GX ran on the Spark DataFrame (all rows) and which on the pandas sample."""
+    on_spark = [spark_gx.on_spark(c) for c in suite]
+    run.summary["gx_spark"] = {"rows": rows_in, "whole_input": True, "checks": [c.name for c, s in zip(suite, on_spark, strict=True) if s],
+                               "result_format": spark_gx.RESULT_FORMAT["result_format"]}
+    run.summary["gx_sample"].update(
+        checks=[c.name for c, s in zip(suite, on_spark, strict=True) if not s],
+        note="GX's type expectations name pandas dtypes, which its Spark data source does not recognise: they ran on "
+        "GX's pandas source over the first rows (a Parquet column has one type in the whole file); every other "
+        "expectation ran on the Spark DataFrame, all rows (gx_spark)")
+    for check, entry, spark in zip(suite, entries, on_spark, strict=True):
+        entry["gx_data"] = {"engine": "spark", "rows": rows_in} if spark else {"engine": "pandas", "rows": sample_rows}
+        if check.reason == rules.DUPLICATE:
+            entry["note"] = (f"on Spark {rules.KEY_HASH_REPEATED} is true for every row whose three keys are present "
+                             "(no pre-filter), so element_count counts those rows")
+
+
 def run_validate_out_of_core(cfg: ValidateConfig, layout: Layout, now: dt.datetime | None = None, engine: str = "duckdb",
                              spark: SparkConfig | None = None) -> ValidationResult:
     run = RunState(cfg, layout, utc(now or dt.datetime.now(dt.UTC)))
@@ -123,36 +143,40 @@ def run_validate_out_of_core(cfg: ValidateConfig, layout: Layout, now: dt.dateti
     parquet, sample = _sample(run)
     rows_in = parquet.metadata.num_rows
     arrow_schema = parquet.schema_arrow
-    whole = sample.num_rows == rows_in
+    on_spark = engine == "spark"
+    whole = sample.num_rows == rows_in or on_spark  # whether GX's row-rule counts cover every row
     run.summary["checks"].append({"check": "readable_parquet", "success": True, "observed_value": None})
     run.summary.update(
         rows_in=rows_in,
         schema={f.name: str(f.type) for f in arrow_schema},
         extra_columns=[c for c in arrow_schema.names if c not in schema.RAW_COLUMNS],
         engine=engine,
-        gx_sample={"rows": sample.num_rows, "of": rows_in, "whole_input": whole,
+        gx_sample={"rows": sample.num_rows, "of": rows_in, "whole_input": sample.num_rows == rows_in,
                    "note": f"GX (type checks, Data Docs) ran on the first rows; every row rule ran on all rows in {engine}"},
     )
     frame = gx_frame(sample)
     add_duplicate_candidates(sample, frame)
     t = run.lap("read_sample", t)
 
-    suite, _, entries, docs_index = verdicts.run_suite(run, frame, layout)
-    t = time.perf_counter()
-    for check, entry in zip(suite, entries, strict=True):
-        if check.reason is None and not whole and type(check.expectation).__name__ == "ExpectTableRowCountToBeBetween":
-            entry.update(success=sql_rules.row_count_within(check.expectation, rows_in), observed_value=rows_in,
-                         note=f"decided on all {rows_in} rows from this expectation's bounds; GX saw {sample.num_rows}")
-    failed = verdicts.batch_failures(suite, entries, rows_in, cfg.min_rows)
-    if failed:
-        raise run.fail(failed, f"rows_in={rows_in}")
-
     types = {f.name: f.type for f in arrow_schema}
     with sql_engine.connect(engine, layout.root / "data", spark) as con:
-        row_rules = sql_rules.row_rules(suite, types, con.dialect)
-        keys = ", ".join(sql_rules.quote(c) for c in row_rules.key.columns) if row_rules.key else ""
         source = "source"
         con.parquet(source, run.source)
+        spark_frame = con.dataframe(spark_gx.frame_sql(types, source)) if on_spark else None  # type: ignore[attr-defined]
+        suite, _, entries, docs_index = verdicts.run_suite(run, frame, layout, spark_frame)
+        if on_spark:
+            _describe_gx(run, entries, suite, sample.num_rows, rows_in)
+        t = time.perf_counter()
+        for check, entry in zip(suite, entries, strict=True):
+            if check.reason is None and not whole and type(check.expectation).__name__ == "ExpectTableRowCountToBeBetween":
+                entry.update(success=sql_rules.row_count_within(check.expectation, rows_in), observed_value=rows_in,
+                             note=f"decided on all {rows_in} rows from this expectation's bounds; GX saw {sample.num_rows}")
+        failed = verdicts.batch_failures(suite, entries, rows_in, cfg.min_rows)
+        if failed:
+            raise run.fail(failed, f"rows_in={rows_in}")
+
+        row_rules = sql_rules.row_rules(suite, types, con.dialect)
+        keys = ", ".join(sql_rules.quote(c) for c in row_rules.key.columns) if row_rules.key else ""
         counts, duplicates = _rule_counts(con, source, row_rules, types)
         t = run.lap(f"{engine}_rules", t)
         per_code = np.zeros(len(rules.REASONS) + 1, dtype=np.int64)

@@ -191,25 +191,45 @@ def checks(bounds: dict[str, Any], min_rows: int, present: set[str]) -> list[Che
     return suite
 
 
+@dataclass
+class Batch:
+    """One GX validation: the checks of one suite over one frame (pandas, or a Spark DataFrame)."""
+
+    suite: str  # the GX suite's name
+    checks: list[Check]
+    frame: Any
+    spark: bool = False
+    result_format: dict[str, Any] | None = None  # RESULT_FORMAT when None
+
+
 def run_gx(frames: dict[str, pd.DataFrame], suite: list[Check], docs_dir: Path | None) -> tuple[Any, list[Any]]:
-    """Run one GX suite per frame; returns the context (for Data Docs) and one result per check.
+    """Run one GX suite per pandas frame; returns the context (for Data Docs) and one result per check.
 
     GX fingerprints each batch with an MD5 over the whole frame (`pandas_data_fingerprint`, a
     batch marker nothing here reads); that cost is paid, see the package docstring.
     """
+    return run_batches([Batch(name, [c for c in suite if c.suite == name], frame) for name, frame in frames.items()],
+                       suite, docs_dir)
+
+
+def run_batches(batches: list[Batch], suite: list[Check], docs_dir: Path | None) -> tuple[Any, list[Any]]:
+    """Run each batch's checks as a GX suite on its frame; the context and one result per check of `suite`."""
     context = gx_context(docs_dir)
-    source = context.data_sources.add_pandas("leanrec")
+    sources: dict[bool, Any] = {}
     results: dict[int, Any] = {}
-    for suite_name, frame in frames.items():
-        members = [c for c in suite if c.suite == suite_name]
-        if not members:
+    for b in batches:
+        if not b.checks:
             continue
-        batch = source.add_dataframe_asset(suite_name).add_batch_definition_whole_dataframe("whole_file")
-        gx_suite = context.suites.add(gx().ExpectationSuite(name=suite_name, expectations=[c.expectation for c in members]))
-        definition = context.validation_definitions.add(gx().ValidationDefinition(name=suite_name, data=batch, suite=gx_suite))
-        run = definition.run(batch_parameters={"dataframe": frame}, result_format=RESULT_FORMAT)
+        if b.spark not in sources:
+            # persist=False: GX would cache the whole DataFrame and never release it.
+            sources[b.spark] = (context.data_sources.add_spark("leanrec_spark", persist=False) if b.spark
+                                else context.data_sources.add_pandas("leanrec"))
+        batch = sources[b.spark].add_dataframe_asset(b.suite).add_batch_definition_whole_dataframe("whole_file")
+        gx_suite = context.suites.add(gx().ExpectationSuite(name=b.suite, expectations=[c.expectation for c in b.checks]))
+        definition = context.validation_definitions.add(gx().ValidationDefinition(name=b.suite, data=batch, suite=gx_suite))
+        run = definition.run(batch_parameters={"dataframe": b.frame}, result_format=b.result_format or RESULT_FORMAT)
         # GX does not return results in suite order: match them back by expectation id.
         by_id = {r.expectation_config.id: r for r in run.results}
-        for check, added in zip(members, gx_suite.expectations, strict=True):
+        for check, added in zip(b.checks, gx_suite.expectations, strict=True):
             results[id(check)] = by_id[added.id]
     return context, [results[id(c)] for c in suite]

@@ -12,12 +12,15 @@ import pandas as pd
 from pipeline.core import schema
 from pipeline.core.io import Layout
 
-from . import report, rules
+from . import report, rules, spark_gx
 from .run_state import RunState
 
 
-def run_suite(run: RunState, frame: pd.DataFrame, layout: Layout) -> tuple[list[rules.Check], list[Any], list[dict], Path | None]:
-    """The suite's checks, GX's result and summary entry for each, and the Data Docs index (None when off)."""
+def run_suite(run: RunState, frame: pd.DataFrame, layout: Layout,
+              spark_frame: Any = None) -> tuple[list[rules.Check], list[Any], list[dict], Path | None]:
+    """The suite's checks, GX's result and summary entry for each, and the Data Docs index (None when off).
+
+    With `spark_frame` (data_engine: spark) GX validates that Spark DataFrame, the type checks `frame` (`spark_gx`)."""
     t = time.perf_counter()
     rules.gx()
     t = run.lap("gx_import", t)  # once per process
@@ -28,7 +31,10 @@ def run_suite(run: RunState, frame: pd.DataFrame, layout: Layout) -> tuple[list[
     try:
         # GX's column-map checks filter the *whole* batch frame on `notnull()` several times per
         # expectation, seconds when it holds string columns: the range checks get a narrow frame.
-        context, results = rules.run_gx({rules.SUITE_TABLE: frame, rules.SUITE_RANGES: frame[ranges]}, suite, build_dir)
+        if spark_frame is None:
+            context, results = rules.run_gx({rules.SUITE_TABLE: frame, rules.SUITE_RANGES: frame[ranges]}, suite, build_dir)
+        else:
+            context, results = spark_gx.run_gx(frame, spark_frame, suite, build_dir)
         entries = [report.describe(c, r) for c, r in zip(suite, results, strict=True)]
         run.summary["expectations"] = entries
         t = run.lap("gx_validate", t)
