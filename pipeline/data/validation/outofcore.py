@@ -83,6 +83,8 @@ def _examples(con: SqlEngine, source: str, check: rules.Check, where: str, entry
 def _full_counts(entry: dict, check: rules.Check, count: int, rows_in: int, whole: bool, engine: str) -> None:
     """The summary entry of a row rule with the SQL engine's count over every row."""
     if whole:
+        if entry["unexpected_count"] is None and rows_in == 0:
+            entry["unexpected_count"] = 0  # GX on Spark counts nothing, not zero, in an empty DataFrame
         if entry["unexpected_count"] != count:
             raise RuntimeError(f"{check.name}: GX counts {entry['unexpected_count']} failing rows, the SQL derived from it "
                                f"{count}: sql_rules no longer matches GX")
