@@ -68,7 +68,8 @@ VARIANTS_DIR = "variants"  # models/<run>/variants/<name>/: one directory per va
 
 def variants_dir(layout: Layout, run_name: str) -> Path:
     return layout.model_dir(run_name) / VARIANTS_DIR
-INNER_SEPARATOR = INNER  # "<weight>.__qdata": an inner tensor of a torchao quantized weight
+
+
 TABLE_KEY = "item_embedding.weight"
 KINDS = ("fp32", "fp16", "bf16", "int8_table", "int4_table", "lowrank", "int8", "int4", "pruned", "pq", "pq_int8")
 CODED_KINDS = {"pq": 32, "pq_int8": 8}  # value = bits of the stored codebooks
@@ -167,7 +168,7 @@ def _load_quantized(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             continue
         if _is_subclass(tensor):
             for inner in tensor.__tensor_flatten__()[0]:
-                key = f"{name}{INNER_SEPARATOR}{inner}"
+                key = f"{name}{INNER}{inner}"
                 getattr(tensor, inner).copy_(state[key])
                 expected.add(key)
         else:
@@ -180,7 +181,7 @@ def _load_quantized(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 def _inner_tensors(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
     """A torchao quantized weight's inner tensors by stored name, `<name>.__qdata` etc. (as model.safetensors holds them)."""
-    return {f"{name}{INNER_SEPARATOR}{inner}": getattr(tensor, inner) for inner in tensor.__tensor_flatten__()[0]}
+    return {f"{name}{INNER}{inner}": getattr(tensor, inner) for inner in tensor.__tensor_flatten__()[0]}
 
 
 def _other_weights(teacher: SASRec) -> dict[str, torch.Tensor]:
@@ -284,7 +285,8 @@ def load_variant(directory: Path, device: torch.device | str = "cpu") -> SASRec:
     (for batches of up to variant.json's `encoder_max_batch` users where it has one: `compress.runtime:
     auto`; PyTorch above) and torchao int8 Linear layers are dequantized to fp32 (see `dequantize_linears`).
     """
-    model = _load_module(directory, device)
+    variant = _recorded(directory)
+    model = _load_module(directory, variant, device)
     if torch.device(device).type == "cpu":
         # The encoder's weights are the model's own (encoder.onnx holds the graph only): taken before the
         # int8 layers are dequantized, so an int8 graph gets the stored int8 values.
@@ -292,7 +294,7 @@ def load_variant(directory: Path, device: torch.device | str = "cpu") -> SASRec:
         dequantize_linears(model)
         if tensors is not None:
             model.encoder = OnnxEncoder(directory / ENCODER_FILE, tensors)
-            model.encoder_max_batch = _recorded(directory).get(ENCODER_MAX_BATCH_KEY)
+            model.encoder_max_batch = variant.get(ENCODER_MAX_BATCH_KEY)
     return model
 
 
@@ -300,6 +302,7 @@ ENCODER_MAX_BATCH_KEY = "encoder_max_batch"  # variant.json: the largest batch t
 
 
 def _recorded(directory: Path) -> dict:
+    """variant.json's settings; {} for a teacher directory (it has none)."""
     path = directory / VARIANT_FILE
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
@@ -324,9 +327,9 @@ def export_variant_encoder(directory: Path) -> Path:
     int8 MatMuls with their own stored int8 weights; every other kind its fp32 (or half-rounded,
     pruned) weights as loaded.
     """
-    model = _load_module(directory, "cpu")
+    model = _load_module(directory, _recorded(directory), "cpu")
     tensors = encoder_tensors(model)
-    int8 = any(INNER_SEPARATOR in name for name in tensors)
+    int8 = any(INNER in name for name in tensors)
     dequantize_linears(model)
     return export_encoder(model, directory / ENCODER_FILE, int8=int8, tensors=tensors)
 
@@ -345,10 +348,10 @@ def dequantize_linears(model: nn.Module) -> None:
                 module.weight = nn.Parameter(module.weight.dequantize().float().contiguous(), requires_grad=False)
 
 
-def _load_module(directory: Path, device: torch.device | str) -> SASRec:
-    if not (directory / VARIANT_FILE).exists():
+def _load_module(directory: Path, variant: dict, device: torch.device | str) -> SASRec:
+    """The model in `directory` as saved; `variant` is its variant.json ({}: a teacher directory)."""
+    if not variant:
         return load_model(directory, device)
-    variant = json.loads((directory / VARIANT_FILE).read_text(encoding="utf-8"))
     cfg = SASRecConfig(**json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8")))
     kind = variant["kind"]
     state = load_file(str(directory / WEIGHTS_FILE))
