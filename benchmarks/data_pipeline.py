@@ -7,6 +7,13 @@ Each dataset runs in its own child process, so its peak resident memory
     python benchmarks/data_pipeline.py --datasets synthetic-1m --repeats 3
     python benchmarks/data_pipeline.py --datasets synthetic-1m synthetic-10m --engines pandas duckdb
     python benchmarks/data_pipeline.py --datasets synthetic-1m synthetic-10m --engines spark duckdb
+    python benchmarks/data_pipeline.py --datasets synthetic-10m --engines duckdb pandas --baseline-rev d665d33 --repeats 3
+
+--baseline-rev runs an older revision's own copy of this script (its pipeline, its params.yaml, its
+defaults) in the same run, from a `git archive` of that revision: "faster than before" measured side
+by side, not against a figure from another day. d665d33 is the last revision before the out-of-core
+engines (the parent of the first commit of pipeline/data/duckdb_session.py): the pandas path of
+milestone 1.
 
 Peak RSS is the child Python process's own (ru_maxrss, exact); with data_engine spark the JVM is a
 process of its own (spark.driver_memory caps its heap), so a second figure, the child's whole process
@@ -136,12 +143,30 @@ def measure(name: str, repeats: int, engine: str) -> dict:
     }
 
 
+def measure_baseline(rev: str, datasets: list[str], repeats: int) -> list[dict]:
+    """`rev`'s own benchmark over `datasets`, run from an extracted copy of that revision."""
+    with tempfile.TemporaryDirectory(prefix="leanrec-baseline-") as tree:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
+        out = Path(tree) / "baseline.json"
+        # Its own pipeline package, not this checkout's (nor an editable install's).
+        env = {**os.environ, "PYTHONPATH": tree}
+        subprocess.run([sys.executable, str(Path(tree) / "benchmarks" / "data_pipeline.py"), "--datasets", *datasets,
+                        "--repeats", str(repeats), "--out", str(out)], cwd=tree, env=env, check=True)
+        results = json.loads(out.read_text())["results"]
+    for result in results:
+        result["engine"] = f"pandas @ {rev}"
+        result.setdefault("peak_tree_rss_mib", None)  # older revisions measured the Python process only
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=["synthetic-1m", "synthetic-10m", "ml-100k"], choices=list(DATASETS))
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--engines", nargs="+", default=["pandas"], choices=["pandas", "duckdb", "spark"],
                         help="params data_engine")
+    parser.add_argument("--baseline-rev", help="also run this git revision's own benchmark on the same datasets, first")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_pipeline.json"))
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -151,7 +176,8 @@ def main() -> None:
 
     if "ml-100k" in args.datasets and not (ML100K / "u.data").exists():
         raise SystemExit(f"{ML100K}/u.data not found: drop ml-100k from --datasets or provide the data")
-    results = [measure(name, args.repeats, engine) for name in args.datasets for engine in args.engines]
+    results = measure_baseline(args.baseline_rev, args.datasets, args.repeats) if args.baseline_rev else []
+    results += [measure(name, args.repeats, engine) for name in args.datasets for engine in args.engines]
     machine = {"python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
@@ -161,8 +187,9 @@ def main() -> None:
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
         s = r["median_seconds"]
+        tree = "-" if r["peak_tree_rss_mib"] is None else f"{r['peak_tree_rss_mib']:,.0f}"
         print(f"| {r['dataset']} | {r['engine']} | {r['rows_ingested']:,} | {s['ingest']:.1f} | {s['validate']:.1f} | "
-              f"{s['features']:.1f} | {s['total']:.1f} | {r['peak_rss_mib']:,.0f} | {r['peak_tree_rss_mib']:,.0f} |")
+              f"{s['features']:.1f} | {s['total']:.1f} | {r['peak_rss_mib']:,.0f} | {tree} |")
 
 
 if __name__ == "__main__":
