@@ -104,8 +104,15 @@ class Stack:
         return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
 
+def _keep_evidence(label: str) -> None:
+    """`.ci/stack.sh evidence`: the services' logs and the Airflow task logs into .stack-cache/evidence/, before a
+    `down -v` removes them (the first clean run's `promote` failure could not be explained: they were gone)."""
+    done = subprocess.run([str(STACK), "evidence", label], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    print(done.stderr[-2000:])  # noqa: T201 - pytest -rs shows it with the failure (where the evidence is)
+
+
 @pytest.fixture(scope="module")
-def stack():
+def stack(request):
     if os.environ.get("LEANREC_STACK") != "1":
         pytest.skip("the stack test runs with LEANREC_STACK=1 (the stack step, `.ci/run stack`, sets it; CI does not run it yet): "
                     "its image builds, `up`, DAG runs and fault checks take about 20 min with cached images, 35 cold (README)")
@@ -118,9 +125,12 @@ def stack():
         if up.returncode == 3:  # stack.sh: no engine answers and dockerd could not be started
             pytest.skip(f"dockerd cannot run here: {up.stderr[-800:]}")
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-6000:]
+    failed_before = request.session.testsfailed
     try:
         yield Stack()
     finally:
+        if request.session.testsfailed > failed_before:
+            _keep_evidence("test-failed")
         if started and os.environ.get("LEANREC_STACK_KEEP") != "1":
             subprocess.run([str(STACK), "down"], capture_output=True, text=True, timeout=600, cwd=ROOT)
 
@@ -153,13 +163,20 @@ def _wait_for_run(stack: Stack, run_id: str, timeout: float) -> tuple[str, dict]
 
 
 def _failed_logs(stack: Stack, run_id: str, tasks: dict) -> str:
-    """The end of each failed task's log (the volumes go with `down -v`, so a failure must carry them)."""
-    out = []
+    """The end of each failed task's log (the volumes go with `down -v`, so a failure must carry them); every
+    try's full log is also written to .stack-cache/evidence/failed-tasks.txt, which CI's stack step prints."""
+    out, full = [], []
     for name, t in tasks.items():
         if t["state"] == "failed":
-            log = stack.api("GET", f"/dags/{DAG}/dagRuns/{run_id}/taskInstances/{name}/logs/{t['try_number']}",
-                            params={"full_content": "true"}, headers={"Accept": "text/plain"})
+            for attempt in range(1, t["try_number"] + 1):
+                log = stack.api("GET", f"/dags/{DAG}/dagRuns/{run_id}/taskInstances/{name}/logs/{attempt}",
+                                params={"full_content": "true"}, headers={"Accept": "text/plain"})
+                full.append(f"===== {run_id} {name} try {attempt}/{t['try_number']} ({t['hostname']})\n{log.text}")
             out.append(f"--- {name} (try {t['try_number']}): {log.text[-3000:]}")
+    if full:
+        (CACHE / "evidence").mkdir(parents=True, exist_ok=True)
+        with open(CACHE / "evidence" / "failed-tasks.txt", "a", encoding="utf-8") as kept:
+            kept.write("\n".join(full) + "\n")
     return "\n".join(out)
 
 
@@ -304,8 +321,10 @@ def test_killing_the_cpu_worker_mid_task_retries_it_and_registers_nothing_half_w
     assert killed["try_number"] >= 2, killed
     _record(f"fault: run after the kill ended {state}; {task} try {killed['try_number']} {killed['state']}")
     if state != "success":  # failed per policy: a new run completes
-        state, _ = _wait_for_run(stack, _trigger(stack, TINY_FORM), timeout=2400)
-    assert state == "success"
+        _failed_logs(stack, run_id, tasks)  # kept (evidence/failed-tasks.txt): a failure per policy, still worth reading
+        run_id = _trigger(stack, TINY_FORM)
+        state, tasks = _wait_for_run(stack, run_id, timeout=2400)
+    assert state == "success", f"{state}: {_failed_logs(stack, run_id, tasks)}"
     after = _registry_is_whole(stack)
     assert after["versions"] >= before["versions"]
 
@@ -321,6 +340,7 @@ def test_restarting_mlflow_during_a_run_keeps_the_champion(stack):
     summary = {name: (t["state"], t["try_number"]) for name, t in tasks.items()}
     _record(f"fault: run across the MLflow restart ended {state}: {summary}")
     if state != "success":  # it failed clearly (a failed task, not a hung run) and the registry is whole
+        _failed_logs(stack, run_id, tasks)
         assert any(s == "failed" for s, _ in summary.values()), summary
     after = _registry_is_whole(stack)
     assert after["version"] == champion or state == "success", (champion, after)
@@ -337,5 +357,6 @@ def test_stopping_and_starting_postgres_every_service_recovers(stack):
     health = requests.get(f"{stack.airflow}/api/v2/monitor/health", timeout=30).json()
     assert health["metadatabase"]["status"] == "healthy", health
     _registry_is_whole(stack)  # MLflow reads the registry again
-    state, _ = _wait_for_run(stack, _trigger(stack, TINY_FORM), timeout=2400)
-    assert state == "success"
+    run_id = _trigger(stack, TINY_FORM)
+    state, tasks = _wait_for_run(stack, run_id, timeout=2400)
+    assert state == "success", f"{state}: {_failed_logs(stack, run_id, tasks)}"
