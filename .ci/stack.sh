@@ -7,6 +7,9 @@
 #   .ci/stack.sh test    up, then tests/test_stack.py (the DAG run through Celery, the fault checks)
 #   .ci/stack.sh down    compose down -v (volumes too), and stop dockerd if `up` started it
 #   .ci/stack.sh wait    wait until the running stack's services are healthy again (the fault checks)
+#   .ci/stack.sh evidence [LABEL]  keep what a failure needs before `down -v` removes it:
+#                        .stack-cache/evidence/<time>-LABEL/ gets `compose ps -a`, every service's
+#                        `compose logs` and the Airflow task logs (the airflow-home volume); prints where
 #   .ci/stack.sh compose ARGS...   docker compose with this stack's files, env file and project name
 #
 # Settings (environment, all optional):
@@ -295,6 +298,23 @@ up_and_wait() {
   wait_healthy
 }
 
+evidence() {  # evidence [LABEL]: the stack's logs, kept in .stack-cache/evidence/ (not removed by `down`)
+  docker info >/dev/null 2>&1 && [ -s "$ENV_FILE" ] || { log "evidence: no engine or no stack here"; return 0; }
+  local filter=(--filter "label=com.docker.compose.project=$PROJECT")
+  [ -n "$(docker ps -aq "${filter[@]}")" ] || { log "evidence: no container of $PROJECT"; return 0; }
+  local dir
+  dir="$CACHE/evidence/$(date -u +%Y%m%dT%H%M%SZ)-${1:-manual}"
+  mkdir -p "$dir"
+  docker ps -a "${filter[@]}" --format '{{.Names}}\t{{.Status}}' >"$dir/compose-ps.txt" 2>&1 || true
+  compose logs --no-color --timestamps >"$dir/compose-logs.txt" 2>&1 || true
+  # The task logs are on the airflow-home volume: copied from the api-server's container (running or not).
+  local airflow
+  airflow="$(docker ps -aq "${filter[@]}" --filter label=com.docker.compose.service=airflow-apiserver | head -1)"
+  if [ -n "$airflow" ]; then docker cp "$airflow:/opt/airflow/logs" "$dir/airflow-logs" >/dev/null 2>&1 || true; fi
+  log "evidence kept in $dir ($(du -sh "$dir" | cut -f1))"
+  echo "$dir"
+}
+
 down() {
   if docker info >/dev/null 2>&1 && [ -s "$ENV_FILE" ]; then compose down -v --remove-orphans >&2 || true; fi
   stop_dockerd_if_ours
@@ -305,6 +325,7 @@ case "${1:-}" in
   test) up; LEANREC_STACK_UP=1 python3 -m pytest -q -p no:cacheprovider -m stack tests/test_stack.py ;;
   down) down ;;
   wait) wait_healthy ;;
+  evidence) shift; evidence "${1:-manual}" ;;
   compose) shift; compose "$@" ;;
-  *) echo "usage: $0 up | test | down | wait | compose ARGS..." >&2; exit 2 ;;
+  *) echo "usage: $0 up | test | down | wait | evidence [LABEL] | compose ARGS..." >&2; exit 2 ;;
 esac

@@ -31,6 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 STACK = ROOT / ".ci" / "stack.sh"
 CACHE = ROOT / ".stack-cache"
 DAG = "leanrec_train"
+# The tests' tiny form with a latency budget for a shared CI host: params.yaml's 50 ms p50 is a serving policy for
+# real hardware. On the 2-core host here at load average 9-25 the tiny models measured 58-104 ms p50, and register
+# failed with "no model meets the registry policy" (2026-12-03, kept by the evidence below). The stack test checks
+# the wiring, not the speed: the budget's own logic is tested in tests/registry.
+STACK_FORM = {**TINY_FORM, "latency_budget_ms": 60_000.0}
 
 
 def _engine_unavailable() -> str | None:
@@ -104,8 +109,15 @@ class Stack:
         return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
 
+def _keep_evidence(label: str) -> None:
+    """`.ci/stack.sh evidence`: the services' logs and the Airflow task logs into .stack-cache/evidence/, before a
+    `down -v` removes them (the first clean run's `promote` failure could not be explained: they were gone)."""
+    done = subprocess.run([str(STACK), "evidence", label], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    print(done.stderr[-2000:])  # noqa: T201 - pytest -rs shows it with the failure (where the evidence is)
+
+
 @pytest.fixture(scope="module")
-def stack():
+def stack(request):
     if os.environ.get("LEANREC_STACK") != "1":
         pytest.skip("the stack test runs with LEANREC_STACK=1 (the stack step, `.ci/run stack`, sets it; CI does not run it yet): "
                     "its image builds, `up`, DAG runs and fault checks take about 20 min with cached images, 35 cold (README)")
@@ -118,9 +130,12 @@ def stack():
         if up.returncode == 3:  # stack.sh: no engine answers and dockerd could not be started
             pytest.skip(f"dockerd cannot run here: {up.stderr[-800:]}")
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-6000:]
+    failed_before = request.session.testsfailed
     try:
         yield Stack()
     finally:
+        if request.session.testsfailed > failed_before:
+            _keep_evidence("test-failed")
         if started and os.environ.get("LEANREC_STACK_KEEP") != "1":
             subprocess.run([str(STACK), "down"], capture_output=True, text=True, timeout=600, cwd=ROOT)
 
@@ -152,14 +167,34 @@ def _wait_for_run(stack: Stack, run_id: str, timeout: float) -> tuple[str, dict]
     return state, {t["task_id"]: t for t in instances}
 
 
+def _task_log(stack: Stack, run_id: str, task: str, attempt: int) -> str:
+    """One try's log as text. Airflow 3.3's log endpoint answers JSON only (Accept: text/plain got a 4xx, "Only
+    application/json or application/x-ndjson is supported", so the failed run's logs were never shown)."""
+    response = stack.api("GET", f"/dags/{DAG}/dagRuns/{run_id}/taskInstances/{task}/logs/{attempt}",
+                         params={"full_content": "true"}, headers={"Accept": "application/json"})
+    try:
+        content = response.json()["content"]
+    except (ValueError, KeyError, TypeError):
+        return response.text
+    if isinstance(content, str):
+        return content
+    return "\n".join(item if isinstance(item, str) else json.dumps(item) for item in content)
+
+
 def _failed_logs(stack: Stack, run_id: str, tasks: dict) -> str:
-    """The end of each failed task's log (the volumes go with `down -v`, so a failure must carry them)."""
-    out = []
+    """The end of each failed task's log (the volumes go with `down -v`, so a failure must carry them); every
+    try's full log is also written to .stack-cache/evidence/failed-tasks.txt, which CI's stack step prints."""
+    out, full = [], []
     for name, t in tasks.items():
         if t["state"] == "failed":
-            log = stack.api("GET", f"/dags/{DAG}/dagRuns/{run_id}/taskInstances/{name}/logs/{t['try_number']}",
-                            params={"full_content": "true"}, headers={"Accept": "text/plain"})
-            out.append(f"--- {name} (try {t['try_number']}): {log.text[-3000:]}")
+            for attempt in range(1, t["try_number"] + 1):
+                text = _task_log(stack, run_id, name, attempt)
+                full.append(f"===== {run_id} {name} try {attempt}/{t['try_number']} ({t['hostname']})\n{text}")
+            out.append(f"--- {name} (try {t['try_number']}): {text[-3000:]}")
+    if full:
+        (CACHE / "evidence").mkdir(parents=True, exist_ok=True)
+        with open(CACHE / "evidence" / "failed-tasks.txt", "a", encoding="utf-8") as kept:
+            kept.write("\n".join(full) + "\n")
     return "\n".join(out)
 
 
@@ -183,7 +218,7 @@ def _wait_http(url: str, timeout: float) -> None:
 def test_leanrec_train_runs_on_the_celery_workers_and_its_champion_is_served(stack):
     assert requests.get(f"{stack.airflow}/api/v2/dags/{DAG}", timeout=30).status_code == 401  # auth is on
     start = time.monotonic()
-    run_id = _trigger(stack, TINY_FORM)
+    run_id = _trigger(stack, STACK_FORM)
     state, tasks = _wait_for_run(stack, run_id, timeout=2400)
     _record(f"leanrec_train DAG run (TINY_FORM, through Celery): {time.monotonic() - start:.0f} s")
     summary = {name: (t["state"], t["queue"], t["hostname"]) for name, t in tasks.items()}
@@ -289,7 +324,7 @@ def _wait_healthy(stack: Stack, timeout: float = 900) -> None:
 @faults
 def test_killing_the_cpu_worker_mid_task_retries_it_and_registers_nothing_half_written(stack):
     before = _registry_is_whole(stack)
-    run_id = _trigger(stack, TINY_FORM)
+    run_id = _trigger(stack, STACK_FORM)
     task = _wait_for_task(stack, run_id, ("register", "compress", "ingest"), timeout=1500)
     worker = stack.container("airflow-worker-cpu")
     subprocess.run(["docker", "kill", worker], check=True, capture_output=True, timeout=60)
@@ -304,8 +339,10 @@ def test_killing_the_cpu_worker_mid_task_retries_it_and_registers_nothing_half_w
     assert killed["try_number"] >= 2, killed
     _record(f"fault: run after the kill ended {state}; {task} try {killed['try_number']} {killed['state']}")
     if state != "success":  # failed per policy: a new run completes
-        state, _ = _wait_for_run(stack, _trigger(stack, TINY_FORM), timeout=2400)
-    assert state == "success"
+        _failed_logs(stack, run_id, tasks)  # kept (evidence/failed-tasks.txt): a failure per policy, still worth reading
+        run_id = _trigger(stack, STACK_FORM)
+        state, tasks = _wait_for_run(stack, run_id, timeout=2400)
+    assert state == "success", f"{state}: {_failed_logs(stack, run_id, tasks)}"
     after = _registry_is_whole(stack)
     assert after["versions"] >= before["versions"]
 
@@ -313,7 +350,7 @@ def test_killing_the_cpu_worker_mid_task_retries_it_and_registers_nothing_half_w
 @faults
 def test_restarting_mlflow_during_a_run_keeps_the_champion(stack):
     champion = _registry_is_whole(stack)["version"]
-    run_id = _trigger(stack, TINY_FORM)
+    run_id = _trigger(stack, STACK_FORM)
     task = _wait_for_task(stack, run_id, ("train", "evaluate", "register"), timeout=1500)
     assert stack.compose("restart", "mlflow").returncode == 0
     _record(f"fault: restarted mlflow during {task}")
@@ -321,6 +358,7 @@ def test_restarting_mlflow_during_a_run_keeps_the_champion(stack):
     summary = {name: (t["state"], t["try_number"]) for name, t in tasks.items()}
     _record(f"fault: run across the MLflow restart ended {state}: {summary}")
     if state != "success":  # it failed clearly (a failed task, not a hung run) and the registry is whole
+        _failed_logs(stack, run_id, tasks)
         assert any(s == "failed" for s, _ in summary.values()), summary
     after = _registry_is_whole(stack)
     assert after["version"] == champion or state == "success", (champion, after)
@@ -337,5 +375,6 @@ def test_stopping_and_starting_postgres_every_service_recovers(stack):
     health = requests.get(f"{stack.airflow}/api/v2/monitor/health", timeout=30).json()
     assert health["metadatabase"]["status"] == "healthy", health
     _registry_is_whole(stack)  # MLflow reads the registry again
-    state, _ = _wait_for_run(stack, _trigger(stack, TINY_FORM), timeout=2400)
-    assert state == "success"
+    run_id = _trigger(stack, STACK_FORM)
+    state, tasks = _wait_for_run(stack, run_id, timeout=2400)
+    assert state == "success", f"{state}: {_failed_logs(stack, run_id, tasks)}"
