@@ -557,20 +557,26 @@ def test_a_failed_batch_leaves_no_earlier_validated_output(lay, engine):
 # ---------------------------------------------------------------------------- one statement per rule, GX setup
 
 
+def _tighten(monkeypatch, name: str, **expectation_attrs) -> None:
+    """`rules.checks` with one check's GX expectation changed there alone (each rule is stated once)."""
+    real_checks = rules.checks
+
+    def tightened(*args):
+        suite = real_checks(*args)
+        (check,) = [c for c in suite if c.name == name]
+        for attr, value in expectation_attrs.items():
+            setattr(check.expectation, attr, value)
+        return suite
+
+    monkeypatch.setattr(rules, "checks", tightened)
+
+
 def test_row_rules_are_stated_only_in_gx(lay, monkeypatch, engine):
     """Tighten the rating rule in its GX expectation alone: the quarantine follows GX."""
     cols = columns()
     cols["user_id"][4] = None  # rating 5.0 too: breaks two rules, the first reason wins
     write_raw(lay, cols)
-    real_checks = rules.checks
-
-    def rating_at_most_3(*args):
-        suite = real_checks(*args)
-        (rating,) = [c for c in suite if c.name == "range:rating"]
-        rating.expectation.max_value = 3.0
-        return suite
-
-    monkeypatch.setattr(rules, "checks", rating_at_most_3)
+    _tighten(monkeypatch, "range:rating", max_value=3.0)
     result = run_validate(config(max_quarantine_share=0.9), lay, now=NOW, engine=engine)
 
     quarantine = read_quarantine(lay)
@@ -817,15 +823,7 @@ def test_gx_on_spark_decides_beyond_the_sample(tmp_path, monkeypatch, spark, _):
     with pytest.raises(RuntimeError, match="range:rating: GX counts 1 failing rows, the SQL derived from it 0"):
         run_validate(config(), lay, now=NOW, engine="spark")
 
-    real_checks = rules.checks
-
-    def at_most_30_rows(*args):
-        suite = real_checks(*args)
-        (count,) = [c for c in suite if c.name == "min_rows"]
-        count.expectation.max_value = 30
-        return suite
-
-    monkeypatch.setattr(rules, "checks", at_most_30_rows)
+    _tighten(monkeypatch, "min_rows", max_value=30)
     with pytest.raises(ValidationFailed, match=r"expect_table_row_count_to_be_between"):
         run_validate(config(), lay, now=NOW, engine="spark")
     entry = expectation(summary(lay), "min_rows")

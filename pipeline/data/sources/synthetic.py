@@ -143,7 +143,7 @@ def _sample_tastes(rng: np.random.Generator, catalogue: Catalogue, taste_cumsum_
 
 class _Scratch:
     """Buffers reused from chunk to chunk: a fresh 256 MiB "seen" bitmap per chunk cost more in page
-    faults than the draws themselves (docs/benchmarks.md, "Ingest")."""
+    faults than the draws themselves (docs/benchmarks.md, "Side by side with milestone 1's path")."""
 
     def __init__(self, n_users: int, n_items: int) -> None:
         self.seen = np.zeros((n_users, n_items), dtype=bool)  # all False between chunks
