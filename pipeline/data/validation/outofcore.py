@@ -83,8 +83,6 @@ def _examples(con: SqlEngine, source: str, check: rules.Check, where: str, entry
 def _full_counts(entry: dict, check: rules.Check, count: int, rows_in: int, whole: bool, engine: str) -> None:
     """The summary entry of a row rule with the SQL engine's count over every row."""
     if whole:
-        if entry["unexpected_count"] is None and rows_in == 0:
-            entry["unexpected_count"] = 0  # GX on Spark counts nothing, not zero, in an empty DataFrame
         if entry["unexpected_count"] != count:
             raise RuntimeError(f"{check.name}: GX counts {entry['unexpected_count']} failing rows, the SQL derived from it "
                                f"{count}: sql_rules no longer matches GX")
@@ -132,6 +130,8 @@ def _describe_gx(run: RunState, entries: list[dict], suite: list[rules.Check], s
         "expectation ran on the Spark DataFrame, all rows (gx_spark)")
     for check, entry, spark in zip(suite, entries, on_spark, strict=True):
         entry["gx_data"] = {"engine": "spark", "rows": rows_in} if spark else {"engine": "pandas", "rows": sample_rows}
+        if spark and check.reason is not None and rows_in == 0 and entry["unexpected_count"] is None:
+            entry["unexpected_count"] = 0  # GX on Spark reports no count, not zero, for an empty DataFrame
         if check.reason == rules.DUPLICATE:
             entry["note"] = (f"on Spark {rules.KEY_HASH_REPEATED} is true for every row whose three keys are present "
                              "(no pre-filter), so element_count counts those rows")
