@@ -175,7 +175,8 @@ def _reused(cached: Path, fingerprint: dict) -> tuple[SASRec, dict] | None:
         return None
     logger.info("%s model reused from %s", cached.name, cached)
     info = {key: recorded[key] for key in ("history", "assignment") if key in recorded}
-    return load_variant(cached), {**info, "reused": str(cached)}
+    # The model alone: its encoder.onnx may be of an older format, and the rebuild exports a new one.
+    return load_variant(cached, with_encoder=False), {**info, "reused": str(cached)}
 
 
 def _own_reuse_unrecorded(info: dict, target: Path) -> None:

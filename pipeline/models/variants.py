@@ -278,19 +278,20 @@ def save_variant(teacher: SASRec, directory: Path, kind: str, rank: int | None =
     return directory
 
 
-def load_variant(directory: Path, device: torch.device | str = "cpu") -> SASRec:
+def load_variant(directory: Path, device: torch.device | str = "cpu", with_encoder: bool = True) -> SASRec:
     """Any saved model: a teacher directory (no variant.json) or a variant directory.
 
     On CPU, a directory's `encoder.onnx` (pipeline/models/onnx_encoder.py) computes the user vectors
     (for batches of up to variant.json's `encoder_max_batch` users where it has one: `compress.runtime:
     auto`; PyTorch above) and torchao int8 Linear layers are dequantized to fp32 (see `dequantize_linears`).
+    `with_encoder=False`: the model alone, its encoder.onnx not read (a rebuild reusing the model writes a new one).
     """
     variant = _recorded(directory)
     model = _load_module(directory, variant, device)
     if torch.device(device).type == "cpu":
         # The encoder's weights are the model's own (encoder.onnx holds the graph only): taken before the
         # int8 layers are dequantized, so an int8 graph gets the stored int8 values.
-        tensors = encoder_tensors(model) if (directory / ENCODER_FILE).exists() else None
+        tensors = encoder_tensors(model) if with_encoder and (directory / ENCODER_FILE).exists() else None
         dequantize_linears(model)
         if tensors is not None:
             model.encoder = OnnxEncoder(directory / ENCODER_FILE, tensors)

@@ -9,16 +9,23 @@ import onnx
 import pytest
 import torch
 
-from pipeline.compression.compress import compress_variant, fine_tune_loss, pq_codebook_size, run_compress
+from pipeline.compression.compress import (
+    ENCODER_FORMAT,
+    compress_variant,
+    fine_tune_loss,
+    pq_codebook_size,
+    run_compress,
+    variant_fingerprint,
+)
 from pipeline.compression.distill import build_student, distillation_loss
 from pipeline.compression.pruning import magnitude_masks, prune_structured
 from pipeline.core.config import params_from_dict
 from pipeline.core.errors import CompressError
 from pipeline.data.sequences import evaluation_batches, load_sequences, training_batches
-from pipeline.evaluation.compression_report import REPORT_JSON, REPORT_PNG, run_compression_report
+from pipeline.evaluation.compression_report import REPORT_JSON, REPORT_PNG, run_compression_report, runtime_columns
 from pipeline.evaluation.metrics import evaluate
 from pipeline.models.coded import CodedSASRec
-from pipeline.models.onnx_encoder import ENCODER_FILE, OnnxEncoder
+from pipeline.models.onnx_encoder import ENCODER_FILE, OnnxEncoder, weight_entries
 from pipeline.models.recommender import Recommender
 from pipeline.models.sasrec import WEIGHTS_FILE, SASRec, SASRecConfig, load_model, save_model
 from pipeline.models.sparse import densify_state, sparsify_state
@@ -404,3 +411,41 @@ def test_compress_refuses_a_teacher_the_current_train_config_did_not_produce(tmp
     (run_dir / "train.json").unlink()  # a model no finished train run wrote
     with pytest.raises(CompressError, match="no train.json"):
         compress_variant(int8, layout, "main", "int8", seed=0)
+
+
+def test_the_fingerprint_names_the_encoder_format_and_the_auto_batch():
+    hashes = {"teacher_sha256": "t", "features_sha256": "f"}
+    configs = {runtime: params_from_dict({}, [f"compress.runtime={runtime}", "compress.encoder_max_batch=8"]).compress
+               for runtime in ("torch", "onnx", "auto")}
+    fingerprints = {runtime: variant_fingerprint(cfg, "fp16", hashes, seed=0) for runtime, cfg in configs.items()}
+    assert "encoder_format" not in fingerprints["torch"] and "encoder_max_batch" not in fingerprints["onnx"]
+    assert fingerprints["onnx"]["encoder_format"] == fingerprints["auto"]["encoder_format"] == ENCODER_FORMAT
+    assert fingerprints["auto"]["encoder_max_batch"] == 8
+
+
+@pytest.mark.slow
+def test_an_older_encoder_is_rebuilt_reusing_the_trained_model_and_auto_records_its_batch(compressed, tmp_path):
+    """A variant whose fingerprint has no encoder format (built when encoder.onnx held the weights) is rebuilt:
+    a graph-only encoder, the student not trained again. runtime auto then records encoder_max_batch, which
+    load_variant and the report follow."""
+    source = compressed["layout"]
+    layout = copy_features(source, tmp_path)
+    shutil.copytree(source.model_dir("main"), layout.model_dir("main"), ignore=shutil.ignore_patterns("checkpoints"))
+    directory = layout.model_dir("main") / "variants" / "distilled"
+    recorded = json.loads((directory / VARIANT_FILE).read_text())
+    del recorded["fingerprint"]["encoder_format"]  # what a variant.json of an older build holds
+    (directory / VARIANT_FILE).write_text(json.dumps(recorded))
+    (directory / ENCODER_FILE).write_bytes(b"an older encoder")  # not loadable today: the rebuild must replace it
+    onnx_cfg = params_from_dict({}, TINY_COMPRESS).compress
+    rebuilt = compress_variant(onnx_cfg, layout, "main", "distilled", seed=0)
+    assert not rebuilt.get("kept") and rebuilt["seconds"] < 30  # rebuilt, but the student was reused, not trained
+    after = json.loads((directory / VARIANT_FILE).read_text())
+    assert after["fingerprint"]["encoder_format"] == ENCODER_FORMAT and after["history"] == recorded["history"]
+    assert weight_entries((directory / ENCODER_FILE).read_bytes())  # graph only: the weights come from the model
+    assert compress_variant(onnx_cfg, layout, "main", "distilled", seed=0).get("kept")
+    auto_cfg = params_from_dict({}, [*TINY_COMPRESS, "compress.runtime=auto", "compress.encoder_max_batch=4"]).compress
+    compress_variant(auto_cfg, layout, "main", "distilled", seed=0)
+    model = load_variant(directory)
+    assert model.encoder_max_batch == 4 and isinstance(model.encoder, OnnxEncoder)
+    assert runtime_columns(model, 64) == {"runtime": "onnx / torch", "runtime_by_batch": {"1": "onnx", "64": "torch"}}
+    assert compressed["report"]["models"]["distilled"]["runtime_by_batch"] == {"1": "onnx", "64": "onnx"}
