@@ -39,6 +39,7 @@ from it) is removed when the run starts.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import shutil
 import time
@@ -283,6 +284,7 @@ def run_train(
     meta = (checkpoint_meta(checkpoint) or {}) if checkpoint is not None else {}
     settings = engine_settings(cfg, seed, device, checkpoint_path, resuming, eval_batch_size)
     amp_dtype = settings.amp_dtype
+    resumed_history = json.loads(checkpoint["history_json"]) if checkpoint is not None else []
     del checkpoint  # the engine loads it again (mapped, so cheaply)
 
     previous_run_id = (meta.get("mlflow_run_id") or read_run_id(run_dir)) if resuming else None
@@ -321,6 +323,14 @@ def run_train(
 
         def log_epoch(record: dict) -> None:
             mlflow.log_metrics({k: float(v) for k, v in record.items() if k != "epoch"}, step=record["epoch"])
+
+        if mlflow is not None and previous_run_id is not None and resumed_history:
+            # The engine writes an epoch's checkpoint before its MLflow call: a run killed between the two
+            # left that epoch's metrics unlogged. Log what the checkpoint has and the re-opened run lacks.
+            logged = {m.step for m in mlflow.MlflowClient().get_metric_history(previous_run_id, "valid_ndcg10")}
+            for record in resumed_history:
+                if record["epoch"] not in logged:
+                    log_epoch(record)
 
         if sharded:  # train.embedding_engine=torchrec: the item table row-wise over the ranks (pipeline/training/sharded.py)
             # The sharded teacher computes its own loss (it looks its rows up itself): no NextItemLoss.

@@ -256,10 +256,34 @@ def _train_outs(run_name: str = "main") -> list[str]:
             if not (isinstance(o, dict) and next(iter(o.values())).get("persist"))]
 
 
+# The train CLI, dying (os._exit: no cleanup) right after epoch 1's checkpoint, before that epoch's MLflow call.
+_EXIT_AFTER_CHECKPOINT = """
+import os, runpy, sys
+from pipeline.training.engine import Engine
+save = Engine.save_checkpoint
+def save_then_die(self, path):
+    save(self, path)
+    if self.state.epoch == 1:
+        os._exit(9)
+Engine.save_checkpoint = save_then_die
+sys.argv = ["pipeline", *sys.argv[3:]]  # python -c CODE -m pipeline ARGS: sys.argv is ["-c", "-m", "pipeline", *ARGS]
+runpy.run_module("pipeline", run_name="__main__", alter_sys=True)
+"""
+
+
+def _exit_after_checkpoint(layout, overrides: list[str]):
+    proc = subprocess.run(_cli(layout.root, *overrides, launcher=[sys.executable, "-c", _EXIT_AFTER_CHECKPOINT]),
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 9, proc.stderr[-3000:]
+    return layout.model_dir("main") / CHECKPOINT_FILE
+
+
 @pytest.mark.slow
-def test_a_killed_train_rerun_as_dvc_reruns_it_resumes_and_finishes_its_mlflow_run(features, tmp_path):
-    """SIGKILL after a checkpoint, the stage's DVC outputs deleted, the same command again (no --resume):
-    it resumes, ends with the uninterrupted run's weights, and the killed MLflow run is re-opened and FINISHED."""
+@pytest.mark.parametrize("kill", [_train_and_kill, _exit_after_checkpoint], ids=["sigkill", "between-checkpoint-and-mlflow"])
+def test_a_killed_train_rerun_as_dvc_reruns_it_resumes_and_finishes_its_mlflow_run(features, tmp_path, kill):
+    """Killed after a checkpoint (SIGKILL at any moment, or right before the epoch's MLflow call), the stage's DVC
+    outputs deleted, the same command again (no --resume): it resumes, ends with the uninterrupted run's weights,
+    and the killed MLflow run is re-opened and FINISHED with every epoch's metrics, each once."""
     from mlflow.tracking import MlflowClient
 
     overrides = ["train.epochs=5", "train.early_stopping_patience=10", "train.d_model=32"]
@@ -268,7 +292,7 @@ def test_a_killed_train_rerun_as_dvc_reruns_it_resumes_and_finishes_its_mlflow_r
 
     killed = copy_features(features, tmp_path / "killed")
     tracked = [*overrides, "tracking.enabled=true", f"tracking.tracking_uri=sqlite:///{killed.root}/mlflow.db"]
-    checkpoint = _train_and_kill(killed, tracked)
+    checkpoint = kill(killed, tracked)
     assert torch.load(checkpoint, weights_only=True)["epoch"] < 4
     client = MlflowClient(f"sqlite:///{killed.root}/mlflow.db")
     [orphan] = client.search_runs([client.get_experiment_by_name("leanrec").experiment_id])
