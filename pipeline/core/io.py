@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,12 +112,54 @@ def write_parquet(frame: pd.DataFrame | pa.Table, target: str | Path) -> Path:
     return Path(target)
 
 
+class BackgroundParquetWriter:
+    """A ParquetWriter whose `write_table` hands the table to one thread that encodes and writes it.
+
+    Encoding (zstd) and the write release the GIL, so the caller computes its next table meanwhile: a
+    stage that produces and writes chunk by chunk no longer waits for each write (docs/benchmarks.md,
+    "Writes in the background"). At most `depth` tables wait, so memory stays bounded; the tables must
+    not be changed after they are handed over. A failed write is raised by the next `write_table` or
+    by `close`, and the tables after it are not written.
+    """
+
+    def __init__(self, writer: pq.ParquetWriter, depth: int = 2) -> None:
+        self._writer = writer
+        self._queue: queue.Queue[pa.Table | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="parquet-writer", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while (table := self._queue.get()) is not None:
+            if self._error is None:  # after a failure, keep taking tables so write_table never blocks
+                try:
+                    self._writer.write_table(table)
+                except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
+                    self._error = error
+
+    def write_table(self, table: pa.Table) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(table)
+
+    def close(self, raise_error: bool = True) -> None:
+        """Wait for the queued writes, then close the file; `raise_error`: raise a failed write's error."""
+        self._queue.put(None)
+        self._thread.join()
+        self._writer.close()
+        if raise_error and self._error is not None:
+            raise self._error
+
+
 @contextlib.contextmanager
-def parquet_stream(target: str | Path, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
-    """A ParquetWriter that appends chunks and appears at `target` only when closed cleanly."""
+def parquet_stream(target: str | Path, schema: pa.Schema) -> Iterator[BackgroundParquetWriter]:
+    """A Parquet writer that appends chunks (written in the background) and appears at `target` only
+    when every chunk was written and the file closed cleanly."""
     with atomic_path(target) as tmp:
-        writer = pq.ParquetWriter(tmp, schema, compression=PARQUET_COMPRESSION)
+        writer = BackgroundParquetWriter(pq.ParquetWriter(tmp, schema, compression=PARQUET_COMPRESSION))
         try:
             yield writer
-        finally:
-            writer.close()
+        except BaseException:
+            writer.close(raise_error=False)  # the body's error is the one to report
+            raise
+        writer.close()
