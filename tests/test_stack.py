@@ -119,8 +119,8 @@ def _keep_evidence(label: str) -> None:
 @pytest.fixture(scope="module")
 def stack(request):
     if os.environ.get("LEANREC_STACK") != "1":
-        pytest.skip("the stack test runs with LEANREC_STACK=1 (the stack step, `.ci/run stack`, sets it; CI does not run it yet): "
-                    "its image builds, `up`, DAG runs and fault checks take about 20 min with cached images, 35 cold (README)")
+        pytest.skip("the stack test runs with LEANREC_STACK=1 (the stack step of `.ci/run`, after the suite, sets it): "
+                    "its image builds, `up`, DAG runs and fault checks took 25 min cold on a quiet 2-core machine (README)")
     reason = _engine_unavailable()
     if reason:
         pytest.skip(f"the stack needs a Docker engine: {reason}")
