@@ -70,3 +70,8 @@ def shape_differences(saved: dict[str, torch.Tensor], expected: dict[str, torch.
 def checkpoint_meta(checkpoint: dict) -> dict | None:
     """The plain values the engine saved with the checkpoint (EngineSettings.checkpoint_meta), if any."""
     return json.loads(checkpoint["meta_json"]) if "meta_json" in checkpoint else None
+
+
+def checkpoint_history(checkpoint: dict) -> list[dict]:
+    """The per-epoch records of the run a checkpoint belongs to, up to its last finished epoch."""
+    return json.loads(checkpoint["history_json"])

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from pipeline.data.sequences import Batch, SequenceData, n_training_batches, training_batches
 from pipeline.evaluation.metrics import evaluate, validation_sample
-from pipeline.training.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.training.checkpoint import checkpoint_history, load_checkpoint, save_checkpoint
 from pipeline.training.distributed import SINGLE_PROCESS, Dist, all_reduce_sum, broadcast_flag
 from pipeline.training.losses import LossFn
 
@@ -402,5 +402,5 @@ class Engine:
             target = self.device if self.settings.restore_best else torch.device("cpu")
             self.best_weights = {k: v.to(target) for k, v in checkpoint["best_model"].items()}
         self.state = TrainState(**{k.name: checkpoint[k.name] for k in fields(TrainState) if k.name != "history"},
-                                history=json.loads(checkpoint["history_json"]))
+                                history=checkpoint_history(checkpoint))
         logger.info("resuming %s after epoch %d (best %s=%.4f)", path, self.state.epoch, VALID_METRIC, self.state.best_metric)

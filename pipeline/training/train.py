@@ -39,7 +39,6 @@ from it) is removed when the run starts.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import shutil
 import time
@@ -69,6 +68,7 @@ from pipeline.models.sasrec import CONFIG_FILE, PRESETS, WEIGHTS_FILE, SASRec, S
 from pipeline.training.baselines import train_baselines
 from pipeline.training.checkpoint import (
     RESUMABLE_CHANGES,
+    checkpoint_history,
     checkpoint_meta,
     config_differences,
     load_checkpoint,
@@ -284,7 +284,7 @@ def run_train(
     meta = (checkpoint_meta(checkpoint) or {}) if checkpoint is not None else {}
     settings = engine_settings(cfg, seed, device, checkpoint_path, resuming, eval_batch_size)
     amp_dtype = settings.amp_dtype
-    resumed_history = json.loads(checkpoint["history_json"]) if checkpoint is not None else []
+    resumed_history = checkpoint_history(checkpoint) if checkpoint is not None else []
     del checkpoint  # the engine loads it again (mapped, so cheaply)
 
     previous_run_id = (meta.get("mlflow_run_id") or read_run_id(run_dir)) if resuming else None
