@@ -23,6 +23,9 @@ teacher's settings from params.yaml) on synthetic batches, no ingest:
   --mode large         the `large` preset for a fixed number of steps: step time, tokens/s,
                        peak RSS (CPU) or peak allocated memory and TFLOP/s (CUDA, fp32 and bf16),
                        parameter count;
+  --mode loss-quality  the same data trained with the dense and the blocked exact loss in one run (same
+                       seed and settings): test NDCG@10, epochs, seconds per epoch (--leanrec-override
+                       style `-S key=value` settings apply to both, e.g. a fixed epoch count);
   --mode time-to-quality  seconds until validation NDCG@10 reaches RecBole 1.2.1's SASRec's best on the
                        same split, the peer in its own venv (benchmarks/time_to_quality.py, which
                        takes the remaining arguments: `--mode time-to-quality --help`).
@@ -33,6 +36,7 @@ teacher's settings from params.yaml) on synthetic batches, no ingest:
     python benchmarks/train_speed.py --mode loss-scaling --items 5000 20000 50000 100000 200000
     python benchmarks/train_speed.py --mode sparse --items 200000
     python benchmarks/train_speed.py --mode large --batch-size 8 --seq-len 50 --steps 3
+    python benchmarks/train_speed.py --mode loss-quality --datasets ml-100k synthetic-1m -S train.epochs=5
     python benchmarks/train_speed.py --mode time-to-quality --datasets ml-100k synthetic-short
 """
 
@@ -119,6 +123,31 @@ def train_and_test(layout: Layout, dataset: str, run_name: str, extra: list[str]
         "test": {name: {k: v for k, v in m.items() if k.startswith("full/")} for name, m in report["models"].items()},
         "parameters": result.parameters,
     }
+
+
+def loss_quality(args) -> dict:
+    """Each dataset prepared once, then trained with each exact loss (nothing else differs) and tested."""
+    results = {}
+    for dataset in args.datasets:
+        with tempfile.TemporaryDirectory(prefix=f"leanrec-loss-{dataset}-") as tmp:
+            layout = prepare(dataset, Path(tmp))
+            for loss in ("full_softmax", "chunked_softmax"):
+                run = train_and_test(layout, dataset, loss, [f"train.loss={loss}", "train.baselines=[]", *args.set])
+                epoch_s = [r["train_seconds"] for r in run["history"]]
+                results[f"{dataset}/{loss}"] = {**run, "median_epoch_train_s": statistics.median(epoch_s)}
+                logger.info("%s %s: %d epochs, median %.1f s/epoch, test NDCG@10 %.4f", dataset, loss, run["epochs"],
+                            statistics.median(epoch_s), run["test"]["sasrec"]["full/NDCG@10"])
+    return {"results": results, "settings": args.set}
+
+
+def print_loss_quality(result: dict) -> None:
+    print("| dataset | loss | epochs | best epoch | median epoch train s | best valid NDCG@10 | test NDCG@10 | test HR@10 |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, r in result["results"].items():
+        dataset, loss = name.split("/")
+        test = r["test"]["sasrec"]
+        print(f"| {dataset} | {loss} | {r['epochs']} | {r['best_epoch']} | {r['median_epoch_train_s']:.1f} | "
+              f"{r['best_valid_ndcg10']:.4f} | {test['full/NDCG@10']:.4f} | {test['full/HR@10']:.4f} |")
 
 
 def gpu_large(layout: Layout, dataset: str) -> dict:
@@ -229,7 +258,7 @@ def loss_step_worker(args) -> dict:
             else:
                 from pipeline.training.chunked_ce import chunked_cross_entropy
 
-                value = chunked_cross_entropy(hidden, weights, positives, module.chunk_items)
+                value = chunked_cross_entropy(hidden, weights, positives, module.block_logits)
             value.backward()
             loss_times.append(time.perf_counter() - started)
             del value
@@ -261,13 +290,10 @@ def loss_scaling(args) -> dict:
                 continue
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             row["extra_rss_mib"] = row["peak_rss_mib"] - row["rss_before_mib"]
-            if loss == "chunked_softmax":
-                # forward logits, recomputed logits, grad of hidden, grad of the table: 4 matmuls of 2 T d N FLOPs
-                row["loss_matmul_gflop"] = 8 * row["tokens"] * d * items / 1e9
-                row["loss_matmul_s_at_gemm_rate"] = row["loss_matmul_gflop"] / rate["gflops"]
-            else:
-                row["loss_matmul_gflop"] = 6 * row["tokens"] * d * (items + 1) / 1e9  # forward, grad of hidden, of the table
-                row["loss_matmul_s_at_gemm_rate"] = row["loss_matmul_gflop"] / rate["gflops"]
+            # Both losses: the logits, their gradient to the hidden states and to the table (3 matmuls of 2 T d N FLOPs);
+            # the chunked loss forms each block's gradient in the forward pass and computes no logits twice.
+            row["loss_matmul_gflop"] = 6 * row["tokens"] * d * items / 1e9
+            row["loss_matmul_s_at_gemm_rate"] = row["loss_matmul_gflop"] / rate["gflops"]
             rows.append(row)
             logger.info("%s at %d items: step %.3f s, loss fwd+bwd %.3f s, extra RSS %.0f MiB", loss, items, row["step_s"],
                         row["loss_fwd_bwd_s"], row["extra_rss_mib"])
@@ -357,7 +383,8 @@ def main() -> None:
         time_to_quality(rest)
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", default="quality", choices=["quality", "loss-scaling", "sparse", "large", "time-to-quality"],
+    parser.add_argument("--mode", default="quality", choices=["quality", "loss-scaling", "loss-quality", "sparse", "large",
+                                                                                 "time-to-quality"],
                         help="quality (default): the training runs against the baselines; the others time engine steps")
     parser.add_argument("--datasets", nargs="+", default=list(TRAIN_DATASETS), choices=list(TRAIN_DATASETS))
     parser.add_argument("--target-fraction", type=float, default=0.95)
@@ -375,6 +402,8 @@ def main() -> None:
     parser.add_argument("--loss", default="full_softmax", help=argparse.SUPPRESS)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None)
+    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="loss-quality: a params override for both runs")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING if args.mode == "quality" and not args.worker else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -388,7 +417,7 @@ def main() -> None:
     machine = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
                "threads": torch.get_num_threads(), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
     if args.mode != "quality":
-        run = {"loss-scaling": loss_scaling, "sparse": sparse_updates, "large": large_preset}[args.mode]
+        run = {"loss-scaling": loss_scaling, "loss-quality": loss_quality, "sparse": sparse_updates, "large": large_preset}[args.mode]
         result = {"machine": machine, "mode": args.mode, **run(args)}
         out = Path(args.out or ROOT / "benchmarks" / "results" / f"train_speed_{args.mode}.json")
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -396,6 +425,8 @@ def main() -> None:
         print(f"\nmachine: {machine}")
         if args.mode == "loss-scaling":
             print_loss_scaling(result)
+        elif args.mode == "loss-quality":
+            print_loss_quality(result)
         elif args.mode == "sparse":
             print(f"\n{result['items']:,} items, {result['tokens']} tokens, {result['negatives']} negatives, "
                   f"{result['rows_in_batch']:,} distinct items in the batch")

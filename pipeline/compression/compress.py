@@ -114,7 +114,7 @@ def fine_tune_loss(run_dir: Path, data: SequenceData | None) -> LossFn:
     logger.info("fine-tunes use the teacher's loss: %s", loss)
     defaults = TrainConfig()  # a train.json from before a key existed: the schema's default, the one copy of it
     return plain_next_item_loss(loss, int(train.get("n_negatives", defaults.n_negatives)), logq,
-                                int(train.get("loss_chunk_items", defaults.loss_chunk_items)))
+                                int(train.get("loss_block_logits", defaults.loss_block_logits)))
 
 
 # The encoder.onnx format a variant's fingerprint names (runtime onnx/auto): 2 = the graph only, its weights

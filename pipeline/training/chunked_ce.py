@@ -1,26 +1,29 @@
-"""Exact full-catalogue cross-entropy in chunks of items: memory bounded by the chunk, not the catalogue.
+"""Exact full-catalogue cross-entropy in blocks of tokens: memory bounded by the block, not the catalogue.
 
 The dense loss materialises tokens x catalogue logits (at 1M items and 6,400 tokens,
-25.6 GB in fp32) and autograd keeps them for the backward pass. Here the forward
-pass streams over item chunks keeping only a running log-sum-exp per token, and
-the backward pass recomputes each chunk's logits to form its slice of
-softmax - one_hot(target). Peak extra memory is tokens x chunk logits, whatever
-the catalogue size; the price is the logits computed twice (the idea of cut
-cross-entropy, arXiv 2409.18721, without a fused kernel).
+25.6 GB in fp32) and autograd keeps them, their log-softmax and both gradients for the
+backward pass. Here the tokens are taken a block at a time, the block sized so that its
+logits against the whole catalogue hold at most `block_logits` values. A block's row of
+logits is complete, so its log-sum-exp, its loss and its gradient (softmax - one_hot,
+formed in place) are final at once: the block's shares of the hidden states' gradient and
+of the table's gradient are computed then and there, and the logits are dropped before the
+next block. The gradients are kept for `backward`, which only scales them.
+
+Matmul work is that of the dense loss (logits, then their gradient to the hidden states and
+to the table: 6 x tokens x d x catalogue), with no logits computed twice and no buffer of
+tokens x catalogue written to memory, which is why it measures faster than the dense loss
+at every catalogue size (docs/benchmarks.md). It is the fused linear cross-entropy of
+Liger-Kernel and the memory bound of cut cross-entropy (arXiv 2409.18721), in plain torch. `train.loss_block_logits` sets the block.
+Without autograd (validation, `torch.no_grad`), only the loss is computed.
 
 Column 0 of the item table is padding and never a target, so it is left out of
-the softmax, as the dense loss masks it with -inf.
+the softmax, as the dense loss masks it with -inf; its gradient is zero.
 """
 
 from __future__ import annotations
 
 import torch
-
-
-def _chunks(n_rows: int, chunk: int):
-    """Item ranges [start, stop) of the table, padding row 0 excluded."""
-    for start in range(1, n_rows, chunk):
-        yield start, min(start + chunk, n_rows)
+from torch.autograd.function import once_differentiable
 
 
 def _accumulation_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -28,55 +31,74 @@ def _accumulation_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.promote_types(tensor.dtype, torch.float32)
 
 
+def token_blocks(tokens: int, catalogue: int, block_logits: int):
+    """Token ranges [start, stop) whose logits over the catalogue hold at most `block_logits` values (one token at least)."""
+    per_block = max(1, block_logits // max(catalogue, 1))
+    for start in range(0, tokens, per_block):
+        yield start, min(start + per_block, tokens)
+
+
+def _block_logits(hidden: torch.Tensor, table: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    return (hidden @ table.T).to(acc)
+
+
+def _loss_only(hidden: torch.Tensor, weights: torch.Tensor, targets: torch.Tensor, block_logits: int) -> torch.Tensor:
+    acc = _accumulation_dtype(hidden)
+    table = weights[1:]
+    total = torch.zeros((), device=hidden.device, dtype=acc)
+    for start, stop in token_blocks(hidden.shape[0], table.shape[0], block_logits):
+        logits = _block_logits(hidden[start:stop], table, acc)
+        target = (targets[start:stop] - 1).unsqueeze(1)
+        total += (torch.logsumexp(logits, dim=1) - logits.gather(1, target).squeeze(1)).sum()
+    return total
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weights: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-        tokens = hidden.shape[0]
+    def forward(ctx, hidden: torch.Tensor, weights: torch.Tensor, targets: torch.Tensor, block_logits: int) -> torch.Tensor:
         acc = _accumulation_dtype(hidden)
-        running_max = torch.full((tokens,), float("-inf"), device=hidden.device, dtype=acc)
-        running_sum = torch.zeros(tokens, device=hidden.device, dtype=acc)
-        for start, stop in _chunks(weights.shape[0], chunk):
-            logits = (hidden @ weights[start:stop].T).to(acc)
-            new_max = torch.maximum(running_max, logits.max(dim=1).values)
-            running_sum = running_sum * torch.exp(running_max - new_max) + torch.exp(logits - new_max.unsqueeze(1)).sum(dim=1)
-            running_max = new_max
-        lse = running_max + torch.log(running_sum)
-        target_logits = (hidden * weights[targets]).sum(dim=1).to(acc)
-        ctx.save_for_backward(hidden, weights, targets, lse)
-        ctx.chunk = chunk
-        return (lse - target_logits).sum()
+        table = weights[1:]
+        total = torch.zeros((), device=hidden.device, dtype=acc)
+        grad_hidden = torch.empty(hidden.shape, device=hidden.device, dtype=acc)
+        grad_weights = torch.zeros(weights.shape, device=weights.device, dtype=acc)
+        grad_table = grad_weights[1:]
+        for start, stop in token_blocks(hidden.shape[0], table.shape[0], block_logits):
+            block = hidden[start:stop]
+            logits = _block_logits(block, table, acc)
+            target = (targets[start:stop] - 1).unsqueeze(1)
+            lse = torch.logsumexp(logits, dim=1, keepdim=True)
+            total += (lse.squeeze(1) - logits.gather(1, target).squeeze(1)).sum()
+            gradient = logits.sub_(lse).exp_()  # softmax, in the logits' own buffer
+            gradient.scatter_add_(1, target, torch.full(target.shape, -1.0, device=gradient.device, dtype=acc))
+            grad_hidden[start:stop] = gradient.to(table.dtype) @ table
+            grad_table.addmm_(gradient.T, block.to(acc))
+        ctx.save_for_backward(grad_hidden, grad_weights)
+        ctx.dtypes = (hidden.dtype, weights.dtype)
+        return total
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
-        hidden, weights, targets, lse = ctx.saved_tensors
-        acc = _accumulation_dtype(hidden)
-        scale = grad_output.to(acc)
-        grad_hidden = torch.zeros_like(hidden, dtype=acc)
-        grad_weights = torch.zeros_like(weights, dtype=acc) if ctx.needs_input_grad[1] else None
-        for start, stop in _chunks(weights.shape[0], ctx.chunk):
-            block = weights[start:stop]
-            probabilities = torch.exp((hidden @ block.T).to(acc) - lse.unsqueeze(1)) * scale
-            grad_hidden += (probabilities.to(block.dtype) @ block).to(acc)
-            if grad_weights is not None:
-                grad_weights[start:stop] += (probabilities.T.to(hidden.dtype) @ hidden).to(acc)
-        # The target's -1 in softmax - one_hot, applied once per token outside the chunk loop.
-        grad_hidden -= scale * weights[targets].to(acc)
-        if grad_weights is not None:
-            grad_weights.index_add_(0, targets, -scale * hidden.to(acc))
-            grad_weights = grad_weights.to(weights.dtype)
-        return grad_hidden.to(hidden.dtype), grad_weights, None, None
+        grad_hidden, grad_weights = ctx.saved_tensors
+        hidden_dtype, weights_dtype = ctx.dtypes
+        scale = grad_output.to(grad_hidden.dtype)
+        return ((grad_hidden * scale).to(hidden_dtype), (grad_weights * scale).to(weights_dtype) if ctx.needs_input_grad[1] else None,
+                None, None)
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, weights: torch.Tensor, targets: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+def chunked_cross_entropy(hidden: torch.Tensor, weights: torch.Tensor, targets: torch.Tensor, block_logits: int) -> torch.Tensor:
     """Summed cross-entropy of `targets` (1..n_rows-1) over every non-padding row of `weights`.
 
     hidden: (tokens, d); weights: (n_rows, d), row 0 padding; equal to
     `F.cross_entropy(hidden @ weights[1:].T, targets - 1, reduction="sum")` and to its gradients.
+    At most `block_logits` logits exist at once (a block of tokens against the whole catalogue).
     """
     if hidden.dim() != 2 or weights.dim() != 2 or hidden.shape[1] != weights.shape[1]:
         raise ValueError(f"expected hidden (tokens, d) and weights (rows, d), got {tuple(hidden.shape)} and {tuple(weights.shape)}")
-    if chunk < 1:
-        raise ValueError(f"chunk must be at least 1, got {chunk}")
+    if block_logits < 1:
+        raise ValueError(f"block_logits must be at least 1, got {block_logits}")
     if targets.numel() and (int(targets.min()) < 1 or int(targets.max()) >= weights.shape[0]):
         raise ValueError(f"targets must be item indices in 1..{weights.shape[0] - 1}")
-    return _ChunkedCrossEntropy.apply(hidden, weights, targets, chunk)
+    if not (torch.is_grad_enabled() and (hidden.requires_grad or weights.requires_grad)):
+        return _loss_only(hidden, weights, targets, block_logits)
+    return _ChunkedCrossEntropy.apply(hidden, weights, targets, block_logits)

@@ -36,8 +36,9 @@ LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, int]]
 def resolve_loss(loss: str, n_items: int, chunked_softmax_above_items: int) -> str:
     """`train.loss` as trained: `auto` is full_softmax up to `chunked_softmax_above_items` items, chunked_softmax above.
 
-    Both compute the same exact loss; the threshold is where the dense logits' memory and time stop paying
-    off on the measured machine (docs/benchmarks.md, benchmarks/train_speed.py --mode loss-scaling).
+    Both compute the same exact loss. The blocked loss measures faster than the dense one from a few thousand
+    items on CPU and needs a fraction of its memory at any size; up to about 1,000 items the two are level
+    (docs/benchmarks.md, benchmarks/train_speed.py --mode loss-scaling), and the dense one is the simpler.
     """
     if loss != "auto":
         return loss
@@ -47,7 +48,7 @@ def resolve_loss(loss: str, n_items: int, chunked_softmax_above_items: int) -> s
 class NextItemLoss(nn.Module):
     """Wraps the model so DDP sees one forward: (inputs, targets) -> summed loss."""
 
-    def __init__(self, model: SASRec, loss: str, n_negatives: int, sampling_logq: torch.Tensor | None, chunk_items: int = 8192,
+    def __init__(self, model: SASRec, loss: str, n_negatives: int, sampling_logq: torch.Tensor | None, block_logits: int,
                  sparse_items: bool = False):
         super().__init__()
         if loss not in ("full_softmax", "chunked_softmax", "sampled_softmax"):
@@ -61,7 +62,7 @@ class NextItemLoss(nn.Module):
         # is a sparse tensor of the touched rows, which SparseAdam updates (pipeline/training/engine.py).
         self.sparse_items = sparse_items
         self.n_negatives = n_negatives
-        self.chunk_items = chunk_items
+        self.block_logits = block_logits
         self.register_buffer("sampling_logq", sampling_logq if sampling_logq is not None else torch.zeros(0), persistent=False)
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -69,7 +70,7 @@ class NextItemLoss(nn.Module):
         mask = targets != 0
         # Real positions only: padding costs no FLOPs.
         return summed_next_item_loss(hidden[mask], self.model.item_weights(), targets[mask], self.loss,
-                                     self.n_negatives, self.sampling_logq, self.chunk_items, self.sparse_items)
+                                     self.n_negatives, self.sampling_logq, self.block_logits, self.sparse_items)
 
 
 def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
@@ -78,7 +79,7 @@ def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
 
 
 def summed_next_item_loss(hidden: torch.Tensor, weights: torch.Tensor, positives: torch.Tensor, loss: str,
-                          n_negatives: int, sampling_logq: torch.Tensor | None, chunk_items: int,
+                          n_negatives: int, sampling_logq: torch.Tensor | None, block_logits: int,
                           sparse_items: bool = False) -> torch.Tensor:
     """The summed next-item loss of `hidden` (tokens x d) against the catalogue `weights` (row 0 padding)."""
     if loss == "full_softmax":
@@ -86,7 +87,7 @@ def summed_next_item_loss(hidden: torch.Tensor, weights: torch.Tensor, positives
         logits[:, 0] = float("-inf")  # padding is never the next item
         return F.cross_entropy(_at_least_float32(logits), positives, reduction="sum")
     if loss == "chunked_softmax":  # the same loss without tokens x catalogue logits in memory
-        return chunked_cross_entropy(hidden, weights, positives, chunk_items)
+        return chunked_cross_entropy(hidden, weights, positives, block_logits)
     if loss != "sampled_softmax" or sampling_logq is None:
         raise ValueError(f"unknown loss {loss!r} (or sampled_softmax without sampling probabilities)")
     # Sampled softmax, negatives shared by the batch, drawn by popularity.
@@ -132,7 +133,7 @@ def next_item_loss(model: SASRec, batch: Batch) -> tuple[torch.Tensor, int]:
     return F.cross_entropy(logits, batch.targets[mask] - 1, reduction="sum"), int(mask.sum())
 
 
-def plain_next_item_loss(loss: str, n_negatives: int, sampling_logq: torch.Tensor | None, chunk_items: int) -> LossFn:
+def plain_next_item_loss(loss: str, n_negatives: int, sampling_logq: torch.Tensor | None, block_logits: int) -> LossFn:
     """The compression fine-tunes' loss when the teacher was not trained with the full softmax.
 
     A catalogue the teacher trained with sampled softmax (or the chunked exact loss) is too large
@@ -144,5 +145,5 @@ def plain_next_item_loss(loss: str, n_negatives: int, sampling_logq: torch.Tenso
         mask = batch.targets != 0
         logq = sampling_logq.to(hidden.device) if sampling_logq is not None else None
         return (summed_next_item_loss(hidden[mask], model.item_weights(), batch.targets[mask], loss, n_negatives, logq,
-                                      chunk_items), int(mask.sum()))
+                                      block_logits), int(mask.sum()))
     return fine_tune_loss

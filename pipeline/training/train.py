@@ -114,7 +114,7 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
 def flops_per_token(cfg: SASRecConfig, seq_len: int, loss: str, n_negatives: int) -> float:
     """Training FLOPs per token (forward + backward = 3x forward) for the TFLOP/s figure.
 
-    Model FLOPs: chunked_softmax counts as the full softmax it equals, not with the logits it recomputes.
+    Model FLOPs: chunked_softmax does the full softmax's matmuls (it computes no logits twice).
     """
     d, layers = cfg.d_model, cfg.n_layers
     block = 2 * (3 * d * d + d * d + 2 * cfg.ffn_multiplier * d * d) + 2 * 2 * seq_len * d / 2  # matmuls + causal attention
@@ -142,7 +142,7 @@ def teacher_loss(cfg: TrainConfig, model: SASRec, data: SequenceData, device: to
     if cfg.sparse_item_updates:
         model.item_embedding.sparse = True
     logq = sampling_log_probabilities(data.train_item_counts()).to(device) if loss == "sampled_softmax" else None
-    return NextItemLoss(model, loss, cfg.n_negatives, logq, cfg.loss_chunk_items, cfg.sparse_item_updates)
+    return NextItemLoss(model, loss, cfg.n_negatives, logq, cfg.loss_block_logits, cfg.sparse_item_updates)
 
 
 def curriculum_len(cfg: TrainConfig, max_len: int, epoch: int) -> int:

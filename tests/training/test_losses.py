@@ -34,8 +34,8 @@ def _model_and_batch(n_items=40, seed=0):
 def test_exact_losses_agree_in_every_shape(loss):
     model, batch = _model_and_batch()
     reference, tokens = next_item_loss(model, batch)
-    as_module, module_tokens = module_loss(NextItemLoss(model, loss, 0, None, chunk_items=7), batch)
-    as_function, function_tokens = plain_next_item_loss(loss, 0, None, chunk_items=7)(model, batch)
+    as_module, module_tokens = module_loss(NextItemLoss(model, loss, 0, None, block_logits=3 * 40), batch)
+    as_function, function_tokens = plain_next_item_loss(loss, 0, None, block_logits=3 * 40)(model, batch)
     assert tokens == module_tokens == function_tokens == int((batch.targets != 0).sum()) == 37
     torch.testing.assert_close(as_module, reference, rtol=1e-12, atol=1e-10)
     torch.testing.assert_close(as_function, reference, rtol=1e-12, atol=1e-10)
@@ -47,9 +47,9 @@ def test_sampled_softmax_is_the_same_estimate_in_both_shapes_and_has_gradients()
     logq = sampling_log_probabilities(counts).double()
     assert logq[0] == float("-inf") and torch.isclose(logq[1:].exp().sum(), torch.tensor(1.0, dtype=torch.float64))
     torch.manual_seed(3)
-    as_module, _ = module_loss(NextItemLoss(model, "sampled_softmax", 16, logq), batch)
+    as_module, _ = module_loss(NextItemLoss(model, "sampled_softmax", 16, logq, block_logits=1), batch)
     torch.manual_seed(3)
-    as_function, _ = plain_next_item_loss("sampled_softmax", 16, logq, chunk_items=0)(model, batch)
+    as_function, _ = plain_next_item_loss("sampled_softmax", 16, logq, block_logits=0)(model, batch)
     torch.testing.assert_close(as_function, as_module)
     full, _ = next_item_loss(model, batch)
     assert 0 < float(as_function.detach()) < float(full.detach())  # 16 negatives: a smaller partition than 40 items

@@ -101,7 +101,7 @@ def _sharded_worker(rank: int, port: int, data: SequenceData, table_optimizer: s
 def _unsharded_run(data: SequenceData, table_optimizer: str) -> tuple[list[float], float, SASRec]:
     """One process, no TorchRec: the engine's loop (global batches, the same seed) written out."""
     model = _initial_model()
-    loss_module = NextItemLoss(model, "sampled_softmax", N_NEGATIVES, _logq(data))
+    loss_module = NextItemLoss(model, "sampled_softmax", N_NEGATIVES, _logq(data), block_logits=1)
     table = model.item_embedding.weight
     dense = [p for name, p in model.named_parameters() if name != "item_embedding.weight"]
     optimizer = torch.optim.AdamW(dense, lr=SETTINGS.lr, betas=BETAS, weight_decay=0.0)

@@ -88,7 +88,7 @@ def test_chunked_softmax_trains_to_the_same_model_as_the_full_softmax(features, 
     weights = {}
     for loss in ("full_softmax", "chunked_softmax"):
         layout = copy_features(features, tmp_path / loss)
-        p = _params("train.epochs=2", f"train.loss={loss}", "train.loss_chunk_items=7")  # many chunks on a tiny catalogue
+        p = _params("train.epochs=2", f"train.loss={loss}", "train.loss_block_logits=7")  # one token per block
         result = run_train(p.train, p.tracking, layout, seed=5)
         weights[loss] = (result.history, load_file(str(Path(result.run_dir) / "model.safetensors")))
     (dense_history, dense), (chunked_history, chunked) = weights["full_softmax"], weights["chunked_softmax"]
@@ -191,7 +191,7 @@ def test_auto_loss_trains_as_the_loss_it_resolves_to_and_records_it(features, tm
     """The default (`auto`) on a catalogue under the threshold is the full softmax bit for bit; above it, chunked."""
     runs = {}
     for name, overrides in {"auto": [], "full": ["train.loss=full_softmax"],
-                            "auto-chunked": ["train.chunked_softmax_above_items=10", "train.loss_chunk_items=7"]}.items():
+                            "auto-chunked": ["train.chunked_softmax_above_items=10", "train.loss_block_logits=7"]}.items():
         layout = copy_features(features, tmp_path / name)
         p = _params("train.epochs=1", *overrides)
         with caplog.at_level("INFO", logger="pipeline.training.train"):
