@@ -23,6 +23,7 @@ import logging
 import time
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -53,14 +54,19 @@ def _sample(run: RunState) -> tuple[pq.ParquetFile, pa.Table]:
     return parquet, sample
 
 
-def _rule_counts(con: SqlEngine, source: str, rows: sql_rules.RowRules, types: dict[str, pa.DataType]) -> tuple[dict[str, int], np.ndarray]:
-    """Each row rule's own count and the rows routed as duplicates (file row numbers, sorted)."""
+def _rule_counts(con: SqlEngine, source: str, rows: sql_rules.RowRules,
+                 types: dict[str, pa.DataType]) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
+    """Each row rule's own count, the rows per routing code before duplicates (`per_code`), and the rows
+    routed as duplicates (file row numbers, sorted). The counts and the codes come from one scan."""
     counts = {r: 0 for r in rules.REASONS}
-    if rows.predicates:
-        filters = ", ".join(f"count(*) FILTER (WHERE {sql})" for sql in rows.predicates.values())
-        counts |= dict(zip(rows.predicates, con.rows(f"SELECT {filters} FROM {source}")[0], strict=True))
+    per_code = np.zeros(len(rules.REASONS) + 1, dtype=np.int64)
+    filters = "".join(f", count(*) FILTER (WHERE {sql})" for sql in rows.predicates.values())
+    for code, rows_with_code, *broken in con.rows(f"SELECT {rows.code()} AS code, count(*){filters} FROM {source} GROUP BY code"):
+        per_code[code] += rows_with_code
+        for reason, n in zip(rows.predicates, broken, strict=True):
+            counts[reason] += n
     if rows.key is None:
-        return counts, np.zeros(0, dtype=np.int64)
+        return counts, per_code, np.zeros(0, dtype=np.int64)
     keys = ", ".join(sql_rules.quote(c) for c in rows.key.columns)
     con.materialize("repeated_keys", f"""
         SELECT {keys}, count(*) AS copies,
@@ -70,10 +76,13 @@ def _rule_counts(con: SqlEngine, source: str, rows: sql_rules.RowRules, types: d
     duplicates = con.arrow(f"""
         SELECT file_row_number FROM {source} JOIN repeated_keys USING ({keys})
         WHERE {rows.code()} = 0 AND file_row_number <> kept_copy""").column("file_row_number").to_numpy()
-    return counts, np.sort(np.asarray(duplicates, dtype=np.int64))
+    return counts, per_code, np.sort(np.asarray(duplicates, dtype=np.int64))
 
 
-def _examples(con: SqlEngine, source: str, check: rules.Check, where: str, entry: dict) -> None:
+def _examples(con: SqlEngine, source: str, check: rules.Check, where: str, entry: dict, count: int) -> None:
+    if count == 0:  # nothing to show: no scan for it
+        report.set_examples(entry, check, np.zeros(0, dtype=np.int64), pd.DataFrame(columns=list(check.columns)))
+        return
     columns = ", ".join(sql_rules.quote(c) for c in check.columns)
     shown = con.arrow(f"SELECT file_row_number, {columns} FROM {source} WHERE {where} "
                       f"ORDER BY file_row_number LIMIT {report.EXAMPLES}").to_pandas()
@@ -179,11 +188,8 @@ def run_validate_out_of_core(cfg: ValidateConfig, layout: Layout, now: dt.dateti
 
         row_rules = sql_rules.row_rules(suite, types, con.dialect)
         keys = ", ".join(sql_rules.quote(c) for c in row_rules.key.columns) if row_rules.key else ""
-        counts, duplicates = _rule_counts(con, source, row_rules, types)
+        counts, per_code, duplicates = _rule_counts(con, source, row_rules, types)
         t = run.lap(f"{engine}_rules", t)
-        per_code = np.zeros(len(rules.REASONS) + 1, dtype=np.int64)
-        for code, n in con.rows(f"SELECT {row_rules.code()} AS code, count(*) FROM {source} GROUP BY code"):
-            per_code[code] += n
         per_code[0] -= duplicates.size
         per_code[rules.REASONS.index(rules.DUPLICATE) + 1] = duplicates.size
         for check, entry in zip(suite, entries, strict=True):
@@ -192,7 +198,7 @@ def run_validate_out_of_core(cfg: ValidateConfig, layout: Layout, now: dt.dateti
             _full_counts(entry, check, counts[check.reason], rows_in, whole, engine)
             where = (row_rules.predicates[check.reason] if check.reason != rules.DUPLICATE else
                      f"file_row_number IN (SELECT file_row_number FROM {source} JOIN repeated_keys USING ({keys}))")
-            _examples(con, source, check, where, entry)
+            _examples(con, source, check, where, entry, counts[check.reason])
         run.record_rows(per_code, counts)
         t = run.lap("route_rows", t)
         _write_outputs(con, run, parquet, row_rules, duplicates)
