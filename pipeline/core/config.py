@@ -158,8 +158,7 @@ class TrainConfig(_Strict):
                     "sampled_softmax: log-Q corrected, for catalogues too large for any full softmax")
     chunked_softmax_above_items: int = Field(1_000, ge=1, description="loss=auto: chunked_softmax above this many items "
                                              "(docs/benchmarks.md: measured at batch 128 x 50)")
-    loss_block_logits: int = Field(52_428_800, ge=1, description="chunked_softmax only: logits held at once, a block of "
-                                   "tokens against the whole catalogue (52,428,800: 8,192 items x 6,400 tokens, 200 MB in fp32)")
+    loss_block_logits: int = Field(52_428_800, ge=1, description="chunked_softmax only: logits held at once (tokens x catalogue)")
     n_negatives: int = Field(256, ge=1, description="sampled_softmax only")
     sparse_item_updates: bool = Field(False, description="sampled_softmax and weight_decay=0 only: the item table's "
                                       "touched rows updated by SparseAdam, AdamW for the rest")
