@@ -38,18 +38,21 @@ def token_blocks(tokens: int, catalogue: int, block_logits: int):
         yield start, min(start + per_block, tokens)
 
 
-def _block_logits(hidden: torch.Tensor, table: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    return (hidden @ table.T).to(acc)
+def _scored_blocks(hidden: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, block_logits: int, acc: torch.dtype):
+    """Each block of tokens: (start, stop, its logits over `table` in `acc`, its targets as columns of them, its
+    log-sum-exp) and the block's summed loss."""
+    for start, stop in token_blocks(hidden.shape[0], table.shape[0], block_logits):
+        logits = (hidden[start:stop] @ table.T).to(acc)
+        target = (targets[start:stop] - 1).unsqueeze(1)
+        lse = torch.logsumexp(logits, dim=1, keepdim=True)
+        yield start, stop, logits, target, lse, (lse.squeeze(1) - logits.gather(1, target).squeeze(1)).sum()
 
 
 def _loss_only(hidden: torch.Tensor, weights: torch.Tensor, targets: torch.Tensor, block_logits: int) -> torch.Tensor:
     acc = _accumulation_dtype(hidden)
-    table = weights[1:]
     total = torch.zeros((), device=hidden.device, dtype=acc)
-    for start, stop in token_blocks(hidden.shape[0], table.shape[0], block_logits):
-        logits = _block_logits(hidden[start:stop], table, acc)
-        target = (targets[start:stop] - 1).unsqueeze(1)
-        total += (torch.logsumexp(logits, dim=1) - logits.gather(1, target).squeeze(1)).sum()
+    for *_, loss in _scored_blocks(hidden, weights[1:], targets, block_logits, acc):
+        total += loss
     return total
 
 
@@ -59,19 +62,17 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         acc = _accumulation_dtype(hidden)
         table = weights[1:]
         total = torch.zeros((), device=hidden.device, dtype=acc)
-        grad_hidden = torch.empty(hidden.shape, device=hidden.device, dtype=acc)
-        grad_weights = torch.zeros(weights.shape, device=weights.device, dtype=acc)
-        grad_table = grad_weights[1:]
-        for start, stop in token_blocks(hidden.shape[0], table.shape[0], block_logits):
-            block = hidden[start:stop]
-            logits = _block_logits(block, table, acc)
-            target = (targets[start:stop] - 1).unsqueeze(1)
-            lse = torch.logsumexp(logits, dim=1, keepdim=True)
-            total += (lse.squeeze(1) - logits.gather(1, target).squeeze(1)).sum()
+        # Only the gradients autograd will ask for: a frozen table costs no pass over it per block.
+        grad_hidden = torch.empty(hidden.shape, device=hidden.device, dtype=acc) if ctx.needs_input_grad[0] else None
+        grad_weights = torch.zeros(weights.shape, device=weights.device, dtype=acc) if ctx.needs_input_grad[1] else None
+        for start, stop, logits, target, lse, loss in _scored_blocks(hidden, table, targets, block_logits, acc):
+            total += loss
             gradient = logits.sub_(lse).exp_()  # softmax, in the logits' own buffer
             gradient.scatter_add_(1, target, torch.full(target.shape, -1.0, device=gradient.device, dtype=acc))
-            grad_hidden[start:stop] = gradient.to(table.dtype) @ table
-            grad_table.addmm_(gradient.T, block.to(acc))
+            if grad_hidden is not None:
+                grad_hidden[start:stop] = gradient.to(table.dtype) @ table
+            if grad_weights is not None:
+                grad_weights[1:].addmm_(gradient.T, hidden[start:stop].to(acc))
         ctx.save_for_backward(grad_hidden, grad_weights)
         ctx.dtypes = (hidden.dtype, weights.dtype)
         return total
@@ -79,11 +80,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
-        grad_hidden, grad_weights = ctx.saved_tensors
-        hidden_dtype, weights_dtype = ctx.dtypes
-        scale = grad_output.to(grad_hidden.dtype)
-        return ((grad_hidden * scale).to(hidden_dtype), (grad_weights * scale).to(weights_dtype) if ctx.needs_input_grad[1] else None,
-                None, None)
+        grads = []
+        for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes, strict=True):
+            grads.append(None if grad is None else (grad * grad_output.to(grad.dtype)).to(dtype))
+        return *grads, None, None
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weights: torch.Tensor, targets: torch.Tensor, block_logits: int) -> torch.Tensor:

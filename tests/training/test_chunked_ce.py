@@ -43,10 +43,12 @@ def test_gradcheck_with_a_scaled_upstream_gradient():
 def test_only_the_gradient_asked_for_is_returned_and_no_grad_gives_the_same_loss():
     hidden, weights, targets = _inputs()
     dense = _dense(hidden, weights, targets)
-    (expected,) = torch.autograd.grad(dense, (hidden,))
+    expected, expected_weights = torch.autograd.grad(dense, (hidden, weights))
     frozen = weights.detach()
     (got,) = torch.autograd.grad(chunked_cross_entropy(hidden, frozen, targets, 250), (hidden,))
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    (got_weights,) = torch.autograd.grad(chunked_cross_entropy(hidden.detach(), weights, targets, 250), (weights,))
+    torch.testing.assert_close(got_weights, expected_weights, rtol=1e-10, atol=1e-12)
     with torch.no_grad():
         value = chunked_cross_entropy(hidden, weights, targets, 250)
     assert not value.requires_grad
