@@ -185,6 +185,15 @@ def test_model_server_serves_the_registry_champion():
     assert command.startswith("python -m pipeline.serving.server")  # the guarded server, not bare `mlflow models serve`
 
 
+def test_every_service_that_imports_mlflow_has_its_telemetry_off():
+    # MLflow's telemetry thread unsets an environment variable while requests iterates os.environ
+    # (a KeyError that failed `evaluate` in CI's stack run); our images (leanrec-*) all import mlflow.
+    ours = {name: service for name, service in _compose()["services"].items() if service.get("image", "").startswith("leanrec-")}
+    assert {"mlflow", "model-server", "airflow-worker-cpu", "airflow-worker-gpu"} <= set(ours)
+    telemetry = {name: service.get("environment", {}).get("MLFLOW_DISABLE_TELEMETRY") for name, service in ours.items()}
+    assert telemetry == dict.fromkeys(ours, "true")
+
+
 # ----------------------------------------------------------------------------- least privilege: one credential per service
 
 SECRET = re.compile(r"PASSWORD|SECRET|_KEY$|ACCESS_KEY|_USER$")
