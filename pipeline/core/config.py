@@ -68,7 +68,7 @@ class ColumnMapping(_Strict):
 
 
 class FileConfig(_Strict):
-    path: str | None = Field(None, description="CSV (or .csv.gz), RecBole .inter or Parquet file, or a directory of Parquet files")
+    path: str | None = Field(None, description="CSV (.csv.gz), .inter or Parquet file or directory; a path or URI (s3://bucket/logs/)")
     format: Literal["auto", "csv", "inter", "parquet"] = Field("auto", description="auto: from the file extension")
     sep: str = ","
     header: bool = True

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import queue
+import re
 import shutil
 import tempfile
 import threading
@@ -57,6 +58,15 @@ class Layout:
 
     def model_dir(self, run_name: str) -> Path:
         return self.root / "models" / run_name
+
+
+URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
+
+
+def is_uri(path: str | Path) -> bool:
+    """`s3://bucket/key` and the like (an object store, or file://), not a local path; a Windows drive
+    letter (C:/...) has a one-letter scheme and no `//`, so it stays a path."""
+    return URI_SCHEME.match(str(path)) is not None
 
 
 @contextlib.contextmanager

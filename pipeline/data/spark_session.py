@@ -7,10 +7,10 @@ says. Spark does the row work (rules, de-duplication, k-core, vocabulary order, 
 the driver then writes the same single Parquet files as the other engines (`sql_engine.SparkEngine`), so it
 holds the sorted rows it writes (features) or one reason code per row (validate).
 
-Object stores: `spark.read.parquet` takes an s3a:// URI once the hadoop-aws jars are on the
-classpath (spark.jars.packages: org.apache.hadoop:hadoop-aws:<Spark's Hadoop version>) and the
-spark.hadoop.fs.s3a.* keys are set in `spark.conf` (docs/configuration.md); the stages' own
-inputs and outputs are the work dir's local paths.
+Object stores: ingest reads an s3:// (gs://, ...) source through pyarrow for every engine
+(`sources.location`); the stages here read and write the work dir's local paths. Spark's own s3a://
+reader would need the hadoop-aws jars on the classpath (spark.jars.packages, from Maven) and the
+spark.hadoop.fs.s3a.* keys in `spark.conf`.
 """
 
 from __future__ import annotations

@@ -222,7 +222,8 @@ def training_form(defaults: Params, **own: Param) -> dict[str, Param]:
         "data_path": Param(
             None, type=["null", "string"], title="Data path", section=DATA,
             description="MovieLens directory or file, or the CSV/Parquet file, for the movielens and file "
-                        "sources. Relative paths are relative to the project. Empty: the path in params.yaml.",
+                        "sources (the file source also reads an object-store URI: s3://bucket/logs/). Relative paths are "
+                        "relative to the project. Empty: the path in params.yaml.",
         ),
         "synthetic_interactions": Param(
             defaults.ingest.synthetic.n_interactions, type="integer", minimum=1_000, maximum=100_000_000,

@@ -33,7 +33,7 @@ import yaml
 
 from pipeline.core.config import Params, VariantName, load_params, params_from_dict, parse_override
 from pipeline.core.errors import ConfigError, ValidationFailed
-from pipeline.core.io import Layout, atomic_path, write_json
+from pipeline.core.io import Layout, atomic_path, is_uri, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def _absolute_paths(tree: dict[str, Any], base: Path) -> dict[str, Any]:
         *parents, leaf = dotted.split(".")
         for part in parents:
             node = node[part]
-        if node.get(leaf) and not Path(node[leaf]).is_absolute():
+        if node.get(leaf) and not Path(node[leaf]).is_absolute() and not is_uri(node[leaf]):  # s3://... stays
             node[leaf] = str((base / node[leaf]).resolve())
     return tree
 

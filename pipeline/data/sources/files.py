@@ -7,6 +7,9 @@ Also read directly: a gzip-compressed CSV (.csv.gz, decompressed as it is read),
 directory of Parquet files (every *.parquet under it, in sorted path order, as one table;
 partition values in directory names are not read), and RecBole atomic files (.inter: tab
 separated, a header of `name:type` fields such as `user_id:token`; the `:type` is dropped).
+
+The path may be an object-store URI (s3://bucket/logs/, `location.Location`): the same formats are
+read from it in the same batches, with nothing copied to local disk.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +25,7 @@ import pyarrow.parquet as pq
 from pipeline.core.config import ColumnMapping, FileConfig
 from pipeline.core.errors import IngestError
 from pipeline.data.sources.convert import Converter, Locate, Quarantine, ReadResult, finish, mapped_columns
+from pipeline.data.sources.location import Location
 from pipeline.data.sources.text import (
     GZIP_MAGIC,
     Delimited,
@@ -42,12 +45,12 @@ PARQUET_SUFFIXES = {".parquet", ".pq", ".parq"}
 INTER_SUFFIX = ".inter"
 
 
-def _file_format(path: Path, configured: str) -> str:
+def _file_format(path: Location, configured: str) -> str:
     if path.is_dir():
         if configured not in ("auto", "parquet"):
             raise IngestError(f"{path} is a directory: only a directory of Parquet files can be read (format auto or parquet)")
         return "parquet"
-    with open(path, "rb") as stream:
+    with path.open() as stream:
         magic = stream.read(4)
     compressed = magic[:2] == GZIP_MAGIC
     if magic == b"PK\x03\x04" or (compressed and configured == "parquet"):
@@ -63,7 +66,7 @@ def _file_format(path: Path, configured: str) -> str:
     return "parquet" if suffixes[-1:] and suffixes[-1] in PARQUET_SUFFIXES or magic == b"PAR1" else "csv"
 
 
-def _check_mapped_columns(path: Path, columns: ColumnMapping, found: list[str], hint: str = "") -> None:
+def _check_mapped_columns(path: Location, columns: ColumnMapping, found: list[str], hint: str = "") -> None:
     mapped = mapped_columns(columns)
     missing = [name for name in mapped if name not in found]
     if missing:
@@ -73,7 +76,7 @@ def _check_mapped_columns(path: Path, columns: ColumnMapping, found: list[str], 
 
 
 def _read_csv(
-    path: Path, cfg: FileConfig, file_format: str, converter: Converter, quarantine: Quarantine
+    path: Location, cfg: FileConfig, file_format: str, converter: Converter, quarantine: Quarantine
 ) -> tuple[list[pa.Table], dict]:
     inter = file_format == "inter"
     sep, header = ("\t", True) if inter else (cfg.sep, cfg.header)
@@ -120,41 +123,42 @@ def _parquet_locator(rows_table: pa.Table, offset: int) -> Locate:
     return locate
 
 
-def _parquet_files(path: Path) -> list[Path]:
+def _parquet_files(path: Location) -> list[Location]:
     """The file itself, or every Parquet file under a directory (hidden ones, such as Spark's, skipped)."""
     if path.is_file():
         return [path]
-    found = sorted(
-        found for found in path.rglob("*") if found.is_file() and found.suffix.lower() in PARQUET_SUFFIXES
-        and not any(part.startswith((".", "_")) for part in found.relative_to(path).parts)
-    )
+    found = [
+        found for relative, found in path.files_under() if relative.suffix.lower() in PARQUET_SUFFIXES
+        and not any(part.startswith((".", "_")) for part in relative.parts)
+    ]
     if not found:
         raise IngestError(f"{path} is a directory with no Parquet files (*.parquet, *.pq, *.parq) in it")
     return found
 
 
-def _read_parquet(path: Path, converter: Converter) -> tuple[list[pa.Table], dict]:
+def _read_parquet(path: Location, converter: Converter) -> tuple[list[pa.Table], dict]:
     """A Parquet file or directory of them; a row's index (its quarantine `line`) counts across the files."""
     tables: list[pa.Table] = []
     offset = row_groups = 0
     parts = _parquet_files(path)
     for part in parts:
-        try:
-            parquet = pq.ParquetFile(part)
-        except (pa.ArrowInvalid, OSError) as err:
-            raise IngestError(f"{part} is not a readable Parquet file: {arrow_reason(err)}") from None
-        _check_mapped_columns(part, converter.columns, parquet.schema_arrow.names)
-        wanted = mapped_columns(converter.columns)
-        start = offset
-        try:
-            for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=wanted):
-                rows_table = pa.Table.from_batches([batch])
-                columns = {name: rows_table[name] for name in wanted}
-                tables.append(converter.convert(columns, _parquet_locator(rows_table, offset)))
-                offset += batch.num_rows
-        except (pa.ArrowInvalid, OSError) as err:
-            raise IngestError(f"{part}: cannot read Parquet rows after row {offset - start}: {arrow_reason(err)}") from None
-        row_groups += parquet.num_row_groups
+        with part.open_native() as handle:
+            try:
+                parquet = pq.ParquetFile(handle)
+            except (pa.ArrowInvalid, OSError) as err:
+                raise IngestError(f"{part} is not a readable Parquet file: {arrow_reason(err)}") from None
+            _check_mapped_columns(part, converter.columns, parquet.schema_arrow.names)
+            wanted = mapped_columns(converter.columns)
+            start = offset
+            try:
+                for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=wanted):
+                    rows_table = pa.Table.from_batches([batch])
+                    columns = {name: rows_table[name] for name in wanted}
+                    tables.append(converter.convert(columns, _parquet_locator(rows_table, offset)))
+                    offset += batch.num_rows
+            except (pa.ArrowInvalid, OSError) as err:
+                raise IngestError(f"{part}: cannot read Parquet rows after row {offset - start}: {arrow_reason(err)}") from None
+            row_groups += parquet.num_row_groups
     counts = {"data_lines": offset, "blank_lines": 0, "row_groups": row_groups}
     return tables, counts | ({"parquet_files": len(parts)} if path.is_dir() else {})
 
@@ -172,10 +176,10 @@ def read_file(cfg: FileConfig) -> ReadResult:
     started = time.perf_counter()
     if cfg.path is None:
         raise IngestError("ingest.file.path is not set: point it at a CSV or Parquet file (or directory) of interactions")
-    path = Path(cfg.path)
+    path = Location.of(cfg.path)
     if not path.is_file() and not path.is_dir():
         raise IngestError(f"interactions file not found: {path}")
-    if path.is_file() and path.stat().st_size == 0:
+    if path.is_file() and path.size == 0:
         raise IngestError(f"{path} is empty (0 bytes)")
     if cfg.event_weights is not None and cfg.columns.event is None:
         raise IngestError("ingest.file.event_weights is set but ingest.file.columns.event is not: map the event column")

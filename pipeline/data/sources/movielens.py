@@ -17,6 +17,7 @@ from pipeline.core.config import ColumnMapping, MovieLensConfig
 from pipeline.core.errors import IngestError
 from pipeline.data.sources.convert import Converter, Quarantine, ReadResult, finish
 from pipeline.data.sources.download import MOVIELENS_VARIANTS, download_movielens
+from pipeline.data.sources.location import Location
 from pipeline.data.sources.text import Delimited, bom_length, describe_line, peek_first_line, read_delimited
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def _locate_movielens(path: Path, variant: str) -> tuple[Path, _MovieLensFormat]
     if ratings_path.stat().st_size == 0:
         raise IngestError(f"{ratings_path} is empty (0 bytes)")
 
-    first_line, _ = peek_first_line(ratings_path)
+    first_line, _ = peek_first_line(Location.of(ratings_path))
     named = [fmt for fmt in formats if fmt.file_name == ratings_path.name]
     for fmt in named or formats:
         if fmt.matches(first_line):
@@ -141,14 +142,15 @@ def read_movielens(cfg: MovieLensConfig) -> ReadResult:
         id_type="int", timestamp_unit="s", event_weights=None,
         source=f"movielens:{variant}", quarantine=quarantine,
     )
+    ratings = Location.of(ratings_path)
     if fmt.header is not None:
-        data_start, first_line = peek_first_line(ratings_path)[1], 2
+        data_start, first_line = peek_first_line(ratings)[1], 2
     else:
-        data_start, first_line = bom_length(ratings_path), 1
+        data_start, first_line = bom_length(ratings), 1
     layout = Delimited(MOVIELENS_COLUMNS, fmt.separator, quoted=False)
     logger.info("reading MovieLens %s (%s)", ratings_path, fmt.description)
     tables, counts = read_delimited(
-        ratings_path, layout, data_start=data_start, first_line=first_line, converter=converter, quarantine=quarantine
+        ratings, layout, data_start=data_start, first_line=first_line, converter=converter, quarantine=quarantine
     )
     details = {
         "format": fmt.file_name, "variant": variant, "path": str(ratings_path), "separator": fmt.separator, **counts,

@@ -2,8 +2,8 @@
 
 How text is read, and why (files go up to 32M lines):
 
-* the file is read in chunks of whole lines (`CHUNK_BYTES`), so memory holds one
-  chunk of text at a time, not the file; a gzip file (.csv.gz) is decompressed as it is read;
+* the file (on disk or in an object store: `location.Location`) is read in chunks of whole lines
+  (`CHUNK_BYTES`), so memory holds one chunk at a time; a .csv.gz is decompressed as it is read;
 * a chunk is checked as UTF-8 in one call; only when that fails is it split
   into lines to find and quarantine the undecodable ones; likewise the lines
   holding a carriage return that does not end them (pyarrow would split them);
@@ -16,6 +16,7 @@ How text is read, and why (files go up to 32M lines):
 
 from __future__ import annotations
 
+import contextlib
 import csv as pycsv
 import functools
 import gzip
@@ -23,7 +24,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +35,9 @@ from tqdm import tqdm
 from pipeline.core.errors import IngestError
 from pipeline.data.sources.convert import Converter, Quarantine, mapped_columns
 from pipeline.data.sources.parse import bad_mask
+
+if TYPE_CHECKING:
+    from pipeline.data.sources.location import Location
 
 logger = logging.getLogger(__name__)
 
@@ -140,34 +144,36 @@ class _TextChunk:
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-def is_gzip(path: Path) -> bool:
-    with open(path, "rb") as stream:
+def is_gzip(path: Location) -> bool:
+    with path.open() as stream:
         return stream.read(2) == GZIP_MAGIC
 
 
-def open_bytes(path: Path):
+@contextlib.contextmanager
+def open_bytes(path: Location) -> Iterator[BinaryIO]:
     """The file's bytes, decompressed on the fly when it is gzip (a .csv.gz): never a copy on disk."""
-    return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")
+    with path.open() as raw, gzip.GzipFile(fileobj=raw, mode="rb") if raw.peek(2)[:2] == GZIP_MAGIC else raw as stream:
+        yield stream
 
 
 # gzip.BadGzipFile (not gzip data past the magic) is an OSError; a cut-off gzip ends in EOFError.
 DECOMPRESSION_ERRORS = (OSError, EOFError)
 
 
-def decompression_failed(path: Path, err: Exception) -> IngestError:
+def decompression_failed(path: Location, err: Exception) -> IngestError:
     return IngestError(f"{path} cannot be decompressed: {err or type(err).__name__}")
 
 
-def _read_block(stream, path: Path, size: int) -> bytes:
+def _read_block(stream, path: Location, size: int) -> bytes:
     try:
         return stream.read(size)
     except DECOMPRESSION_ERRORS as err:
         raise decompression_failed(path, err) from None
 
 
-def _iter_line_chunks(path: Path, start: int, first_line: int, chunk_bytes: int) -> Iterator[_TextChunk]:
+def _iter_line_chunks(path: Location, start: int, first_line: int, chunk_bytes: int) -> Iterator[_TextChunk]:
     """Chunks of whole lines from (decompressed) byte offset `start` on; the last line gets its missing "\\n"."""
-    size = path.stat().st_size
+    size = path.size
     compressed = is_gzip(path)
     with (
         open_bytes(path) as stream,
@@ -356,7 +362,7 @@ def _read_text_chunk(
 
 
 def read_delimited(
-    path: Path, layout: Delimited, *, data_start: int, first_line: int, converter: Converter, quarantine: Quarantine
+    path: Location, layout: Delimited, *, data_start: int, first_line: int, converter: Converter, quarantine: Quarantine
 ) -> tuple[list[pa.Table], dict]:
     wanted = [name for name in layout.names if name in mapped_columns(converter.columns)]
     tables: list[pa.Table] = []
@@ -369,7 +375,7 @@ def read_delimited(
     return tables, {"data_lines": data_lines, "blank_lines": n_lines - data_lines}
 
 
-def peek_first_line(path: Path) -> tuple[str, int]:
+def peek_first_line(path: Location) -> tuple[str, int]:
     """The first line (decoded leniently, without BOM or newline) and the byte offset just after it."""
     with open_bytes(path) as stream:
         try:
@@ -379,7 +385,7 @@ def peek_first_line(path: Path) -> tuple[str, int]:
     return raw.decode("utf-8", errors="replace").removeprefix("\ufeff").rstrip("\r\n"), len(raw)
 
 
-def bom_length(path: Path) -> int:
+def bom_length(path: Location) -> int:
     with open_bytes(path) as stream:
         return 3 if _read_block(stream, path, 3) == b"\xef\xbb\xbf" else 0
 
