@@ -43,6 +43,7 @@ def s3(s3_server, monkeypatch):
     for key, value in {
         "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_ENDPOINT_URL": s3_server, "NO_PROXY": "127.0.0.1",
+        "AWS_EC2_METADATA_DISABLED": "true",  # credentials come from the variables, never from an instance endpoint
     }.items():
         monkeypatch.setenv(key, value)
     filesystem = pafs.S3FileSystem(endpoint_override=s3_server, scheme="http", region="us-east-1",
