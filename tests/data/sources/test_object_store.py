@@ -147,3 +147,28 @@ def test_a_uri_from_the_airflow_form_is_not_made_relative_to_the_project(tmp_pat
 
     assert params.ingest.file.path == f"s3://{BUCKET}/logs/"
     assert relative.ingest.file.path == str(runs.project_root() / "data" / "logs.csv")
+
+
+def test_every_engine_runs_validate_and_features_on_an_s3_source_as_on_disk(tmp_path, s3, sql_engine):
+    """Ingest is the one reader of the source, so duckdb and spark get an object-store source through it."""
+    from pipeline.core.config import params_from_dict
+    from pipeline.data.features_outofcore import run_features_on
+    from pipeline.data.validation import run_validate
+    from tests.helpers import TINY
+
+    generated = Layout(tmp_path / "generated")
+    run_ingest(params_from_dict(TINY).ingest, generated, seed=0)
+    uri = _upload(s3, generated.raw_interactions, "exports/interactions.parquet")
+
+    def run(path, engine: str) -> Layout:
+        params = params_from_dict({**TINY, "data_engine": engine, "validate": {"min_rows": 100, "data_docs": False},
+                                   "ingest": {"source": "file", "file": {"path": str(path), "columns": {"rating": "rating"}}}})
+        layout = Layout(tmp_path / engine / ("s3" if is_uri(path) else "disk"))
+        run_ingest(params.ingest, layout, seed=params.seed)
+        run_validate(params.validate_, layout, engine=engine)
+        run_features_on(engine, params.features, layout)
+        return layout
+
+    on_disk, from_s3 = run(generated.raw_interactions, "pandas"), run(uri, sql_engine)
+    for name in ("interactions.parquet", "sequences.parquet", "user_vocab.parquet", "item_vocab.parquet"):
+        assert pq.read_table(from_s3.features_dir / name).equals(pq.read_table(on_disk.features_dir / name)), name
