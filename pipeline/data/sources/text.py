@@ -152,8 +152,10 @@ def is_gzip(path: Location) -> bool:
 @contextlib.contextmanager
 def open_bytes(path: Location) -> Iterator[BinaryIO]:
     """The file's bytes, decompressed on the fly when it is gzip (a .csv.gz): never a copy on disk."""
-    with path.open() as raw, gzip.GzipFile(fileobj=raw, mode="rb") if raw.peek(2)[:2] == GZIP_MAGIC else raw as stream:
-        yield stream
+    with path.open() as raw:
+        compressed = raw.peek(2)[:2] == GZIP_MAGIC
+        with gzip.GzipFile(fileobj=raw, mode="rb") if compressed else contextlib.nullcontext(raw) as stream:
+            yield stream
 
 
 # gzip.BadGzipFile (not gzip data past the magic) is an OSError; a cut-off gzip ends in EOFError.
