@@ -156,6 +156,10 @@ def _trigger(stack: Stack, edits: dict) -> str:
     return response.json()["dag_run_id"]
 
 
+def _task_instances(stack: Stack, run_id: str) -> list[dict]:
+    return stack.api("GET", f"/dags/{DAG}/dagRuns/{run_id}/taskInstances").json()["task_instances"]
+
+
 def _wait_for_run(stack: Stack, run_id: str, timeout: float) -> tuple[str, dict]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -163,7 +167,7 @@ def _wait_for_run(stack: Stack, run_id: str, timeout: float) -> tuple[str, dict]
         if state in ("success", "failed"):
             break
         time.sleep(5)
-    instances = stack.api("GET", f"/dags/{DAG}/dagRuns/{run_id}/taskInstances").json()["task_instances"]
+    instances = _task_instances(stack, run_id)
     return state, {t["task_id"]: t for t in instances}
 
 
@@ -295,7 +299,7 @@ def _wait_for_task(stack: Stack, run_id: str, task_ids: tuple[str, ...], timeout
     """The first of task_ids seen running (polled twice a second), for a fault injected mid-task."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        instances = stack.api("GET", f"/dags/{DAG}/dagRuns/{run_id}/taskInstances").json()["task_instances"]
+        instances = _task_instances(stack, run_id)
         running = [t["task_id"] for t in instances if t["state"] == "running" and t["task_id"] in task_ids]
         if running:
             return running[0]
@@ -308,8 +312,7 @@ CPU_QUEUE_TASKS = ("ingest", "validate", "features", "compress", "evaluate", "re
 
 
 def _task_instance(stack: Stack, run_id: str, task_id: str) -> dict:
-    instances = stack.api("GET", f"/dags/{DAG}/dagRuns/{run_id}/taskInstances").json()["task_instances"]
-    return next(t for t in instances if t["task_id"] == task_id)
+    return next(t for t in _task_instances(stack, run_id) if t["task_id"] == task_id)
 
 
 def _registry_is_whole(stack: Stack) -> dict:
