@@ -13,14 +13,17 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.core.config import IngestConfig
+from pipeline.core.config import IngestConfig, params_from_dict
 from pipeline.core.errors import IngestError
 from pipeline.core.io import Layout, is_uri
+from pipeline.data.features_outofcore import run_features_on
 from pipeline.data.ingest import run_ingest
 from pipeline.data.sources import files, text
 from pipeline.data.sources.location import Location
+from pipeline.data.validation import run_validate
 from pipeline.orchestration import runs
 from tests.data.sources.helpers import file_config, write
+from tests.helpers import TINY
 
 BUCKET = "leanrec-logs"
 CSV = "user,item,ts\n1,10,100\n1,11,200\nx,12,300\n2,10,150\n2,y,160\n3,14,400\n"
@@ -151,11 +154,6 @@ def test_a_uri_from_the_airflow_form_is_not_made_relative_to_the_project(tmp_pat
 
 def test_every_engine_runs_validate_and_features_on_an_s3_source_as_on_disk(tmp_path, s3, sql_engine):
     """Ingest is the one reader of the source, so duckdb and spark get an object-store source through it."""
-    from pipeline.core.config import params_from_dict
-    from pipeline.data.features_outofcore import run_features_on
-    from pipeline.data.validation import run_validate
-    from tests.helpers import TINY
-
     generated = Layout(tmp_path / "generated")
     run_ingest(params_from_dict(TINY).ingest, generated, seed=0)
     uri = _upload(s3, generated.raw_interactions, "exports/interactions.parquet")
