@@ -28,7 +28,9 @@ teacher's settings from params.yaml) on synthetic batches, no ingest:
                        style `-S key=value` settings apply to both, e.g. a fixed epoch count);
   --mode time-to-quality  seconds until validation NDCG@10 reaches RecBole 1.2.1's SASRec's best on the
                        same split, the peer in its own venv (benchmarks/time_to_quality.py, which
-                       takes the remaining arguments: `--mode time-to-quality --help`).
+                       takes the remaining arguments: `--mode time-to-quality --help`);
+  --mode catalogue     sampled softmax with sparse updates on a 1M-item synthetic catalogue, trained by the
+                       train stage to a plateau, tested against popularity (benchmarks/catalogue_training.py).
 
     python benchmarks/train_speed.py                          # ML-100K and 1M synthetic, CPU
     python benchmarks/train_speed.py --datasets ml-100k
@@ -382,9 +384,14 @@ def main() -> None:
 
         time_to_quality(rest)
         return
+    if known.mode == "catalogue":
+        from benchmarks.catalogue_training import main as catalogue_training
+
+        catalogue_training(rest)
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", default="quality", choices=["quality", "loss-scaling", "loss-quality", "sparse", "large",
-                                                                                 "time-to-quality"],
+                                                                                 "time-to-quality", "catalogue"],
                         help="quality (default): the training runs against the baselines; the others time engine steps")
     parser.add_argument("--datasets", nargs="+", default=list(TRAIN_DATASETS), choices=list(TRAIN_DATASETS))
     parser.add_argument("--target-fraction", type=float, default=0.95)
