@@ -20,7 +20,6 @@ import argparse
 import json
 import logging
 import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -32,22 +31,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.train_speed import peak_rss_mib, prepare_overrides  # noqa: E402
 from pipeline.core.config import load_params  # noqa: E402
 from pipeline.core.io import Layout  # noqa: E402
-from pipeline.data.features_outofcore import run_features_on  # noqa: E402
-from pipeline.data.ingest import run_ingest  # noqa: E402
 from pipeline.data.sequences import load_sequences  # noqa: E402
-from pipeline.data.validation import run_validate  # noqa: E402
 from pipeline.evaluation.metrics import evaluate, validation_sample  # noqa: E402
 from pipeline.models.baselines import popularity_scores  # noqa: E402
 from pipeline.models.sasrec import load_model  # noqa: E402
 from pipeline.training.train import run_train  # noqa: E402
 
 logger = logging.getLogger("catalogue_training")
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def overrides(args) -> list[str]:
@@ -64,24 +57,25 @@ def overrides(args) -> list[str]:
 
 
 def run(args) -> dict:
-    params = load_params(ROOT / "params.yaml", overrides(args))
+    settings = overrides(args)
+    params = load_params(ROOT / "params.yaml", settings)
     with tempfile.TemporaryDirectory(prefix="leanrec-catalogue-") as tmp:
         layout = Layout(Path(args.workdir or tmp))
         started = time.perf_counter()
         if not (layout.features_dir / "sequences.parquet").exists():
-            run_ingest(params.ingest, layout, seed=params.seed)
-            run_validate(params.validate_, layout, engine=params.data_engine, spark=params.spark)
-            run_features_on(params.data_engine, params.features, layout, params.spark)
+            prepare_overrides(settings, layout.root)
         prepare_seconds = time.perf_counter() - started
         data = load_sequences(layout.features_dir)
+        counts = data.train_item_counts()
+        train_interactions = int(counts.sum())
         logger.info("catalogue: %d items, %d users, %d training interactions (prepared in %.0f s)",
-                    data.n_items, len(data.users), len(data.train_pairs()[1]), prepare_seconds)
+                    data.n_items, len(data.users), train_interactions, prepare_seconds)
         result = run_train(params.train, params.tracking, layout, seed=params.seed, eval_batch_size=args.eval_batch_size)
         model = load_model(Path(result.run_dir))
         rows = validation_sample(data, args.test_users, params.seed + 1, split="test")
         tested = {}
         for name, score_fn in (("sasrec", lambda b: model.score(b.inputs, b.lengths)),
-                               ("popularity", popularity_scores(data.train_item_counts()))):
+                               ("popularity", popularity_scores(counts))):
             begun = time.perf_counter()
             metrics = evaluate(score_fn, data, "test", ks=(10,), batch_size=args.eval_batch_size, max_len=model.cfg.max_len,
                                sampled_strategies=(), seed=params.seed, progress=True, rows=rows, coverage=False,
@@ -91,9 +85,9 @@ def run(args) -> dict:
             logger.info("test %s: NDCG@10 %.4f HR@10 %.4f", name, metrics["full/NDCG@10"], metrics["full/HR@10"])
     history = [r for r in result.history if "train_seconds" in r]  # not the epoch -1 record of a warm start
     return {
-        "catalogue": {"items": data.n_items, "users": len(data.users), "train_interactions": int(len(data.train_pairs()[1])),
+        "catalogue": {"items": data.n_items, "users": len(data.users), "train_interactions": train_interactions,
                       "test_users_sampled": None if rows is None else len(rows)},
-        "overrides": overrides(args), "prepare_seconds": prepare_seconds,
+        "overrides": settings, "prepare_seconds": prepare_seconds,
         "epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "best_valid_ndcg10": result.best_valid_ndcg10,
         "median_epoch_train_s": statistics.median(r["train_seconds"] for r in history) if history else None,
         "train_wall_s": result.seconds, "history": history, "test": tested, "parameters": result.parameters,

@@ -65,7 +65,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.data_pipeline import DATASETS  # noqa: E402
 from pipeline.core.config import load_params  # noqa: E402
 from pipeline.core.io import Layout  # noqa: E402
-from pipeline.data.features import run_features  # noqa: E402
+from pipeline.data.features_outofcore import run_features_on  # noqa: E402
 from pipeline.data.ingest import run_ingest  # noqa: E402
 from pipeline.data.sequences import SequenceData, training_batches  # noqa: E402
 from pipeline.data.validation import run_validate  # noqa: E402
@@ -99,12 +99,12 @@ def prepare(dataset: str, workdir: Path) -> Layout:
 
 
 def prepare_overrides(overrides: list[str], workdir: Path) -> tuple[Layout, int]:
-    """Ingest, validate and features of params.yaml with `overrides`: the layout and the run's seed."""
+    """Ingest, validate and features of params.yaml with `overrides` (on its `data_engine`): the layout and the run's seed."""
     params = load_params(ROOT / "params.yaml", overrides)
     layout = Layout(workdir)
     run_ingest(params.ingest, layout, seed=params.seed)
-    run_validate(params.validate_, layout)
-    run_features(params.features, layout)
+    run_validate(params.validate_, layout, engine=params.data_engine, spark=params.spark)
+    run_features_on(params.data_engine, params.features, layout, params.spark)
     return layout, params.seed
 
 
