@@ -11,12 +11,14 @@ throughput at batch 256, CPU (and CUDA when present).
     python benchmarks/compression.py --datasets ml-100k
     python benchmarks/compression.py --datasets synthetic-1m -S compress.distill.epochs=8
 
-Writes benchmarks/results/compression-<dataset>.{json,md,png}.
+Writes benchmarks/results/compression-<dataset>.{json,md,png}. `--workdir W` builds in W and keeps it
+(`benchmarks/encoder_runtime.py --workdir W` then times the served models there).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import platform
@@ -39,9 +41,10 @@ from pipeline.evaluation.pareto import pareto_chart  # noqa: E402
 from pipeline.training.train import run_train  # noqa: E402
 
 
-def run(dataset: str, threads: int, overrides: list[str], out_dir: Path) -> dict:
-    with tempfile.TemporaryDirectory(prefix=f"leanrec-compress-{dataset}-") as tmp:
-        layout = prepare(dataset, Path(tmp))
+def run(dataset: str, threads: int, overrides: list[str], out_dir: Path, workdir: Path | None = None) -> dict:
+    with contextlib.ExitStack() as stack:
+        root = workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"leanrec-compress-{dataset}-")))
+        layout = prepare(dataset, root)
         params = load_params(ROOT / "params.yaml", [*COMMON, *TRAIN_DATASETS[dataset], "train.baselines=[]",
                                                     f"compress.threads={threads}", *overrides])
         started = time.perf_counter()
@@ -66,13 +69,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("-S", dest="overrides", action="append", default=[], help="params override, e.g. compress.distill.epochs=8")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="build in this pipeline root and keep it (one dataset; e.g. for encoder_runtime.py --workdir)")
     args = parser.parse_args()
+    if args.workdir is not None and len(args.datasets) != 1:
+        parser.error("--workdir takes one dataset")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out_dir = Path(args.out)
     machine = {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
                "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     for dataset in args.datasets:
-        report = run(dataset, args.threads, args.overrides, out_dir)
+        report = run(dataset, args.threads, args.overrides, out_dir, args.workdir)
         (out_dir / f"compression-{dataset}.json").write_text(json.dumps({"machine": machine, **report}, indent=2) + "\n")
         sys.stdout.write(f"\n{dataset} ({machine})\n\n{markdown(report)}\n")
 

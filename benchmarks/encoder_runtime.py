@@ -33,6 +33,9 @@ so the load of a shared machine falls on all alike; the load average is recorded
 
     python benchmarks/encoder_runtime.py --workdir W --threads 1 2 --rounds 15
 
+`--onnx-threads 1` adds rows `onnx-1t` and `auto-1t`: the same encoder with its ONNX Runtime session capped at
+one intra-op thread, timed in the same rounds (does a small-batch session need the cores PyTorch uses above it?).
+
 `--sweep 1 4 16 64 256` adds, in the same process after the served rounds, the user vector alone
 (`last_hidden` on the same test histories) of every variant with an encoder in PyTorch and in ONNX
 Runtime at each batch size: where the two cross is what `compress.encoder_max_batch` should be.
@@ -202,11 +205,16 @@ def served_models(workdir: Path, run: str) -> dict[str, Path]:
     return {"teacher": teacher, **{p.name: p for p in variants}}
 
 
-def runtime_copies(model: SASRec, encoder_max_batch: int) -> dict[str, SASRec]:
-    """The model with its user vectors in PyTorch, in ONNX Runtime, and by batch size (copies share the encoder)."""
+def runtime_copies(model: SASRec, encoder_max_batch: int, onnx_threads: int | None = None) -> dict[str, SASRec]:
+    """The model with its user vectors in PyTorch, in ONNX Runtime with torch's thread count, and by batch size
+    (copies share the encoder); with `onnx_threads`, also ONNX Runtime and auto with that cap on the session's threads."""
+    uncapped = model.encoder.capped(None)  # whatever load_variant chose: a session with torch's thread count
+    ways = [("torch", None, None), ("onnx", uncapped, None), ("auto", uncapped, encoder_max_batch)]
+    if onnx_threads is not None:
+        capped = model.encoder.capped(onnx_threads)
+        ways += [(f"onnx-{onnx_threads}t", capped, None), (f"auto-{onnx_threads}t", capped, encoder_max_batch)]
     copies = {}
-    for runtime, encoder, max_batch in (("torch", None, None), ("onnx", model.encoder, None),
-                                         ("auto", model.encoder, encoder_max_batch)):
+    for runtime, encoder, max_batch in ways:
         copies[runtime] = copy.deepcopy(model)
         copies[runtime].encoder, copies[runtime].encoder_max_batch = encoder, max_batch
     return copies
@@ -273,7 +281,7 @@ def profile(workdir: Path, run: str, names: list[str], batch: int, threads: int)
 
 
 def served(workdir: Path, run: str, threads: list[int], rounds: int, within: float, every: bool,
-           encoder_max_batch: int, sizes: list[int] | None = None) -> dict:
+           encoder_max_batch: int, sizes: list[int] | None = None, onnx_threads: int | None = None) -> dict:
     from pipeline.data.sequences import evaluation_batches, load_sequences
     from pipeline.evaluation.metrics import evaluate
     from pipeline.models.recommender import Recommender
@@ -287,7 +295,7 @@ def served(workdir: Path, run: str, threads: list[int], rounds: int, within: flo
         model = load_variant(directory)
         runtimes = {"torch": model}
         if model.encoder is not None:
-            runtimes = runtime_copies(model, encoder_max_batch)
+            runtimes = runtime_copies(model, encoder_max_batch, onnx_threads)
         for runtime, m in runtimes.items():
             key = f"{name}/{runtime}"
             quality = evaluate(lambda b, m=m: m.score(b.inputs, b.lengths), data, "test", ks=(10,), batch_size=512,
@@ -397,6 +405,8 @@ def main() -> None:
     parser.add_argument("--encoder-max-batch", type=int, default=CompressConfig().encoder_max_batch,
                         help="with --workdir: the runtime auto rows' largest ONNX Runtime batch")
     parser.add_argument("--sweep", type=int, nargs="*", help="with --workdir: also the user vector alone at these batch sizes")
+    parser.add_argument("--onnx-threads", type=int, help="with --workdir: also onnx and auto with ONNX Runtime capped at "
+                                                         "this many intra-op threads (rows onnx-Nt, auto-Nt)")
     parser.add_argument("--profile", type=int, help="with --workdir: profile recommend at this batch size instead")
     parser.add_argument("--profile-models", nargs="+", default=["teacher", "distilled"])
     args = parser.parse_args()
@@ -409,7 +419,7 @@ def main() -> None:
         return
     if args.workdir:
         report = served(Path(args.workdir), args.run, args.threads, args.rounds, args.within, args.all,
-                        args.encoder_max_batch, args.sweep)
+                        args.encoder_max_batch, args.sweep, args.onnx_threads)
         (out / "encoder_runtime-served.json").write_text(json.dumps({"machine": machine, **report}, indent=2) + "\n")
         sys.stdout.write(served_markdown(report))
         if report.get("sweep"):

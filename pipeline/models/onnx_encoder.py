@@ -29,6 +29,7 @@ when used.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import tempfile
@@ -277,12 +278,17 @@ def supplied_weights(entries: list[dict], tensors: Mapping[str, torch.Tensor] | 
 class OnnxEncoder:
     """An `encoder.onnx` on ONNX Runtime's CPU provider: (embedded, lengths) -> user vectors.
 
-    The session uses as many intra-op threads as torch is set to when it is called, so one knob
-    (`torch.set_num_threads`) governs both runtimes; a change rebuilds the session once.
+    The session uses as many intra-op threads as torch is set to when it is called (at most
+    `max_threads` where set), so one knob (`torch.set_num_threads`) governs both runtimes; a change
+    rebuilds the session once.
     """
 
-    def __init__(self, path: Path, tensors: Mapping[str, torch.Tensor] | None = None):
-        """`tensors`: the model's, by name, for a file that holds the graph only (`export_encoder`)."""
+    def __init__(self, path: Path, tensors: Mapping[str, torch.Tensor] | None = None, max_threads: int | None = None):
+        """`tensors`: the model's, by name, for a file that holds the graph only (`export_encoder`).
+        `max_threads`: a cap on the session's intra-op threads (None: torch's thread count)."""
+        if max_threads is not None and max_threads < 1:
+            raise ValueError(f"max_threads must be at least 1, got {max_threads}")
+        self.max_threads = max_threads
         try:
             import onnxruntime
         except ImportError as error:
@@ -300,7 +306,7 @@ class OnnxEncoder:
         # Kept for the session's lifetime (ONNX Runtime reads them in place) and for a rebuilt session.
         self._weights = supplied_weights(entries, tensors, path)
         self._threads = 0
-        self._session = self._new_session(torch.get_num_threads())  # a broken file fails here, at load time
+        self._session = self._new_session(self._wanted_threads())  # a broken file fails here, at load time
 
     @property
     def supplied(self) -> Mapping[str, np.ndarray]:
@@ -314,6 +320,17 @@ class OnnxEncoder:
 
     def __deepcopy__(self, memo: dict) -> OnnxEncoder:
         return self  # an immutable runtime object: copies of the model share it (sessions are thread-safe)
+
+    def capped(self, max_threads: int | None) -> OnnxEncoder:
+        """This encoder with its own session of at most `max_threads` intra-op threads (the file and weights shared)."""
+        other = copy.copy(self)
+        other.max_threads = max_threads
+        other._session = other._new_session(other._wanted_threads())
+        return other
+
+    def _wanted_threads(self) -> int:
+        threads = torch.get_num_threads()
+        return threads if self.max_threads is None else min(threads, self.max_threads)
 
     def _new_session(self, threads: int):
         options = self._runtime.SessionOptions()
@@ -335,7 +352,7 @@ class OnnxEncoder:
         return session
 
     def __call__(self, embedded: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        threads = torch.get_num_threads()
+        threads = self._wanted_threads()
         if threads != self._threads:
             self._session = self._new_session(threads)
         feeds = {"embedded": np.ascontiguousarray(embedded.detach().cpu().float().numpy()),

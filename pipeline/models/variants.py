@@ -294,12 +294,18 @@ def load_variant(directory: Path, device: torch.device | str = "cpu", with_encod
         tensors = encoder_tensors(model) if with_encoder and (directory / ENCODER_FILE).exists() else None
         dequantize_linears(model)
         if tensors is not None:
-            model.encoder = OnnxEncoder(directory / ENCODER_FILE, tensors)
-            model.encoder_max_batch = variant.get(ENCODER_MAX_BATCH_KEY)
+            max_batch = variant.get(ENCODER_MAX_BATCH_KEY)
+            threads = None if max_batch is None else SMALL_BATCH_ENCODER_THREADS
+            model.encoder = OnnxEncoder(directory / ENCODER_FILE, tensors, max_threads=threads)
+            model.encoder_max_batch = max_batch
     return model
 
 
 ENCODER_MAX_BATCH_KEY = "encoder_max_batch"  # variant.json: the largest batch the ONNX encoder computes (absent: all)
+# ONNX Runtime's intra-op threads where it computes small batches only (`compress.runtime: auto`): on 2 cores one
+# thread was as fast up to batch 16, and a session with a thread pool slowed the PyTorch calls of the large
+# batches beside it (docs/benchmarks.md, "ONNX Runtime's threads beside PyTorch's").
+SMALL_BATCH_ENCODER_THREADS = 1
 
 
 def _recorded(directory: Path) -> dict:

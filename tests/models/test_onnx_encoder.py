@@ -10,7 +10,14 @@ from pipeline.compression.pruning import apply_masks, magnitude_masks, prune_str
 from pipeline.models.onnx_encoder import ENCODER_FILE, OnnxEncoder, export_encoder
 from pipeline.models.recommender import Recommender
 from pipeline.models.sasrec import WEIGHTS_FILE, SASRec, SASRecConfig
-from pipeline.models.variants import ENCODER_MAX_BATCH_KEY, export_variant_encoder, load_variant, save_variant, size_on_disk
+from pipeline.models.variants import (
+    ENCODER_MAX_BATCH_KEY,
+    SMALL_BATCH_ENCODER_THREADS,
+    export_variant_encoder,
+    load_variant,
+    save_variant,
+    size_on_disk,
+)
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +152,24 @@ def test_the_session_follows_the_torch_thread_count(model, fp32_file):
     assert copy.deepcopy(encoder) is encoder  # copies of a model share the immutable session
 
 
+def test_a_capped_encoder_has_its_own_session_of_at_most_that_many_threads(model, fp32_file):
+    embedded, lengths = _inputs(model, 3, 12)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        encoder = OnnxEncoder(fp32_file, model.state_dict())
+        capped = encoder.capped(1)
+        torch.testing.assert_close(capped(embedded, lengths), encoder(embedded, lengths))
+        assert (capped.threads, encoder.threads) == (1, 2)
+        torch.set_num_threads(1)
+        capped(embedded, lengths)
+        assert capped.threads == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="max_threads"):
+        OnnxEncoder(fp32_file, model.state_dict(), max_threads=0)
+
+
 def test_missing_and_bad_files_fail_clearly(tmp_path, monkeypatch, fp32_file, model):
     with pytest.raises(FileNotFoundError, match="no ONNX encoder"):
         OnnxEncoder(tmp_path / ENCODER_FILE)
@@ -170,7 +195,7 @@ def test_a_variant_directory_with_an_encoder_is_served_through_it(model, tmp_pat
     assert load_variant(directory).encoder is None
     export_encoder(load_variant(directory), directory / ENCODER_FILE)
     loaded = load_variant(directory)
-    assert isinstance(loaded.encoder, OnnxEncoder)
+    assert isinstance(loaded.encoder, OnnxEncoder) and loaded.encoder.max_threads is None  # every batch: torch's threads
     items, scores = Recommender.load(directory).recommend(histories, k=10)
     torch.testing.assert_close(scores, eager_scores, atol=1e-4, rtol=1e-4)
     assert torch.equal(items, eager_items)
@@ -186,6 +211,7 @@ def test_runtime_auto_runs_onnx_up_to_its_batch_and_torch_above_with_the_same_re
     shutil.copy(fp32_file, directory / ENCODER_FILE)  # the model's own graph (its weights are the fp32 variant's)
     auto = load_variant(directory)
     assert auto.encoder_max_batch == 3
+    assert auto.encoder.max_threads == SMALL_BATCH_ENCODER_THREADS  # small batches only: a session of one thread
     assert [auto.runtime_for(b) for b in (1, 3, 4, 256)] == ["onnx", "onnx", "torch", "torch"]
     assert auto.runtime_for(1, "cuda") == "torch"
     calls = []
