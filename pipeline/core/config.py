@@ -261,7 +261,7 @@ class CompressConfig(_Strict):
         "torch", description="onnx: each variant also gets encoder.onnx, its user vectors on ONNX Runtime on CPU (int8 MatMuls "
                              "for int8, int4, distilled+int8; the graph only, its weights from model.safetensors); auto: the same, "
                              "used for batches of up to encoder_max_batch users, PyTorch above; torch: PyTorch only")
-    encoder_max_batch: int = Field(16, ge=1, description="runtime auto: the largest batch run on ONNX Runtime (docs/benchmarks.md)")
+    encoder_max_batch: int = Field(16, ge=1, description="runtime auto: the largest batch on ONNX Runtime (1 thread; docs/benchmarks.md)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="for fine-tuning and distillation")
     batch_size: int = Field(128, ge=1)
     patience: int = Field(3, ge=1, description="fine-tune/distill epochs without a better valid NDCG@10")
