@@ -275,6 +275,12 @@ def supplied_weights(entries: list[dict], tensors: Mapping[str, torch.Tensor] | 
     return weights
 
 
+def _checked_max_threads(max_threads: int | None) -> int | None:
+    if max_threads is not None and max_threads < 1:  # ONNX Runtime would read 0 as "all cores"
+        raise ValueError(f"max_threads must be at least 1, got {max_threads}")
+    return max_threads
+
+
 class OnnxEncoder:
     """An `encoder.onnx` on ONNX Runtime's CPU provider: (embedded, lengths) -> user vectors.
 
@@ -286,9 +292,7 @@ class OnnxEncoder:
     def __init__(self, path: Path, tensors: Mapping[str, torch.Tensor] | None = None, max_threads: int | None = None):
         """`tensors`: the model's, by name, for a file that holds the graph only (`export_encoder`).
         `max_threads`: a cap on the session's intra-op threads (None: torch's thread count)."""
-        if max_threads is not None and max_threads < 1:
-            raise ValueError(f"max_threads must be at least 1, got {max_threads}")
-        self.max_threads = max_threads
+        self.max_threads = _checked_max_threads(max_threads)
         try:
             import onnxruntime
         except ImportError as error:
@@ -324,7 +328,7 @@ class OnnxEncoder:
     def capped(self, max_threads: int | None) -> OnnxEncoder:
         """This encoder with its own session of at most `max_threads` intra-op threads (the file and weights shared)."""
         other = copy.copy(self)
-        other.max_threads = max_threads
+        other.max_threads = _checked_max_threads(max_threads)
         other._session = other._new_session(other._wanted_threads())
         return other
 

@@ -168,6 +168,8 @@ def test_a_capped_encoder_has_its_own_session_of_at_most_that_many_threads(model
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="max_threads"):
         OnnxEncoder(fp32_file, model.state_dict(), max_threads=0)
+    with pytest.raises(ValueError, match="max_threads"):
+        capped.capped(0)
 
 
 def test_missing_and_bad_files_fail_clearly(tmp_path, monkeypatch, fp32_file, model):
