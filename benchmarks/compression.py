@@ -18,7 +18,6 @@ Writes benchmarks/results/compression-<dataset>.{json,md,png}. `--workdir W` bui
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import platform
@@ -42,9 +41,8 @@ from pipeline.training.train import run_train  # noqa: E402
 
 
 def run(dataset: str, threads: int, overrides: list[str], out_dir: Path, workdir: Path | None = None) -> dict:
-    with contextlib.ExitStack() as stack:
-        root = workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"leanrec-compress-{dataset}-")))
-        layout = prepare(dataset, root)
+    with tempfile.TemporaryDirectory(prefix=f"leanrec-compress-{dataset}-") as tmp:
+        layout = prepare(dataset, workdir or Path(tmp))
         params = load_params(ROOT / "params.yaml", [*COMMON, *TRAIN_DATASETS[dataset], "train.baselines=[]",
                                                     f"compress.threads={threads}", *overrides])
         started = time.perf_counter()
