@@ -109,7 +109,11 @@ still_running() {
 # (process group) of its own, and SIGTERM, SIGINT or SIGHUP to this script stops everything it
 # started: SIGTERM to each, then SIGKILL to what is left after LEANREC_AIRFLOW_STOP_TIMEOUT seconds.
 run_standalone() {
-  local leader timeout="${LEANREC_AIRFLOW_STOP_TIMEOUT:-30}"
+  local leader timeout="${LEANREC_AIRFLOW_STOP_TIMEOUT:-30}" pending=""
+  # A signal between starting standalone and trapping `stop` below would end this script by default and
+  # leave standalone running (seen under load: the signal came as standalone's processes appeared), so it
+  # is held until `stop` can act on it.
+  trap 'pending=1' TERM INT HUP
   setsid airflow standalone &
   leader=$!
   stop() {
@@ -132,6 +136,7 @@ run_standalone() {
     exit 143
   }
   trap stop TERM INT HUP
+  [ -z "$pending" ] || stop
   # `wait` returns when a trapped signal arrives (the trap then runs) or when standalone ends by itself.
   local status=0
   wait "$leader" || status=$?
