@@ -152,12 +152,12 @@ class TrainConfig(_Strict):
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     loss: Literal["auto", "full_softmax", "chunked_softmax", "sampled_softmax"] = Field(
-        "auto",
-        description="auto: full_softmax up to chunked_softmax_above_items items, chunked_softmax above; "
-                    "chunked_softmax: the exact full softmax a block of tokens at a time (memory bounded by the block); "
-                    "sampled_softmax: log-Q corrected, for catalogues too large for any full softmax")
-    chunked_softmax_above_items: int = Field(1_000, ge=1, description="loss=auto: chunked_softmax above this many items "
-                                             "(docs/benchmarks.md: measured at batch 128 x 50)")
+        "auto", description="auto: full_softmax up to chunked_softmax_above_items items, chunked_softmax above, sampled_softmax "
+        "above sampled_softmax_above_items; chunked_softmax: the exact full softmax a block of tokens at a time (memory bounded "
+        "by the block); sampled_softmax: log-Q corrected, for catalogues too large for any full softmax")
+    chunked_softmax_above_items: int = Field(1_000, ge=1, description="loss=auto: chunked_softmax above this many items")
+    sampled_softmax_above_items: int | None = Field(30_000, ge=1, description="loss=auto: sampled_softmax above this many "
+                                                    "items; null: never (docs/benchmarks.md: both thresholds measured)")
     loss_block_logits: int = Field(52_428_800, ge=1, description="chunked_softmax only: logits held at once (tokens x catalogue)")
     n_negatives: int = Field(256, ge=1, description="sampled_softmax only")
     sparse_item_updates: bool = Field(False, description="sampled_softmax and weight_decay=0 only: the item table's "

@@ -33,15 +33,21 @@ from pipeline.training.chunked_ce import chunked_cross_entropy
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, int]]
 
 
-def resolve_loss(loss: str, n_items: int, chunked_softmax_above_items: int) -> str:
-    """`train.loss` as trained: `auto` is full_softmax up to `chunked_softmax_above_items` items, chunked_softmax above.
+def resolve_loss(loss: str, n_items: int, chunked_softmax_above_items: int, sampled_softmax_above_items: int | None = None) -> str:
+    """`train.loss` as trained: `auto` is full_softmax up to `chunked_softmax_above_items` items, chunked_softmax
+    above, and sampled_softmax above `sampled_softmax_above_items` (None: never).
 
-    Both compute the same exact loss. The blocked loss measures faster than the dense one from a few thousand
-    items on CPU and needs a fraction of its memory at any size; up to about 1,000 items the two are level
-    (docs/benchmarks.md, benchmarks/train_speed.py --mode loss-scaling), and the dense one is the simpler.
+    The first two compute the same exact loss. The blocked loss measures faster than the dense one from a few
+    thousand items on CPU and needs a fraction of its memory at any size; up to about 1,000 items the two are level
+    (docs/benchmarks.md, benchmarks/train_speed.py --mode loss-scaling), and the dense one is the simpler. The exact
+    loss costs FLOPs in proportion to the catalogue and sampled softmax does not: past the second threshold the
+    exact loss's small gain in quality costs many times the wall time (docs/benchmarks.md, "Sampled against exact
+    softmax").
     """
     if loss != "auto":
         return loss
+    if sampled_softmax_above_items is not None and n_items > sampled_softmax_above_items:
+        return "sampled_softmax"
     return "chunked_softmax" if n_items > chunked_softmax_above_items else "full_softmax"
 
 

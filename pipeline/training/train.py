@@ -138,7 +138,7 @@ def teacher_loss(cfg: TrainConfig, model: SASRec, data: SequenceData, device: to
     With train.sparse_item_updates the model's input lookup turns sparse too, so that the tied table's
     gradient holds the touched rows only and the engine updates it with SparseAdam.
     """
-    loss = resolve_loss(cfg.loss, data.n_items, cfg.chunked_softmax_above_items)
+    loss = resolve_loss(cfg.loss, data.n_items, cfg.chunked_softmax_above_items, cfg.sampled_softmax_above_items)
     if cfg.sparse_item_updates:
         model.item_embedding.sparse = True
     logq = sampling_log_probabilities(data.train_item_counts()).to(device) if loss == "sampled_softmax" else None
@@ -317,8 +317,10 @@ def run_train(
         settings = replace(settings, checkpoint_meta={"fingerprint": fingerprint, "mlflow_run_id": mlflow_run_id})
         logger.info("train: %s preset=%s, %s parameters, device=%s, precision=%s, world=%d",
                     cfg.model, cfg.preset, f"{n_params:,}", device, amp_dtype or "fp32", world.world_size)
+        sampled_above = "never" if cfg.sampled_softmax_above_items is None else f"above {cfg.sampled_softmax_above_items:,} items"
         logger.info("train: loss %s%s on %s items%s", loss,
-                    f" (train.loss=auto, chunked above {cfg.chunked_softmax_above_items:,} items)" if cfg.loss == "auto" else "",
+                    f" (train.loss=auto, chunked above {cfg.chunked_softmax_above_items:,} items, sampled {sampled_above})"
+                    if cfg.loss == "auto" else "",
                     f"{data.n_items:,}", ", sparse item-table updates (SparseAdam)" if cfg.sparse_item_updates else "")
 
         def log_epoch(record: dict) -> None:

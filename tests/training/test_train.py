@@ -182,6 +182,14 @@ def test_fresh_run_discards_an_older_checkpoint_and_baselines(features, tmp_path
 def test_resolve_loss_picks_chunked_softmax_above_the_threshold_only():
     assert resolve_loss("auto", 50_000, 50_000) == "full_softmax"
     assert resolve_loss("auto", 50_001, 50_000) == "chunked_softmax"
+    assert resolve_loss("auto", 50_001, 50_000, None) == "chunked_softmax"  # null: never sampled
+
+
+def test_resolve_loss_picks_sampled_softmax_above_its_own_threshold_only():
+    assert resolve_loss("auto", 200_000, 1_000, 200_000) == "chunked_softmax"
+    assert resolve_loss("auto", 200_001, 1_000, 200_000) == "sampled_softmax"
+    assert resolve_loss("auto", 500, 1_000, 400) == "sampled_softmax"  # a sampled threshold under the chunked one: sampled
+    assert resolve_loss("full_softmax", 10**7, 1_000, 200_000) == "full_softmax"  # an explicit loss is kept
     for explicit in ("full_softmax", "chunked_softmax", "sampled_softmax"):
         assert resolve_loss(explicit, 10, 5) == explicit
     assert params_from_dict({}).train.loss == "auto"
@@ -191,7 +199,8 @@ def test_auto_loss_trains_as_the_loss_it_resolves_to_and_records_it(features, tm
     """The default (`auto`) on a catalogue under the threshold is the full softmax bit for bit; above it, chunked."""
     runs = {}
     for name, overrides in {"auto": [], "full": ["train.loss=full_softmax"],
-                            "auto-chunked": ["train.chunked_softmax_above_items=10", "train.loss_block_logits=7"]}.items():
+                            "auto-chunked": ["train.chunked_softmax_above_items=10", "train.loss_block_logits=7"],
+                            "auto-sampled": ["train.sampled_softmax_above_items=10"]}.items():
         layout = copy_features(features, tmp_path / name)
         p = _params("train.epochs=1", *overrides)
         with caplog.at_level("INFO", logger="pipeline.training.train"):
@@ -201,7 +210,9 @@ def test_auto_loss_trains_as_the_loss_it_resolves_to_and_records_it(features, tm
     assert runs["auto"][0]["loss_resolved"] == "full_softmax" and runs["auto"][0]["train"]["loss"] == "auto"
     assert runs["full"][0]["loss_resolved"] == "full_softmax"
     assert runs["auto-chunked"][0]["loss_resolved"] == "chunked_softmax"
-    assert "loss chunked_softmax (train.loss=auto, chunked above 10 items)" in caplog.text
+    assert runs["auto-sampled"][0]["loss_resolved"] == "sampled_softmax"
+    assert "loss sampled_softmax (train.loss=auto, chunked above 1,000 items, sampled above 10 items)" in caplog.text
+    assert "loss chunked_softmax (train.loss=auto, chunked above 10 items, sampled above " in caplog.text
     for key, value in runs["full"][1].items():
         torch.testing.assert_close(runs["auto"][1][key], value, rtol=0, atol=0)
         torch.testing.assert_close(runs["auto-chunked"][1][key], value, rtol=1e-3, atol=1e-4)  # same loss, chunked
