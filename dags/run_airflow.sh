@@ -111,8 +111,8 @@ still_running() {
 run_standalone() {
   local leader timeout="${LEANREC_AIRFLOW_STOP_TIMEOUT:-30}" pending=""
   # A signal between starting standalone and trapping `stop` below would end this script by default and
-  # leave standalone running (seen under load: the signal came as standalone's processes appeared), so it
-  # is held until `stop` can act on it.
+  # leave standalone running, so it is held until `stop` can act on it. (A signal ignored when this script
+  # started, e.g. SIGHUP under nohup, stays ignored: bash cannot trap it.)
   trap 'pending=1' TERM INT HUP
   setsid airflow standalone &
   leader=$!

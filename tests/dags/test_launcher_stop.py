@@ -89,8 +89,11 @@ def test_a_signal_stops_everything_standalone_started(fake_project, sig):
     env = {**os.environ, "PATH": f"{fake_project / 'bin'}{os.pathsep}{os.environ['PATH']}",
            "AIRFLOW_HOME": str(fake_project / "home"), "FAKE_PIDS": str(pids), "LEANREC_AIRFLOW_STOP_TIMEOUT": "2"}
     env.pop("LEANREC_AIRFLOW_ALL_ADMINS", None)
+    # The launcher starts with the signal at its default disposition: a shell cannot trap a signal that was ignored
+    # when it started, and a test run under nohup (SIGHUP ignored, inherited) would otherwise see it ignored.
     launcher = subprocess.Popen([str(fake_project / "project" / "dags" / "run_airflow.sh"), "standalone"], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL))
     try:
         assert _wait_until(lambda: pids.exists() and len(pids.read_text().split()) == 4, 30), "fake standalone did not start"
         started = [int(p) for p in pids.read_text().split()]
