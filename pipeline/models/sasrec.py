@@ -110,20 +110,17 @@ class Block(nn.Module):
         only the one whose output is kept: (batch, length, d) -> (batch, d). The query is sliced out
         of the full qkv projection (one Linear call, whatever kind of Linear a variant holds).
         """
-        batch, length, d = x.shape
+        batch, length, _ = x.shape
         attn = self.attn
-        width, heads = attn.attention_dim, attn.n_heads
-        # Rows of the flattened (batch * length) positions: one index_select each, which measured faster on
-        # CPU than indexing with (rows, last) pairs (benchmarks/encoder_runtime.py, docs/benchmarks.md).
-        kept = torch.arange(batch, device=x.device) * length + last
-        qkv = attn.qkv(self.norm1(x))
-        q = qkv.reshape(batch * length, 3 * width).index_select(0, kept)[:, :width].reshape(batch, heads, 1, width // heads)
-        k = qkv[..., width:2 * width].view(batch, length, heads, width // heads).transpose(1, 2)
-        v = qkv[..., 2 * width:].view(batch, length, heads, width // heads).transpose(1, 2)
+        head_dim = attn.attention_dim // attn.n_heads
+        rows = torch.arange(batch, device=x.device)
+        qkv = attn.qkv(self.norm1(x)).view(batch, length, 3, attn.n_heads, head_dim)
+        q = qkv[rows, last, 0].unsqueeze(2)  # (batch, heads, 1, head_dim)
+        k, v = qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
         # Causal for the last real position = every key up to it; the padding after it is masked.
         visible = (torch.arange(length, device=x.device) <= last.view(-1, 1)).view(batch, 1, 1, length)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
-        x_last = x.reshape(batch * length, d).index_select(0, kept) + attn.out(y.reshape(batch, width))
+        x_last = x[rows, last] + attn.out(y.reshape(batch, attn.attention_dim))
         return x_last + self.ffn(self.norm2(x_last))
 
 
@@ -173,8 +170,7 @@ class SASRec(nn.Module):
             raise ValueError(f"sequence length {length} exceeds max_len={self.cfg.max_len}")
         # Scaling the item embedding by sqrt(d) as in SASRec keeps it on the scale of the positions.
         # Positions are a slice of the table, not a lookup: one op fewer per request at serving time.
-        # One kernel (positions + sqrt(d) * items), not a product and then a sum: a pass less over the batch.
-        x = torch.add(self.position_embedding.weight[:length], embedded, alpha=math.sqrt(self.cfg.d_model))
+        x = embedded * math.sqrt(self.cfg.d_model) + self.position_embedding.weight[:length]
         return self.drop(x) if self.training else x
 
     @staticmethod

@@ -42,11 +42,9 @@ def _stored_tensor_bytes(path) -> int:
 
 
 def _stored_tensors(path) -> list[str]:
-    """Names of the tensors inside the file with more than 2 values, scalars and shape constants (int64, e.g. the
-    [-1, heads, 1, head_dim] of a reshape) aside: weights are float or int8."""
+    """Names of the tensors inside the file with more than 2 values (scalars and shape constants aside)."""
     stored = onnx.load(str(path), load_external_data=False).graph.initializer
-    return [i.name for i in stored if i.data_location != onnx.TensorProto.EXTERNAL and i.data_type != onnx.TensorProto.INT64
-            and int(torch.tensor(list(i.dims)).prod()) > 2]
+    return [i.name for i in stored if i.data_location != onnx.TensorProto.EXTERNAL and int(torch.tensor(list(i.dims)).prod()) > 2]
 
 
 def _float_weight_values(model: SASRec) -> int:
