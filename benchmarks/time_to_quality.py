@@ -53,19 +53,20 @@ PEER_RUNNER = ROOT / "benchmarks" / "peers" / "recbole_runner.py"
 DEFAULT_PEER_VENV = Path(os.environ.get("LEANREC_RECBOLE_VENV", "/work/venvs/recbole"))
 
 # Each dataset: LeanRec's overrides (ingest and features), and the peer's loss.
+# The synthetic-short catalogues' histories: about 9 items per user, flatter popularity than the default.
+SHORT_HISTORIES = ["ingest.synthetic.mean_sequence_length=9.0", "ingest.synthetic.popularity_exponent=0.5"]
+
 TTQ_DATASETS: dict[str, dict] = {
     "ml-100k": {"overrides": DATASETS["ml-100k"], "peer_loss": "CE"},
     # A catalogue of 20k+ items with short histories (about 7 training items per user), reproducible by seed:
     # the setting of the issue's real catalogue, against SASRec with BPR and one negative for 20 epochs.
     # 400k generated -> about 275k kept by the 5-core: 21.6k items, 28.9k users, about 7.5 training items each.
     "synthetic-short": {"overrides": ["ingest.synthetic.n_interactions=400000", "ingest.synthetic.n_items=40000",
-                                      "ingest.synthetic.mean_sequence_length=9.0",
-                                      "ingest.synthetic.popularity_exponent=0.5"], "peer_loss": "BPR"},
+                                      *SHORT_HISTORIES], "peer_loss": "BPR"},
     # The same generator at twice the size, for the `auto` loss crossover (chunked against sampled softmax):
     # 800k generated -> 553k kept: 43.5k items, 58.1k users, the same histories.
     "synthetic-short-43k": {"overrides": ["ingest.synthetic.n_interactions=800000", "ingest.synthetic.n_items=80000",
-                                          "ingest.synthetic.mean_sequence_length=9.0",
-                                          "ingest.synthetic.popularity_exponent=0.5"], "peer_loss": "BPR"},
+                                          *SHORT_HISTORIES], "peer_loss": "BPR"},
     # The 1M-interaction set of `train_speed.py --datasets synthetic-1m` (5k items), peer with CE.
     "synthetic-1m": {"overrides": ["ingest.synthetic.n_interactions=1000000", "ingest.synthetic.n_items=5000"],
                      "peer_loss": "CE"},
