@@ -33,7 +33,7 @@ from pipeline.training.chunked_ce import chunked_cross_entropy
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, int]]
 
 
-def resolve_loss(loss: str, n_items: int, chunked_softmax_above_items: int, sampled_softmax_above_items: int | None = None) -> str:
+def resolve_loss(loss: str, n_items: int, chunked_softmax_above_items: int, sampled_softmax_above_items: int | None) -> str:
     """`train.loss` as trained: `auto` is full_softmax up to `chunked_softmax_above_items` items, chunked_softmax
     above, and sampled_softmax above `sampled_softmax_above_items` (None: never).
 

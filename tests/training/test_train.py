@@ -180,9 +180,9 @@ def test_fresh_run_discards_an_older_checkpoint_and_baselines(features, tmp_path
 
 
 def test_resolve_loss_picks_chunked_softmax_above_the_threshold_only():
-    assert resolve_loss("auto", 50_000, 50_000) == "full_softmax"
-    assert resolve_loss("auto", 50_001, 50_000) == "chunked_softmax"
+    assert resolve_loss("auto", 50_000, 50_000, None) == "full_softmax"
     assert resolve_loss("auto", 50_001, 50_000, None) == "chunked_softmax"  # null: never sampled
+    assert resolve_loss("auto", 50_001, 50_000, 50_001) == "chunked_softmax"  # at the sampled threshold, not above it
 
 
 def test_resolve_loss_picks_sampled_softmax_above_its_own_threshold_only():
@@ -191,12 +191,13 @@ def test_resolve_loss_picks_sampled_softmax_above_its_own_threshold_only():
     assert resolve_loss("auto", 500, 1_000, 400) == "sampled_softmax"  # a sampled threshold under the chunked one: sampled
     assert resolve_loss("full_softmax", 10**7, 1_000, 200_000) == "full_softmax"  # an explicit loss is kept
     for explicit in ("full_softmax", "chunked_softmax", "sampled_softmax"):
-        assert resolve_loss(explicit, 10, 5) == explicit
+        assert resolve_loss(explicit, 10, 5, 5) == explicit
     assert params_from_dict({}).train.loss == "auto"
 
 
 def test_auto_loss_trains_as_the_loss_it_resolves_to_and_records_it(features, tmp_path, caplog):
-    """The default (`auto`) on a catalogue under the threshold is the full softmax bit for bit; above it, chunked."""
+    """The default (`auto`) on a catalogue under the thresholds is the full softmax bit for bit; above the first,
+    chunked; above the second, sampled."""
     runs = {}
     for name, overrides in {"auto": [], "full": ["train.loss=full_softmax"],
                             "auto-chunked": ["train.chunked_softmax_above_items=10", "train.loss_block_logits=7"],
